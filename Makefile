@@ -1,0 +1,49 @@
+# videolights — two commands do all set-up on a fresh machine:
+#   make demo   train + evaluate + figures on the embedded synthetic data (CPU, minutes)
+#   make test   every notebook as a test, then pytest
+# TORCH selects the torch requirement (default: the CPU build 2.13.0; see README for CUDA).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+NB_WORKERS ?= 2
+export OMP_NUM_THREADS ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: install demo test test-nbs test-py clean-check export-check test-slow
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python settings.ini setup.py
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/videolights demo --out runs/demo
+
+clean-check: install
+	bash tools/no_diff.sh $(BIN)/nbdev_clean
+
+export-check: install
+	bash tools/no_diff.sh $(BIN)/nbdev_export
+
+test-nbs: install
+	@n=$$(ls nbs/*.ipynb 2>/dev/null | grep -v '/_' | wc -l); \
+	  if [ "$$n" -eq 0 ]; then echo "no notebooks found in nbs/"; exit 1; fi; \
+	  echo "nbdev_test: $$n notebooks"
+	$(BIN)/nbdev_test --n_workers $(NB_WORKERS) --timing
+
+test-py: install
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider
+
+test: clean-check export-check test-nbs test-py
+
+test-slow: install
+	$(BIN)/nbdev_test --n_workers 1 --flags slow
+	$(BIN)/python -m pytest tests/ -q -m "slow or not slow" --runslow
