@@ -136,11 +136,11 @@ def test_data_module_reads_it(tmp_path):
 
 
 def test_committed_fixture_is_current():
-    "data/fixtures/synth_tiny is what `videolights synth --size tiny --seed 0 --dtype float16 --no-h5` writes now."
+    "data/fixtures/synth_tiny is what `videolights synth --size tiny --n-train 4 --n-val 2 --dtype float16 --no-h5` writes."
     if not FIXTURE.exists(): pytest.skip('no fixture committed')
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        synth(d, seed=0, size='tiny', dtype='float16', h5=False, progress=False)
+        synth(d, seed=0, size='tiny', n_train=4, n_val=2, dtype='float16', h5=False, progress=False)
         fresh, fixed = _files(d), _files(FIXTURE)
         assert fresh.keys() == fixed.keys()
         assert all(fresh[k].read_bytes() == fixed[k].read_bytes() for k in fresh)
