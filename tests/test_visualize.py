@@ -76,19 +76,30 @@ def test_explorer_widgets_drive_the_figure():
 
 
 def test_explorer_attention_controls():
-    attn = {'enc.self': torch.rand(2, 1, 3, 75, 75).softmax(-1), 'dec.cross': torch.rand(2, 1, 3, 4, 75).softmax(-1)}
-    ui = _explorer(attn_fn=lambda q: attn, attn_names=list(attn), n_layers=2, n_heads=3)
+    g = torch.Generator().manual_seed(0)
+    attn = {'enc0.self': torch.rand(1, 3, 75, 75, generator=g).softmax(-1),
+            'dec0.cross': torch.rand(1, 3, 4, 75, generator=g).softmax(-1),
+            'dec1.cross': torch.rand(1, 3, 4, 75, generator=g).softmax(-1)}
+    spans = torch.tensor([[[.5, .2], [.1, .1], [.3, .2], [.9, .1]]])
+    outs = dict(pred_logits=torch.zeros(1, 4, 2), pred_spans=spans, attn=attn,
+                aux_outputs=[dict(pred_logits=torch.zeros(1, 4, 2), pred_spans=spans / 2)])
+    ui = _explorer(outputs_fn=lambda q: outs)
     c, ex = ui.controls, ui.explorer
+    assert list(c['attn'].options) == ['(none)', 'enc.self', 'dec.cross']
+    assert (c['layer'].max, c['layer'].value, len(c['head'].options)) == (1, 1, 4)
     assert len(ex.last_fig.axes) == 3                        # no attention chosen yet: timeline + saliency (+ twin)
     c['attn'].value = 'dec.cross'
     c['layer'].value = 0
     c['head'].value = 2
     ax = ex.last_fig.axes[2]
     assert ax.get_title() == 'dec.cross layer 0 head 2'
-    np.testing.assert_allclose(ax.images[0].get_array(), attn['dec.cross'][0, 0, 2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ax.images[0].get_array(), attn['dec0.cross'][0, 2].numpy(), rtol=1e-6)
     c['head'].value = -1                                     # mean over heads
-    np.testing.assert_allclose(ex.last_fig.axes[2].images[0].get_array(), attn['dec.cross'][0, 0].mean(0).numpy(),
+    np.testing.assert_allclose(ex.last_fig.axes[2].images[0].get_array(), attn['dec0.cross'][0].mean(0).numpy(),
                                rtol=1e-5)
+    c['layer'].value = 1
+    c['attn'].value = 'enc.self'                             # one layer only: the slider value is clamped
+    assert ex.last_fig.axes[2].get_title() == 'enc.self layer 0 head mean'
     plt.close('all')
 
 
