@@ -1,0 +1,209 @@
+"""Check that `videolights.model.VideoLights` reproduces the official VideoLights model numerically.
+
+The official code is imported at run time from a scratch checkout (default /tmp/perf/official) through the helper
+library `shared/tools/official/vl_official.py`; no official code lives in this repository. For each variant the
+official model is built on CPU with random weights, its state dict is converted with
+`videolights.convert.load_official`, both models run in eval mode on the same batch (official collate, mixed
+lengths) and every output is compared. A gradient check (eval mode, random linear surrogate over the outputs)
+compares the gradient of every parameter too.
+
+    python tools/check_official_model.py                         # both QVHighlights variants, B=4
+    python tools/check_official_model.py --variants sf_clip --B 8 --seed 3
+    python tools/check_official_model.py --save-fixture tests/fixtures/official_small.pt   # CI fixture
+
+Exit status 0 when every compared output is within --tol (default 1e-5), 1 otherwise.
+"""
+from __future__ import annotations
+import argparse, json, os, sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from videolights.config import get_preset, VLConfig  # noqa: E402
+from videolights.convert import load_official, official_to_ours_key  # noqa: E402
+
+DEFAULT_OFFICIAL = '/tmp/perf/official'
+TOOL_DIRS = [REPO.parent / 'shared' / 'tools' / 'official', REPO / 'shared' / 'tools' / 'official',
+             Path('/work/shared/tools/official')]
+PRESET = {'sf_clip': 'qvhighlights_sf_clip', 'sf_clip_blip': 'qvhighlights'}
+KEYS = ['pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_neg', 'saliency_scores_mr',
+        'proj_queries', 'proj_txt_mem', 'proj_vid_mem', 'src_vid', 'src_txt']
+FIXTURE_FLAGS = ['--v_feat_dim', '32', '--t_feat_dim', '16', '--dim_feedforward', '32', '--enc_layers', '1',
+                 '--dec_layers', '2', '--max_q_l', '12', '--max_v_l', '20']
+FIXTURE_CFG = dict(v_feat_types=('video',), v_feat_dims=(32,), t_feat_types=('text',), t_feat_dims=(16,),
+                   blip_features=False, dim_feedforward=32, enc_layers=1, dec_layers=2, max_q_l=12, max_v_l=20)
+
+
+def official_lib(official: str = DEFAULT_OFFICIAL):
+    "The helper module `vl_official` and the imported official code (namespace)."
+    for d in TOOL_DIRS:
+        if (d / 'vl_official.py').is_file():
+            sys.path.insert(0, str(d))
+            break
+    else:
+        raise FileNotFoundError(f"vl_official.py not found in any of {[str(d) for d in TOOL_DIRS]}")
+    import vl_official
+    return vl_official, vl_official.load_official(official)
+
+
+def official_model(vo, off, variant: str, extra=(), seed: int = 2018, cmf: str = 'bi', fra: bool = True):
+    "An official model (eval mode) with random weights; `cmf='uni'` swaps in the official T2V layer, `fra=False` the no-FRA model."
+    opt = vo.make_opt(off, variant, list(extra))
+    vo.set_seed(seed)
+    if fra:
+        model = vo.build(off, opt)[0]
+    else:  # the official constructor flag that the CLI does not expose
+        tr = off.transformer.build_transformer(opt)
+        pe, tpe = off.model.build_position_encoding(opt)
+        model = off.model.VideoLight(tr, pe, tpe, txt_dim=opt.t_feat_dim, vid_dim=opt.v_feat_dim, aud_dim=opt.a_feat_dim,
+                                     num_queries=opt.num_queries, input_dropout=opt.input_dropout, aux_loss=opt.aux_loss,
+                                     mr_to_hd_loss=opt.mr_to_hd_loss, contrastive_align_loss=opt.contrastive_align_loss,
+                                     contrastive_hdim=opt.contrastive_hdim, span_loss_type=opt.span_loss_type,
+                                     use_txt_pos=opt.use_txt_pos, n_input_proj=opt.n_input_proj,
+                                     clip_len=opt.clip_length, fra=False)
+    if cmf == 'uni':
+        T2V = off.transformer.T2V_TransformerEncoderLayer
+        layers = [T2V(opt.hidden_dim, opt.nheads, opt.dim_feedforward, opt.dropout, 'prelu', opt.pre_norm)
+                  for _ in range(opt.bicmf_layers)]
+        for l in layers:
+            for p in l.parameters():
+                if p.dim() > 1: nn.init.xavier_uniform_(p)
+        model.transformer.t2v_encoder.layers = nn.ModuleList(layers)
+    return model.eval(), opt
+
+
+def _flat(out: dict) -> dict:
+    "Output tensors by name, aux outputs as aux{i}.{key}."
+    flat = {k: out[k] for k in KEYS if k in out}
+    for i, a in enumerate(out.get('aux_outputs', [])):
+        flat.update({f'aux{i}.{k}': v for k, v in a.items() if k in ('pred_logits', 'pred_spans', 'proj_queries')})
+    return flat
+
+
+def compare_outputs(o_off: dict, o_us: dict) -> dict:
+    "Max abs difference per output present in both."
+    a, b = _flat(o_off), _flat(o_us)
+    return {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if k in b}
+
+
+def compare_grads(m_off, m_us, inputs: dict, seed: int = 0) -> dict:
+    """Gradient agreement (eval mode) under the same random linear surrogate of the outputs: the max abs difference,
+    and the max of |diff| / max(max|g_param|, 1e-3 * max|g_model|) (relative, with a floor for near-zero gradients
+    such as the decoder's self-attention key biases, which cancel in the softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for m in (m_off, m_us):
+        m.zero_grad()
+        flat = _flat(m(**inputs))
+        loss = 0.
+        g.manual_seed(seed)
+        for k in sorted(flat):
+            w = torch.randn(flat[k].shape, generator=g)
+            loss = loss + (flat[k] * w).sum()
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    g_off, g_us = grads
+    G = max(float(g.abs().max()) for g in g_off.values())
+    worst, worst_rel = 0., 0.
+    for n, gr in g_off.items():
+        ours = g_us.get(official_to_ours_key(n))
+        if ours is None:
+            if float(gr.abs().max()) > 0: raise AssertionError(f"official parameter {n} has a gradient, ours none")
+            continue
+        d = float((gr.reshape(ours.shape) - ours).abs().max())
+        worst, worst_rel = max(worst, d), max(worst_rel, d / max(float(gr.abs().max()), 1e-3 * G))
+    extra = [n for n in g_us if n not in {official_to_ours_key(k) for k in g_off} and float(g_us[n].abs().max()) > 0]
+    if extra: raise AssertionError(f"our parameters with a gradient the official ones lack: {extra[:5]}")
+    return dict(grad_max_abs_diff=worst, grad_max_rel_diff=worst_rel, grad_max_abs=G)
+
+
+def check_variant(vo, off, variant: str, B: int = 4, seed: int = 0, fix_mask: bool = False, cmf: str = 'bi',
+                  fra: bool = True, grads: bool = True) -> dict:
+    "Build both models for `variant`, run them on one official batch; return max abs diffs and param counts."
+    m_off, opt = official_model(vo, off, variant, cmf=cmf, fra=fra, seed=2018 + seed)
+    if fix_mask: vo.fix_bicmf_mask_order(m_off)
+    cfg = get_preset(PRESET[variant], neg_pass_eval=True, fix_bicmf_mask_order=fix_mask, cmf=cmf, use_fra=fra)
+    m_us = load_official(m_off.state_dict(), cfg)
+    inputs, _, lengths = vo.synth_batch(off, opt, variant, B, seed)
+    with torch.no_grad():
+        diffs = compare_outputs(m_off(**inputs), m_us(**inputs))
+    res = dict(variant=variant, cmf=cmf, fra=fra, fix_bicmf_mask_order=fix_mask, B=B, lengths=lengths, diffs=diffs,
+               params_official=sum(p.numel() for p in m_off.parameters()),
+               params_ours=sum(p.numel() for p in m_us.parameters()))
+    if grads: res.update(compare_grads(m_off, m_us, inputs))
+    return res
+
+
+def quantize(sd: dict) -> tuple[dict, dict, dict]:
+    "int8 weights with a per-tensor scale (the fixture stores these; dequantised values are exact in float32)."
+    q, scale, other = {}, {}, {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            other[k] = v
+            continue
+        s = float(v.abs().max()) / 127 or 1.
+        q[k] = (v / s).round().clamp(-127, 127).to(torch.int8)
+        scale[k] = torch.tensor(s, dtype=torch.float32)
+    return q, scale, other
+
+
+def dequantize(q: dict, scale: dict, other: dict) -> dict:
+    "Float32 state dict from `quantize`'s output."
+    return {**{k: q[k].float() * scale[k] for k in q}, **other}
+
+
+def make_fixture(vo, off, path: str, B: int = 3, seed: int = 0) -> dict:
+    "Save a small official model (int8-quantised random weights), inputs and official eval outputs to `path`."
+    from videolights.model import random_inputs
+    m_off, opt = official_model(vo, off, 'sf_clip', extra=FIXTURE_FLAGS, seed=2018 + seed)
+    q, scale, other = quantize(m_off.state_dict())
+    m_off.load_state_dict(dequantize(q, scale, other))
+    cfg = get_preset('qvhighlights', **FIXTURE_CFG)
+    inputs = random_inputs(cfg, B=B, lv=[20, 13, 7][:B], lq=[5, 12, 3][:B], seed=seed)
+    with torch.no_grad():
+        out = _flat(m_off(**inputs))
+    fx = dict(format=1, official_commit=off.commit or '', cfg=json.loads(json.dumps(FIXTURE_CFG)), preset='qvhighlights',
+              q=q, scale=scale, other=other, inputs=inputs, outputs=out)
+    torch.save(fx, path)
+    return dict(path=path, bytes=os.path.getsize(path), params=sum(v.numel() for v in q.values()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                epilog=__doc__[__doc__.index('    python'):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--official', default=DEFAULT_OFFICIAL)
+    p.add_argument('--variants', nargs='+', default=['sf_clip', 'sf_clip_blip'], choices=list(PRESET))
+    p.add_argument('--B', type=int, default=4)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--tol', type=float, default=1e-5)
+    p.add_argument('--no-extra', action='store_true', help='skip the fixed-mask, uni-CMF and no-FRA runs')
+    p.add_argument('--save-fixture', default=None)
+    p.add_argument('--json', default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
+    vo, off = official_lib(a.official)
+    if a.save_fixture:
+        print(json.dumps(make_fixture(vo, off, a.save_fixture)))
+        return 0
+    runs = [dict(variant=v) for v in a.variants]
+    if not a.no_extra:
+        runs += [dict(variant='sf_clip', fix_mask=True), dict(variant='sf_clip', cmf='uni'), dict(variant='sf_clip', fra=False)]
+    results, ok = [], True
+    for r in runs:
+        res = check_variant(vo, off, B=a.B, seed=a.seed, **r)
+        res['ok'] = (max(res['diffs'].values()) <= a.tol and res['params_official'] == res['params_ours']
+                     and res.get('grad_max_rel_diff', 0) <= 1e-2)  # kinks (PReLU, floor) amplify 1e-7 differences
+        ok &= res['ok']
+        results.append(res)
+        print(json.dumps(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    print('official equivalence:', 'OK' if ok else 'FAILED')
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
