@@ -435,3 +435,16 @@ def test_fix_switches_are_read_from_config():
     off = build_criterion(get_preset('qvhighlights'))
     assert not any(off.losses['saliency'][k] for k in ('mask_padding', 'sample_min', 'batch_mean', 'bounded_ramp'))
     assert not off.losses['contrastive_align']['mask_text']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu(fixture):
+    fx = fixture['fixtures']['sf_clip_blip']
+    def to(o, dev):
+        if isinstance(o, dict): return {k: to(v, dev) for k, v in o.items()}
+        if isinstance(o, list): return [to(v, dev) for v in o]
+        return o.to(dev) if torch.is_tensor(o) else o
+    crit = build_criterion(get_preset('qvhighlights'))
+    ref = crit(clone_outputs(fx['outputs']), fx['targets'], epoch=5)
+    got = crit(to(fx['outputs'], 'cuda'), to(fx['targets'], 'cuda'), epoch=5)
+    for k in ref: assert close(got[k].cpu(), ref[k], 1e-4), k
