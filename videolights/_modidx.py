@@ -565,6 +565,7 @@ d = { 'settings': { 'branch': 'main',
                                        'videolights.visualize.query_metrics': ('visualize.html#query_metrics', 'videolights/visualize.py'),
                                        'videolights.visualize.read_log': ('visualize.html#read_log', 'videolights/visualize.py'),
                                        'videolights.visualize.select_rows': ('visualize.html#select_rows', 'videolights/visualize.py'),
+                                       'videolights.visualize.token_labels': ('visualize.html#token_labels', 'videolights/visualize.py'),
                                        'videolights.visualize.top_clips': ('visualize.html#top_clips', 'videolights/visualize.py'),
                                        'videolights.visualize.train_ablation_row': ( 'visualize.html#train_ablation_row',
                                                                                      'videolights/visualize.py')}}}
