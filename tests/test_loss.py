@@ -208,7 +208,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match='span_labels for a batch of 3'):
         HungarianMatcher()(out, dict(span_labels=targets['span_labels'][:2]))
     crit = build_criterion(get_preset('fixed', **CFG))
-    with pytest.raises(KeyError, match="outputs\\['txt_mask'\\]"):
+    with pytest.warns(UserWarning, match="outputs\\['txt_mask'\\]"):
         crit({k: v for k, v in out.items() if k != 'txt_mask'}, targets)
     # the mask may also come with the targets
     o = {k: v for k, v in out.items() if k != 'txt_mask'}
@@ -448,3 +448,33 @@ def test_cuda_matches_cpu(fixture):
     ref = crit(clone_outputs(fx['outputs']), fx['targets'], epoch=5)
     got = crit(to(fx['outputs'], 'cuda'), to(fx['targets'], 'cuda'), epoch=5)
     for k in ref: assert close(got[k].cpu(), ref[k], 1e-4), k
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'fixed'])
+def test_real_model_end_to_end(preset):
+    "Our model's output dict goes through the criterion; the loss is finite and every trainable head gets a gradient."
+    from videolights.model import build_model
+    from videolights.config import VLConfig
+    cfg = get_preset('tiny', **({} if preset == 'tiny' else {k: True for k in VLConfig().fixes}))  # tiny dims, all fixes on
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    B, Lv, Lq = 3, 12, 6
+    vmask = torch.stack([(torch.arange(Lv) < n).float() for n in (12, 9, 7)])
+    tmask = torch.stack([(torch.arange(Lq) < n).float() for n in (6, 4, 5)])
+    inputs = dict(src_txt=torch.randn(B, Lq, cfg.t_feat_dim) * tmask[..., None], src_txt_mask=tmask,
+                  src_vid=torch.randn(B, Lv, cfg.v_feat_dim) * vmask[..., None], src_vid_mask=vmask)
+    labels = torch.zeros(B, Lv); labels[0, 2:5] = torch.tensor([4., 12., 8.]); labels[1, 0:2] = 3.; labels[2, 5:7] = 6.
+    targets = dict(span_labels=[dict(spans=torch.tensor([[0.29, 0.25]])), dict(spans=torch.tensor([[0.11, 0.22]])),
+                                dict(spans=torch.tensor([[0.86, 0.29]]))],
+                   saliency_pos_labels=torch.tensor([[3, 2], [0, 1], [5, 6]]), saliency_neg_labels=torch.tensor([[0, 8], [5, 3], [0, 1]]),
+                   saliency_all_labels=labels, saliency_pos_index=(labels > 0).float(), src_txt_mask=tmask)
+    crit = build_criterion(cfg)
+    out = model(**inputs)
+    losses = crit(out, targets, epoch=3)
+    assert set(crit.weight_dict) <= set(losses)
+    loss = total_loss(losses, crit.weight_dict)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name in ('class_embed', 'span_embed', 'saliency_proj1', 'contrastive_align_projection_query'):
+        mod = getattr(model, name)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters()), name
