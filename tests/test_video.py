@@ -1,0 +1,291 @@
+"""End-to-end tests of `videolights.video`: decoding, extraction CLI, predictor, bad input. Offline: synthetic videos,
+tiny randomly initialised encoders saved with `save_pretrained` and loaded back through `from_pretrained`."""
+import json, math
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip('av')
+pytest.importorskip('transformers')
+import h5py
+from videolights import video as V
+from videolights.cli import main as cli_main
+from videolights.config import get_preset
+from videolights.model import build_model
+from videolights.train import save_checkpoint, config_dict
+from videolights.data import open_features, load_video_feats
+
+
+@pytest.fixture(scope='module')
+def enc_dirs(tmp_path_factory):
+    d = tmp_path_factory.mktemp('enc')
+    return dict(clip=V.make_tiny_clip(d / 'clip'), blip=V.make_tiny_blip2(d / 'blip'))
+
+
+@pytest.fixture(scope='module')
+def encoders(enc_dirs):
+    return dict(clip=V.CLIPEncoder(enc_dirs['clip']), blip=V.BLIP2Encoder(enc_dirs['blip']))
+
+
+def _cfg(**kw):
+    base = dict(v_feat_types=('clip', 'blip'), v_feat_dims=(8, 24), t_feat_types=('clip', 'blip'), t_feat_dims=(16, 24),
+                blip_features=True, blip_dim=24, max_v_l=16, max_q_l=32)
+    return get_preset('tiny', **{**base, **kw})
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('run')
+    torch.manual_seed(0)
+    cfg = _cfg()
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), d / 'model_best.ckpt')
+    return d
+
+
+# --- decoding -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('duration,fps,clip_len', [(10, 5, 2.), (45, 3, 2.), (150, 2, 2.), (151, 1, 2.), (37, 4, 1.),
+                                                   (600, 1, 2.)])
+def test_clip_counts_and_timestamps(tmp_path, duration, fps, clip_len):
+    p = V.make_test_video(tmp_path / 'v.mp4', duration, fps, size=(32, 24))
+    clips = list(V.sample_clip_frames(p, clip_len, k=1, size=16))
+    assert len(clips) == math.ceil(duration / clip_len)
+    assert [c.clip_id for c in clips] == list(range(len(clips)))
+    n_frames = int(round(duration * fps))
+    frame_t = np.arange(n_frames) / fps
+    want = [int(np.argmin(np.abs(frame_t - i * clip_len))) for i in range(len(clips))]
+    got = V.frame_index_of(np.concatenate([c.frames for c in clips]))
+    assert got.tolist() == want
+    np.testing.assert_allclose(np.concatenate([c.times for c in clips]), frame_t[want], atol=1e-6)
+
+
+def test_dense_sampling_brute_force(tmp_path):
+    p = V.make_test_video(tmp_path / 'v.mp4', 7.5, 8, size=(32, 24))  # 60 frames every 0.125 s
+    clips = list(V.sample_clip_frames(p, 2., k=6, size=16))  # targets every 1/3 s: never a tie with 1/8-s frames
+    assert len(clips) == 4
+    frame_t = np.arange(60) / 8
+    for c in clips:
+        targets = c.clip_id * 2. + V.clip_offsets(6, 2.)
+        want = [int(np.argmin(np.abs(frame_t - t))) for t in targets]
+        assert V.frame_index_of(c.frames).tolist() == want
+        assert c.frames.shape == (6, 16, 16, 3)
+
+
+def _half_video(path, w, h, vertical=False):
+    "One 2-s video whose frames are dark in the first half (columns, or rows if vertical) and bright in the second."
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('mpeg4', rate=2); s.width, s.height, s.pix_fmt = w, h, 'yuv420p'
+        a = np.zeros((h, w, 3), np.uint8)
+        if vertical: a[h // 2:] = 255
+        else: a[:, w // 2:] = 255
+        for _ in range(4):
+            for pk in s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')): c.mux(pk)
+        for pk in s.encode(): c.mux(pk)
+    return path
+
+
+@pytest.mark.parametrize('w,h,vertical', [(128, 48, False), (48, 128, True), (64, 64, False)])
+def test_resize_crop_is_centred(tmp_path, w, h, vertical):
+    p = _half_video(tmp_path / 'v.mp4', w, h, vertical)
+    f = next(V.sample_clip_frames(p, 2., size=24)).frames[0].astype(float)  # (24, 24, 3)
+    assert f.shape == (24, 24, 3)
+    a = f.transpose(1, 0, 2) if vertical else f  # the split runs along axis 1
+    assert a[:, :10].mean() < 40 and a[:, 14:].mean() > 215  # the split sits in the middle of the crop
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+def _no_frames_video(path):
+    "An AVI whose video stream has no frames (an mp4 without frames has no stream at all)."
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('mpeg4', rate=5); s.width, s.height, s.pix_fmt = 32, 24, 'yuv420p'
+        c.start_encoding()
+    return path
+
+
+def _audio_only(path):
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('pcm_s16le', rate=8000); s.layout = 'mono'
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format='s16', layout='mono'); fr.sample_rate = 8000
+        for pk in s.encode(fr): c.mux(pk)
+        for pk in s.encode(): c.mux(pk)
+    return path
+
+
+def test_bad_videos(tmp_path):
+    (tmp_path / 'empty.mp4').write_bytes(b'')
+    (tmp_path / 'junk.mp4').write_bytes(b'\x00garbage' * 500)
+    with pytest.raises(V.VideoError, match='empty file'): V.probe_video(tmp_path / 'empty.mp4')
+    with pytest.raises(V.VideoError, match='unreadable'): V.probe_video(tmp_path / 'junk.mp4')
+    with pytest.raises(V.VideoError, match='no such file'): V.probe_video(tmp_path / 'nope.mp4')
+    with pytest.raises(V.VideoError, match='no video stream'): V.probe_video(_audio_only(tmp_path / 'a.wav'))
+    nf = _no_frames_video(tmp_path / 'noframes.avi')
+    with pytest.raises(V.VideoError, match=r'noframes.avi: zero-length video'): V.probe_video(nf)
+    with pytest.raises(V.VideoError, match=r'noframes.avi: the video stream has no decodable frames'):
+        list(V.sample_clip_frames(nf))
+
+
+def test_slowfast_without_pytorchvideo():
+    import importlib.util
+    if importlib.util.find_spec('pytorchvideo') is not None: pytest.skip('pytorchvideo is installed')
+    with pytest.raises(ImportError, match='pip install pytorchvideo'): V.SlowFastEncoder('weights.pt')
+
+
+def test_require_says_what_to_install(monkeypatch):
+    import importlib
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, 'import_module', lambda n, *a: (_ for _ in ()).throw(ImportError(n)) if n == 'av' else real(n, *a))
+    with pytest.raises(ImportError, match=r'videolights\[extract\]'): V.require('av', 'video decoding')
+
+
+# --- extraction -----------------------------------------------------------------------------------------------------
+
+def test_extract_cli_folder_resumable(tmp_path, enc_dirs, capsys):
+    vd = tmp_path / 'vids'; vd.mkdir()
+    for name, dur in [('short', 10), ('mid', 45), ('long', 600)]:
+        V.make_test_video(vd / f'{name}.mp4', dur, fps=1 if dur > 60 else 3, size=(32, 24))
+    (tmp_path / 'q.jsonl').write_text('{"qid": 7, "query": "the dog runs"}\n{"qid": "x1", "query": "a cat"}\n')
+    out = tmp_path / 'f.h5'
+    argv = ['extract', str(vd), '--encoders', 'clip,blip', '--clip-model', str(enc_dirs['clip']), '--blip-model',
+            str(enc_dirs['blip']), '--out', str(out), '--queries', str(tmp_path / 'q.jsonl'), '--fp16']
+    assert cli_main(argv) == 0
+    assert '3 video(s) extracted' in capsys.readouterr().out
+    with h5py.File(out) as h5:
+        assert {k: h5[f'video/clip_features/{k}'].shape for k in ['short', 'mid', 'long']} == \
+               {'short': (5, 8), 'mid': (23, 8), 'long': (300, 8)}
+        assert h5['video/blip_video_features/long'].shape == (300, 24)
+        assert h5['video/clip_features/long'].dtype == np.float16
+        assert h5['video/clip_features'].attrs['dim'] == 8 and h5['video/clip_features'].attrs['n'] == 3
+        assert h5['video/clip_features/mid'].attrs['duration'] == pytest.approx(45.)
+        assert h5['text/clip_text_features/7'].shape[1] == 16 and h5['text/blip_text_features/x1'].shape == (4, 24)
+    assert cli_main(argv) == 0
+    assert '0 video(s) extracted, 3 already there' in capsys.readouterr().out
+    # the data layer reads the store
+    src = open_features(out)
+    assert load_video_feats(src, 'mid', ['clip_features', 'blip_video_features'], max_v_l=75).shape == (23, 32)
+    src.close()
+
+
+def test_extract_single_video_errors(tmp_path, enc_dirs):
+    (tmp_path / 'junk.mp4').write_bytes(b'junk' * 100)
+    with pytest.raises(V.VideoError, match='junk.mp4: unreadable'):
+        V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(enc_dirs['clip']), '--out', str(tmp_path / 'f.h5')])
+    (tmp_path / 'bad.jsonl').write_text('{"qid": 1, "query": "ok"}\n{"qid": 2, "query": ""}\n')
+    with pytest.raises(ValueError, match=r'bad.jsonl:2'):
+        V.extract_main(['--queries', str(tmp_path / 'bad.jsonl'), '--clip-model', str(enc_dirs['clip']),
+                        '--out', str(tmp_path / 'g.h5')])
+    with pytest.raises(ValueError, match='unknown encoder'): V.load_encoders('clip,i3d')
+
+
+def test_features_match_direct_encoding(tmp_path, encoders):
+    p = V.make_test_video(tmp_path / 'v.mp4', 20, 2, size=(48, 32))
+    feats = V.extract_video(p, encoders, clip_len=2., batch_size=3)
+    frames = np.stack([c.frames for c in V.sample_clip_frames(p, 2., 1, 224)])
+    np.testing.assert_allclose(feats['clip_features'], encoders['clip'].encode_frames(torch.from_numpy(frames)).numpy(), atol=1e-5)
+    assert feats['blip_video_features'].shape == (10, 24)
+
+
+# --- predictor ------------------------------------------------------------------------------------------------------
+
+def _direct(pred, ev, query):
+    "Brute force: run the model window by window, one pair at a time."
+    txt = pred._text_inputs([query])[0]
+    starts, wins = pred._video_windows(ev)
+    outs = []
+    with torch.no_grad():
+        for w in wins:
+            o = pred.model(src_txt=txt[None], src_txt_mask=torch.ones(1, len(txt)), src_vid=w[None],
+                           src_vid_mask=torch.ones(1, len(w)))
+            outs.append((o['pred_spans'][0].numpy(), o['pred_logits'][0].softmax(-1)[:, 0].numpy(), o['saliency_scores'][0].numpy()))
+    return starts, outs
+
+
+@pytest.mark.parametrize('duration', [10, 31, 100, 600])
+def test_predict_shapes_and_windows(tmp_path, run_dir, encoders, duration):
+    pred = V.VideoLightsPredictor.from_pretrained(run_dir, encoders=encoders)
+    p = V.make_test_video(tmp_path / 'v.mp4', duration, fps=1 if duration > 60 else 2, size=(32, 24))
+    out = pred.predict('the dog runs', p)
+    n = math.ceil(duration / 2)
+    assert len(out.saliency) == n
+    w = out.windows
+    assert len(w) == min(10, 5 * len(V.window_starts(n, 16, pred.overlap)))  # tiny preset: Nq = 5 per window
+    assert (w[:, 0] >= 0).all() and (w[:, 1] <= duration + 1e-6).all() and (w[:, 0] <= w[:, 1]).all()
+    assert (np.diff(w[:, 2]) <= 0).all()
+    # brute force: saliency = mean over covering windows of each window's own output
+    starts, outs = _direct(pred, pred.encode_video(p), 'the dog runs')
+    tot, cnt = np.zeros(n), np.zeros(n)
+    for s, (_, _, sal) in zip(starts, outs): tot[s:s + len(sal)] += sal; cnt[s:s + len(sal)] += 1
+    np.testing.assert_allclose(out.saliency, tot / cnt, atol=1e-5)
+    # the best merged window is the best-scored window of any single window, shifted to absolute time
+    best = max(((sc.max(), s, sp[sc.argmax()]) for s, (sp, sc, sal) in zip(starts, outs)), key=lambda x: x[0])
+    wl = min(16, n) * 2.
+    c, wd = best[2]
+    np.testing.assert_allclose(w[0], [max(0, best[1] * 2 + (c - wd / 2) * wl), min(duration, best[1] * 2 + (c + wd / 2) * wl), best[0]], atol=1e-4)
+
+
+@pytest.mark.parametrize('fix', [False, True])
+def test_batched_equals_one_by_one(tmp_path, encoders, fix):
+    d = tmp_path / 'run'
+    torch.manual_seed(1)
+    cfg = _cfg(fix_bicmf_mask_order=fix)
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), d / 'model_best.ckpt')
+    pred = V.VideoLightsPredictor.from_pretrained(d, encoders=encoders)
+    p = V.make_test_video(tmp_path / 'v.mp4', 90, fps=1, size=(32, 24))
+    qs = ['the dog runs', 'a cat', 'a man and a woman in the car', 'the cat jumps on the dog', 'dog']
+    many = pred.predict(qs, p)
+    for q, m in zip(qs, many):
+        one = pred.predict(q, p)
+        np.testing.assert_allclose(m.windows, one.windows, atol=1e-5)
+        np.testing.assert_allclose(m.saliency, one.saliency, atol=1e-5)
+
+
+def test_predictor_bad_input(tmp_path, run_dir, encoders, enc_dirs):
+    pred = V.VideoLightsPredictor.from_pretrained(run_dir, encoders=encoders)
+    p = V.make_test_video(tmp_path / 'v.mp4', 10, 2, size=(32, 24))
+    with pytest.raises(ValueError, match='query 0 is empty'): pred.predict('', p)
+    with pytest.raises(ValueError, match='no queries'): pred.predict([], p)
+    with pytest.raises(V.VideoError, match='no video stream'): pred.predict('a dog', _audio_only(tmp_path / 'a.wav'))
+    (tmp_path / 'empty.mp4').write_bytes(b'')
+    with pytest.raises(V.VideoError, match='empty file'): pred.predict('a dog', tmp_path / 'empty.mp4')
+    wide = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'wide', dim=32, proj_dim=16))
+    with pytest.raises(ValueError, match=r'trained on video clip\(8\) \+ blip\(24\).*encoders give video clip\(16\)'):
+        V.VideoLightsPredictor.from_pretrained(run_dir, encoders={'clip': wide, 'blip': encoders['blip']})
+    with pytest.raises(ValueError, match="needs text features 'blip'|needs video features 'blip'"):
+        V.VideoLightsPredictor.from_pretrained(run_dir, encoders={'clip': encoders['clip']})
+    torch.save({'state': 1}, tmp_path / 'other.ckpt')
+    with pytest.raises(ValueError, match='not a videolights checkpoint'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'other.ckpt')
+    (tmp_path / 'emptyrun').mkdir()
+    with pytest.raises(FileNotFoundError, match='no model_best.ckpt'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'emptyrun')
+
+
+def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
+    p = V.make_test_video(tmp_path / 'v.mp4', 70, 1, size=(32, 24))
+    rc = cli_main(['predict', str(p), '--query', 'the dog runs', '-q', 'a cat', '--ckpt', str(run_dir / 'model_best.ckpt'),
+                   '--clip-model', str(enc_dirs['clip']), '--blip-model', str(enc_dirs['blip']), '--json',
+                   str(tmp_path / 'o.jsonl'), '--plot', str(tmp_path / 'o.png'), '--top-k', '3'])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "query: 'the dog runs'" in out and "query: 'a cat'" in out and '35 clips' in out
+    recs = [json.loads(l) for l in (tmp_path / 'o.jsonl').read_text().splitlines()]
+    assert len(recs) == 2 and len(recs[1]['pred_saliency_scores']) == 35
+    assert all(len(w) == 3 for w in recs[0]['pred_relevant_windows'])
+    assert (tmp_path / 'o.png').stat().st_size > 2000
+    with pytest.raises(SystemExit): V.predict_main([str(p), '--ckpt', str(run_dir)])  # --query is required
+
+
+def test_widget_logic(tmp_path, run_dir, encoders):
+    pred = V.VideoLightsPredictor.from_pretrained(run_dir, encoders=encoders)
+    V.make_test_video(tmp_path / 'b.mp4', 40, 2, size=(32, 24)); V.make_test_video(tmp_path / 'a.mp4', 12, 2, size=(32, 24))
+    app = V.PredictorApp(pred, tmp_path, n_thumbs=2)
+    assert [Path(v).name for v in app.videos()] == ['a.mp4', 'b.mp4']
+    msg = app.on_click(app.videos()[1], 'the dog runs')
+    assert msg.startswith('1 query on b.mp4: best ')
+    assert len(app.last[1].axes) == 1 + 2
+    assert app.on_click(app.videos()[1], '').startswith('error: type at least one query')
+    assert type(app.widget()).__name__ == 'VBox'
+
+
+def test_bench_predict_small():
+    r = V.bench_predict(duration=60, n_queries=3, repeats=1)
+    assert r['n_clips'] == 30 and r['n_windows'] == 1 and r['per_query_ms'] > 0
