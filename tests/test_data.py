@@ -1,0 +1,247 @@
+"""Tests of videolights.data that read every real annotation file, touch many files, run CLIs or the official code.
+
+The comparison with the official `StartEndDataset` runs only where the official checkout and its venv exist
+(/tmp/perf/official, /tmp/perf/venv; override with VL_OFFICIAL and VL_OFFICIAL_PY); otherwise it is skipped.
+"""
+import json, os, random, subprocess, sys, textwrap, warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from videolights.data import (DATASET_DEFAULTS, DataFormatError, FeatureNotFoundError, VLDataset, collate,
+                              convert_features, convert_features_main, inspect_main, load_jsonl, make_loader,
+                              move_batch, open_features, read_charades, read_qvhighlights, read_records, read_tvsum,
+                              summarize, write_fake_features, H5Features)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / 'data'
+OFFICIAL = Path(os.environ.get('VL_OFFICIAL', '/tmp/perf/official'))
+OFFICIAL_PY = Path(os.environ.get('VL_OFFICIAL_PY', '/tmp/perf/venv/bin/python'))
+OFFICIAL_TOOLS = Path(os.environ.get('VL_OFFICIAL_TOOLS', ROOT.parent / 'shared' / 'tools' / 'official'))
+HAVE_OFFICIAL = OFFICIAL.is_dir() and OFFICIAL_PY.exists() and (OFFICIAL_TOOLS / 'vl_official.py').exists()
+
+# ---------------------------------------------------------------------------------------------------------------
+# readers: every line of every real file
+# ---------------------------------------------------------------------------------------------------------------
+COUNTS = [('qvhighlights/highlight_train_release.jsonl', read_qvhighlights, 7218, True),
+          ('qvhighlights/highlight_val_release.jsonl', read_qvhighlights, 1550, True),
+          ('qvhighlights/highlight_test_release.jsonl', read_qvhighlights, 1542, False),
+          ('qvhighlights/highlight_test_with_gt.jsonl', read_qvhighlights, 1542, True),
+          ('charades_sta/charades_sta_train_tvr_format.jsonl', read_charades, 12404, True),
+          ('charades_sta/charades_sta_test_tvr_format.jsonl', read_charades, 3720, True),
+          ('tvsum/tvsum_train.jsonl', read_tvsum, 40, True),
+          ('tvsum/tvsum_val.jsonl', read_tvsum, 10, True)]
+
+
+@pytest.mark.parametrize('rel,reader,n,labelled', COUNTS, ids=[c[0].split('/')[1] for c in COUNTS])
+def test_real_files_exact_counts(rel, reader, n, labelled):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the real files are clean: no repair warning
+        recs = reader(DATA / rel)
+    assert len(recs) == n
+    assert not recs.report and recs.report.n_records == n
+    assert len(load_jsonl(DATA / rel)) == n
+    assert len(read_records(DATA / rel)) == n  # auto-detected reader agrees
+    if reader is not read_tvsum: assert ('relevant_windows' in recs[0]) == labelled
+
+
+def test_test_with_gt_matches_test_release():
+    a = read_qvhighlights(DATA / 'qvhighlights/highlight_test_release.jsonl')
+    b = read_qvhighlights(DATA / 'qvhighlights/highlight_test_with_gt.jsonl')
+    assert [r['qid'] for r in a] == [r['qid'] for r in b]
+
+
+def _write(tmp_path, name, lines):
+    p = tmp_path / name
+    p.write_text(''.join((l if isinstance(l, str) else json.dumps(l)) + '\n' for l in lines))
+    return p
+
+
+GOOD = dict(qid=1, query='a man talks', vid='v_0.0_150.0', duration=150, relevant_windows=[[10, 20]],
+            relevant_clip_ids=[5, 6, 7, 8, 9], saliency_scores=[[1, 2, 3]] * 5)
+
+
+@pytest.mark.parametrize('bad,msg', [
+    ({**GOOD, 'query': ''}, "bad.jsonl:2: key 'query' is empty"),
+    ({k: v for k, v in GOOD.items() if k != 'vid'}, "bad.jsonl:2: missing key 'vid'"),
+    ({**GOOD, 'duration': -3}, "bad.jsonl:2: key 'duration'"),
+    ({**GOOD, 'saliency_scores': [[1, 2, 3]]}, "bad.jsonl:2: keys 'relevant_clip_ids'/'saliency_scores'"),
+    ({**GOOD, 'relevant_windows': [[1, 'x']]}, "bad.jsonl:2: key 'relevant_windows': bad window"),
+])
+def test_structural_errors_name_file_line_key(tmp_path, bad, msg):
+    p = _write(tmp_path, 'bad.jsonl', [GOOD, bad])
+    with pytest.raises(DataFormatError, match=msg.replace('(', r'\(').replace('[', r'\[')):
+        read_qvhighlights(p)
+
+
+def test_malformed_json_line(tmp_path):
+    p = _write(tmp_path, 'm.jsonl', [GOOD, '{"qid": 2,', GOOD])
+    with pytest.raises(DataFormatError, match='m.jsonl:2: malformed JSON'):
+        load_jsonl(p)
+
+
+def test_window_repairs_counted_and_strict(tmp_path):
+    recs = [GOOD, {**GOOD, 'qid': 2, 'relevant_windows': [[30, 20]]},             # only window reversed: record dropped
+            {**GOOD, 'qid': 3, 'relevant_windows': [[140, 160], [0, 4]]},          # clipped
+            {**GOOD, 'qid': 1}]                                                    # duplicate qid
+    p = _write(tmp_path, 'fix.jsonl', recs)
+    with pytest.warns(UserWarning, match='fix.jsonl'):
+        out = read_qvhighlights(p)
+    assert [r['qid'] for r in out] == [1, 3, 1]
+    assert out[1]['relevant_windows'] == [[140, 150], [0, 4]]
+    assert out.report.counts() == {'reversed_window': 1, 'record_dropped': 1, 'clipped_window': 1, 'duplicate_qid': 1}
+    assert out.report.issues['record_dropped'][0].startswith(f'{p}:2:')
+    with pytest.raises(DataFormatError, match='fix.jsonl:2:.*reversed window'):
+        read_qvhighlights(p, strict=True)
+
+
+def test_charades_and_tvsum_errors(tmp_path):
+    p = _write(tmp_path, 'c.jsonl', [dict(qid=0, query='x', vid='A', duration=30.0)])
+    with pytest.raises(DataFormatError, match="c.jsonl:1: missing key 'relevant_windows'"):
+        read_charades(p)
+    p = _write(tmp_path, 't.jsonl', [dict(qid='a', query='t', vid='a', duration=2, domain='BK', label=[[1, 2], [3]])])
+    with pytest.raises(DataFormatError, match="t.jsonl:1: key 'label'"):
+        read_tvsum(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VLDataset / collate against the official StartEndDataset (same fake features, same seeds)
+# ---------------------------------------------------------------------------------------------------------------
+OFFICIAL_RUNNER = textwrap.dedent('''
+    import json, random, sys
+    import numpy as np, torch
+    cfg = json.loads(sys.argv[1])
+    sys.path.insert(0, cfg["tools"])
+    import vl_official as V
+    off = V.load_official(cfg["official"])
+    ds = off.dataset.StartEndDataset(cfg["dset_name"], cfg["data_path"], cfg["v_dirs"], cfg["q_dirs"],
+                                     q_feat_type="last_hidden_state", max_q_l=32, max_v_l=cfg["max_v_l"],
+                                     ctx_mode="video_tef", clip_len=cfg["clip_len"], max_windows=5,
+                                     dset_domain=cfg.get("domain"))
+    items = []
+    for i in cfg["indices"]:
+        random.seed(cfg["seed"] + i)
+        items.append(ds[i])
+    batch_meta, batched = off.dataset.start_end_collate(items)
+    mi, tg = off.dataset.prepare_batch_inputs(batched, torch.device("cpu"))
+    torch.save(dict(model_inputs=mi, targets=tg, qids=[m["qid"] for m in batch_meta]), cfg["out"])
+''')
+
+
+def _run_official(tmp_path, **cfg):
+    cfg = dict(cfg, tools=str(OFFICIAL_TOOLS), official=str(OFFICIAL), out=str(tmp_path / 'official.pt'))
+    r = subprocess.run([str(OFFICIAL_PY), '-c', OFFICIAL_RUNNER, json.dumps(cfg)], capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(cfg['out'], weights_only=False)
+
+
+def _ours(ds, indices, seed):
+    items = []
+    for i in indices:
+        ds.rng.seed(seed + i)
+        items.append(ds[i])
+    return collate(items)
+
+
+def _compare(off, ours):
+    mi, tg, metas = ours
+    assert [m['qid'] for m in metas] == off['qids']
+    for k in ('src_txt', 'src_txt_mask', 'src_vid', 'src_vid_mask'):
+        assert mi[k].shape == off['model_inputs'][k].shape, k
+        torch.testing.assert_close(mi[k], off['model_inputs'][k].float(), rtol=0, atol=1e-6, msg=k)
+    for a, b in zip(tg['span_labels'], off['targets']['span_labels']):
+        torch.testing.assert_close(a['spans'], b['spans'].float(), rtol=0, atol=1e-7)
+    for k in ('saliency_pos_labels', 'saliency_neg_labels'):
+        assert tg[k].tolist() == off['targets'][k].tolist(), k
+    for k in ('saliency_all_labels', 'saliency_pos_index'):
+        # compared on real clips only: where features are shorter than the annotation, the official array grows
+        # past the video (a relevant clip id == L lands in a padded position); ours stops at L (documented)
+        m = mi['src_vid_mask']
+        torch.testing.assert_close(tg[k] * m, off['targets'][k].float() * m, rtol=0, atol=1e-6, msg=k)
+    return (tg['saliency_all_labels'] * (1 - mi['src_vid_mask'])).abs().sum().item()
+
+
+QVH_V = {'slowfast_features': 16, 'clip_features': 8, 'blip_video_features': 12}
+QVH_T = {'clip_text_features': 8, 'blip_aug_text_features_openai': 12}
+
+
+def _subset_file(tmp_path, name, recs):
+    p = tmp_path / name
+    p.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    return p
+
+
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+@pytest.mark.parametrize('pretrain', [False, True], ids=['qvh', 'pretrain'])
+def test_vldataset_matches_official_qvh(tmp_path, pretrain):
+    val = read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')
+    many = [r for r in val[22:] if len(r['relevant_windows']) > 5][:6]   # random window subsets
+    short = [r for r in val[22:] if r['duration'] < 150][:4]             # fewer than 75 clips
+    recs = list(val[:22]) + many + short
+    # pretraining data: the official loader switches on 'pre_train' in the file name
+    p = _subset_file(tmp_path, 'pre_train_subset.jsonl' if pretrain else 'hl_subset.jsonl', recs)
+    feats = write_fake_features(tmp_path / 'feats', recs, QVH_V, QVH_T, clip_len=2., seed=1)
+    # a video whose sources disagree by one clip: all are cut to the shortest
+    r0 = recs[0]
+    np.savez_compressed(feats / 'clip_features' / f"{r0['vid']}.npz",
+                        features=np.random.default_rng(5).standard_normal((74, 8), dtype=np.float32))
+    idx = list(range(len(recs)))
+    off = _run_official(tmp_path, dset_name='hl', data_path=str(p), v_dirs=[str(feats / t) for t in QVH_V],
+                        q_dirs=[str(feats / t) for t in QVH_T], max_v_l=75, clip_len=2, indices=idx, seed=100)
+    ds = VLDataset(str(p), feats, 'hl', list(QVH_V), list(QVH_T), pretrain=None)
+    assert ds.pretrain == pretrain
+    ours = _ours(ds, idx, 100)
+    _compare(off, ours)
+    assert ours[0]['src_vid_mask'][0].sum() == 74
+    # the invariants the random pairs must satisfy
+    tg = ours[1]
+    sal = tg['saliency_all_labels']
+    pos, neg = tg['saliency_pos_labels'], tg['saliency_neg_labels']
+    if not pretrain:
+        hard_pos, hard_neg = sal.gather(1, pos[:, :1]), sal.gather(1, neg[:, :1])
+        assert (hard_pos >= hard_neg).all()
+        assert (sal.gather(1, pos[:, 1:]) > 0).all()
+    assert all(len(s['spans']) <= 5 for s in tg['span_labels'])
+
+
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+def test_vldataset_matches_official_charades(tmp_path):
+    tr = read_charades(DATA / 'charades_sta/charades_sta_train_tvr_format.jsonl')
+    recs = list(tr[:24]) + [r for r in tr if r['duration'] > 80][:4]   # > 75 clips: truncated
+    p = _subset_file(tmp_path, 'charades_subset.jsonl', recs)
+    feats = write_fake_features(tmp_path / 'feats', recs, QVH_V, {'clip_text_features': 8, 'blip_text_features': 12},
+                                clip_len=1., seed=2)
+    idx = list(range(len(recs)))
+    off = _run_official(tmp_path, dset_name='charadesSTA', data_path=str(p), v_dirs=[str(feats / t) for t in QVH_V],
+                        q_dirs=[str(feats / t) for t in ('clip_text_features', 'blip_text_features')],
+                        max_v_l=75, clip_len=1, indices=idx, seed=7)
+    ds = VLDataset(recs, feats, 'charadesSTA', list(QVH_V))
+    ours = _ours(ds, idx, 7)
+    _compare(off, ours)
+    assert ours[0]['src_vid'].shape[1] == 75
+
+
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+def test_vldataset_matches_official_tvsum(tmp_path):
+    tr = read_tvsum(DATA / 'tvsum/tvsum_train.jsonl')
+    p = DATA / 'tvsum/tvsum_train.jsonl'
+    rng = np.random.default_rng(3)
+    (tmp_path / 'video_features').mkdir(); (tmp_path / 'query_features').mkdir()
+    for r in tr:  # I3D rgb + flow pairs and 'token' text features, as the TVSum release
+        L = len(r['label'])
+        for part in ('rgb', 'opt'):
+            np.save(tmp_path / 'video_features' / f"{r['vid']}_{part}.npy", rng.standard_normal((L, 6), dtype=np.float32))
+        np.savez(tmp_path / 'query_features' / f"{r['qid']}.npz", token=rng.standard_normal((7, 8), dtype=np.float32))
+    idx = [0, 1, 2, 3]
+    off = _run_official(tmp_path, dset_name='tvsum', data_path=str(p), v_dirs=[str(tmp_path / 'video_features')],
+                        q_dirs=[str(tmp_path / 'query_features')], max_v_l=1000, clip_len=2, indices=idx, seed=0,
+                        domain='BK')
+    ds = VLDataset(p, tmp_path, 'tvsum', domain='BK')
+    assert len(ds) == 4
+    _compare(off, _ours(ds, idx, 0))
+    # the same from the HDF5 store (I3D pairs packed as one dataset)
+    convert_features(tmp_path, tmp_path / 'tv.h5', progress=False)
+    _compare(off, _ours(VLDataset(p, tmp_path / 'tv.h5', 'tvsum', domain='BK'), idx, 0))
