@@ -90,6 +90,8 @@ def compare_variant(off, vo, variant: str, epochs: list[int], B: int, seed: int,
             val = lambda d, k: float(d[k].detach().sum())
             diffs = {k: (rel_diff(val(got, k), val(ref, k)) if k in ref and k in got else float('inf')) for k in keys}
             abs_diff = max((abs(val(got, k) - val(ref, k)) if k in ref and k in got else float('inf')) for k in keys)
+            abs_diff_loss = max((abs(val(got, k) - val(ref, k)) if k in ref and k in got else float('inf'))
+                                for k in keys if k.startswith('loss'))
             total_ref = sum(ref[k].sum() * ocrit.weight_dict[k] for k in ref if k in ocrit.weight_dict)
             total_got = total_loss(got, ours.weight_dict)
             total_ref.backward(); total_got.backward()
@@ -99,7 +101,7 @@ def compare_variant(off, vo, variant: str, epochs: list[int], B: int, seed: int,
             total_ref, total_got = float(total_ref.detach()), float(total_got.detach())
             ok = max(diffs.values()) <= tol and rel_diff(total_got, total_ref) <= tol and grad_diff <= 1e-4
             rep['ok'] &= ok
-            rep['cases'][f'{case}@e{ep}'] = dict(ok=ok, max_rel_diff=max(diffs.values()), max_abs_diff=abs_diff,
+            rep['cases'][f'{case}@e{ep}'] = dict(ok=ok, max_rel_diff=max(diffs.values()), max_abs_diff=abs_diff, max_abs_diff_losses=abs_diff_loss,
                                                  grad_max_rel_diff=grad_diff, total_official=total_ref, total_ours=total_got,
                                                  worst_key=max(diffs, key=diffs.get),
                                                  values={k: val(ref, k) for k in ref})
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         reports.append(rep); fixtures[variant] = fx
         for name, c in rep['cases'].items():
             print(f"{variant:13s} {name:22s} {'ok  ' if c['ok'] else 'FAIL'} max abs diff {c['max_abs_diff']:.2e} rel {c['max_rel_diff']:.2e} "
-                  f"({c['worst_key']})  grad {c['grad_max_rel_diff']:.2e}  total {c['total_official']:.6f} vs {c['total_ours']:.6f}")
+                  f"({c['worst_key']}; loss_* keys {c['max_abs_diff_losses']:.1e})  grad {c['grad_max_rel_diff']:.2e}  total {c['total_official']:.6f} vs {c['total_ours']:.6f}")
         print(f"{variant:13s} weight_dict equal: {rep['weight_dict_equal']}, matches equal: {rep['matches_equal']}")
     if a.save_fixture:
         torch.save(dict(fixtures=fixtures, epochs=a.epochs, presets=PRESET, official_commit=off.commit), a.save_fixture)
