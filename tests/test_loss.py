@@ -478,3 +478,16 @@ def test_real_model_end_to_end(preset):
     for name in ('class_embed', 'span_embed', 'saliency_proj1', 'contrastive_align_projection_query'):
         mod = getattr(model, name)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters()), name
+
+
+def test_eval_outputs_without_negative_pass():
+    "Eval-mode outputs have no saliency_scores_neg: the rank term uses the real clips only, the neg-pair term is 0."
+    out, t = tiny(19)
+    o = {k: v for k, v in out.items() if k != 'saliency_scores_neg'}
+    terms = saliency_terms(o, t, 0)
+    assert float(terms['neg_pair']) == 0.
+    B, Lv = out['saliency_scores'].shape
+    ref = bf_rank(L(out['saliency_scores']), [[-1e9] * Lv for _ in range(B)], L(t['saliency_all_labels']), L(out['video_mask']))
+    assert close(terms['rank_contrastive'], ref)
+    losses = build_criterion(get_preset('qvhighlights', **CFG))(o, t)
+    assert all(torch.isfinite(v).all() for v in losses.values())
