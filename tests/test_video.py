@@ -167,15 +167,37 @@ def test_extract_cli_folder_resumable(tmp_path, enc_dirs, capsys):
     src.close()
 
 
-def test_extract_single_video_errors(tmp_path, enc_dirs):
+def test_extract_cli_errors(tmp_path, enc_dirs, capsys):
     (tmp_path / 'junk.mp4').write_bytes(b'junk' * 100)
-    with pytest.raises(V.VideoError, match='junk.mp4: unreadable'):
-        V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(enc_dirs['clip']), '--out', str(tmp_path / 'f.h5')])
+    clip = ['--clip-model', str(enc_dirs['clip'])]
+    assert V.extract_main([str(tmp_path / 'junk.mp4'), *clip, '--out', str(tmp_path / 'f.h5')]) == 2
+    assert 'videolights extract: error: ' in capsys.readouterr().err
     (tmp_path / 'bad.jsonl').write_text('{"qid": 1, "query": "ok"}\n{"qid": 2, "query": ""}\n')
-    with pytest.raises(ValueError, match=r'bad.jsonl:2'):
-        V.extract_main(['--queries', str(tmp_path / 'bad.jsonl'), '--clip-model', str(enc_dirs['clip']),
-                        '--out', str(tmp_path / 'g.h5')])
+    assert V.extract_main(['--queries', str(tmp_path / 'bad.jsonl'), *clip, '--out', str(tmp_path / 'g.h5')]) == 2
+    assert 'bad.jsonl:2: a record needs' in capsys.readouterr().err
+    assert V.extract_main([str(tmp_path / 'no_such_dir'), *clip, '--out', str(tmp_path / 'g.h5')]) == 2
+    assert 'no_such_dir: no such file or folder' in capsys.readouterr().err
+    assert V.extract_main([str(tmp_path), '--encoders', 'clip,i3d', '--out', str(tmp_path / 'g.h5')]) == 2
+    assert "unknown encoder(s) ['i3d']" in capsys.readouterr().err
+    assert V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(tmp_path / 'nomodel'), '--out', str(tmp_path / 'h.h5')]) == 2
+    assert 'could not load CLIP' in capsys.readouterr().err
     with pytest.raises(ValueError, match='unknown encoder'): V.load_encoders('clip,i3d')
+
+
+def test_sampling_is_streamed(tmp_path, monkeypatch):
+    "The first clip comes out after decoding about one clip's frames, not the whole video."
+    p = V.make_test_video(tmp_path / 'long.mp4', 600, 1, size=(32, 24))
+    n = {'frames': 0}
+    real = V._decoded
+    def counting(c):
+        for x in real(c): n['frames'] += 1; yield x
+    monkeypatch.setattr(V, '_decoded', counting)
+    g = V.sample_clip_frames(p, 2., size=16)
+    first = next(g)
+    assert first.clip_id == 0 and n['frames'] <= 2
+    for _ in range(9): next(g)
+    assert n['frames'] <= 21
+    g.close()
 
 
 def test_features_match_direct_encoding(tmp_path, encoders):
@@ -272,6 +294,9 @@ def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
     assert all(len(w) == 3 for w in recs[0]['pred_relevant_windows'])
     assert (tmp_path / 'o.png').stat().st_size > 2000
     with pytest.raises(SystemExit): V.predict_main([str(p), '--ckpt', str(run_dir)])  # --query is required
+    assert V.predict_main([str(p), '-q', ' ', '--ckpt', str(run_dir), '--clip-model', str(enc_dirs['clip']),
+                           '--blip-model', str(enc_dirs['blip'])]) == 2
+    assert 'videolights predict: error: query 0 is empty' in capsys.readouterr().err
 
 
 def test_widget_logic(tmp_path, run_dir, encoders):
