@@ -13,7 +13,7 @@ import torch
 from videolights.data import (DATASET_DEFAULTS, DataFormatError, FeatureNotFoundError, VLDataset, collate,
                               convert_features, convert_features_main, inspect_main, load_jsonl, make_loader,
                               move_batch, open_features, read_charades, read_qvhighlights, read_records, read_tvsum,
-                              summarize, write_fake_features, H5Features)
+                              summarize, write_fake_features, H5Features, bench_load)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data'
@@ -245,3 +245,199 @@ def test_vldataset_matches_official_tvsum(tmp_path):
     # the same from the HDF5 store (I3D pairs packed as one dataset)
     convert_features(tmp_path, tmp_path / 'tv.h5', progress=False)
     _compare(off, _ours(VLDataset(p, tmp_path / 'tv.h5', 'tvsum', domain='BK'), idx, 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summaries of the real files (golden numbers computed once from the files and checked by hand against SOURCES.md)
+# ---------------------------------------------------------------------------------------------------------------
+def test_summarize_real_files():
+    s = summarize(read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl'))
+    assert (s['n_queries'], s['n_videos'], s['n_windows'], s['n_queries_over_max_windows']) == (1550, 1519, 2803, 63)
+    assert (s['duration_min'], s['duration_max'], s['window_len_min'], s['window_len_max']) == (120, 150, 2, 150)
+    assert s['windows_per_query_mean'] == pytest.approx(2803 / 1550, abs=1e-4)
+    assert s['windows_per_query_max'] == 25 and s['relevant_clips_max'] == 75
+    assert sum(s['saliency_sum_hist']) == sum(len(r['relevant_clip_ids']) for r in
+                                              load_jsonl(DATA / 'qvhighlights/highlight_val_release.jsonl'))
+    assert s['saliency_sum_hist'][12] == 1722 and s['saliency_sum_mean'] == pytest.approx(8.7935, abs=1e-4)
+    c = summarize(read_charades(DATA / 'charades_sta/charades_sta_train_tvr_format.jsonl'))
+    assert (c['n_queries'], c['n_videos'], c['n_windows'], c['windows_per_query_max']) == (12404, 5336, 12404, 1)
+    assert c['duration_max'] == pytest.approx(194.33)
+    t = summarize(read_tvsum(DATA / 'tvsum/tvsum_train.jsonl'))
+    assert t['n_annotators'] == 20 and t['domains'] == {d: 4 for d in ('BK', 'BT', 'DS', 'FM', 'GA', 'MS', 'PK', 'PR', 'VT', 'VU')}
+    assert 'n_windows' not in t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# feature sources: official folder vs HDF5 store, errors
+# ---------------------------------------------------------------------------------------------------------------
+SMALL_V = {'slowfast_features': 10, 'clip_features': 6}
+SMALL_T = {'clip_text_features': 5}
+
+
+@pytest.fixture(scope='module')
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp('small')
+    recs = list(read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')[:12])
+    feats = write_fake_features(root / 'features', recs, SMALL_V, SMALL_T, seed=4)
+    convert_features(feats, root / 'features.h5', progress=False)
+    convert_features(feats, root / 'features16.h5', dtype='float16', progress=False)
+    (root / 'val.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    return root, recs
+
+
+def _ds(src, recs, **kw):
+    return VLDataset(recs, src, 'hl', list(SMALL_V), list(SMALL_T), **kw)
+
+
+def test_dir_h5_and_h5_without_index_agree(small_set):
+    root, recs = small_set
+    a, b = collate([_ds(root / 'features', recs)[i] for i in range(12)]), collate([_ds(root / 'features.h5', recs)[i] for i in range(12)])
+    c = collate([_ds(H5Features(root / 'features.h5', use_index=False), recs)[i] for i in range(12)])
+    d = collate([_ds(root / 'features16.h5', recs)[i] for i in range(12)])
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]) and torch.equal(a[0][k], c[0][k]), k
+        torch.testing.assert_close(a[0][k], d[0][k], atol=2e-3, rtol=0)
+    assert a[0]['src_vid'].shape == (12, 75, 10 + 6 + 2)
+
+
+def test_store_layout_and_public_reads(small_set):
+    import h5py
+    root, recs = small_set
+    with h5py.File(root / 'features.h5', 'r') as f:
+        ds = f[f"video/slowfast_features/{recs[0]['vid']}"]
+        assert ds.shape == (75, 10) and ds.chunks is None and ds.compression is None and ds.dtype == np.float32
+        assert f['text/clip_text_features'].attrs['dim'] == 5 and f['text/clip_text_features'].attrs['n'] == 12
+        assert str(recs[0]['qid']) in f['text/clip_text_features']
+    src, ref = open_features(root / 'features.h5'), open_features(root / 'features')
+    x = src.video('clip_features', recs[3]['vid'], max_len=10)
+    assert x.shape == (10, 6) and np.array_equal(x, ref.video('clip_features', recs[3]['vid'])[:10])
+    x2 = src.video('clip_features', recs[4]['vid'])  # the public read returns a fresh array each time
+    assert not np.shares_memory(x, x2)
+
+
+def test_feature_errors(tmp_path, small_set):
+    root, recs = small_set
+    for src in (open_features(root / 'features'), open_features(root / 'features.h5')):
+        with pytest.raises(FeatureNotFoundError, match="vid 'missing_vid'"):
+            src.video('clip_features', 'missing_vid')
+        with pytest.raises(FeatureNotFoundError, match='qid 999999'):
+            src.text('clip_text_features', 999999)
+        with pytest.raises(FeatureNotFoundError, match='nope_features'):
+            src.video('nope_features', recs[0]['vid'])
+    bad = tmp_path / 'bad'
+    write_fake_features(bad, recs[:3], SMALL_V, SMALL_T)
+    vid = recs[2]['vid']
+    np.savez(bad / 'clip_features' / f'{vid}.npz', features=np.ones((75, 7), np.float32))
+    with pytest.raises(DataFormatError, match=f'{vid}.npz: feature dim mismatch.*expected 6.*got 7'):
+        VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]
+    with pytest.raises(DataFormatError, match=f'{vid}.npz: feature dim mismatch.*expected 6, got 7'):
+        convert_features(bad, tmp_path / 'bad.h5', progress=False)
+    x = np.ones((75, 6), np.float32); x[3, 2] = np.inf
+    np.savez(bad / 'clip_features' / f'{vid}.npz', features=x)
+    with pytest.raises(DataFormatError, match=f'{vid}.npz: 1 NaN/inf'):
+        VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]
+    with pytest.raises(DataFormatError, match=f'{vid}.npz: 1 NaN/inf'):
+        convert_features(bad, tmp_path / 'bad.h5', progress=False)
+    assert not (tmp_path / 'bad.h5').exists()
+    (bad / 'clip_features' / f'{vid}.npz').unlink()
+    np.save(bad / 'clip_features' / f'{vid}.npy', np.ones((75, 6), np.float32))  # the official .npy fallback
+    assert VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]['model_inputs']['video_feat'].shape == (75, 18)
+
+
+def test_h5_reader_pickles_and_reopens(small_set):
+    import pickle
+    root, recs = small_set
+    src = open_features(root / 'features.h5')
+    x = src.video('slowfast_features', recs[0]['vid'])
+    src2 = pickle.loads(pickle.dumps(src))
+    assert np.array_equal(src2.video('slowfast_features', recs[0]['vid']), x)
+    src.close(); src2.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataset, collate, loaders
+# ---------------------------------------------------------------------------------------------------------------
+def test_unlabelled_split_and_move_batch(tmp_path):
+    test = read_qvhighlights(DATA / 'qvhighlights/highlight_test_release.jsonl')[:5]
+    feats = write_fake_features(tmp_path, test, SMALL_V, SMALL_T)
+    with pytest.raises(DataFormatError, match='load_labels=False'):
+        VLDataset(test, feats, 'hl', list(SMALL_V), list(SMALL_T))
+    ds = VLDataset(test, feats, 'hl', list(SMALL_V), list(SMALL_T), load_labels=False)
+    mi, tg, metas = move_batch(collate([ds[i] for i in range(5)]), 'cpu')
+    assert tg == {} and [m['qid'] for m in metas] == [r['qid'] for r in test]
+    assert all(m['n_clips'] == int(r['duration'] // 2) for m, r in zip(metas, test))
+    assert mi['src_vid_mask'].dtype == torch.float32 and set(mi) == {'src_txt', 'src_txt_mask', 'src_vid', 'src_vid_mask'}
+
+
+def test_max_windows_random_subset(small_set):
+    root, recs = small_set
+    val = read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')
+    r = max(val, key=lambda r: len(r['relevant_windows']))  # 25 windows
+    rr = dict(r, vid=recs[0]['vid'], qid=recs[0]['qid'], duration=150)
+    ds = _ds(root / 'features.h5', [rr])
+    seen = set()
+    for _ in range(20):
+        spans = ds[0]['model_inputs']['span_labels']['spans']
+        assert spans.shape == (5, 2)
+        seen |= {tuple(np.round(s, 5)) for s in spans.tolist()}
+    allw = {tuple(np.round(s, 5)) for s in
+            __import__('videolights.spans', fromlist=['x']).span_xx_to_cxw(torch.tensor(r['relevant_windows'], dtype=torch.float32) / 150).tolist()}
+    assert seen <= allw and len(seen) > 5
+    assert rr['relevant_windows'] == r['relevant_windows']  # the record itself is never shuffled
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_make_loader_deterministic(small_set, workers):
+    root, recs = small_set
+    def epoch(seed):
+        dl = make_loader(_ds(root / 'features.h5', recs), batch_size=4, shuffle=True, num_workers=workers, seed=seed)
+        return [([m['qid'] for m in b[2]], b[1]['saliency_neg_labels'].tolist(), b[0]['src_vid'].sum().item()) for b in dl]
+    a, b, c = epoch(1), epoch(1), epoch(2)
+    assert a == b and a != c
+    assert sorted(q for batch in a for q in batch[0]) == sorted(r['qid'] for r in recs)
+
+
+def test_make_loader_rejects_shuffle_with_sampler(small_set):
+    root, recs = small_set
+    with pytest.raises(ValueError, match='sampler'):
+        make_loader(_ds(root / 'features.h5', recs), sampler=torch.utils.data.SequentialSampler(range(12)), shuffle=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIs and the benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def test_convert_features_cli(tmp_path, small_set, capsys):
+    from videolights.cli import main
+    root, recs = small_set
+    assert main(['convert-features', str(root / 'features'), str(tmp_path / 'x.h5'), '--quiet', '--types',
+                 'clip_features,clip_text_features']) == 0
+    out = capsys.readouterr().out
+    assert 'clip_features' in out and 'slowfast_features' not in out and 'wrote' in out
+    assert open_features(tmp_path / 'x.h5').feature_types('video') == ['clip_features']
+    assert convert_features_main([str(root / 'features'), str(tmp_path / 'x.h5'), '--quiet']) == 1
+    assert 'exists' in capsys.readouterr().err
+    assert convert_features_main([str(tmp_path / 'nowhere'), str(tmp_path / 'y.h5')]) == 1
+    with pytest.raises(SystemExit) as e:
+        convert_features_main(['--help'])
+    assert e.value.code == 0 and 'examples:' in capsys.readouterr().out
+
+
+def test_inspect_cli(tmp_path, small_set, capsys):
+    root, recs = small_set
+    figdir = tmp_path / 'figs'
+    assert inspect_main([str(root), '--figdir', str(figdir), '--json', str(tmp_path / 's.json')]) == 0
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / 's.json').read_text())
+    assert s['annotations']['val.jsonl']['n_queries'] == 12
+    assert s['features'][str(root / 'features.h5')]['slowfast_features'] == dict(kind='video', dim=10, n=12)
+    assert s['features'][str(root / 'features')]['clip_text_features'] == dict(kind='text', dim=5, n=12)
+    assert (figdir / 'inspect_val.png').stat().st_size > 1000 and 'windows_per_query_mean' in out
+    assert inspect_main([str(DATA / 'tvsum/tvsum_val.jsonl'), '--no-plots']) == 0
+    assert 'n_annotators' in capsys.readouterr().out
+
+
+def test_bench_load_small(tmp_path):
+    r = bench_load(n_videos=12, batch_size=4, workdir=str(tmp_path))
+    assert r['n_videos'] == 12 and r['npz_epoch_s'] > 0 and r['h5_epoch_s'] > 0
+    assert r['speedup'] == pytest.approx(r['npz_epoch_s'] / r['h5_epoch_s'], rel=0.02)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is removed
