@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from videolights.synth import (synth, synth_main, read_qvh_split, query_words, load_split, fit_bilinear,
-                               bilinear_scores, oracle_scores, hit_at_1, SIZES)
+                               bilinear_scores, oracle_scores, hit_at_1, score_windows, r1_at, random_r1_at, SIZES)
 
 FIXTURE = Path(__file__).resolve().parents[1]/'data'/'fixtures'/'synth_tiny'
 GT_KEYS = ('relevant_windows', 'relevant_clip_ids', 'saliency_scores', 'duration')
@@ -73,6 +73,8 @@ def test_signal_learnable_above_random(tmp_path):
     assert 15 < rand < 30
     assert hit_bil > 3 * rand and hit_orc > 2.5 * rand, (hit_bil, hit_orc, rand)
     assert hit_bil < 95
+    mr_bil, mr_rand = r1_at([score_windows(s) for s in bilinear_scores(va, fit_bilinear(tr))], va), random_r1_at(va)
+    assert mr_bil > 4 * mr_rand, (mr_bil, mr_rand)
 
 
 def test_qvh_subset_keeps_real_records(tmp_path):
@@ -108,6 +110,17 @@ def test_bad_arguments(tmp_path):
     bad = tmp_path/'ann'; bad.mkdir()
     (bad/'highlight_train_release.jsonl').write_text('{"qid": 1}\n')
     with pytest.raises(ValueError, match=r'highlight_train_release.jsonl:1: record lacks keys'): read_qvh_split('train', bad)
+
+
+def test_overwrite_guard(tmp_path):
+    "A second run into the same folder must not mix features with the first one's."
+    synth(tmp_path, size='tiny', progress=False)
+    with pytest.raises(FileExistsError, match='overwrite'): synth(tmp_path, size='tiny', n_train=2, n_val=1, progress=False)
+    synth(tmp_path, size='tiny', n_train=2, n_val=1, overwrite=True, progress=False)
+    assert len(list((tmp_path/'features'/'clip_features').iterdir())) == 3
+    assert len(list((tmp_path/'features'/'clip_text_features').iterdir())) == 3
+    with pytest.raises(ValueError, match='dims must be'): synth(tmp_path/'x', dims='huge')
+    with pytest.raises(ValueError, match='dtype must be'): synth(tmp_path/'x', dtype='int8')
 
 
 def test_cli_help_and_summary(tmp_path, capsys):

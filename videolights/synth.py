@@ -4,18 +4,20 @@
 
 # %% ../nbs/02_synth.ipynb #770c30ca
 from __future__ import annotations
-import os, re, io, json, math, time, zlib, zipfile, argparse, string
+import os, re, io, json, math, time, zlib, zipfile, argparse, string, shutil
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np
+import torch
 from tqdm.auto import tqdm
+from .spans import temporal_iou
 
 # %% auto #0
 __all__ = ['QVH_COUNTS', 'STOP_WORDS', 'SIZES', 'default_ann_dir', 'read_qvh_split', 'query_words', 'content_words',
            'pseudo_words', 'word_vector', 'synthetic_query', 'zipf_probs', 'SynthParams', 'random_maps',
            'query_concepts', 'query_features', 'video_signal', 'video_features', 'save_npz', 'write_jsonl',
            'feature_dims', 'synth_records', 'synth', 'load_split', 'veryGood_labels', 'saliency_sums', 'hit_at_1',
-           'oracle_scores', 'fit_bilinear', 'bilinear_scores', 'synth_main']
+           'oracle_scores', 'fit_bilinear', 'bilinear_scores', 'score_windows', 'r1_at', 'random_r1_at', 'synth_main']
 
 # %% ../nbs/02_synth.ipynb #423a07f4
 QVH_COUNTS = {'train': 7218, 'val': 1550}  # real QVHighlights queries per split
@@ -233,12 +235,13 @@ def synth_records(size:str, seed:int, ann_dir=None, n_train:int|None=None, n_val
     real = {s: read_qvh_split(s, ann_dir) for s in ('train', 'val')}
     n = dict(zip(('train', 'val'), SIZES[size]))
     n = {'train': n_train or n['train'], 'val': n_val or n['val']}
+    for s in real:
+        if n[s] and n[s] > len(real[s]): raise ValueError(f"n_{s}={n[s]} exceeds the {len(real[s])} real {s} records")
     if size == 'qvh': return {s: real[s][:n[s]] if n[s] else real[s] for s in real}
     rng = np.random.default_rng([seed, 2])
     vocab = pseudo_words(vocab_size, rng); probs = zipf_probs(len(vocab))
     out, qid = {}, 0
     for s in ('train', 'val'):
-        if n[s] > len(real[s]): raise ValueError(f"n_{s}={n[s]} exceeds the {len(real[s])} real {s} records to resample")
         out[s] = []
         for i in rng.choice(len(real[s]), n[s], replace=False):
             r = real[s][i]; qid += 1
@@ -250,22 +253,19 @@ def synth_records(size:str, seed:int, ann_dir=None, n_train:int|None=None, n_val
 # %% ../nbs/02_synth.ipynb #d62e1c00
 def _n_clips(duration, clip_len=2.0): return max(1, int(round(duration / clip_len)))
 
-def _pack_h5_fallback(feat_dir:Path, dst:Path):
-    "Minimal store (groups `video|text/{type}/{vid|qid}`) for when `videolights.data` is not available."
-    import h5py
-    with h5py.File(dst, 'w', track_order=True) as f:
-        for d in sorted(p for p in feat_dir.iterdir() if p.is_dir()):
-            for fn in sorted(d.glob('*.npz')):
-                z = np.load(fn); txt = 'last_hidden_state' in z.files
-                key = f"text/{d.name}/{fn.stem[3:]}" if txt else f"video/{d.name}/{fn.stem}"
-                f.create_dataset(key, data=z['last_hidden_state' if txt else 'features'], track_times=False)
-
 def _pack_h5(feat_dir:Path, dst:Path, dtype:str='float32', progress:bool=True)->str: # which writer was used
-    "Pack the feature folders into one HDF5 store with the data module's converter."
-    try: from videolights.data import convert_features
-    except ImportError: _pack_h5_fallback(feat_dir, dst); return 'fallback'
+    "Pack the feature folders into one HDF5 store with the data module's converter (imported lazily: it needs torch)."
+    from videolights.data import convert_features
     convert_features(feat_dir, dst, dtype=dtype, overwrite=True, progress=progress)
     return 'videolights.data.convert_features'
+
+def _prepare_out(out:Path, overwrite:bool):
+    "Refuse to mix with an earlier dataset's features unless `overwrite`, then clear what `synth` writes."
+    fdir = out/'features'
+    if fdir.exists() and any(fdir.iterdir()):
+        if not overwrite: raise FileExistsError(f"{fdir} already holds features; pass overwrite=True (--overwrite) to replace them")
+        shutil.rmtree(fdir)
+    (out/'features.h5').unlink(missing_ok=True)
 
 # %% ../nbs/02_synth.ipynb #4294d39e
 def synth(out_dir:str|Path, # dataset folder to (over)write
@@ -276,18 +276,22 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
           n_train:int|None=None, n_val:int|None=None, # override the query counts (qvh: first N real records)
           dtype:str='float32', # stored feature dtype ('float32' | 'float16')
           h5:bool=True,      # also write out_dir/features.h5
+          overwrite:bool=False, # replace the features of an earlier run in out_dir (else FileExistsError)
           params:SynthParams|None=None,
           ann_dir:str|Path|None=None, # real QVHighlights annotations (default: repo data/qvhighlights)
           progress:bool=True,
          )->dict:            # summary: counts, dims, paths, seconds
     "Write a synthetic QVHighlights-format dataset (a stand-in for real video features) to `out_dir`."
     if size not in SIZES: raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    if dims not in (None, 'tiny', 'small', 'real'): raise ValueError(f"dims must be 'tiny', 'small' or 'real', got {dims!r}")
+    if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     t0, p = time.time(), params or SynthParams()
     dims = dims or {'tiny': 'tiny', 'small': 'small', 'qvh': 'real'}[size]
     vdims, tdims = feature_dims(dims, blip)
     dc = max(tdims.values())                               # concept width = widest text source
     recs = synth_records(size, seed, ann_dir, n_train, n_val, p.vocab_size)
     out, fdir = Path(out_dir), Path(out_dir)/'features'
+    _prepare_out(out, overwrite)
     for k in [*vdims, *tdims]: (fdir/k).mkdir(parents=True, exist_ok=True)
     vmaps, tmaps = random_maps(vdims, dc, seed), random_maps(tdims, dc, seed)
     mrng = np.random.default_rng([seed, 5])
@@ -375,6 +379,36 @@ def bilinear_scores(recs:list[dict], w:np.ndarray)->list[np.ndarray]:
     return [_bilinear_feats(r) @ w for r in recs]
 
 # %% ../nbs/02_synth.ipynb #cb7f2a83
+def score_windows(s:np.ndarray, # (Lv,) per-clip scores
+                  clip_len:float=2., k:int=10,
+                 )->list[list[float]]: # up to k [start_s, end_s, score], best first
+    "Candidate moments from per-clip scores: runs above quantile thresholds of the smoothed scores, by mean z * sqrt(len)."
+    s = np.convolve(s, np.ones(3) / 3, mode='same')
+    z = (s - s.mean()) / (s.std() + 1e-9)
+    cands = {}
+    for q in np.linspace(0.5, 0.95, 10):
+        edges = np.flatnonzero(np.diff(np.r_[False, s > np.quantile(s, q), False].astype(int)))  # run starts/ends
+        for a, b in zip(edges[::2], edges[1::2]): cands[(int(a), int(b))] = float(z[a:b].mean() * math.sqrt(b - a))
+    return [[clip_len * a, clip_len * b, v] for (a, b), v in sorted(cands.items(), key=lambda x: -x[1])[:k]]
+
+def _hits(wins, rec, thr):
+    gt = torch.tensor(rec['relevant_windows'], dtype=torch.float32)              # (G, 2) seconds
+    return temporal_iou(torch.as_tensor(wins, dtype=torch.float32), gt)[0].max(1).values >= thr
+
+def r1_at(preds:list[list], recs:list[dict], thr:float=0.5)->float: # % of queries
+    "R1@thr: the top window overlaps some GT window with IoU >= thr."
+    return 100 * float(np.mean([_hits([p[0][:2]], r, thr)[0] for p, r in zip(preds, recs)]))
+
+def random_r1_at(recs:list[dict], thr:float=0.5, clip_len:float=2.)->float: # % of queries
+    "Exact R1@thr of a uniformly random window `[a, b)` on clip boundaries."
+    out = []
+    for r in recs:
+        n = _n_clips(r['duration'], clip_len)
+        a, b = np.triu_indices(n + 1, 1)                                         # all 0 <= a < b <= n
+        out.append(_hits(np.stack([a, b], 1) * clip_len, r, thr).float().mean().item())
+    return 100 * float(np.mean(out))
+
+# %% ../nbs/02_synth.ipynb #32d2dc7a
 _EPILOG = """examples:
   videolights synth --out data/synth                       # small: 400/100 queries, dims (32,16)/16, seconds
   videolights synth --out /tmp/tiny --size tiny --seed 3   # a few KB, for tests
@@ -394,9 +428,10 @@ def synth_main(argv:list[str]|None=None)->int:
     ap.add_argument('--n-train', type=int, default=None); ap.add_argument('--n-val', type=int, default=None)
     ap.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
     ap.add_argument('--no-h5', action='store_true', help='skip features.h5')
+    ap.add_argument('--overwrite', action='store_true', help='replace the features of an earlier run in --out')
     ap.add_argument('--ann-dir', default=None, help='real QVHighlights jsonl folder (default: repo data/qvhighlights)')
     a = ap.parse_args(argv)
-    s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.n_train, a.n_val, a.dtype, not a.no_h5, ann_dir=a.ann_dir)
+    s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.n_train, a.n_val, a.dtype, not a.no_h5, a.overwrite, ann_dir=a.ann_dir)
     print(f"synthetic dataset (stand-in features) in {s['out_dir']}  [{s['seconds']} s]")
     print(f"  queries: train {s['n_train']}, val {s['n_val']}; videos {s['n_videos']}; dtype {s['dtype']}")
     print(f"  video dims {s['v_feat_types']}; text dims {s['t_feat_types']}")
