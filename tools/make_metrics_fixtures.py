@@ -1,0 +1,86 @@
+"""Write tests/fixtures/metrics_*.json: numbers computed by the official evaluators (imported at run time).
+
+    python tools/make_metrics_fixtures.py --official /tmp/mdetr --videolights /tmp/perf/official
+
+Run it with an interpreter that has numpy, scikit-learn and torch. The fixtures hold only qids, generator
+settings, small synthetic cases and the official metrics, so the tests can check our numbers without the
+official code.
+"""
+from __future__ import annotations
+import argparse, contextlib, copy, io, json, sys, warnings
+from pathlib import Path
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'tools'))
+from videolights.metrics import read_jsonl, make_noisy_submission, charades_postprocess  # noqa: E402
+from compare_official_metrics import load_official, gen_case  # noqa: E402
+
+QVH_VAL = 'data/qvhighlights/highlight_val_release.jsonl'
+QVH_SAMPLE = 'data/qvhighlights/official_examples/sample_val_preds.jsonl'
+CHA_TEST = 'data/charades_sta/charades_sta_test_tvr_format.jsonl'
+
+
+def perfect_submission(gt):
+    "The GT fed back: first 10 GT windows (score 1), saliency = the 3 annotators' mean (0 elsewhere)."
+    out = []
+    for d in gt:
+        sal = np.zeros(int(d['duration'] / 2))
+        for c, s in zip(d['relevant_clip_ids'], d['saliency_scores']): sal[c] = np.mean(s)
+        out.append(dict(qid=d['qid'], pred_relevant_windows=[list(w) + [1.0] for w in d['relevant_windows']][:10],
+                        pred_saliency_scores=sal.tolist()))
+    return out
+
+
+def official(ev, sub, gt):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return json.loads(json.dumps(ev.eval_submission(copy.deepcopy(sub), copy.deepcopy(gt), verbose=False)))
+
+
+def main(a):
+    ev = load_official(a.official)
+    val, sample = read_jsonl(ROOT/QVH_VAL), {d['qid']: d for d in read_jsonl(ROOT/QVH_SAMPLE)}
+    sub_val = val[:a.n_real]
+    qids = [d['qid'] for d in sub_val]
+    cases = {
+        'sample_val_preds_subset': dict(submission=QVH_SAMPLE, qids='qids', metrics=official(ev, [sample[q] for q in qids], sub_val)),
+        'noisy_seed0_subset': dict(submission='make_noisy_submission(seed=0)', qids='qids', metrics=official(ev, make_noisy_submission(sub_val, 0), sub_val)),
+        'sample_val_preds_full': dict(submission=QVH_SAMPLE, qids='all', metrics=official(ev, list(sample.values()), list(val))),
+        'perfect_full': dict(submission='perfect', qids='all', metrics=official(ev, perfect_submission(val), list(val))),
+        'noisy_seed1_full': dict(submission='make_noisy_submission(seed=1)', qids='all', metrics=official(ev, make_noisy_submission(val, 1), list(val))),
+    }
+    out = dict(about='Official Moment-DETR standalone_eval metrics (commit b7e553ac) on real QVHighlights val queries; '
+                     'written by tools/make_metrics_fixtures.py', gt=QVH_VAL, qids=qids, cases=cases)
+    (ROOT/'tests/fixtures/metrics_qvh_regression.json').write_text(json.dumps(out))
+    # awkward synthetic cases (small), with the official numbers
+    rng, fz = np.random.default_rng(a.seed), []
+    while len(fz) < a.n_fuzz:
+        sub, gt = gen_case(rng)
+        if len(sub) > 8: continue
+        try: m = official(ev, sub, gt)
+        except Exception: continue
+        fz.append(dict(submission=sub, ground_truth=gt, metrics=m))
+    (ROOT/'tests/fixtures/metrics_qvh_awkward.json').write_text(json.dumps(dict(
+        about='Awkward synthetic submissions (tools/compare_official_metrics.py generator) and the official Moment-DETR metrics',
+        cases=fz)))
+    if a.videolights:
+        vl = load_official(a.videolights)
+        test = read_jsonl(ROOT/CHA_TEST)[:a.n_real]
+        raw = make_noisy_submission(test, 0)
+        sub = charades_postprocess(raw)
+        m = official(vl, sub, list(test))
+        (ROOT/'tests/fixtures/metrics_charades_regression.json').write_text(json.dumps(dict(
+            about='Official VideoLights standalone_eval metrics (commit 76308bb) on real Charades-STA test queries with '
+                  'make_noisy_submission(seed=0) predictions passed through charades_postprocess',
+            gt=CHA_TEST, qids=[d['qid'] for d in test], metrics=m)))
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--official', required=True)
+    p.add_argument('--videolights', default=None)
+    p.add_argument('--n_real', type=int, default=40)
+    p.add_argument('--n_fuzz', type=int, default=30)
+    p.add_argument('--seed', type=int, default=123)
+    main(p.parse_args())
