@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_synth.ipynb #770c30ca
 from __future__ import annotations
-import os, re, io, json, math, time, zlib, zipfile, argparse, string, shutil
+import os, re, io, json, math, time, zlib, zipfile, argparse, string, shutil, functools
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np
@@ -70,13 +70,15 @@ def pseudo_words(n:int, # how many distinct words
     return list(out)
 
 # %% ../nbs/02_synth.ipynb #41bf8987
+@functools.lru_cache(maxsize=1 << 16)
 def word_vector(word:str, # any token string
                 dim:int,  # Dc, concept-space width
                 seed:int=0,
-               )->np.ndarray: # (Dc,) unit vector, fixed by (word, dim, seed)
+               )->np.ndarray: # (Dc,) unit vector (read-only), fixed by (word, dim, seed)
     "The concept vector of a word: a seeded hash, identical across runs and machines."
     v = np.random.default_rng([seed, zlib.crc32(word.encode()), dim]).standard_normal(dim)
-    return v / np.linalg.norm(v)
+    v /= np.linalg.norm(v); v.flags.writeable = False
+    return v
 
 def synthetic_query(real_query:str, # a real QVHighlights query (its shape is kept)
                     vocab:list[str], # content-word vocabulary
@@ -142,13 +144,13 @@ def query_features(tokens:np.ndarray, # (Lq, Dc) concept-space tokens
     return {k: tokens @ maps[k].T + offsets[k] for k in maps}
 
 # %% ../nbs/02_synth.ipynb #6f508021
-def _concept_mix(words, dc, seed, rng, keep):
-    "Normalised random mix of the words' concepts (each kept with prob `keep`, at least one)."
-    on = rng.random(len(words)) < keep
-    on[rng.integers(len(words))] = True
-    g = rng.uniform(0.5, 1.0, len(words)) * on
-    v = sum(gi * word_vector(w, dc, seed) for gi, w in zip(g, words) if gi > 0)
-    return v / np.linalg.norm(v)
+def _concept_mix(words, dc, seed, rng, keep, n):
+    "`n` normalised random mixes of the words' concepts (each kept with prob `keep`, at least one): (n, Dc)."
+    W, K = np.stack([word_vector(w, dc, seed) for w in words]), len(words)   # (K, Dc)
+    on = rng.random((n, K)) < keep
+    on[np.arange(n), rng.integers(K, size=n)] = True
+    v = (rng.uniform(0.5, 1.0, (n, K)) * on) @ W                            # (n, Dc)
+    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-9)
 
 def video_signal(n_clips:int, # Lv
                  queries:list[dict], # records on this video (query, relevant_clip_ids, saliency_scores)
@@ -159,10 +161,12 @@ def video_signal(n_clips:int, # Lv
     sig, busy = np.zeros((n_clips, dc)), np.zeros(n_clips, bool)
     for q in queries:
         cw = content_words(q['query']) or ['<empty>']
-        for c, s in zip(q['relevant_clip_ids'], q['saliency_scores']):
-            if c >= n_clips: continue
-            sig[c] += (p.alpha0 + p.alpha1 * sum(s) / 12) * _concept_mix(cw, dc, seed, rng, p.concept_keep)
-            busy[c] = True
+        pairs = [(c, sum(s)) for c, s in zip(q['relevant_clip_ids'], q['saliency_scores']) if c < n_clips]
+        if not pairs: continue
+        ids, sal = [c for c, _ in pairs], np.array([v for _, v in pairs], float)
+        strength = p.alpha0 + p.alpha1 * sal[:, None] / 12                              # (n, 1)
+        np.add.at(sig, ids, strength * _concept_mix(cw, dc, seed, rng, p.concept_keep, len(ids)))
+        busy[ids] = True
     own = {w for q in queries for w in content_words(q['query'])}
     pool = [w for w in distractor_words if w not in own] or ['<distractor>']
     segs = [('other', 1 + rng.integers(3)) for _ in range(rng.poisson(p.n_distractors))]
@@ -176,7 +180,7 @@ def video_signal(n_clips:int, # Lv
         src = sorted(own) if kind == 'partial' else pool
         words = [src[i] for i in rng.choice(len(src), min(nw, len(src)), replace=False)]
         strength = p.alpha0 + p.alpha1 * rng.uniform(0.2, 0.8 if kind == 'partial' else 1.0)
-        for t in range(s0, s0 + L): sig[t] += strength * _concept_mix(words, dc, seed, rng, 1.0)
+        sig[s0:s0 + L] += strength * _concept_mix(words, dc, seed, rng, 1.0, L)
         busy[s0:s0 + L] = True
         out.append((s0, s0 + L, words))
     return sig, out
