@@ -1,6 +1,7 @@
 """End-to-end tests of `videolights.video`: decoding, extraction CLI, predictor, bad input. Offline: synthetic videos,
 tiny randomly initialised encoders saved with `save_pretrained` and loaded back through `from_pretrained`."""
 import json, math
+from fractions import Fraction
 from pathlib import Path
 import numpy as np
 import pytest
@@ -45,31 +46,52 @@ def run_dir(tmp_path_factory):
 
 # --- decoding -------------------------------------------------------------------------------------------------------
 
+def _last_before(frame_t, bounds):
+    "Brute force of FFmpeg's fps filter: the last frame strictly before each slot boundary (the first frame if none)."
+    return [max(0, int(np.sum(frame_t < b)) - 1) for b in bounds]
+
+
+def _ffmpeg_fps(path, rate):
+    "Frame indices that libavfilter's real fps filter outputs (through PyAV)."
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]; g = av.filter.Graph()
+        src, f, sink = g.add_buffer(template=s), g.add('fps', f'fps={rate}'), g.add('buffersink')
+        src.link_to(f); f.link_to(sink); g.configure()
+        out = []
+        for fr in [*c.decode(s), None]:
+            g.push(fr)
+            while True:
+                try: out.append(int(V.frame_index_of(V.resize_crop(g.pull(), 16))))
+                except (av.error.BlockingIOError, av.error.EOFError): break
+    return out
+
+
 @pytest.mark.parametrize('duration,fps,clip_len', [(10, 5, 2.), (45, 3, 2.), (150, 2, 2.), (151, 1, 2.), (37, 4, 1.),
-                                                   (600, 1, 2.)])
+                                                   (10.8, 5, 2.), (11.2, 5, 2.), (20, 29.97, 2.), (600, 1, 2.)])
 def test_clip_counts_and_timestamps(tmp_path, duration, fps, clip_len):
     p = V.make_test_video(tmp_path / 'v.mp4', duration, fps, size=(32, 24))
     clips = list(V.sample_clip_frames(p, clip_len, k=1, size=16))
-    assert len(clips) == math.ceil(duration / clip_len)
-    assert [c.clip_id for c in clips] == list(range(len(clips)))
-    n_frames = int(round(duration * fps))
-    frame_t = np.arange(n_frames) / fps
-    want = [int(np.argmin(np.abs(frame_t - i * clip_len))) for i in range(len(clips))]
+    n = max(1, math.floor(duration / clip_len + 0.5))
+    assert len(clips) == n == V.n_clips_of(duration, clip_len)
+    assert [c.clip_id for c in clips] == list(range(n))
+    frame_t = np.array([float(i / Fraction(fps).limit_denominator(1000)) for i in range(int(round(duration * fps)))])
+    want = _last_before(frame_t, (np.arange(n) + 0.5) * clip_len)
     got = V.frame_index_of(np.concatenate([c.frames for c in clips]))
     assert got.tolist() == want
     np.testing.assert_allclose(np.concatenate([c.times for c in clips]), frame_t[want], atol=1e-6)
+    if duration <= 60: assert got.tolist() == _ffmpeg_fps(p, f'1/{clip_len:g}')  # the official extractors' filter
 
 
-def test_dense_sampling_brute_force(tmp_path):
-    p = V.make_test_video(tmp_path / 'v.mp4', 7.5, 8, size=(32, 24))  # 60 frames every 0.125 s
-    clips = list(V.sample_clip_frames(p, 2., k=6, size=16))  # targets every 1/3 s: never a tie with 1/8-s frames
-    assert len(clips) == 4
-    frame_t = np.arange(60) / 8
-    for c in clips:
-        targets = c.clip_id * 2. + V.clip_offsets(6, 2.)
-        want = [int(np.argmin(np.abs(frame_t - t))) for t in targets]
-        assert V.frame_index_of(c.frames).tolist() == want
-        assert c.frames.shape == (6, 16, 16, 3)
+@pytest.mark.parametrize('k', [4, 6, 32])
+def test_dense_sampling_matches_ffmpeg(tmp_path, k):
+    p = V.make_test_video(tmp_path / 'v.mp4', 7, 8, size=(32, 24))  # 56 frames every 0.125 s
+    clips = list(V.sample_clip_frames(p, 2., k=k, size=16))
+    assert len(clips) == 4 and all(c.frames.shape == (k, 16, 16, 3) for c in clips)
+    got = V.frame_index_of(np.concatenate([c.frames for c in clips])).tolist()
+    frame_t = np.arange(56) / 8
+    assert got == _last_before(frame_t, (np.arange(4 * k) + 0.5) * 2. / k)
+    ff = _ffmpeg_fps(p, f'{k}/2')
+    assert got[:len(ff)] == ff[:len(got)]  # FFmpeg may stop a few slots earlier at the end; we repeat the last frame
 
 
 def _half_video(path, w, h, vertical=False):
