@@ -180,3 +180,34 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     run('--window-size=1000,1000', f'--screenshot={shot}')
     img = plt.imread(shot)
     assert img.shape[:2] == (1000, 1000) and img[..., :3].std() > 0.05   # not a blank page
+
+
+@pytest.fixture(scope='module')
+def tiny_synth(tmp_path_factory):
+    from videolights.synth import synth
+    d = tmp_path_factory.mktemp('synth')/'data'
+    synth(d, seed=0, size='tiny', progress=False)
+    return d
+
+
+def test_ablate_end_to_end_on_tiny_synth(tiny_synth, tmp_path, capsys):
+    out, figs = tmp_path/'ablate', tmp_path/'figs'
+    rc = viz.ablate_main(['--data', str(tiny_synth), '--rows', '1,6', '--epochs', '2', '--seeds', '1',
+                          '--out', str(out), '--figdir', str(figs)])
+    assert rc == 0
+    res = pd.read_csv(out/'results.csv', dtype={'row': str}, keep_default_na=False)
+    assert sorted(set(res.row)) == ['1', '6'] and set(res.metric) == set(viz.METRICS)
+    assert res.value.between(0, 100).all()
+    assert set(res.note) == {'bf=0 not applied; pt=0 not applied', 'bf=1 not applied; pt=0 not applied'}
+    assert res.data.str.contains('synthetic proxy').all()
+    # the rows really trained different models: row 1 has no FRA and uni-CMF, row 6 both
+    cfg1 = json.loads((out/'row1_seed0'/'config.json').read_text())['config']
+    cfg6 = json.loads((out/'row6_seed0'/'config.json').read_text())['config']
+    assert (cfg1['use_fra'], cfg1['cmf'], cfg6['use_fra'], cfg6['cmf']) == (False, 'uni', True, 'bi')
+    assert (figs/'ablation_table_V.png').stat().st_size > 10_000
+    # explore(run, data) loads the run's best checkpoint and offers its attention maps
+    ui = viz.explore(out/'row6_seed0', tiny_synth)
+    assert 'dec.cross' in ui.controls['attn'].options
+    ui.controls['attn'].value = 'dec.cross'
+    assert ui.explorer.last_fig.axes[2].get_title().startswith('dec.cross layer')
+    plt.close('all')
