@@ -390,7 +390,10 @@ def test_max_windows_random_subset(small_set):
 def test_make_loader_deterministic(small_set, workers):
     root, recs = small_set
     def epoch(seed):
-        dl = make_loader(_ds(root / 'features.h5', recs), batch_size=4, shuffle=True, num_workers=workers, seed=seed)
+        ds = _ds(root / 'features.h5', recs)
+        ds[0]  # the parent process opens the store first: forked workers must reopen it, not share the handle
+        ds.rng.seed(0)
+        dl = make_loader(ds, batch_size=4, shuffle=True, num_workers=workers, seed=seed)
         return [([m['qid'] for m in b[2]], b[1]['saliency_neg_labels'].tolist(), b[0]['src_vid'].sum().item()) for b in dl]
     a, b, c = epoch(1), epoch(1), epoch(2)
     assert a == b and a != c
