@@ -251,3 +251,34 @@ def test_fuzz_against_official():
     s = run(OFFICIAL, os.environ.get('VIDEOLIGHTS_OFFICIAL_EVAL_VL'), n=int(os.environ.get('VIDEOLIGHTS_FUZZ_N', 40)), seed=7)
     assert s['n_mismatches'] == 0, s['mismatches'][:3]
     assert s['qvh_cases'] > 0
+
+
+def test_iou_on_threshold_r1_and_map_disagree():
+    "Paper IoU exactly 0.7: the hull formula (R1) passes, the cross formula (mAP) falls 1 ulp short, as official."
+    gt = [dict(qid=1, duration=40, relevant_windows=[[7.7, 28.7]])]
+    r = eval_submission([dict(qid=1, pred_relevant_windows=[[7.7, 22.4, 1.0]])], gt)
+    assert r['full']['MR-R1']['0.7'] == 100.0 and r['full']['MR-mAP']['0.7'] == 0.0
+
+
+def test_reversed_copy_of_gt_is_a_hit_for_map():
+    "Official NaN quirk: [ed, st] of a GT window has union 0, IoU NaN, and NaN < t is False: a TP at every threshold."
+    gt = [dict(qid=1, duration=40, relevant_windows=[[10, 20]])]
+    r = eval_submission([dict(qid=1, pred_relevant_windows=[[20, 10, 1.0]])], gt)
+    assert r['full']['MR-mAP']['average'] == 100.0 and r['full']['MR-R1']['0.5'] == 0.0
+
+
+def test_youtube_style_labels():
+    "One binary label column: AP over the full ranking; a video without positives is left out (official quirk)."
+    gt = [dict(qid='a', domain='dog', label=[[1], [0], [0], [1]]), dict(qid='b', domain='dog', label=[[0], [0]])]
+    sub = [dict(qid='a', pred_saliency_scores=[.9, .8, .1, .7]), dict(qid='b', pred_saliency_scores=[1, 0])]
+    r = eval_submission(sub, gt, 'tvsum')
+    # ranked labels [1, 0, 1, 0]: AP = 0.5*(1+1)/2 + 0.5*(1/2+2/3)/2
+    assert r['brief']['dog'] == round(0.5 + 0.5 * (0.5 + 2 / 3) / 2, 5) and r['domains']['dog']['n_videos'] == 1
+
+
+def test_tvsum_bad_input():
+    gt = [dict(qid='a', domain='x', label=[[1, 2], [3, 4]])]
+    with pytest.raises(EvalInputError, match=r"submission\[0\]: 0 saliency scores"):
+        eval_submission([dict(qid='a', pred_saliency_scores=[])], gt, 'tvsum')
+    with pytest.raises(EvalInputError, match=r"ground_truth\[0\]: 'label'"):
+        eval_submission([dict(qid='a', pred_saliency_scores=[1, 2])], [dict(qid='a', label='x')], 'tvsum')
