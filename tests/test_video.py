@@ -116,6 +116,38 @@ def test_resize_crop_is_centred(tmp_path, w, h, vertical):
     assert a[:, :10].mean() < 40 and a[:, 14:].mean() > 215  # the split sits in the middle of the crop
 
 
+def _textured(path, w, h, n=12, fps=5):
+    yy, xx = np.mgrid[0:h, 0:w]
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('mpeg4', rate=fps); s.width, s.height, s.pix_fmt, s.bit_rate = w, h, 'yuv420p', 4_000_000
+        for k in range(n):
+            a = np.stack([128 + 100 * np.sin(xx / 7 + k) * np.cos(yy / 5), xx * 255 / w, yy * 255 / h], -1).astype(np.uint8)
+            for pk in s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')): c.mux(pk)
+        for pk in s.encode(): c.mux(pk)
+    return path
+
+
+@pytest.mark.parametrize('w,h,size', [(320, 180, 224), (180, 320, 224), (640, 480, 224), (96, 64, 32)])
+def test_pixels_equal_official_ffmpeg_chain(tmp_path, w, h, size):
+    "Our frames equal the official extractors' ffmpeg chain fps=1/c, scale (short side, bicubic), centre crop."
+    p = _textured(tmp_path / 'v.mp4', w, h)
+    nw, nh = (size, int(h * size / w)) if h >= w else (int(w * size / h), size)
+    chain = f'fps=fps=1/2,scale={nw}:{nh}:flags=bicubic,crop={size}:{size}:{int((nw - size) / 2)}:{int((nh - size) / 2)}'
+    with av.open(str(p)) as c:
+        s = c.streams.video[0]; g = av.filter.Graph()
+        nodes = [g.add_buffer(template=s)] + [g.add(*f.split('=', 1)) for f in chain.split(',')] + [g.add('buffersink')]
+        for a, b in zip(nodes, nodes[1:]): a.link_to(b)
+        g.configure(); ref = []
+        for fr in [*c.decode(s), None]:
+            g.push(fr)
+            while True:
+                try: ref.append(g.pull().to_ndarray(format='rgb24'))
+                except (av.error.BlockingIOError, av.error.EOFError): break
+    ours = np.stack([c.frames[0] for c in V.sample_clip_frames(p, 2., 1, size)])
+    assert ours.shape == (len(ref), size, size, 3)
+    assert np.array_equal(ours, np.stack(ref))
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 def _no_frames_video(path):
