@@ -4,8 +4,8 @@
 
 # %% ../nbs/02_synth.ipynb #770c30ca
 from __future__ import annotations
-import os, re, io, json, math, time, zlib, zipfile, argparse, string, shutil, functools
-from dataclasses import dataclass, asdict, field
+import os, re, json, math, time, zlib, zipfile, argparse, string, shutil, functools
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
@@ -296,6 +296,7 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     recs = synth_records(size, seed, ann_dir, n_train, n_val, p.vocab_size)
     out, fdir = Path(out_dir), Path(out_dir)/'features'
     _prepare_out(out, overwrite)
+    (out/'synth_info.json').unlink(missing_ok=True)
     for k in [*vdims, *tdims]: (fdir/k).mkdir(parents=True, exist_ok=True)
     vmaps, tmaps = random_maps(vdims, dc, seed), random_maps(tdims, dc, seed)
     mrng = np.random.default_rng([seed, 5])
@@ -317,8 +318,8 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     info = dict(seed=seed, size=size, dims=dims, dtype=dtype, clip_len=2.0, concept_dim=dc,
                 v_feat_types=vdims, t_feat_types=tdims, n_train=len(recs['train']), n_val=len(recs['val']),
                 n_videos=len(by_vid), params=asdict(p))
-    (out/'synth_info.json').write_text(json.dumps(info, indent=1) + '\n')
     h5_writer = _pack_h5(fdir, out/'features.h5', dtype, progress) if h5 else None
+    (out/'synth_info.json').write_text(json.dumps(info, indent=1) + '\n')   # written last: its presence = complete
     return info | dict(out_dir=str(out), features=str(fdir), h5=str(out/'features.h5') if h5 else None, h5_writer=h5_writer,
                        train=str(out/'highlight_train_release.jsonl'), val=str(out/'highlight_val_release.jsonl'),
                        seconds=round(time.time() - t0, 2))
