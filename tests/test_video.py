@@ -335,6 +335,28 @@ def test_predictor_bad_input(tmp_path, run_dir, encoders, enc_dirs):
     with pytest.raises(FileNotFoundError, match='no model_best.ckpt'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'emptyrun')
 
 
+def test_official_checkpoint(tmp_path):
+    "An official checkpoint (state dict under official names + argparse opt) loads through videolights.convert."
+    import argparse
+    from videolights.convert import to_official_state_dict, config_from_opt
+    clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip512', dim=16, proj_dim=512, text_dim=512))
+    opt = argparse.Namespace(dset_name='hl', v_feat_dim=514, t_feat_dim=512, v_feat_dirs=['../qvhl/features/clip_features'],
+                             t_feat_dirs=['../qvhl/features/clip_text_features'], ctx_mode='video_tef', clip_length=2,
+                             max_v_l=16, max_q_l=32)
+    cfg = config_from_opt(opt)
+    assert cfg.v_feat_types == ('clip',) and cfg.t_feat_types == ('clip',)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.save({'model': to_official_state_dict(model), 'opt': opt, 'epoch': 3}, tmp_path / 'official.ckpt')
+    pred = V.VideoLightsPredictor.from_pretrained(tmp_path / 'official.ckpt', encoders={'clip': clip})
+    p = V.make_test_video(tmp_path / 'v.mp4', 50, 1, size=(32, 24))
+    ref = V.VideoLightsPredictor(model, cfg, {'clip': clip})
+    for a, b in zip(pred.predict(['the dog runs', 'a cat'], p), ref.predict(['the dog runs', 'a cat'], p)):
+        np.testing.assert_allclose(a.windows, b.windows, atol=1e-5); np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-5)
+    with pytest.raises(ValueError, match=r'trained on video clip\(512\)'):
+        V.VideoLightsPredictor.from_pretrained(tmp_path / 'official.ckpt', encoders={'clip': V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'c8'))})
+
+
 def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
     p = V.make_test_video(tmp_path / 'v.mp4', 70, 1, size=(32, 24))
     rc = cli_main(['predict', str(p), '--query', 'the dog runs', '-q', 'a cat', '--ckpt', str(run_dir / 'model_best.ckpt'),
