@@ -60,11 +60,11 @@ def test_perfect_ceiling_is_not_100(val):
     assert fx['MR-full-mAP'] == 99.76 and fx['MR-full-R1@0.7'] == 100.0 and fx['HL-min-VeryGood-mAP'] < 70.3
 
 
-def test_official_sample_metrics_file(val):
-    "The official repo's own expected output for its sample predictions (sample_val_preds_metrics_raw.json)."
-    sub = read_jsonl(ROOT/'data/qvhighlights/official_examples/sample_val_preds.jsonl')
-    b = eval_submission(sub, val)['brief']
-    assert (b['MR-full-R1@0.5'], b['MR-full-mAP'], b['HL-min-VeryGood-mAP'], b['HL-min-VeryGood-Hit1']) == (53.94, 32.2, 35.65, 55.55)
+def test_official_sample_metrics_file(tmp_path):
+    "Byte-identical to the metrics file Moment-DETR ships for its sample predictions (sample_val_preds_metrics_raw.json)."
+    assert eval_main(['--submission', str(ROOT/'data/qvhighlights/official_examples/sample_val_preds.jsonl'),
+                      '--gt', str(VAL), '--out', str(tmp_path/'m.json')]) == 0
+    assert (tmp_path/'m.json').read_bytes() == (FIX/'metrics_official_sample_val_preds_metrics_raw.json').read_bytes()
 
 
 def test_qvh_awkward_fixture():
