@@ -157,3 +157,14 @@ def test_committed_fixture_is_current():
         fresh, fixed = _files(d), _files(FIXTURE)
         assert fresh.keys() == fixed.keys()
         assert all(fresh[k].read_bytes() == fixed[k].read_bytes() for k in fresh)
+
+
+@pytest.mark.slow
+def test_full_qvh_small_dims(tmp_path):
+    "The whole real QVHighlights annotation set with small generated features (~2 min on one core, ~350 MB)."
+    s = synth(tmp_path, size='qvh', dims='small', progress=False)
+    assert (s['n_train'], s['n_val'], s['n_videos']) == (7218, 1550, 8619)
+    assert len(list((tmp_path/'features'/'clip_text_features').iterdir())) == 7218 + 1550
+    va = load_split(tmp_path, 'val')
+    hit, rand = hit_at_1(oracle_scores(va, s), va)
+    assert hit > 2.5 * rand, (hit, rand)

@@ -416,9 +416,10 @@ def random_r1_at(recs:list[dict], thr:float=0.5, clip_len:float=2.)->float: # % 
 # %% ../nbs/02_synth.ipynb #32d2dc7a
 _EPILOG = """examples:
   videolights synth --out data/synth                       # small: 400/100 queries, dims (32,16)/16, seconds
-  videolights synth --out /tmp/tiny --size tiny --seed 3   # a few KB, for tests
-  videolights synth --out /data/qvh_fake --size qvh        # real QVH annotations, real dims (~7 GB float32)
-  videolights synth --out /data/qvh_small --size qvh --dims small --dtype float16
+  videolights synth --out /tmp/tiny --size tiny --seed 3   # 12/6 queries, dims (8,4)/8, for tests
+  videolights synth --out /data/qvh_small --size qvh --dims small   # all 7218/1550 real records, ~2 min, ~350 MB
+  videolights synth --out /data/qvh_fake --size qvh --dtype float16 # real dims: ~6 min, ~3.7 GB npz + ~3.7 GB h5
+  videolights synth --out runs/x --size qvh --n-train 500 --n-val 100 --blip   # first records only, + BLIP sources
 The features are a synthetic stand-in for real video features (see nbs/02_synth.ipynb)."""
 
 def synth_main(argv:list[str]|None=None)->int:
@@ -426,11 +427,13 @@ def synth_main(argv:list[str]|None=None)->int:
     ap = argparse.ArgumentParser(prog='videolights synth', epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description='Write a synthetic QVHighlights-format dataset (official feature layout + HDF5).')
     ap.add_argument('--out', required=True, help='output folder')
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--size', choices=list(SIZES), default='small')
-    ap.add_argument('--dims', choices=['tiny', 'small', 'real'], default=None, help='feature widths (default by size)')
+    ap.add_argument('--seed', type=int, default=0, help='same seed and options → byte-identical jsonl and npz files')
+    ap.add_argument('--size', choices=list(SIZES), default='small',
+                    help='tiny 12/6, small 400/100 resampled queries; qvh = the real 7218/1550 records (default: small)')
+    ap.add_argument('--dims', choices=['tiny', 'small', 'real'], default=None, help="feature widths: tiny (8,4)/8, small (32,16)/16, real (2304,512)/512; default by size")
     ap.add_argument('--blip', action='store_true', help='also write BLIP video/text sources')
-    ap.add_argument('--n-train', type=int, default=None); ap.add_argument('--n-val', type=int, default=None)
+    ap.add_argument('--n-train', type=int, default=None, help='train queries (qvh: the first N real records)')
+    ap.add_argument('--n-val', type=int, default=None, help='val queries (qvh: the first N real records)')
     ap.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
     ap.add_argument('--no-h5', action='store_true', help='skip features.h5')
     ap.add_argument('--overwrite', action='store_true', help='replace the features of an earlier run in --out')
