@@ -144,8 +144,9 @@ def _web_assets():
 
 @pytest.mark.slow
 def test_explorer_renders_in_headless_chromium(tmp_path):
-    """Execute a notebook that opens the explorer, export it to HTML with the widget state, load it in headless
-    Chromium and check that the widgets and the figure rendered; the screenshot goes to figures/explorer.png.
+    """Train a tiny model on small synthetic data, execute a notebook that opens the explorer on the run (decoder
+    cross-attention selected), export it to HTML with the widget state, load it in headless Chromium and check that
+    the widgets and the figure rendered; the screenshot goes to figures/explorer.png.
     Needs the Debian package `chromium` and, offline, local copies of the widget renderer: in
     ~/.cache/videolights/web (or $VIDEOLIGHTS_WEB_ASSETS) run
     `npm pack @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8` and untar both (`tar xzf X.tgz --one-top-level`)."""
@@ -155,14 +156,20 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
+    data, run = tmp_path/'data', tmp_path/'run'
     src = ("import matplotlib; matplotlib.rcParams['figure.dpi'] = 80\n"
-           "from videolights.visualize import explore, load_jsonl_records\n"
-           f"preds = load_jsonl_records({str(PREDS)!r})[:200]\n"
-           f"ui = explore(preds, {str(GT)!r})\n"
-           "ui.controls['search'].value = 'girl mother'\nui")
+           "from videolights.synth import synth\n"
+           "from videolights.visualize import explore, query_metrics, train_ablation_row\n"
+           f"synth({str(data)!r}, seed=0, size='small', n_train=200, n_val=50, progress=False)\n"
+           f"train_ablation_row({{}}, 0, {str(run)!r}, {str(data)!r}, epochs=8)\n"
+           f"ui = explore({str(run)!r}, {str(data)!r})\n"
+           "c = ui.controls\n"
+           "ex = ui.explorer\n"
+           "c['select'].value = max(ex.preds, key=lambda q: query_metrics(ex.preds[q], ex.gt[q])['top1 IoU'])\n"
+           "c['attn'].value = 'dec.cross'\nui")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)])
     nb.metadata['kernelspec'] = dict(name='python3', display_name='python3', language='python')
-    NotebookClient(nb, timeout=180, kernel_name='python3', store_widget_state=True,
+    NotebookClient(nb, timeout=600, kernel_name='python3', store_widget_state=True,
                    resources={'metadata': {'path': str(ROOT)}}).execute()
     assert 'application/vnd.jupyter.widget-state+json' in nb.metadata['widgets']
     html, _ = HTMLExporter(template_name='lab', require_js_url=assets[0].as_uri(),
@@ -170,16 +177,18 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     page = tmp_path/'explorer.html'; page.write_text(html)
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
              '--disable-component-update', '--disable-sync', '--virtual-time-budget=15000']
-    run = lambda *extra: subprocess.run([chromium, *flags, f'--user-data-dir={tempfile.mkdtemp()}', *extra,
-                                         page.as_uri()], capture_output=True, text=True, timeout=180)
-    dom = run('--dump-dom').stdout
+    run_browser = lambda *extra: subprocess.run([chromium, *flags, f'--user-data-dir={tempfile.mkdtemp()}', *extra,
+                                                 page.as_uri()], capture_output=True, text=True, timeout=180)
+    dom = run_browser('--dump-dom').stdout
     for cls in ('widget-text', 'widget-select', 'widget-dropdown', 'widget-hslider', 'widget-output'):
         assert cls in dom, f'{cls} not rendered'
-    assert '2579: A girl and her mother' in dom and 'data:image/png;base64' in dom
+    assert 'dec.cross' in dom
+    out_area = dom[dom.index('widget-output'):]
+    assert '<img' in out_area and 'data:image/png;base64' in out_area, 'no figure in the explorer output'
     shot = ROOT/'figures'/'explorer.png'; shot.parent.mkdir(exist_ok=True)
-    run('--window-size=1000,1000', f'--screenshot={shot}')
+    run_browser('--window-size=1000,1300', f'--screenshot={shot}')
     img = plt.imread(shot)
-    assert img.shape[:2] == (1000, 1000) and img[..., :3].std() > 0.05   # not a blank page
+    assert img.shape[:2] == (1300, 1000) and img[..., :3].std() > 0.05   # not a blank page
 
 
 @pytest.fixture(scope='module')
