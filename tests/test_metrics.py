@@ -282,3 +282,11 @@ def test_tvsum_bad_input():
         eval_submission([dict(qid='a', pred_saliency_scores=[])], gt, 'tvsum')
     with pytest.raises(EvalInputError, match=r"ground_truth\[0\]: 'label'"):
         eval_submission([dict(qid='a', pred_saliency_scores=[1, 2])], [dict(qid='a', label='x')], 'tvsum')
+
+
+def test_first_line_decides_what_is_evaluated():
+    sub = _sub(); sub[0] = {k: v for k, v in sub[0].items() if k != 'pred_saliency_scores'}
+    r = eval_submission(sub, GT)
+    assert 'HL-min-Fair' not in r and not any(k.startswith('HL') for k in r['brief'])     # official: HD skipped
+    with pytest.raises(EvalInputError, match=r"submission\[1\]: has 'pred_saliency_scores' but the first line does not"):
+        eval_submission(sub, GT, strict=True)
