@@ -212,7 +212,7 @@ def test_extract_cli_folder_resumable(tmp_path, enc_dirs, capsys):
         assert h5['video/clip_features/long'].dtype == np.float16
         assert h5['video/clip_features'].attrs['dim'] == 8 and h5['video/clip_features'].attrs['n'] == 3
         assert h5['video/clip_features/mid'].attrs['duration'] == pytest.approx(45.)
-        assert h5['text/clip_text_features/7'].shape[1] == 16 and h5['text/blip_text_features/x1'].shape == (4, 24)
+        assert h5['text/clip_text_features/7'].shape[1] == 16 and h5['text/blip_aug_text_features_openai/x1'].shape == (4, 24)
     assert cli_main(argv) == 0
     assert '0 video(s) extracted, 3 already there' in capsys.readouterr().out
     # the data layer reads the store
@@ -236,6 +236,47 @@ def test_extract_cli_errors(tmp_path, enc_dirs, capsys):
     assert V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(tmp_path / 'nomodel'), '--out', str(tmp_path / 'h.h5')]) == 2
     assert 'could not load CLIP' in capsys.readouterr().err
     with pytest.raises(ValueError, match='unknown encoder'): V.load_encoders('clip,i3d')
+
+
+def test_extract_group_names_follow_dataset(tmp_path, enc_dirs):
+    (tmp_path / 'q.jsonl').write_text('{"qid": 1, "query": "the dog"}\n')
+    args = ['--queries', str(tmp_path / 'q.jsonl'), '--encoders', 'clip,blip', '--clip-model', str(enc_dirs['clip']),
+            '--blip-model', str(enc_dirs['blip'])]
+    assert V.extract_main([*args, '--out', str(tmp_path / 'c.h5'), '--dset-name', 'charadesSTA']) == 0
+    with h5py.File(tmp_path / 'c.h5') as h5: assert sorted(h5['text']) == ['blip_text_features', 'clip_text_features']
+    assert V.extract_main([*args, '--out', str(tmp_path / 't.h5'), '--dset-name', 'tvsum']) == 0
+    with h5py.File(tmp_path / 't.h5') as h5: assert 'query_features' in h5['text']
+
+
+def test_train_on_own_videos_then_predict(tmp_path, enc_dirs, capsys):
+    "Own videos -> extract -> videolights train (tiny, 2 epochs) -> videolights predict with the run."
+    rng = np.random.default_rng(0)
+    vd, data = tmp_path / 'videos', tmp_path / 'data'; vd.mkdir(); data.mkdir()
+    recs, words = [], 'a the dog cat man woman car runs jumps and in on of'.split()
+    for i in range(8):
+        dur = float(rng.integers(20, 40))
+        V.make_test_video(vd / f'v{i}.mp4', dur, 2, size=(32, 24))
+        n = V.n_clips_of(dur)
+        for j in range(2):
+            s = int(rng.integers(0, n - 3)); ids = list(range(s, s + 3))
+            recs.append(dict(qid=i * 10 + j, query=' '.join(rng.choice(words, 4)), vid=f'v{i}', duration=dur,
+                             relevant_windows=[[2. * s, 2. * s + 6.]], relevant_clip_ids=ids,
+                             saliency_scores=[[int(x) for x in rng.integers(1, 5, 3)] for _ in ids]))
+    (data / 'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs[:12]))
+    (data / 'val.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs[12:]))
+    (data / 'queries.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    assert cli_main(['extract', str(vd), '--encoders', 'clip', '--clip-model', str(enc_dirs['clip']),
+                     '--out', str(data / 'features.h5'), '--queries', str(data / 'queries.jsonl')]) == 0
+    run = tmp_path / 'run'
+    assert cli_main(['train', '--preset', 'tiny', '--data', str(data), '--out', str(run), '--no-progress',
+                     '--no-tensorboard', '--device', 'cpu', '--v_feat_types', 'clip', '--v_feat_dims', '8',
+                     '--t_feat_types', 'clip', '--t_feat_dims', '16', '--epochs', '2', '--eval_every', '1',
+                     '--bsz', '4', '--num_workers', '0']) == 0
+    capsys.readouterr()
+    assert cli_main(['predict', str(vd / 'v3.mp4'), '-q', recs[6]['query'], '--ckpt', str(run),
+                     '--clip-model', str(enc_dirs['clip']), '--json', str(tmp_path / 'p.jsonl')]) == 0
+    out = json.loads((tmp_path / 'p.jsonl').read_text())
+    assert len(out['pred_saliency_scores']) == V.n_clips_of(recs[6]['duration'])
 
 
 def test_sampling_is_streamed(tmp_path, monkeypatch):
