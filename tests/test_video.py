@@ -303,6 +303,22 @@ def test_features_match_direct_encoding(tmp_path, encoders):
     assert feats['blip_video_features'].shape == (10, 24)
 
 
+class _DenseIndexEncoder(V.VideoEncoder):
+    "A stand-in clip-level encoder (like SlowFast): 4 frames per clip, returns the frame indices it was given."
+    name, video_feature_type, video_dim, frames_per_clip, frame_size = 'dense', 'dense_features', 4, 4, 16
+    def encode_frames(self, frames):  # (N, 4, 16, 16, 3) -> (N, 4)
+        return torch.from_numpy(V.frame_index_of(np.asarray(frames)).astype(np.float32))
+
+
+def test_extract_dense_and_per_clip_encoders_share_the_clip_grid(tmp_path, encoders):
+    p = V.make_test_video(tmp_path / 'v.mp4', 21, 4, size=(32, 24))  # 84 frames every 0.25 s, 11 clips
+    feats = V.extract_video(p, {'clip': encoders['clip'], 'dense': _DenseIndexEncoder()}, clip_len=2., batch_size=3)
+    assert feats['clip_features'].shape == (11, 8) and feats['dense_features'].shape == (11, 4)
+    frame_t = np.arange(84) / 4
+    want = np.array(_last_before(frame_t, (np.arange(44) + 0.5) * 0.5)).reshape(11, 4)
+    np.testing.assert_array_equal(feats['dense_features'], want)
+
+
 # --- predictor ------------------------------------------------------------------------------------------------------
 
 def _direct(pred, ev, query):
