@@ -32,7 +32,7 @@ def test_fixture_matches_official_outputs():
     "Official weights (reduced config, int8-exact), inputs and eval outputs stored by tools/check_official_model.py."
     fx = torch.load(FIXTURE, map_location='cpu', weights_only=True)
     sd = {**{k: fx['q'][k].float() * fx['scale'][k] for k in fx['q']}, **fx['other']}
-    cfg = get_preset(fx['preset'], neg_pass_eval=True, **fx['cfg'])
+    cfg = get_preset(fx['preset'], loss_outputs_eval=True, **fx['cfg'])
     model = load_official(sd, cfg)
     with torch.no_grad():
         out = model(**fx['inputs'])
@@ -83,7 +83,7 @@ def test_preset_output_shapes(name):
         out = model(**random_inputs(cfg, B=B, lv=lv, lq=lq), return_attn=True)
     Nq, Lv, Lq = cfg.num_queries, max(lv), max(lq)
     assert out['pred_logits'].shape == (B, Nq, 2) and out['pred_spans'].shape == (B, Nq, 2)
-    assert out['saliency_scores'].shape == (B, Lv) and out['saliency_scores_mr'].shape == (B, Lv)
+    assert out['saliency_scores'].shape == (B, Lv) and 'saliency_scores_mr' not in out
     assert out['proj_queries'].shape == (B, Nq, cfg.contrastive_hdim)
     assert out['proj_txt_mem'].shape == (B, Lq, cfg.contrastive_hdim)
     assert out['proj_vid_mem'].shape == (B, Lv, cfg.contrastive_hdim)
@@ -104,12 +104,13 @@ def test_training_mode_outputs_neg_and_eval_skip_is_exact():
     model = build_model(cfg)
     inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3])
     out = model.train()(**inp)
-    assert out['saliency_scores_neg'].shape == (3, 32)
+    assert out['saliency_scores_neg'].shape == (3, 32) and out['saliency_scores_mr'].shape == (3, 32)
     model.eval()
     with torch.no_grad():
-        a, b = model(**inp), model(**inp, neg_pass=True)
+        a, b = model(**inp), model(**inp, loss_outputs=True)
     assert 'saliency_scores_neg' not in a and 'saliency_scores_neg' in b
-    for k in ('pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_mr'):
+    assert 'saliency_scores_mr' not in a and 'saliency_scores_mr' in b
+    for k in ('pred_logits', 'pred_spans', 'saliency_scores'):
         assert torch.equal(a[k], b[k]), k
 
 
@@ -143,7 +144,7 @@ VALID_KEYS = ['pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_n
 @pytest.mark.parametrize('fixed', [False, True])
 def test_extra_padding_changes_nothing(fixed):
     "Appending padding to a batch leaves valid outputs unchanged, official mask quirk included (it only mixes existing masks)."
-    cfg = VLConfig(neg_pass_eval=True, **({k: True for k in VLConfig().fixes} if fixed else {}))
+    cfg = VLConfig(loss_outputs_eval=True, **({k: True for k in VLConfig().fixes} if fixed else {}))
     model = build_model(cfg).eval()
     inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=1)
     with torch.no_grad():
@@ -164,8 +165,8 @@ def test_single_vs_batch_needs_mask_fix():
         model = build_model(cfg).eval()
         inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=2)
         with torch.no_grad():
-            ob = model(**inp)
-            o1 = model(**{k: v[0:1, :(20 if 'vid' in k else 5)] for k, v in inp.items()})  # sample 0 alone
+            ob = model(**inp, loss_outputs=True)
+            o1 = model(**{k: v[0:1, :(20 if 'vid' in k else 5)] for k, v in inp.items()}, loss_outputs=True)  # sample 0 alone
         d = max(_maxdiff(ob['pred_spans'][0], o1['pred_spans'][0]), _maxdiff(ob['saliency_scores'][0, :20], o1['saliency_scores'][0]))
         if fixed:
             assert d <= TOL

@@ -128,7 +128,7 @@ def check_variant(vo, off, variant: str, B: int = 4, seed: int = 0, fix_mask: bo
     "Build both models for `variant`, run them on one official batch; return max abs diffs and param counts."
     m_off, opt = official_model(vo, off, variant, cmf=cmf, fra=fra, seed=2018 + seed)
     if fix_mask: vo.fix_bicmf_mask_order(m_off)
-    cfg = get_preset(PRESET[variant], neg_pass_eval=True, fix_bicmf_mask_order=fix_mask, cmf=cmf, use_fra=fra)
+    cfg = get_preset(PRESET[variant], loss_outputs_eval=True, fix_bicmf_mask_order=fix_mask, cmf=cmf, use_fra=fra)
     m_us = load_official(m_off.state_dict(), cfg)
     inputs, _, lengths = vo.synth_batch(off, opt, variant, B, seed)
     with torch.no_grad():
