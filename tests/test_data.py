@@ -195,6 +195,8 @@ def test_vldataset_matches_official_qvh(tmp_path, pretrain):
     assert ds.pretrain == pretrain
     ours = _ours(ds, idx, 100)
     _compare(off, ours)
+    convert_features(feats, tmp_path / 'f.h5', progress=False)  # the same from the store
+    _compare(off, _ours(VLDataset(str(p), tmp_path / 'f.h5', 'hl', list(QVH_V), list(QVH_T), pretrain=None), idx, 100))
     assert ours[0]['src_vid_mask'][0].sum() == 74
     # the invariants the random pairs must satisfy
     tg = ours[1]
@@ -444,3 +446,4 @@ def test_bench_load_small(tmp_path):
     assert r['n_videos'] == 12 and r['npz_epoch_s'] > 0 and r['h5_epoch_s'] > 0
     assert r['speedup'] == pytest.approx(r['npz_epoch_s'] / r['h5_epoch_s'], rel=0.02)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is removed
+
