@@ -16,8 +16,9 @@ from .spans import temporal_iou
 __all__ = ['QVH_COUNTS', 'STOP_WORDS', 'SIZES', 'default_ann_dir', 'read_qvh_split', 'query_words', 'content_words',
            'pseudo_words', 'word_vector', 'synthetic_query', 'zipf_probs', 'SynthParams', 'random_maps',
            'query_concepts', 'query_features', 'video_signal', 'video_features', 'save_npz', 'write_jsonl',
-           'feature_dims', 'synth_records', 'synth', 'load_split', 'veryGood_labels', 'saliency_sums', 'hit_at_1',
-           'oracle_scores', 'fit_bilinear', 'bilinear_scores', 'score_windows', 'r1_at', 'random_r1_at', 'synth_main']
+           'feature_dims', 'synth_records', 'annotation_stats', 'synth', 'load_split', 'veryGood_labels',
+           'saliency_sums', 'hit_at_1', 'oracle_scores', 'fit_bilinear', 'bilinear_scores', 'score_windows', 'r1_at',
+           'random_r1_at', 'synth_main']
 
 # %% ../nbs/02_synth.ipynb #423a07f4
 QVH_COUNTS = {'train': 7218, 'val': 1550}  # real QVHighlights queries per split
@@ -255,6 +256,15 @@ def synth_records(size:str, seed:int, ann_dir=None, n_train:int|None=None, n_val
     return out
 
 # %% ../nbs/02_synth.ipynb #d62e1c00
+def annotation_stats(recs:list[dict])->dict:
+    "Mean windows per query, window length (s), relevant clips, summed saliency per relevant clip, words per query."
+    win = [w for r in recs for w in r['relevant_windows']]
+    sal = [sum(s) for r in recs for s in r['saliency_scores']]
+    return dict(windows=len(win) / len(recs), window_len=float(np.mean([b - a for a, b in win])),
+                clips=float(np.mean([len(r['relevant_clip_ids']) for r in recs])), saliency=float(np.mean(sal)),
+                words=float(np.mean([len(query_words(r['query'])) for r in recs])))
+
+# %% ../nbs/02_synth.ipynb #454576ea
 def _n_clips(duration, clip_len=2.0): return max(1, int(round(duration / clip_len)))
 
 def _pack_h5(feat_dir:Path, dst:Path, dtype:str='float32', progress:bool=True)->str: # which writer was used
@@ -271,7 +281,7 @@ def _prepare_out(out:Path, overwrite:bool):
         shutil.rmtree(fdir)
     (out/'features.h5').unlink(missing_ok=True)
 
-# %% ../nbs/02_synth.ipynb #4294d39e
+# %% ../nbs/02_synth.ipynb #42fab8b3
 def synth(out_dir:str|Path, # dataset folder to (over)write
           seed:int=0,
           size:str='small',  # 'tiny' | 'small' | 'qvh'
@@ -324,7 +334,7 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
                        train=str(out/'highlight_train_release.jsonl'), val=str(out/'highlight_val_release.jsonl'),
                        seconds=round(time.time() - t0, 2))
 
-# %% ../nbs/02_synth.ipynb #9387b722
+# %% ../nbs/02_synth.ipynb #e15fe4a3
 def _l2n(x, eps=1e-5): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 def load_split(out_dir:str|Path, split:str='val')->list[dict]:
@@ -355,7 +365,7 @@ def hit_at_1(scores:list[np.ndarray], recs:list[dict])->tuple[float, float]: # (
     ys = [veryGood_labels(r, len(s)) for s, r in zip(scores, recs)]
     return 100 * np.mean([y[np.argmax(s)] for s, y in zip(scores, ys)]), 100 * np.mean([y.mean() for y in ys])
 
-# %% ../nbs/02_synth.ipynb #c8bf3eae
+# %% ../nbs/02_synth.ipynb #f74b5c16
 def oracle_scores(recs:list[dict], info:dict)->list[np.ndarray]: # per record (Lv,)
     "Projection of each per-video-centred clip on the unit mean query token, both mapped to concept space by $M^\\top$."
     vm = random_maps(info['v_feat_types'], info['concept_dim'], info['seed'])
@@ -383,7 +393,7 @@ def bilinear_scores(recs:list[dict], w:np.ndarray)->list[np.ndarray]:
     "Per-clip scores of the fitted bilinear baseline."
     return [_bilinear_feats(r) @ w for r in recs]
 
-# %% ../nbs/02_synth.ipynb #cb7f2a83
+# %% ../nbs/02_synth.ipynb #32d2dc7a
 def score_windows(s:np.ndarray, # (Lv,) per-clip scores
                   clip_len:float=2., k:int=10,
                  )->list[list[float]]: # up to k [start_s, end_s, score], best first
@@ -413,7 +423,7 @@ def random_r1_at(recs:list[dict], thr:float=0.5, clip_len:float=2.)->float: # % 
         out.append(_hits(np.stack([a, b], 1) * clip_len, r, thr).float().mean().item())
     return 100 * float(np.mean(out))
 
-# %% ../nbs/02_synth.ipynb #32d2dc7a
+# %% ../nbs/02_synth.ipynb #23565acd
 _EPILOG = """examples:
   videolights synth --out data/synth                       # small: 400/100 queries, dims (32,16)/16, seconds
   videolights synth --out /tmp/tiny --size tiny --seed 3   # 12/6 queries, dims (8,4)/8, for tests
