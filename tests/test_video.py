@@ -422,6 +422,7 @@ def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "query: 'the dog runs'" in out and "query: 'a cat'" in out and '35 clips' in out
+    assert out.count('saliency peak: clip ') == 2
     recs = [json.loads(l) for l in (tmp_path / 'o.jsonl').read_text().splitlines()]
     assert len(recs) == 2 and len(recs[1]['pred_saliency_scores']) == 35
     assert all(len(w) == 3 for w in recs[0]['pred_relevant_windows'])
