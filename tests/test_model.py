@@ -68,9 +68,19 @@ def test_live_official_equivalence(variant):
     vo, off = chk.official_lib(OFFICIAL)
     res = chk.check_variant(vo, off, variant, B=4, seed=1, grads=variant == 'sf_clip')
     assert max(res['diffs'].values()) <= TOL, res['diffs']
-    assert res['params_official'] == res['params_ours']
+    assert res['params_official'] == res['params_ours'] == OFFICIAL_PARAMS[chk.PRESET[variant]]
     assert round(res['params_ours'] / 1e6, 2) == {'sf_clip': 10.40, 'sf_clip_blip': 10.80}[variant]
     if 'grad_frac_close' in res: assert res['grad_frac_close'] >= 0.999
+
+
+# parameter counts of the official model (commit 76308bb, random init), as measured by tools/check_official_model.py
+OFFICIAL_PARAMS = {'qvhighlights': 10_796_263, 'qvhighlights_sf_clip': 10_399_975}
+
+
+@pytest.mark.parametrize('preset', sorted(OFFICIAL_PARAMS))
+def test_param_count_matches_official(preset):
+    n = sum(p.numel() for p in build_model(get_preset(preset)).parameters())
+    assert n == OFFICIAL_PARAMS[preset]
 
 
 # ---------------------------------------------------------------- shapes and dtypes
