@@ -103,6 +103,17 @@ def test_real_dims_and_blip(tmp_path):
     assert len(a) == len(b)                               # text sources pair tokens by position
 
 
+def test_explicit_dims_cli(tmp_path):
+    "--v-dims/--t-dims set arbitrary widths; a wrong count is a clear argparse/ValueError."
+    assert synth_main(['--out', str(tmp_path), '--size', 'tiny', '--v-dims', '24,12', '--t-dims', '20', '--no-h5']) == 0
+    info = json.loads((tmp_path/'synth_info.json').read_text())
+    assert info['v_feat_types'] == {'slowfast_features': 24, 'clip_features': 12} and info['concept_dim'] == 20
+    r = _jsonl(tmp_path/'highlight_val_release.jsonl')[0]
+    assert np.load(tmp_path/'features'/'clip_text_features'/f"qid{r['qid']}.npz")['last_hidden_state'].shape[1] == 20
+    with pytest.raises(ValueError, match='one per source'): synth(tmp_path/'x', size='tiny', v_dims=(8,))
+    with pytest.raises(SystemExit): synth_main(['--out', str(tmp_path/'y'), '--v-dims', '8,x'])
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match='size must be one of'): synth(tmp_path, size='huge')
     with pytest.raises(ValueError, match='exceeds the 1550 real val records'): synth(tmp_path, size='small', n_val=2000)

@@ -218,13 +218,20 @@ def write_jsonl(path:str|Path, records:list[dict]):
 # %% ../nbs/02_synth.ipynb #33b56b7d
 SIZES = {'tiny': (12, 6), 'small': (400, 100), 'qvh': (None, None)}  # (n_train, n_val); None = all real records
 
-def feature_dims(dims:str='small', # 'small' (tiny widths: 32/16/16), 'tiny' (8/4/8) or 'real' (official widths)
+def feature_dims(dims:str='small', # 'small' (32/16/16), 'tiny' (8/4/8) or 'real' (official widths)
                  blip:bool=False,   # add BLIP video and text sources
+                 v_dims:tuple|None=None, # explicit video widths, one per video source (overrides `dims`)
+                 t_dims:tuple|None=None, # explicit text widths, one per text source
                 )->tuple[dict, dict]: # ({video feature_type: D}, {text feature_type: D})
     "Feature types and widths, named as the official feature folders."
     w = {'tiny': (8, 4, 4, 8, 8), 'small': (32, 16, 16, 16, 16), 'real': (2304, 512, 768, 512, 768)}[dims]
     v = {'slowfast_features': w[0], 'clip_features': w[1]} | ({'blip_video_features': w[2]} if blip else {})
     t = {'clip_text_features': w[3]} | ({'blip_aug_text_features_openai': w[4]} if blip else {})
+    for name, d, new in (('v_dims', v, v_dims), ('t_dims', t, t_dims)):
+        if new is None: continue
+        if len(new) != len(d) or not all(isinstance(x, int) and x > 0 for x in new):
+            raise ValueError(f"{name}={tuple(new)}: need {len(d)} positive ints, one per source {list(d)}")
+        d.update(zip(d, new))
     return v, t
 
 # %% ../nbs/02_synth.ipynb #089b5d58
@@ -287,6 +294,7 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
           size:str='small',  # 'tiny' | 'small' | 'qvh'
           dims:str|None=None, # 'tiny' | 'small' | 'real'; default: 'tiny' for tiny, 'small' for small, 'real' for qvh
           blip:bool=False,   # also write BLIP video/text sources
+          v_dims:tuple|None=None, t_dims:tuple|None=None, # explicit widths per video / text source (override `dims`)
           n_train:int|None=None, n_val:int|None=None, # override the query counts (qvh: first N real records)
           dtype:str='float32', # stored feature dtype ('float32' | 'float16')
           h5:bool=True,      # also write out_dir/features.h5
@@ -301,7 +309,7 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     t0, p = time.time(), params or SynthParams()
     dims = dims or {'tiny': 'tiny', 'small': 'small', 'qvh': 'real'}[size]
-    vdims, tdims = feature_dims(dims, blip)
+    vdims, tdims = feature_dims(dims, blip, v_dims, t_dims)
     dc = max(tdims.values())                               # concept width = widest text source
     recs = synth_records(size, seed, ann_dir, n_train, n_val, p.vocab_size)
     out, fdir = Path(out_dir), Path(out_dir)/'features'
@@ -432,6 +440,10 @@ _EPILOG = """examples:
   videolights synth --out runs/x --size qvh --n-train 500 --n-val 100 --blip   # first records only, + BLIP sources
 The features are a synthetic stand-in for real video features (see nbs/02_synth.ipynb)."""
 
+def _int_tuple(s:str)->tuple:
+    try: return tuple(int(x) for x in s.split(','))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {s!r}") from None
+
 def synth_main(argv:list[str]|None=None)->int:
     "CLI: `videolights synth --out DIR --seed N [--size tiny|small|qvh] [--dims tiny|small|real] ...`."
     ap = argparse.ArgumentParser(prog='videolights synth', epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -442,6 +454,8 @@ def synth_main(argv:list[str]|None=None)->int:
                     help='tiny 12/6, small 400/100 resampled queries; qvh = the real 7218/1550 records (default: small)')
     ap.add_argument('--dims', choices=['tiny', 'small', 'real'], default=None, help="feature widths: tiny (8,4)/8, small (32,16)/16, real (2304,512)/512; default by size")
     ap.add_argument('--blip', action='store_true', help='also write BLIP video/text sources')
+    ap.add_argument('--v-dims', type=_int_tuple, default=None, help='explicit video widths, e.g. 64,32 (48,24,24 with --blip)')
+    ap.add_argument('--t-dims', type=_int_tuple, default=None, help='explicit text widths, e.g. 32 (32,32 with --blip)')
     ap.add_argument('--n-train', type=int, default=None, help='train queries (qvh: the first N real records)')
     ap.add_argument('--n-val', type=int, default=None, help='val queries (qvh: the first N real records)')
     ap.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
@@ -449,7 +463,8 @@ def synth_main(argv:list[str]|None=None)->int:
     ap.add_argument('--overwrite', action='store_true', help='replace the features of an earlier run in --out')
     ap.add_argument('--ann-dir', default=None, help='real QVHighlights jsonl folder (default: repo data/qvhighlights)')
     a = ap.parse_args(argv)
-    s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.n_train, a.n_val, a.dtype, not a.no_h5, a.overwrite, ann_dir=a.ann_dir)
+    s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.v_dims, a.t_dims, a.n_train, a.n_val, a.dtype, not a.no_h5,
+              a.overwrite, ann_dir=a.ann_dir)
     print(f"synthetic dataset (stand-in features) in {s['out_dir']}  [{s['seconds']} s]")
     print(f"  queries: train {s['n_train']}, val {s['n_val']}; videos {s['n_videos']}; dtype {s['dtype']}")
     print(f"  video dims {s['v_feat_types']}; text dims {s['t_feat_types']}")
