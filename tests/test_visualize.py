@@ -130,6 +130,9 @@ def test_ablate_cli_plot_only_and_errors(tmp_path, capsys):
     assert '30.5' in capsys.readouterr().out                  # row 13 mean over seeds
     with pytest.raises(SystemExit): viz.ablate_main(['--rows', '1'])   # --data missing
     with pytest.raises(ValueError, match='unknown rows'): viz.ablate_main(['--data', 'x', '--rows', '99'])
+    with pytest.raises(SystemExit): viz.ablate_main(['--data', 'x', '--skip', ''])        # pt applied, no checkpoint
+    with pytest.raises(ValueError, match='needs pretraining'):
+        viz.train_ablation_row(dict(pretrained=True), 0, tmp_path/'r', 'x')
 
 
 def _chromium():
