@@ -85,13 +85,15 @@ def test_malformed_json_line(tmp_path):
 def test_window_repairs_counted_and_strict(tmp_path):
     recs = [GOOD, {**GOOD, 'qid': 2, 'relevant_windows': [[30, 20]]},             # only window reversed: record dropped
             {**GOOD, 'qid': 3, 'relevant_windows': [[140, 160], [0, 4]]},          # clipped
-            {**GOOD, 'qid': 1}]                                                    # duplicate qid
+            {**GOOD, 'qid': 1},                                                    # duplicate qid
+            {**GOOD, 'qid': 4, 'relevant_clip_ids': [80], 'saliency_scores': [[1, 1, 1]]}]  # no clip left: dropped
     p = _write(tmp_path, 'fix.jsonl', recs)
     with pytest.warns(UserWarning, match='fix.jsonl'):
         out = read_qvhighlights(p)
     assert [r['qid'] for r in out] == [1, 3, 1]
     assert out[1]['relevant_windows'] == [[140, 150], [0, 4]]
-    assert out.report.counts() == {'reversed_window': 1, 'record_dropped': 1, 'clipped_window': 1, 'duplicate_qid': 1}
+    assert out.report.counts() == {'reversed_window': 1, 'record_dropped': 2, 'clipped_window': 1, 'duplicate_qid': 1,
+                                   'bad_clip_id': 1}
     assert out.report.issues['record_dropped'][0].startswith(f'{p}:2:')
     with pytest.raises(DataFormatError, match='fix.jsonl:2:.*reversed window'):
         read_qvhighlights(p, strict=True)
