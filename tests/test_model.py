@@ -215,6 +215,21 @@ def test_every_parameter_gets_a_gradient(fixed):
         if p.grad is not None: assert torch.isfinite(p.grad).all(), n
 
 
+@pytest.mark.parametrize('fix', ['fix_bicmf_mask_order', 'fix_bicmf_ffn_residual', 'fix_bicmf_text', 'fix_fra_corr', 'fix_mr_slice'])
+def test_each_model_fix_changes_the_computation(fix):
+    "Every model-side fix switch does something on a mixed-length batch (a silently ignored switch fails here)."
+    inp = random_inputs(VLConfig(), B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=3)
+    outs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = build_model(VLConfig(**{fix: on})).eval()
+        with torch.no_grad(): outs.append(m(**inp, loss_outputs=True))
+    keys = ['pred_spans', 'saliency_scores', 'saliency_scores_neg', 'saliency_scores_mr']
+    vm = inp['src_vid_mask'].bool()
+    d = max(_maxdiff(outs[0][k][vm] if k.startswith('sal') else outs[0][k], outs[1][k][vm] if k.startswith('sal') else outs[1][k]) for k in keys)
+    assert d > 1e-5, (fix, d)
+
+
 def test_uni_cmf_and_no_fra_build_and_differ():
     base = VLConfig()
     inp = random_inputs(base, B=2)
