@@ -13,7 +13,7 @@ import torch
 from videolights.data import (DATASET_DEFAULTS, DataFormatError, FeatureNotFoundError, VLDataset, collate,
                               convert_features, convert_features_main, inspect_main, load_jsonl, make_loader,
                               move_batch, open_features, read_charades, read_qvhighlights, read_records, read_tvsum,
-                              summarize, write_fake_features, H5Features, bench_load)
+                              summarize, write_fake_features, H5Features, bench_load, index_store)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data'
@@ -346,6 +346,26 @@ def test_feature_errors(tmp_path, small_set):
     (bad / 'clip_features' / f'{vid}.npz').unlink()
     np.save(bad / 'clip_features' / f'{vid}.npy', np.ones((75, 6), np.float32))  # the official .npy fallback
     assert VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]['model_inputs']['video_feat'].shape == (75, 18)
+
+
+def test_appended_store_falls_back_then_reindexes(tmp_path, small_set):
+    import h5py, shutil
+    root, recs = small_set
+    p = tmp_path / 'store.h5'
+    shutil.copy(root / 'features.h5', p)
+    new = np.random.default_rng(0).standard_normal((9, 10)).astype(np.float32)
+    with h5py.File(p, 'a') as f:  # what an extraction tool appending to the store does
+        f.create_dataset('video/slowfast_features/new_vid', data=new)
+    src = H5Features(p)
+    assert np.array_equal(src.video('slowfast_features', 'new_vid'), new)          # stale index: h5py path
+    assert ('video', 'slowfast_features') not in src._idx and ('video', 'clip_features') in src._idx
+    src.close()
+    assert index_store(p)['video/slowfast_features'] == 13
+    src = H5Features(p)
+    assert np.array_equal(src.video('slowfast_features', 'new_vid'), new)          # indexed again
+    assert ('video', 'slowfast_features') in src._idx
+    assert np.array_equal(src.video('slowfast_features', recs[1]['vid']), open_features(root / 'features').video('slowfast_features', recs[1]['vid']))
+    src.close()
 
 
 def test_h5_reader_pickles_and_reopens(small_set):
