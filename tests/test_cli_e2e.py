@@ -1,0 +1,93 @@
+"""End to end through the command line: synth → train → resume → evaluate, on the `tiny` synthetic dataset.
+
+The slow tests (run with `pytest --runslow`) are the demo's learning check and a few epochs of the `qvhighlights`
+preset on the full-size synthetic proxy.
+"""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+from videolights.synth import synth
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+
+
+def vl(*args, timeout=600):
+    return subprocess.run([sys.executable, '-m', 'videolights', *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('synth_tiny')
+    synth(d, seed=0, size='tiny', progress=False)
+    return d
+
+
+@pytest.mark.parametrize('cmd', ['train', 'evaluate', 'pretrain-data', 'demo'])
+def test_help_has_examples(cmd):
+    r = vl(cmd, '--help', timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'examples:' in r.stdout and f'videolights {cmd}' in r.stdout
+
+
+def test_train_resume_evaluate(tiny_data, tmp_path):
+    run = tmp_path/'run'
+    r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 2, '--eval_every', 1, '--bsz', 4,
+           '--num_workers', 0, '--lr', '1e-3', '--max_v_l', 75, '--no-progress')
+    assert r.returncode == 0, r.stderr
+    assert 'done: 2 epochs' in r.stdout
+    assert {'config.json', 'log.jsonl', 'model_latest.ckpt', 'model_best.ckpt', 'best_val_preds.jsonl',
+            'best_val_metrics.json'} <= {p.name for p in run.iterdir()}
+    cfg = json.loads((run/'config.json').read_text())
+    assert cfg['config']['n_epoch'] == 2 and cfg['config']['bsz'] == 4 and cfg['data'] == str(tiny_data)
+
+    r = vl('train', '--resume', run, '--epochs', 3, '--no-progress')          # extend the finished run by one epoch
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(l) for l in open(run/'log.jsonl')]
+    assert [l['epoch'] for l in log if l['kind'] == 'train'] == [0, 1, 2]
+
+    out = tmp_path/'eval'
+    r = vl('evaluate', '--ckpt', run, '--data', tiny_data, '--split', 'val', '--out', out)
+    assert r.returncode == 0, r.stderr
+    sub = [json.loads(l) for l in open(out/'hl_val_submission.jsonl')]
+    gt = [json.loads(l) for l in open(tiny_data/'highlight_val_release.jsonl')]
+    assert [s['qid'] for s in sub] == [g['qid'] for g in gt]
+    for s, g in zip(sub, gt):
+        w = s['pred_relevant_windows']
+        assert [x[2] for x in w] == sorted((x[2] for x in w), reverse=True)          # sorted by score
+        assert all(0 <= a <= b <= 150 and a % 2 == 0 and b % 2 == 0 for a, b, _ in w)  # clamped, rounded to 2 s
+        assert len(s['pred_saliency_scores']) == min(75, round(g['duration'] / 2))
+    m = json.loads((out/'hl_val_submission_metrics.json').read_text())
+    assert 'MR-full-mAP' in m['brief'] and 'HL-min-VeryGood-Hit1' in m['brief']
+
+
+def test_bad_override_is_a_clear_error(tiny_data, tmp_path):
+    r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', tmp_path/'r', '--lrr', '1e-3', timeout=120)
+    assert r.returncode == 2 and 'did you mean --lr' in r.stderr
+    r = vl('train', '--preset', 'tiny', '--data', tmp_path/'nowhere', '--out', tmp_path/'r', timeout=120)
+    assert r.returncode != 0 and 'no val annotations' in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_shows_learning(tmp_path):
+    t0 = time.time()
+    r = vl('demo', '--out', tmp_path/'demo', '--no-progress', timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((tmp_path/'demo'/'demo_summary.json').read_text())
+    assert s['ratios']['MR-full-mAP'] >= 3 and s['ratios']['HL-min-VeryGood-Hit1'] >= 2, s['ratios']
+    assert {p.name for p in (tmp_path/'demo'/'figures').iterdir()} == {'training_curves.png', 'windows.png', 'saliency.png'}
+    print(f"demo: {time.time() - t0:.0f} s, ratios {s['ratios']}")
+
+
+@pytest.mark.slow
+def test_qvh_proxy_few_epochs(tmp_path):
+    "The `qvhighlights` preset on the full-size synthetic proxy (7218/1550 queries, reduced dims), 2 epochs."
+    data = tmp_path/'qvh'
+    synth(data, seed=0, size='qvh', dims='small', dtype='float16', progress=False)
+    r = vl('train', '--preset', 'qvhighlights', '--data', data, '--out', tmp_path/'run', '--epochs', 2, '--eval_every', 1,
+           '--num_workers', 2, '--no-progress', timeout=7200)
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(l) for l in open(tmp_path/'run'/'log.jsonl')]
+    print([{k: l[k] for k in ('kind', 'epoch', 'time_s', 'loss_overall', 'MR-full-mAP', 'HL-min-VeryGood-Hit1') if k in l} for l in log])
