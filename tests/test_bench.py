@@ -121,3 +121,47 @@ def test_official_model_accepts_our_batches_and_matches_in_eval():
         a, b = ours(**mi), om(**mi)
     for k in ('pred_logits', 'pred_spans', 'saliency_scores'):
         assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+# ------------------------------------------------------------------ speed-ups vs the straightforward versions
+def test_vectorised_matcher_equals_per_pair_loops_and_brute_force():
+    "One batched (B, Nq, M) cost + one assignment per sample == per-pair Python costs + exhaustive search."
+    import itertools
+    from videolights.matcher import HungarianMatcher, match_cost, pad_target_spans
+    g = torch.Generator().manual_seed(0)
+    B, Nq = 4, 5
+    logits, spans = torch.randn(B, Nq, 2, generator=g), torch.rand(B, Nq, 2, generator=g) * 0.5 + 0.1
+    sizes = [1, 3, 2, 0]
+    tl = [dict(spans=torch.rand(n, 2, generator=g) * 0.5 + 0.1) for n in sizes]
+    tgt, valid = pad_target_spans(tl)
+    C = match_cost(logits, spans, tgt)
+    for b in range(B):
+        for i in range(Nq):
+            p = logits[b, i].softmax(-1)[0]
+            (pc, pw) = spans[b, i].tolist()
+            for j in range(sizes[b]):
+                tc, tw = tl[b]['spans'][j].tolist()
+                ps, pe, ts, te = pc - pw / 2, pc + pw / 2, tc - tw / 2, tc + tw / 2
+                inter = max(0., min(pe, te) - max(ps, ts)); union = (pe - ps) + (te - ts) - inter
+                hull = max(pe, te) - min(ps, ts)
+                giou = inter / union - (hull - union) / hull
+                ref = 10 * (abs(pc - tc) + abs(pw - tw)) - giou - 4 * float(p)
+                assert abs(C[b, i, j].item() - ref) < 1e-5
+    out = HungarianMatcher()(dict(pred_logits=logits, pred_spans=spans), dict(span_labels=tl))
+    for b, (src, tgt_i) in enumerate(out):
+        n = sizes[b]
+        best = min(sum(C[b, perm[j], j].item() for j in range(n)) for perm in itertools.permutations(range(Nq), n)) if n else 0.
+        assert abs(sum(C[b, s, t].item() for s, t in zip(src.tolist(), tgt_i.tolist())) - best) < 1e-5
+        assert len(src) == n
+
+
+def test_pad_sequences_equals_the_row_copy_loop():
+    from videolights.data import pad_sequences
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randn(n, 7, generator=g) for n in (3, 9, 1, 9, 4)]
+    ref = torch.zeros(5, 9, 7); mref = torch.zeros(5, 9)
+    for i, s in enumerate(seqs): ref[i, :len(s)] = s; mref[i, :len(s)] = 1
+    out, m = pad_sequences(seqs)
+    assert torch.equal(out, ref) and torch.equal(m, mref) and out.dtype == torch.float32
+    out, _ = pad_sequences([torch.tensor([1, 2]), torch.tensor([3])])  # int input -> float32 as before
+    assert out.dtype == torch.float32 and out.tolist() == [[1., 2.], [3., 0.]]

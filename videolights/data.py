@@ -653,16 +653,13 @@ def __getitem__(self:VLDataset, i:int)->dict:
     if self.load_labels: mi.update(self.targets(rec, L))
     return dict(meta={**rec, 'n_clips': L}, model_inputs=mi)
 
-# %% ../nbs/01_data.ipynb #5c955daa
+# %% ../nbs/01_data.ipynb #bef2b82d
 def pad_sequences(seqs:list[Tensor], # B tensors (L_b, ...) 
                   dtype=torch.float32)->tuple[Tensor,Tensor]: # (B, L, ...) zero-padded, (B, L) mask 1 = valid
     "Zero-pad a list of tensors along their first axis; also return the validity mask."
-    L = max(len(s) for s in seqs)
-    out = torch.zeros((len(seqs), L) + tuple(seqs[0].shape[1:]), dtype=dtype)
-    mask = torch.zeros(len(seqs), L, dtype=torch.float32)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = s; mask[i, :len(s)] = 1
-    return out, mask
+    out = torch.nn.utils.rnn.pad_sequence([s.to(dtype) for s in seqs], batch_first=True)  # (B, L, ...) one C++ call
+    n = torch.tensor([len(s) for s in seqs])  # (B,)
+    return out, (torch.arange(out.shape[1])[None] < n[:, None]).float()  # (B, L)
 
 def collate(items:list[dict])->tuple[dict,dict,list]: # (model_inputs, targets, metas)
     "Batch dataset items into ARCHITECTURE.md's `(model_inputs, targets, metas)`."
