@@ -60,7 +60,11 @@ def test_fixture_detects_quirk_1():
     assert _maxdiff(out['saliency_scores'], fx['outputs']['saliency_scores']) > 1e-4
 
 
-@pytest.mark.skipif(not Path(OFFICIAL, 'video_lights', 'model.py').is_file(), reason='official code not checked out')
+_TOOLS = [REPO.parent / 'shared' / 'tools' / 'official', REPO / 'shared' / 'tools' / 'official', Path('/work/shared/tools/official')]
+HAVE_OFFICIAL = Path(OFFICIAL, 'video_lights', 'model.py').is_file() and any((d / 'vl_official.py').is_file() for d in _TOOLS)
+
+
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official code (or shared/tools/official/vl_official.py) not available')
 @pytest.mark.parametrize('variant', ['sf_clip', 'sf_clip_blip'])
 def test_live_official_equivalence(variant):
     "Against the official code itself: outputs within 1e-5, equal parameter counts (10.40 M / 10.80 M)."
