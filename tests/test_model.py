@@ -75,6 +75,8 @@ def test_live_official_equivalence(variant):
     assert res['params_official'] == res['params_ours'] == OFFICIAL_PARAMS[chk.PRESET[variant]]
     assert round(res['params_ours'] / 1e6, 2) == {'sf_clip': 10.40, 'sf_clip_blip': 10.80}[variant]
     if 'grad_frac_close' in res: assert res['grad_frac_close'] >= 0.999
+    if variant == 'sf_clip':  # and the other way: our weights exported into the official model
+        assert max(chk.check_export(vo, off, variant, B=3, seed=2)['export_diffs'].values()) <= TOL
 
 
 # parameter counts of the official model (commit 76308bb, random init), as measured by tools/check_official_model.py
