@@ -43,10 +43,16 @@ def test_train_resume_evaluate(tiny_data, tmp_path):
     cfg = json.loads((run/'config.json').read_text())
     assert cfg['config']['n_epoch'] == 2 and cfg['config']['bsz'] == 4 and cfg['data'] == str(tiny_data)
 
-    r = vl('train', '--resume', run, '--epochs', 3, '--no-progress')          # extend the finished run by one epoch
+    r = vl('train', '--resume', run, '--epochs', 3, '--num_workers', 2, '--no-progress')   # one more epoch, 2 workers
     assert r.returncode == 0, r.stderr
     log = [json.loads(l) for l in open(run/'log.jsonl')]
     assert [l['epoch'] for l in log if l['kind'] == 'train'] == [0, 1, 2]
+
+    ft = tmp_path/'finetune'                                                    # two-stage recipe: weights only
+    r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', ft, '--init-from', run/'model_best.ckpt',
+           '--epochs', 1, '--bsz', 4, '--num_workers', 0, '--max_v_l', 75, '--pretrain', '--no-progress')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((ft/'config.json').read_text())['init_from'] == str(run/'model_best.ckpt')
 
     out = tmp_path/'eval'
     r = vl('evaluate', '--ckpt', run, '--data', tiny_data, '--split', 'val', '--out', out)
