@@ -68,6 +68,13 @@ def test_train_resume_evaluate(tiny_data, tmp_path):
     m = json.loads((out/'hl_val_submission_metrics.json').read_text())
     assert 'MR-full-mAP' in m['brief'] and 'HL-min-VeryGood-Hit1' in m['brief']
 
+    test = tmp_path/'highlight_test_release.jsonl'                          # an unlabelled split: submission only
+    test.write_text(''.join(json.dumps({k: g[k] for k in ('qid', 'query', 'vid', 'duration')}) + '\n' for g in gt))
+    r = vl('evaluate', '--ckpt', run/'model_latest.ckpt', '--data', tiny_data, '--records', test, '--split', 'test', '--out', out)
+    assert r.returncode == 0, r.stderr
+    assert len(open(out/'hl_test_submission.jsonl').readlines()) == len(gt)
+    assert not (out/'hl_test_submission_metrics.json').exists()
+
 
 def test_bad_override_is_a_clear_error(tiny_data, tmp_path):
     r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', tmp_path/'r', '--lrr', '1e-3', timeout=120)
