@@ -104,3 +104,25 @@ def test_qvh_proxy_few_epochs(tmp_path):
     assert r.returncode == 0, r.stderr
     log = [json.loads(l) for l in open(tmp_path/'run'/'log.jsonl')]
     print([{k: l[k] for k in ('kind', 'epoch', 'time_s', 'loss_overall', 'MR-full-mAP', 'HL-min-VeryGood-Hit1') if k in l} for l in log])
+
+
+def _real_run(data, out, n_epoch=3, resume=False, on_step=None):
+    from videolights.data import collate
+    from videolights.train import RunOptions, build_run, fit, synth_config
+    cfg = synth_config(data, n_epoch=n_epoch, bsz=4, eval_every=2, num_workers=0, max_v_l=75, seed=3)
+    cfg, model, crit, tr, ev = build_run(cfg, data, 'val', verbose=False)
+    fit(model, crit, tr, cfg, out, RunOptions(device='cpu', progress=False, tensorboard=False), collate, ev, resume, on_step)
+    return model
+
+
+def test_real_model_resume_is_exact(tiny_data, tmp_path):
+    "The real model, criterion and VLDataset (dropout, random saliency pairs): interrupted + resumed = straight."
+    import torch
+    straight = _real_run(tiny_data, tmp_path/'a')
+    def ctrl_c(state):
+        if state.global_step == 4: raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt): _real_run(tiny_data, tmp_path/'b', on_step=ctrl_c)   # epoch 1, step 1 of 3
+    _real_run(tiny_data, tmp_path/'b', n_epoch=2, resume=True)                            # resume, stop at an epoch end
+    resumed = _real_run(tiny_data, tmp_path/'b', resume=True)                             # resume again to the end
+    for (k, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), k
