@@ -165,3 +165,72 @@ def test_pad_sequences_equals_the_row_copy_loop():
     assert torch.equal(out, ref) and torch.equal(m, mref) and out.dtype == torch.float32
     out, _ = pad_sequences([torch.tensor([1, 2]), torch.tensor([3])])  # int input -> float32 as before
     assert out.dtype == torch.float32 and out.tolist() == [[1., 2.], [3., 0.]]
+
+
+# ------------------------------------------------------------------ fast CPU dropout (layers.Dropout) vs F.dropout
+from videolights import layers as L
+
+
+def test_fast_dropout_is_f_dropout_given_the_same_mask(monkeypatch):
+    "With torch's own mask substituted, the fast path reproduces F.dropout's output and gradient."
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(5); ref = torch.nn.functional.dropout(x, 0.3, True)
+    mask = (ref != 0).float() / 0.7
+    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p: mask.view(shape))
+    y = L.dropout(x, 0.3, True)
+    assert torch.allclose(y, ref, rtol=1e-6, atol=0)
+    g = torch.randn_like(x)
+    (gx_ref,) = torch.autograd.grad(ref, x, g); (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.allclose(gx, gx_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_fast_dropout_keep_rate_scale_and_seed(p):
+    x = torch.randn(300, 1000)
+    torch.manual_seed(0); y = L.dropout(x, p, True)
+    keep = (y != 0)
+    n = x.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.allclose(y[keep], x[keep] / (1 - p), rtol=1e-6)
+    torch.manual_seed(0); assert torch.equal(L.dropout(x, p, True), y)  # torch.manual_seed governs it
+    assert not torch.equal(L.dropout(x, p, True), y)  # and the generator advances
+    assert torch.equal(L.dropout(x, p, False), x)
+    # independent decisions: neighbouring elements' keep flags are uncorrelated
+    k = keep.float().flatten()
+    assert abs(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()) < 0.01
+
+
+def test_native_dropout_switch(monkeypatch):
+    monkeypatch.setattr(L, 'FAST_DROPOUT', False)
+    x = torch.randn(50, 40)
+    torch.manual_seed(1); a = L.Dropout(0.2).train()(x)
+    torch.manual_seed(1); b = torch.nn.functional.dropout(x, 0.2, True)
+    assert torch.equal(a, b)
+
+
+def test_train_attention_explicit_path_equals_sdpa(monkeypatch):
+    "Train-mode attention with dropout on the CPU takes the explicit softmax path; with an all-keep mask it is SDPA."
+    torch.manual_seed(0)
+    att = L.Attention(32, 4, dropout=0.1).train()
+    q, k = torch.randn(3, 7, 32), torch.randn(3, 9, 32)
+    pad = torch.zeros(3, 9, dtype=torch.bool); pad[1, 6:] = True; pad[2, 3:] = True
+    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p: torch.ones(shape))  # keep all, no scaling
+    a, w = att(q, k, k, pad)
+    assert w is None
+    att.p = 0.  # train mode without dropout: the fused SDPA call
+    b, _ = att(q, k, k, pad)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_model_train_step_with_fast_dropout_is_finite_and_seeded():
+    from videolights.model import build_model
+    from videolights.loss import build_criterion
+    cfg = get_preset('tiny')
+    mi, tg, _ = bench.synth_batch(cfg, 4, seed=0)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m, c = build_model(cfg).train(), build_criterion(cfg)
+        ld = c(m(**mi), tg)
+        losses.append(sum(ld[k] * c.weight_dict[k] for k in ld if k in c.weight_dict))
+    assert torch.isfinite(losses[0]) and losses[0].item() == losses[1].item()
