@@ -262,3 +262,15 @@ def test_pretrain_data_cli(tmp_path):
     assert r['saliency_scores'] == [[round(float(np.exp(1.25)), 4)]] * 6
     with pytest.raises(ValueError, match='captions.jsonl:2: missing'):
         captions_to_pretrain([dict(vid='a', timestamp=0, caption='x', duration=9), dict(vid='a', caption='y')], where='captions.jsonl')
+
+
+def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
+    toy_run(tmp_path/'a', n_epoch=1)
+    with pytest.raises(FileExistsError, match='already holds a run'): toy_run(tmp_path/'a', n_epoch=1)
+    from videolights.train import fit
+    import videolights.train as T
+    set_seed(0)
+    cfg = toy_cfg(n_epoch=1)
+    fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(progress=False, tensorboard=False),
+        toy_collate, overwrite=True)
+    assert len([l for l in open(tmp_path/'a'/'log.jsonl')]) == 1          # the old log was replaced, not appended to
