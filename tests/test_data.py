@@ -469,3 +469,18 @@ def test_bench_load_small(tmp_path):
     assert r['speedup'] == pytest.approx(r['npz_epoch_s'] / r['h5_epoch_s'], rel=0.02)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is removed
 
+
+
+def test_inspect_cli_store_empty_folder_and_bad_file(tmp_path, small_set, capsys):
+    root, recs = small_set
+    assert inspect_main([str(root / 'features.h5'), '--json', str(tmp_path / 's.json')]) == 0
+    s = json.loads((tmp_path / 's.json').read_text())
+    assert s['annotations'] == {} and s['features'][str(root / 'features.h5')]['slowfast_features'] == dict(kind='video', dim=10, n=12)
+    assert 'slowfast_features' in capsys.readouterr().out
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit) as e:
+        inspect_main([str(tmp_path / 'empty')])
+    assert e.value.code == 2 and 'no .jsonl annotation files and no features found' in capsys.readouterr().err
+    p = _write(tmp_path, 'bad.jsonl', [GOOD, {**GOOD, 'qid': 2, 'query': ''}])
+    assert inspect_main([str(p), '--no-plots']) == 1
+    assert capsys.readouterr().err.strip() == f"videolights inspect: error: {p}:2: key 'query' is empty (qid 2)"

@@ -775,8 +775,9 @@ def inspect_main(argv:list[str]|None=None)->int:
     p = argparse.ArgumentParser(prog='videolights inspect', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Summarise annotation files (counts, durations, windows, saliency) and feature folders/stores.',
         epilog='examples:\n  videolights inspect data/qvhighlights/highlight_val_release.jsonl\n'
-               '  videolights inspect runs/synth --figdir figures/synth\n  videolights inspect DIR --json summary.json --no-plots')
-    p.add_argument('data', help='a .jsonl file or a dataset folder (jsonl files + features)')
+               '  videolights inspect runs/synth --figdir figures/synth\n  videolights inspect DIR --json summary.json --no-plots\n'
+               '  videolights inspect my_feats.h5                 # a feature store alone (types, dims, counts)')
+    p.add_argument('data', help='a .jsonl file, an .h5 feature store, or a dataset folder (jsonl files + features)')
     p.add_argument('--dset', choices=list(READERS), default=None, help='dataset format (default: guessed per file)')
     p.add_argument('--figdir', default='figures', help='where the distribution plots go (default: figures)')
     p.add_argument('--no-plots', action='store_true', help='do not write figures')
@@ -784,7 +785,15 @@ def inspect_main(argv:list[str]|None=None)->int:
     a = p.parse_args(argv)
     data = Path(a.data)
     if not data.exists(): p.error(f'{data} does not exist')
-    files = [data] if data.is_file() else sorted(data.glob('*.jsonl'))
+    store = data.is_file() and data.suffix in ('.h5', '.hdf5')
+    files = [] if store else [data] if data.is_file() else sorted(data.glob('*.jsonl'))
+    feats = [data] if store else [] if data.is_file() else _find_features(data)
+    if not files and not feats: p.error(f'{data}: no .jsonl annotation files and no features found')
+    try: return _inspect(files, feats, a)
+    except (DataFormatError, FeatureNotFoundError, OSError) as e:
+        print(f'videolights inspect: error: {e}', file=sys.stderr); return 1
+
+def _inspect(files:list[Path], feats:list[Path], a)->int:
     out = dict(annotations={}, features={})
     for f in files:
         recs = read_records(f, a.dset)
@@ -795,7 +804,7 @@ def inspect_main(argv:list[str]|None=None)->int:
             import matplotlib; matplotlib.use('Agg')
             fig = plot_summary(recs, f.name); fig.savefig(fp := Path(a.figdir)/f'inspect_{f.stem}.png', dpi=80)
             import matplotlib.pyplot as plt; plt.close(fig); print(f'  figure: {fp}')
-    for src in ([] if data.is_file() else _find_features(data)):
+    for src in feats:
         fs = out['features'][str(src)] = feature_summary(src)
         print(f'== features {src}'); print('\n'.join(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}' for t, v in fs.items()))
     if a.json: Path(a.json).write_text(json.dumps(out, indent=1))
