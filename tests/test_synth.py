@@ -179,3 +179,13 @@ def test_full_qvh_small_dims(tmp_path):
     va = load_split(tmp_path, 'val')
     hit, rand = hit_at_1(oracle_scores(va, s), va)
     assert hit > 2.5 * rand, (hit, rand)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    assert synth_main(['--out', str(tmp_path), '--size', 'tiny', '--no-h5']) == 0
+    capsys.readouterr()
+    assert synth_main(['--out', str(tmp_path), '--size', 'tiny', '--no-h5']) == 1          # would mix two runs
+    err = capsys.readouterr().err
+    assert err.startswith('videolights synth: error: ') and '--overwrite' in err and 'Traceback' not in err
+    assert synth_main(['--out', str(tmp_path / 'x'), '--size', 'qvh', '--ann-dir', str(tmp_path / 'none')]) == 1
+    assert capsys.readouterr().err.startswith('videolights synth: error: ')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_synth.ipynb #770c30ca
 from __future__ import annotations
-import os, re, json, math, time, zlib, zipfile, argparse, string, shutil, functools
+import os, re, sys, json, math, time, zlib, zipfile, argparse, string, shutil, functools
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -463,8 +463,10 @@ def synth_main(argv:list[str]|None=None)->int:
     ap.add_argument('--overwrite', action='store_true', help='replace the features of an earlier run in --out')
     ap.add_argument('--ann-dir', default=None, help='real QVHighlights jsonl folder (default: repo data/qvhighlights)')
     a = ap.parse_args(argv)
-    s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.v_dims, a.t_dims, a.n_train, a.n_val, a.dtype, not a.no_h5,
-              a.overwrite, ann_dir=a.ann_dir)
+    try: s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.v_dims, a.t_dims, a.n_train, a.n_val, a.dtype, not a.no_h5,
+                   a.overwrite, ann_dir=a.ann_dir)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:   # user errors: one line, no traceback
+        print(f'videolights synth: error: {e}', file=sys.stderr); return 1
     print(f"synthetic dataset (stand-in features) in {s['out_dir']}  [{s['seconds']} s]")
     print(f"  queries: train {s['n_train']}, val {s['n_val']}; videos {s['n_videos']}; dtype {s['dtype']}")
     print(f"  video dims {s['v_feat_types']}; text dims {s['t_feat_types']}")
