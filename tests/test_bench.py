@@ -234,3 +234,21 @@ def test_model_train_step_with_fast_dropout_is_finite_and_seeded():
         ld = c(m(**mi), tg)
         losses.append(sum(ld[k] * c.weight_dict[k] for k in ld if k in c.weight_dict))
     assert torch.isfinite(losses[0]) and losses[0].item() == losses[1].item()
+
+
+@pytest.mark.parametrize('w', [0.25, -0.7, 1.3])
+def test_prelu_backward_equals_torch(w):
+    x = torch.randn(4, 30, 64); x[0, :5] = 0.  # exact zeros take the slope branch, as in torch
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    act, ref = L.PReLU(), torch.nn.PReLU()
+    with torch.no_grad(): act.weight.fill_(w); ref.weight.fill_(w)
+    ya, yr = act(x), ref(x)
+    assert torch.equal(ya, yr)
+    ga = torch.autograd.grad(ya, (x, act.weight), g); gr = torch.autograd.grad(yr, (x, ref.weight), g)
+    assert torch.allclose(ga[0], gr[0], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ga[1], gr[1], rtol=1e-5, atol=1e-4)
+    assert torch.autograd.gradcheck(lambda a, b: L._PReLUFn.apply(a, b),
+                                    (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) + 0.1,
+                                     torch.tensor([w], dtype=torch.float64, requires_grad=True)))
+    assert isinstance(L.make_activation('prelu'), L.PReLU)

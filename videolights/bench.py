@@ -33,7 +33,7 @@ def machine_info(device:str='cpu')->dict:
                 cuda=torch.cuda.get_device_name(0) if cuda else None, load_avg_1min=round(os.getloadavg()[0], 2),
                 measured=time.strftime('%Y-%m-%d %H:%M:%S'))
 
-# %% ../nbs/90_bench.ipynb #329f07db
+# %% ../nbs/90_bench.ipynb #3d404803
 def sync(device)->None:
     "Wait for queued GPU work (no-op on the CPU)."
     if str(device).startswith('cuda'): torch.cuda.synchronize()
@@ -46,7 +46,11 @@ def med(xs)->float:
 def ms(x:float)->float: return round(1e3 * x, 2)
 
 def peak_rss_mib()->float:
-    "Peak resident set size of this process so far, MiB (Linux reports KiB)."
+    "Peak resident set size of this process so far, MiB (`VmHWM`; `ru_maxrss` elsewhere, which Linux carries over exec)."
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'): return round(int(line.split()[1]) / 1024, 1)
+    except OSError: pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 class Timer:
@@ -190,7 +194,7 @@ def train_step(model, crit, optim, mi:dict, tg:dict, grad_clip:float=0.1, amp:st
     sync(device); t4 = time.perf_counter()
     return dict(fwd=t1 - t0, crit=t2 - t1, bwd=t3 - t2, opt=t4 - t3, step=t4 - t0, loss=float(loss.detach()))
 
-# %% ../nbs/90_bench.ipynb #54e0cb53
+# %% ../nbs/90_bench.ipynb #2b6fcb7c
 def _cpu_default_threads(threads):
     if threads: torch.set_num_threads(int(threads))
 
@@ -207,7 +211,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     if official:
         off = load_official(official); om, oc, oo, _ = build_official(off, cfg, device); sides['official'] = (om, oc, oo)
     for m, *_ in sides.values(): m.train()
-    if device.startswith('cuda'): torch.cuda.reset_peak_memory_stats()
+    cuda, peaks = device.startswith('cuda'), {}
     rows = {k: [] for k in sides}
     for i in range(warmup + steps):
         mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i)
@@ -216,7 +220,9 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
             mi, tg, _ = move_batch((mi, tg, []), device)
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for k in order:
+            if cuda: torch.cuda.reset_peak_memory_stats()
             r = train_step(*sides[k], mi, tg, cfg.grad_clip, amp if k == 'ours' else None, scaler if k == 'ours' else None, device)
+            if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
             if i >= warmup: rows[k].append(r)
     res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile,
                n_params=sum(p.numel() for p in sides['ours'][0].parameters()))
@@ -226,12 +232,12 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
                       breakdown_ms={p: ms(med(r[p] for r in rs)) for p in ('fwd', 'crit', 'bwd', 'opt')},
                       loss_first_last=[round(rs[0]['loss'], 3), round(rs[-1]['loss'], 3)])
     if official: res['ratio'] = round(res['official']['step_ms'] / res['ours']['step_ms'], 2)
-    if device.startswith('cuda'): res['peak_cuda_mib_both'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}  # allocator peak during each side's steps
     if memory and device == 'cpu':
         res['peak_rss_mib'] = {k: peak_rss_child(k, 'train', preset, batch, official, threads) for k in sides}
     return res
 
-# %% ../nbs/90_bench.ipynb #967b9927
+# %% ../nbs/90_bench.ipynb #9558c4cb
 @torch.no_grad()
 def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, warmup:int=1, official:str|None=None,
                 device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
@@ -246,6 +252,7 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
     for m in sides.values(): m.eval()
     dt = _AMP[amp]
     res = dict(preset=preset, device=device, amp=amp, compile=compile, runs=runs)
+    cuda, peaks = device.startswith('cuda'), {}
     for B in batches:
         n = runs if B == 1 else max(3, runs // 2)
         ts = {k: [] for k in sides}
@@ -254,10 +261,13 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
             mi = {k: v.to(device) for k, v in mi.items()}
             for k in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
                 ctx = torch.autocast(torch.device(device).type, dtype=dt) if (dt and k == 'ours') else contextlib.nullcontext()
+                if cuda: torch.cuda.reset_peak_memory_stats()
                 with ctx, Timer(device) as t: sides[k](**mi)
+                if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
                 if i >= warmup: ts[k].append(t.s)
         res[f'b{B}'] = {k: dict(ms=ms(med(v)), ms_all=[ms(x) for x in v]) for k, v in ts.items()}
         if official: res[f'b{B}']['ratio'] = round(med(ts['official']) / med(ts['ours']), 2)
+    if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}
     if memory and device == 'cpu':
         res['peak_rss_mib'] = {k: peak_rss_child(k, 'infer', preset, max(batches), official, threads) for k in sides}
     return res

@@ -12,8 +12,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'dropout_mask', 'dropout', 'Dropout', 'sine_pos_embed', 'LearnedPosEmbed', 'MLP', 'make_activation',
-           'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention', 'cmf_pair_mask', 'BiCMFLayer',
-           'UniCMFLayer', 'EncoderLayer', 'Stack']
+           'PReLU', 'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention', 'cmf_pair_mask',
+           'BiCMFLayer', 'UniCMFLayer', 'EncoderLayer', 'Stack']
 
 # %% ../nbs/05_layers.ipynb #b4cff02c
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -71,7 +71,7 @@ class LearnedPosEmbed(nn.Module):
         pos = self.position_embeddings(torch.arange(x.shape[1], device=x.device))  # (L, D)
         return self.dropout(self.LayerNorm(x + pos))
 
-# %% ../nbs/05_layers.ipynb #b13f12c1
+# %% ../nbs/05_layers.ipynb #3047778d
 class MLP(nn.Module):
     "`n_layers` linear layers with ReLU in between."
     def __init__(self, d_in:int, d_hidden:int, d_out:int, n_layers:int):
@@ -84,9 +84,29 @@ class MLP(nn.Module):
 
 def make_activation(name:str)->nn.Module:
     "The transformer activation as a module (`prelu` has a learned slope)."
-    acts = dict(prelu=nn.PReLU, relu=nn.ReLU, gelu=nn.GELU)
+    acts = dict(prelu=PReLU, relu=nn.ReLU, gelu=nn.GELU)
     if name not in acts: raise ValueError(f"activation {name!r}: choose from {sorted(acts)}")
     return acts[name]()
+
+# %% ../nbs/05_layers.ipynb #268d3b1a
+class _PReLUFn(torch.autograd.Function):
+    "PReLU with a single slope: torch's forward, a vectorised backward."
+    @staticmethod
+    def forward(ctx, x, w): ctx.save_for_backward(x, w); return F.prelu(x, w)
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gw = torch.dot(g.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(w.shape)  # sum g * min(x, 0)
+        wf = float(w)
+        slope = torch.sign(x).clamp_(min=0).mul_(1 - wf).add_(wf)  # 1 where x > 0, w elsewhere
+        return g * slope, gw
+
+class PReLU(nn.PReLU):
+    "`nn.PReLU` with the vectorised backward (`_PReLUFn`) for one slope on float32 CPU tensors."
+    def forward(self, x:Tensor)->Tensor:
+        if self.weight.numel() != 1 or x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.is_grad_enabled():
+            return F.prelu(x, self.weight)
+        return _PReLUFn.apply(x, self.weight)
 
 # %% ../nbs/05_layers.ipynb #6e57808b
 def rowwise(f, x:Tensor, # (B, L, D_in)
