@@ -129,8 +129,17 @@ def test_ablate_cli_plot_only_and_errors(tmp_path, capsys):
     assert (tmp_path/'ablation_table_V.png').stat().st_size > 10_000
     assert '30.5' in capsys.readouterr().out                  # row 13 mean over seeds
     with pytest.raises(SystemExit): viz.ablate_main(['--rows', '1'])   # --data missing
-    with pytest.raises(ValueError, match='unknown rows'): viz.ablate_main(['--data', 'x', '--rows', '99'])
-    with pytest.raises(SystemExit): viz.ablate_main(['--data', 'x', '--skip', ''])        # pt applied, no checkpoint
+    capsys.readouterr()
+    for argv, msg in [(['--data', str(tmp_path/'nowhere')], '--data: '),                    # no such folder
+                      (['--data', str(tmp_path), '--rows', '99'], 'unknown rows'),
+                      (['--plot-only', str(tmp_path/'none.csv')], 'does not exist'),
+                      (['--data', str(tmp_path), '--skip', ''], '--pretrain-ckpt')]:     # pt applied, no checkpoint
+        with pytest.raises(SystemExit) as e: viz.ablate_main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    (tmp_path/'ann').mkdir()                                                               # no annotations there
+    assert viz.ablate_main(['--data', str(tmp_path/'ann'), '--rows', '1', '--epochs', '1', '--out', str(tmp_path/'o')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('videolights ablate: error: ') and 'annotations' in err and 'Traceback' not in err
     with pytest.raises(ValueError, match='needs pretraining'):
         viz.train_ablation_row(dict(pretrained=True), 0, tmp_path/'r', 'x')
 

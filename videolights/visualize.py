@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .spans import span_cxw_to_xx, temporal_iou
 from .config import VLConfig, get_preset
 from .matcher import HungarianMatcher, match_cost, pad_target_spans
-from .data import collate
+from .data import collate, DataFormatError
 from .train import RunOptions, build_dataset, build_run, fit, load_model, load_weights, synth_config
 
 # %% auto #0
@@ -656,16 +656,23 @@ row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +-
     ap.add_argument('--plot-only', metavar='RESULTS_CSV', help='skip training, plot an existing results CSV')
     a = ap.parse_args(argv)
     paper = paper_ablations()
-    if a.plot_only: res = pd.read_csv(a.plot_only, dtype={'row': str}, keep_default_na=False)
+    if a.plot_only:
+        if not Path(a.plot_only).is_file(): ap.error(f'--plot-only: {a.plot_only} does not exist')
+        res = pd.read_csv(a.plot_only, dtype={'row': str}, keep_default_na=False)
     else:
         if not a.data: ap.error('--data is required unless --plot-only is given')
-        rows, skip = select_rows(paper, a.rows), tuple(x.strip() for x in a.skip.split(',') if x.strip())
+        if not Path(a.data).exists(): ap.error(f'--data: {a.data} does not exist')
+        try: rows = select_rows(paper, a.rows)
+        except ValueError as e: ap.error(str(e))
+        skip = tuple(x.strip() for x in a.skip.split(',') if x.strip())
         if 'pt' not in skip and not a.pretrain_ckpt: ap.error("pt is applied (not in --skip): give --pretrain-ckpt")
         proxy = (Path(a.data)/'synth_info.json').is_file()
         label = f"{a.label or ('synthetic proxy' if proxy else str(a.data))}, {a.epochs} ep, {a.seeds} seed(s)"
         fn = lambda over, seed, out: train_ablation_row(over, seed, out, a.data, a.preset, a.epochs,
                                                         pretrain_ckpt=a.pretrain_ckpt)
-        res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)
+        try: res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)
+        except (FileNotFoundError, DataFormatError) as e:     # missing annotations/features, bad data: one line
+            print(f'videolights ablate: error: {e}', file=sys.stderr); return 1
     Path(a.figdir).mkdir(parents=True, exist_ok=True)
     fig = plot_ablation(res, paper, rows=list(dict.fromkeys(res.row)))
     fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight'); plt.close(fig)
