@@ -126,3 +126,27 @@ def test_real_model_resume_is_exact(tiny_data, tmp_path):
     resumed = _real_run(tiny_data, tmp_path/'b', resume=True)                             # resume again to the end
     for (k, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), k
+
+
+def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, monkeypatch):
+    "Table V 'pt': --pretrained true without weights is a usage error; with --pretrain_ckpt / --init-from they are loaded."
+    import torch
+    import videolights.train as T
+    base = ['--preset', 'tiny', '--data', str(tiny_data), '--bsz', '4', '--num_workers', '0', '--max_v_l', '75', '--no-progress']
+    r = vl('train', *base, '--out', tmp_path/'pt0', '--pretrained', 'true', timeout=120)
+    assert r.returncode == 2 and '--pretrain_ckpt CKPT' in r.stderr, r.stderr
+    assert not (tmp_path/'pt0'/'model_latest.ckpt').exists()
+    r = vl('train', *base, '--out', tmp_path/'pt1', '--init-from', tmp_path/'missing.ckpt', timeout=120)
+    assert r.returncode == 2 and 'missing.ckpt' in r.stderr, r.stderr
+    assert T.train_main([*base, '--out', str(tmp_path/'src'), '--epochs', '1']) == 0
+    src = T.load_checkpoint(tmp_path/'src'/'model_latest.ckpt')['model']
+    seen = {}
+    def fake_fit(model, *a, run_info=None, **kw):
+        seen['w'], seen['info'] = {k: v.clone() for k, v in model.state_dict().items()}, run_info
+        return T.TrainState()
+    monkeypatch.setattr(T, 'fit', fake_fit)
+    for flags in (['--pretrained', 'true', '--pretrain_ckpt', str(tmp_path/'src'/'model_latest.ckpt')],
+                  ['--init-from', str(tmp_path/'src'/'model_latest.ckpt')]):
+        assert T.train_main([*base, '--out', str(tmp_path/'pt2'), *flags]) == 0
+        assert seen['info']['init_from'] == str(tmp_path/'src'/'model_latest.ckpt')
+        for k, v in src.items(): assert torch.equal(seen['w'][k], v), k

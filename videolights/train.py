@@ -33,10 +33,10 @@ __all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPLIT_FILES', 'SPLIT_ALIASES'
            'selection_score', 'decode_predictions', 'NonFiniteLossError', 'TrainState', 'train_one_epoch', 'Evaluator',
            'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features',
            'build_dataset', 'has_labels', 'data_dims', 'official_metrics', 'build_run', 'synth_config',
-           'parse_overrides', 'train_main', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief',
-           'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves',
-           'plot_windows', 'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch',
-           'bench_train_step']
+           'parse_overrides', 'train_main', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate',
+           'evaluate_main', 'format_brief', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main',
+           'read_log', 'plot_training_curves', 'plot_windows', 'plot_saliency', 'random_submission', 'demo',
+           'demo_main', 'random_batch', 'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -593,6 +593,7 @@ def official_metrics(submission:list[dict], gt:list[dict], dset_name:str='hl')->
 def build_run(cfg:VLConfig, data:str|Path|None, split:str|None=None, pretrain:bool=False, train:bool=True,
               num_workers:int|None=None, verbose:bool=True,
               train_records:str|Path|None=None, eval_records:str|Path|None=None, # explicit annotation files
+              init_from:str|Path|None=None, # start from these weights (else cfg.pretrain_ckpt when cfg.pretrained)
              ):
     "`(cfg, model, criterion, train_ds, evaluator)` for a config and a dataset path."
     split = split or cfg.eval_split_name
@@ -605,6 +606,11 @@ def build_run(cfg:VLConfig, data:str|Path|None, split:str|None=None, pretrain:bo
     tr_ds = build_dataset(cfg, data, 'train', pretrain, records=train_records) if train else None
     set_seed(cfg.seed)
     model, criterion = build_model(cfg), build_criterion(cfg)
+    ck = init_from or (cfg.pretrain_ckpt if cfg.pretrained else None)
+    if ck: load_weights(model, ck)
+    elif cfg.pretrained and verbose and int(os.environ.get('RANK', 0)) == 0:
+        print("warning: pretrained=true but no checkpoint (pretrain_ckpt / init_from): the model starts from "
+              "random weights", file=sys.stderr)
     nw = cfg.num_workers if num_workers is None else num_workers
     ev = Evaluator(ev_ds, cfg, collate, partial(official_metrics, dset_name=cfg.dset_name),
                    gt=ev_ds.records if ev_ds.load_labels else None, split=split, num_workers=nw)
@@ -704,12 +710,14 @@ def train_main(argv:list[str]|None=None)->int:
         if not a.out: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
         cfg, out, data = get_preset(a.preset, **over), Path(a.out), a.data
         tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
-    cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec)
-    if a.init_from: load_weights(model, a.init_from)
+    try: init = None if a.resume else init_checkpoint(cfg, a.init_from)
+    except (ValueError, FileNotFoundError) as e: p.error(str(e))
+    cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
+                                            init_from=init)
     opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, grad_accum=a.grad_accum,
                       deterministic=a.deterministic, eval_split=ev.split, progress=not a.no_progress,
                       tensorboard=not a.no_tensorboard)
-    info = dict(preset=a.preset, data=str(data) if data else None, init_from=a.init_from, pretrain=a.pretrain,
+    info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
                 train_records=tr_rec, eval_records=ev_rec)
     if not a.resume and (out/'model_latest.ckpt').exists() and not a.overwrite:
         p.error(f"{out} already holds a run: continue it with --resume {out}, or pass --overwrite")
@@ -722,6 +730,17 @@ def train_main(argv:list[str]|None=None)->int:
     if int(os.environ.get('RANK', 0)) == 0:
         print(f"done: {st.epoch} epochs; best score {st.best_score:.2f} at epoch {st.best_epoch}; run in {out}")
     return 0
+
+def init_checkpoint(cfg, # a VLConfig (reads `pretrained`, `pretrain_ckpt`)
+                    init_from:str|Path|None=None, # the `--init-from` checkpoint, if any
+                   )->str|None: # the checkpoint a new run starts from, or None (random init)
+    "The weights a new run starts from; `pretrained=true` without a checkpoint is an error, not a silent scratch run."
+    ck = init_from or (cfg.pretrain_ckpt if cfg.pretrained else None)
+    if cfg.pretrained and not ck:
+        raise ValueError("pretrained=true (Table V 'pt') needs the pretraining weights: pass --pretrain_ckpt CKPT "
+                         "or --init-from CKPT (train one with --pretrain first)")
+    if ck and not Path(ck).is_file(): raise FileNotFoundError(f"checkpoint to start from not found: {ck}")
+    return str(ck) if ck else None
 
 def _known(d:dict)->dict:
     names = {f.name for f in dataclasses.fields(VLConfig)}
