@@ -252,3 +252,17 @@ def test_prelu_backward_equals_torch(w):
                                     (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) + 0.1,
                                      torch.tensor([w], dtype=torch.float64, requires_grad=True)))
     assert isinstance(L.make_activation('prelu'), L.PReLU)
+
+
+def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
+    import importlib
+    seen = {}
+    def fake_with(official_path=None, **kw): seen['with'] = (official_path, kw); return {'ok': 1}
+    def fake_without(**kw): seen['without'] = kw; return {'ok': 2}
+    monkeypatch.setattr(importlib.import_module('videolights.model'), 'bench_infer', fake_with)
+    monkeypatch.setattr(importlib.import_module('videolights.data'), 'bench_load', fake_without)
+    off = OFFICIAL if HAVE_OFFICIAL else None
+    rc, out, _ = run_main(['infer', '--modules', '--repeats', '2'] + (['--compare-official', off] if off else []))
+    assert rc == 0 and json.loads(out)['infer'] == {'ok': 1} and seen['with'] == (off, {'repeats': 2})
+    rc, out, _ = run_main(['load', '--modules', '--n_videos', '5'] + (['--compare-official', off] if off else []))
+    assert rc == 0 and seen['without'] == {'n_videos': 5}  # no official_path for a function without that option
