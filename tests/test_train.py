@@ -274,3 +274,38 @@ def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
     fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(progress=False, tensorboard=False),
         toy_collate, overwrite=True)
     assert len([l for l in open(tmp_path/'a'/'log.jsonl')]) == 1          # the old log was replaced, not appended to
+
+
+# ---------------------------------------------------------------- periodic copies, early stopping
+def _const_run(out, resume=False, opts=None, **kw):
+    "Toy run whose validation metric never changes: only the first evaluation improves."
+    set_seed(0)
+    cfg = toy_cfg(**{**dict(eval_every=1, n_epoch=10), **kw})
+    val = ToyData(n=16, seed=1, random_labels=False)
+    ev = Evaluator(val, cfg, toy_collate, lambda sub, gt: dict(brief={'MR-full-R1@0.5': 50.}),
+                   gt=[val[i]['meta'] for i in range(len(val))])
+    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts or RunOptions(progress=False, tensorboard=False),
+               toy_collate, ev, resume)
+
+
+def test_early_stopping_counts_evaluations_and_survives_resume(tmp_path):
+    st = _const_run(tmp_path/'a', max_es_cnt=2)
+    assert (st.epoch, st.es_cnt, st.best_epoch) == (4, 3, 0)
+    log = [json.loads(l) for l in open(tmp_path/'a'/'log.jsonl')]
+    assert log[-1]['kind'] == 'early_stop' and log[-1]['epoch'] == 3
+    assert _const_run(tmp_path/'a', resume=True, max_es_cnt=2).epoch == 4        # a stopped run stays stopped
+    assert _const_run(tmp_path/'a', resume=True, max_es_cnt=4).epoch == 6        # a larger budget continues the count
+    assert _const_run(tmp_path/'off', max_es_cnt=-1).epoch == 10                 # -1: never stops (official)
+    assert _const_run(tmp_path/'dflt').epoch == 10                               # default 200: off in practice
+
+
+def test_periodic_checkpoints(tmp_path):
+    names = lambda d: sorted(p.name for p in d.glob('model_e*.ckpt'))
+    _const_run(tmp_path/'a', n_epoch=5, opts=RunOptions(progress=False, tensorboard=False, save_every=2))
+    assert names(tmp_path/'a') == ['model_e0001.ckpt', 'model_e0003.ckpt']
+    ck = load_checkpoint(tmp_path/'a'/'model_e0003.ckpt')
+    assert ck['state']['epoch'] == 4 and set(ck) >= {'model', 'optimizer', 'scheduler', 'rng', 'config'}
+    _const_run(tmp_path/'b', n_epoch=5, lr_drop=4)                               # official default: 50 and every lr_drop
+    assert names(tmp_path/'b') == ['model_e0003.ckpt']
+    _const_run(tmp_path/'c', n_epoch=5, lr_drop=4, opts=RunOptions(progress=False, tensorboard=False, save_every=0))
+    assert names(tmp_path/'c') == []

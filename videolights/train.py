@@ -148,7 +148,8 @@ class EpochSampler(Sampler):
 
 # %% ../nbs/11_train.ipynb #97ca828d
 TRAIN_DEFAULTS = dict(lr=1e-4, wd=1e-4, lr_drop=400, lr_gamma=0.1, bsz=32, eval_bsz=100, n_epoch=200,
-                      grad_clip=0.1, seed=2018, eval_every=5, num_workers=0, dset_name='hl', clip_len=2.)
+                      grad_clip=0.1, seed=2018, eval_every=5, num_workers=0, dset_name='hl', clip_len=2.,
+                      max_es_cnt=200)
 
 def hp(cfg, name:str): # a config object (VLConfig, namespace) and a training field name
     "A training hyper-parameter from `cfg`, defaulting to the official recipe."
@@ -216,6 +217,7 @@ class TrainState:
     "Where a run is: `epoch` in progress, micro-`batch`es of it applied, optimiser steps, best score so far."
     epoch:int=0; batch:int=0; global_step:int=0
     best_score:float=-1.; best_epoch:int=-1
+    es_cnt:int=0            # evaluations in a row without improvement (early stopping)
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
 
 def _float_outputs(o):
@@ -337,6 +339,8 @@ class RunOptions:
     deterministic:bool=False   # deterministic kernels
     eval_every:int|None=None   # epochs between evaluations (None: cfg.eval_every)
     eval_split:str='val'
+    save_every:int|None=None   # epochs between model_e{epoch:04d}.ckpt copies; None: official (50, 10 on pretraining
+                               # data, and every lr_drop epochs); 0: none
     tensorboard:bool=True      # log to RUN_DIR/tensorboard when tensorboard is installed
     progress:bool=True         # tqdm bars
 
@@ -488,14 +492,17 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
     bsz, seed, world = hp(cfg, 'bsz'), hp(cfg, 'seed'), di.world_size
     eval_every = opts.eval_every or hp(cfg, 'eval_every')
     log = _Log(out_dir, log_on, opts.tensorboard)
-    n_epoch, dset = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name')
+    n_epoch, dset, max_es = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name'), hp(cfg, 'max_es_cnt')
+    every = opts.save_every if opts.save_every is not None else 10 if getattr(train_ds, 'pretrain', False) else 50
+    keep = lambda e: bool(every) and (e + 1) % every == 0 or opts.save_every is None and (e + 1) % hp(cfg, 'lr_drop') == 0
+    stop = lambda: max_es != -1 and state.es_cnt > max_es   # official: -1 never stops
 
     def save(name, metrics=None, rngs=None):
         rngs = rngs if rngs is not None else _gather_list([snap()], di)
         if di.is_main: save_checkpoint(_checkpoint(model, optimizer, scheduler, scaler, state, cfg, opts, rngs, metrics), out_dir/name)
 
     try:
-        while state.epoch < n_epoch:
+        while state.epoch < n_epoch and not stop():
             e, t0 = state.epoch, time.time()
             if state.batch == 0: state.rng = snap()
             loader.sampler.set_epoch(e, start=state.batch * (bsz // world)); loader.generator.manual_seed(seed + e)
@@ -513,7 +520,14 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
                     b = [improved, state.best_score, state.best_epoch]; dist.broadcast_object_list(b, 0)
                     improved, state.best_score, state.best_epoch = b
                 if improved: save('model_best.ckpt', metrics)   # a collective: every rank calls it
+                if evaluator.gt is not None: state.es_cnt = 0 if improved else state.es_cnt + 1
             save('model_latest.ckpt', metrics)
+            if keep(e): save(f'model_e{e:04d}.ckpt', metrics)
+            if stop():
+                log('early_stop', e, dict(es_cnt=state.es_cnt, best_score=state.best_score, best_epoch=state.best_epoch))
+                if di.is_main: print(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
+                                     f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch {state.best_epoch}",
+                                     file=sys.stderr)
     except KeyboardInterrupt:
         save('model_latest.ckpt', rngs=[state.rng or snap()])
         if di.is_main: print(f"\ninterrupted at epoch {state.epoch}, micro-batch {state.batch}: saved "
@@ -670,7 +684,10 @@ _TRAIN_EPILOG = """examples:
   videolights train --preset qvhighlights --data /data/pretrain --pretrain --out runs/pt --epochs 50 --bsz 256
   videolights train --preset qvhighlights --data /data/qvh --init-from runs/pt/model_best.ckpt --out runs/ft
   torchrun --nproc_per_node 4 -m videolights train --preset qvhighlights --data /data/qvh --out runs/ddp
-Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ..."""
+  videolights train --preset tiny --data runs/demo/data --out runs/es --epochs 100 --eval_every 1 --max_es_cnt 5
+Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ...
+Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a better score (official default 200,
+-1 never stops). Periodic copies: --save-every N."""
 
 def _run_args(p:argparse.ArgumentParser):
     g = p.add_argument_group('how to run')
@@ -679,6 +696,8 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimiser step')
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
+    g.add_argument('--save-every', type=int, default=None, metavar='N', help='keep model_e{epoch:04d}.ckpt every N epochs '
+                   '(default: official, 50 or 10 on --pretrain data, plus every lr_drop epochs; 0: none)')
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
     g.add_argument('--no-tensorboard', action='store_true', help='no TensorBoard logs even if installed')
 
@@ -716,7 +735,7 @@ def train_main(argv:list[str]|None=None)->int:
                                             init_from=init)
     opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, grad_accum=a.grad_accum,
                       deterministic=a.deterministic, eval_split=ev.split, progress=not a.no_progress,
-                      tensorboard=not a.no_tensorboard)
+                      tensorboard=not a.no_tensorboard, save_every=a.save_every)
     info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
                 train_records=tr_rec, eval_records=ev_rec)
     if not a.resume and (out/'model_latest.ckpt').exists() and not a.overwrite:
