@@ -150,3 +150,16 @@ def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, mon
         assert T.train_main([*base, '--out', str(tmp_path/'pt2'), *flags]) == 0
         assert seen['info']['init_from'] == str(tmp_path/'src'/'model_latest.ckpt')
         for k, v in src.items(): assert torch.equal(seen['w'][k], v), k
+
+
+def test_tiny_preset_on_synthetic_data_sees_whole_videos(tiny_data, tmp_path):
+    "The synthetic videos are 150 s (75 clips): `train` lifts tiny's max_v_l=32 to 75 unless told otherwise, and warns."
+    base = ['train', '--preset', 'tiny', '--data', tiny_data, '--epochs', 1, '--bsz', 4, '--num_workers', 0, '--no-progress']
+    r = vl(*base, '--out', tmp_path/'a')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'a'/'config.json').read_text())['config']['max_v_l'] == 75
+    assert 'warning: videos of up to' not in r.stderr
+    r = vl(*base, '--out', tmp_path/'b', '--max_v_l', 32)                # explicit: honoured, with a warning
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'b'/'config.json').read_text())['config']['max_v_l'] == 32
+    assert 'videos of up to 75 clips but max_v_l=32' in r.stderr and '--max_v_l 75' in r.stderr

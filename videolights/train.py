@@ -27,16 +27,16 @@ from .metrics import eval_submission
 from .synth import synth
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'METRICS_DATASET', 'CFG_ALIASES', 'DEMO_RECIPE',
-           'DEMO_KEYS', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic', 'save_checkpoint',
-           'load_checkpoint', 'DistInfo', 'init_distributed', 'EpochSampler', 'hp', 'build_optimizer',
-           'selection_score', 'decode_predictions', 'NonFiniteLossError', 'TrainState', 'train_one_epoch', 'Evaluator',
-           'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features',
-           'build_dataset', 'has_labels', 'data_dims', 'official_metrics', 'build_run', 'synth_config',
-           'parse_overrides', 'train_main', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate',
-           'evaluate_main', 'format_brief', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main',
-           'read_log', 'plot_training_curves', 'plot_windows', 'plot_saliency', 'random_submission', 'demo',
-           'demo_main', 'random_batch', 'bench_train_step']
+__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS',
+           'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic',
+           'save_checkpoint', 'load_checkpoint', 'DistInfo', 'init_distributed', 'EpochSampler', 'hp',
+           'build_optimizer', 'selection_score', 'decode_predictions', 'NonFiniteLossError', 'TrainState',
+           'train_one_epoch', 'Evaluator', 'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs',
+           'find_split', 'find_features', 'build_dataset', 'has_labels', 'data_dims', 'official_metrics', 'build_run',
+           'clips_needed', 'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint',
+           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency',
+           'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows',
+           'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -617,6 +617,11 @@ def build_run(cfg:VLConfig, data:str|Path|None, split:str|None=None, pretrain:bo
         if verbose and int(os.environ.get('RANK', 0)) == 0: print(f"note: feature widths in the data {dims} differ from the config "
                           f"{(tuple(cfg.v_feat_dims), tuple(cfg.t_feat_dims))}; using the data's", file=sys.stderr)
         cfg = dataclasses.replace(cfg, v_feat_dims=dims[0], t_feat_dims=dims[1])
+    need = clips_needed(ev_ds.records, cfg)
+    if cfg.dset_name == 'hl' and need > cfg.max_v_l and verbose and int(os.environ.get('RANK', 0)) == 0:
+        print(f"warning: videos of up to {need} clips but max_v_l={cfg.max_v_l}: the features are cut at "
+              f"{cfg.max_v_l * cfg.clip_len:g} s while windows are decoded over the full duration (stretched); "
+              f"pass --max_v_l {need}", file=sys.stderr)
     tr_ds = build_dataset(cfg, data, 'train', pretrain, records=train_records) if train else None
     set_seed(cfg.seed)
     model, criterion = build_model(cfg), build_criterion(cfg)
@@ -631,6 +636,12 @@ def build_run(cfg:VLConfig, data:str|Path|None, split:str|None=None, pretrain:bo
     return cfg, model, criterion, tr_ds, ev
 
 # %% ../nbs/11_train.ipynb #c35f82ac
+SYNTH_TRAIN_DEFAULTS = dict(max_v_l=75)   # synthetic data is QVHighlights-style: 150-s videos of 2-s clips
+
+def clips_needed(records:list[dict], cfg)->int:
+    "Clips of the longest video in `records` (what `max_v_l` must hold to see whole videos)."
+    return max((math.ceil(float(r.get('duration', 0)) / cfg.clip_len) for r in records), default=0)
+
 def synth_config(data:str|Path, preset:str='tiny', **overrides)->VLConfig:
     "A config whose feature sources are those a `videolights synth` dataset holds."
     info = json.loads((Path(data)/'synth_info.json').read_text())
@@ -728,6 +739,8 @@ def train_main(argv:list[str]|None=None)->int:
     else:
         if not a.out: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
         cfg, out, data = get_preset(a.preset, **over), Path(a.out), a.data
+        if data_is_synth(data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
+            cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
         tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
     try: init = None if a.resume else init_checkpoint(cfg, a.init_from)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
@@ -749,6 +762,10 @@ def train_main(argv:list[str]|None=None)->int:
     if int(os.environ.get('RANK', 0)) == 0:
         print(f"done: {st.epoch} epochs; best score {st.best_score:.2f} at epoch {st.best_epoch}; run in {out}")
     return 0
+
+def data_is_synth(data)->bool:
+    "Whether `data` is a dataset folder written by `videolights synth`."
+    return bool(data) and (Path(data)/'synth_info.json').is_file()
 
 def init_checkpoint(cfg, # a VLConfig (reads `pretrained`, `pretrain_ckpt`)
                     init_from:str|Path|None=None, # the `--init-from` checkpoint, if any
