@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #a7259cec
 from __future__ import annotations
-import os, sys, io, json, math, time, random, shutil, argparse, difflib, dataclasses, subprocess, statistics
+import os, re, sys, io, json, math, time, random, shutil, argparse, difflib, dataclasses, subprocess, statistics
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -27,16 +27,17 @@ from .metrics import eval_submission
 from .synth import synth
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS',
-           'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic',
-           'save_checkpoint', 'load_checkpoint', 'DistInfo', 'init_distributed', 'EpochSampler', 'hp',
-           'build_optimizer', 'selection_score', 'decode_predictions', 'NonFiniteLossError', 'TrainState',
-           'train_one_epoch', 'Evaluator', 'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs',
-           'find_split', 'find_features', 'build_dataset', 'has_labels', 'data_dims', 'official_metrics', 'build_run',
-           'clips_needed', 'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint',
-           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency',
-           'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows',
-           'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
+__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'METRICS_DATASET',
+           'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed', 'get_rng_state',
+           'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'init_distributed',
+           'EpochSampler', 'hp', 'build_optimizer', 'selection_score', 'decode_predictions', 'NonFiniteLossError',
+           'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator', 'RunOptions', 'config_dict',
+           'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'has_labels',
+           'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config', 'parse_overrides',
+           'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main',
+           'format_brief', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main', 'read_log',
+           'plot_training_curves', 'plot_windows', 'plot_saliency', 'random_submission', 'demo', 'demo_main',
+           'random_batch', 'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -239,6 +240,25 @@ def _loss_report(loss_dict:dict, weight_dict:dict)->str:
     return ', '.join(f"{k}={float(v.detach()):.4g}" + (f" (w {weight_dict[k]:g})" if k in weight_dict else '')
                      for k, v in loss_dict.items())
 
+# %% ../nbs/11_train.ipynb #9973f6c5
+SPAN_LOSS = re.compile(r'^loss_(span|giou)(_\d+)?$')   # losses that are means over the matched spans
+
+def span_norm_factor(n_local:Tensor, # () spans in this rank's batch
+                     n_total:Tensor, # () spans in the global batch (all-reduced)
+                     world_size:int,
+                    )->Tensor:       # () f_r = n_r W / N
+    "Rescaling that turns a rank's mean over its spans into its share of the global mean (DETR's num_boxes)."
+    return n_local * world_size / n_total.clamp_min(1)
+
+def _global_span_norm(loss_dict:dict, targets, di:DistInfo)->dict:
+    "Span losses normalised by the spans of the whole global batch (a no-op on one process)."
+    if not di.enabled or not isinstance(targets, dict) or 'span_labels' not in targets: return loss_dict
+    t = next(iter(loss_dict.values()))
+    n = torch.tensor(float(sum(len(s['spans']) for s in targets['span_labels'])), device=t.device)
+    tot = n.clone(); dist.all_reduce(tot)
+    f = span_norm_factor(n, tot, di.world_size)
+    return {k: v * f if SPAN_LOSS.match(k) else v for k, v in loss_dict.items()}
+
 # %% ../nbs/11_train.ipynb #d2f31f6e
 def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optimizer:torch.optim.Optimizer,
                     state:TrainState, device:torch.device, cfg, # `cfg` gives grad_clip
@@ -264,7 +284,7 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(**inputs)
-            loss_dict = criterion(_float_outputs(outputs), targets, state.epoch)
+            loss_dict = _global_span_norm(criterion(_float_outputs(outputs), targets, state.epoch), targets, di)
             loss = sum(loss_dict[k] * wd[k] for k in loss_dict if k in wd)
             ok = torch.isfinite(loss.detach()).float()
             if di.enabled: dist.all_reduce(ok, op=dist.ReduceOp.MIN)
