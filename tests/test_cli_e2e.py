@@ -163,3 +163,14 @@ def test_tiny_preset_on_synthetic_data_sees_whole_videos(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'b'/'config.json').read_text())['config']['max_v_l'] == 32
     assert 'videos of up to 75 clips but max_v_l=32' in r.stderr and '--max_v_l 75' in r.stderr
+
+
+def test_pretrain_file_is_recognised_by_its_path_like_official(tiny_data, tmp_path):
+    "An annotation path with 'pre_train' / 'subs_train' is pretraining data, with or without --pretrain (official rule)."
+    import shutil
+    from videolights.train import build_dataset, synth_config
+    cfg = synth_config(tiny_data)
+    for name, want in [('highlight_train_release.jsonl', False), ('pre_train.jsonl', True), ('qvh_subs_train.jsonl', True)]:
+        if not (tiny_data/name).exists(): shutil.copy(tiny_data/'highlight_train_release.jsonl', tmp_path/name)
+        path = tiny_data/name if (tiny_data/name).exists() else tmp_path/name
+        assert build_dataset(cfg, tiny_data, 'train', records=path).pretrain is want, name

@@ -27,17 +27,17 @@ from .metrics import eval_submission
 from .synth import synth
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'METRICS_DATASET',
-           'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed', 'get_rng_state',
-           'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'init_distributed',
-           'EpochSampler', 'hp', 'build_optimizer', 'selection_score', 'decode_predictions', 'NonFiniteLossError',
-           'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator', 'RunOptions', 'config_dict',
-           'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'has_labels',
-           'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config', 'parse_overrides',
-           'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main',
-           'format_brief', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main', 'read_log',
-           'plot_training_curves', 'plot_windows', 'plot_saliency', 'random_submission', 'demo', 'demo_main',
-           'random_batch', 'bench_train_step']
+__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS',
+           'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed',
+           'get_rng_state', 'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo',
+           'init_distributed', 'EpochSampler', 'hp', 'build_optimizer', 'selection_score', 'decode_predictions',
+           'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator', 'RunOptions',
+           'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features', 'build_dataset',
+           'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics', 'build_run', 'clips_needed',
+           'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt',
+           'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency', 'captions_to_pretrain',
+           'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows', 'plot_saliency',
+           'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -599,12 +599,19 @@ def build_dataset(cfg, data:str|Path|None, split:str, pretrain:bool=False, label
                  )->VLDataset:
     "A `VLDataset` for `split` of the data at `data`, shaped by `cfg`."
     path = Path(records) if records else find_split(data, cfg, split)
+    pretrain = pretrain or is_pretrain_path(path)
     recs = read_records(path, cfg.dset_name)
     if labels is None: labels = split == 'train' or has_labels(recs, cfg.dset_name)
     v, t = feature_dirs(cfg)
     return VLDataset(recs, find_features(data, cfg), cfg.dset_name, v, t, cfg.clip_len, cfg.max_v_l, cfg.max_q_l,
                      cfg.max_windows, cfg.use_tef, labels, pretrain, cfg.normalize_v, cfg.normalize_t,
                      cfg.dset_domain if cfg.dset_name == 'tvsum' else None, seed=cfg.seed)
+
+PRETRAIN_MARKERS = ('pre_train', 'subs_train')   # the official loader's test on the annotation path
+
+def is_pretrain_path(path:str|Path)->bool:
+    "Whether the official loader would treat this annotation file as synthetic pretraining data."
+    return any(m in str(path) for m in PRETRAIN_MARKERS)
 
 def has_labels(records:list[dict], dset_name:str='hl')->bool:
     "Whether the records carry ground truth (val, test_with_gt) or not (test)."
