@@ -174,3 +174,26 @@ def test_pretrain_file_is_recognised_by_its_path_like_official(tiny_data, tmp_pa
         if not (tiny_data/name).exists(): shutil.copy(tiny_data/'highlight_train_release.jsonl', tmp_path/name)
         path = tiny_data/name if (tiny_data/name).exists() else tmp_path/name
         assert build_dataset(cfg, tiny_data, 'train', records=path).pretrain is want, name
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tiny_data, tmp_path):
+    "A real SIGINT to `videolights train` leaves model_latest.ckpt, says how to resume, and --resume continues."
+    import signal
+    from videolights.train import load_checkpoint
+    run = tmp_path/'run'
+    p = subprocess.Popen([sys.executable, '-m', 'videolights', 'train', '--preset', 'tiny', '--data', str(tiny_data),
+                          '--out', str(run), '--epochs', '500', '--eval_every', '1000', '--bsz', '4', '--no-progress'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    while not ((run/'log.jsonl').exists() and (run/'log.jsonl').read_text().count('"train"') >= 2):
+        assert p.poll() is None and time.time() - t0 < 300, p.stderr.read() if p.poll() is not None else 'timeout'
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert f'continue with --resume {run}' in err
+    st = load_checkpoint(run/'model_latest.ckpt')['state']
+    assert st['epoch'] >= 2
+    r = vl('train', '--resume', run, '--epochs', st['epoch'] + 1, '--no-progress')
+    assert r.returncode == 0, r.stderr
+    assert f"done: {st['epoch'] + 1} epochs" in r.stdout
