@@ -213,7 +213,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
         off = load_official(official); om, oc, oo, _ = build_official(off, cfg, device); sides['official'] = (om, oc, oo)
     for m, *_ in sides.values(): m.train()
     cuda, peaks = device.startswith('cuda'), {}
-    rows = {k: [] for k in sides}
+    rows, first = {k: [] for k in sides}, {}
     for i in range(warmup + steps):
         mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i)
         if device != 'cpu':
@@ -225,6 +225,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
             r = train_step(*sides[k], mi, tg, cfg.grad_clip, amp if k == 'ours' else None, scaler if k == 'ours' else None, device)
             if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
             if i >= warmup: rows[k].append(r)
+            else: first.setdefault(k, r['step'])  # the very first step: includes torch.compile's compile time
     res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile,
                n_params=sum(p.numel() for p in sides['ours'][0].parameters()))
     for k, rs in rows.items():
@@ -232,6 +233,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
                       samples_per_s=round(batch / med(r['step'] for r in rs), 2),
                       breakdown_ms={p: ms(med(r[p] for r in rs)) for p in ('fwd', 'crit', 'bwd', 'opt')},
                       loss_first_last=[round(rs[0]['loss'], 3), round(rs[-1]['loss'], 3)])
+        if k in first: res[k]['first_step_s'] = round(first[k], 2)
     if official: res['ratio'] = round(res['official']['step_ms'] / res['ours']['step_ms'], 2)
     if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}  # allocator peak during each side's steps
     if memory and device == 'cpu':
@@ -256,7 +258,7 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
     cuda, peaks = device.startswith('cuda'), {}
     for B in batches:
         n = runs if B == 1 else max(3, runs // 2)
-        ts = {k: [] for k in sides}
+        ts, first = {k: [] for k in sides}, {}
         for i in range(warmup + n):
             mi, _, _ = synth_batch(cfg, B, seed=seed * 1000 + 100 * B + i)
             mi = {k: v.to(device) for k, v in mi.items()}
@@ -266,7 +268,9 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
                 with ctx, Timer(device) as t: sides[k](**mi)
                 if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
                 if i >= warmup: ts[k].append(t.s)
-        res[f'b{B}'] = {k: dict(ms=ms(med(v)), ms_all=[ms(x) for x in v]) for k, v in ts.items()}
+                elif i == 0: first[k] = t.s  # includes torch.compile's compile time (and recompiles for a new B)
+        res[f'b{B}'] = {k: dict(ms=ms(med(v)), ms_all=[ms(x) for x in v]) | ({'first_call_s': round(first[k], 2)} if k in first else {})
+                        for k, v in ts.items()}
         if official: res[f'b{B}']['ratio'] = round(med(ts['official']) / med(ts['ours']), 2)
     if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}
     if memory and device == 'cpu':
@@ -529,7 +533,7 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--compare-official', default=None, metavar='PATH', help='a checkout of github dpaul06/VideoLights')
     p.add_argument('--official-python', default=None, help='interpreter for the official evaluator (needs scikit-learn)')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (GPU option)')
-    p.add_argument('--compile', action='store_true', help='torch.compile our model (GPU option)')
+    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
     p.add_argument('--modules', action='store_true', help="run each module's own bench_* function instead "
