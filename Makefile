@@ -15,7 +15,6 @@ export MPLBACKEND ?= Agg
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python settings.ini setup.py
 	$(BIN)/python -m pip install -q "$(TORCH)"

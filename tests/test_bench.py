@@ -266,3 +266,29 @@ def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
     assert rc == 0 and json.loads(out)['infer'] == {'ok': 1} and seen['with'] == (off, {'repeats': 2})
     rc, out, _ = run_main(['load', '--modules', '--n_videos', '5'] + (['--compare-official', off] if off else []))
     assert rc == 0 and seen['without'] == {'n_videos': 5}  # no official_path for a function without that option
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_eager_in_eval_and_train():
+    "`build_ours(compile=True)` (inductor, dynamic shapes) gives the eager outputs and losses within float tolerance."
+    from videolights.model import random_inputs
+    cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
+    torch.manual_seed(0)
+    eager, crit, _ = bench.build_ours(cfg)
+    comp, _, _ = bench.build_ours(cfg, compile=True)
+    comp._orig_mod.load_state_dict(eager.state_dict())  # the same weights under the compiled wrapper
+    for m in (eager, comp): m.eval()
+    with torch.no_grad():
+        for B, seed in ((1, 0), (3, 1)):  # two batch shapes: dynamic shapes, no wrong reuse of the first graph
+            mi = random_inputs(cfg, B, seed=seed)
+            a, b = eager(**mi), comp(**mi)
+            for k in ('pred_logits', 'pred_spans', 'saliency_scores'):
+                torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    mi, tg, _ = bench.synth_batch(cfg, 3, seed=2)
+    for m in (eager, comp): m.train()
+    la, lb = (sum(v * crit.weight_dict[k] for k, v in crit(m(**mi), tg).items() if k in crit.weight_dict) for m in (eager, comp))
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    la.backward(); lb.backward()
+    ga = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
+    gb = torch.cat([p.grad.flatten() for p in comp.parameters() if p.grad is not None])
+    torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
