@@ -269,8 +269,8 @@ def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_model_equals_eager_in_eval_and_train():
-    "`build_ours(compile=True)` (inductor, dynamic shapes) gives the eager outputs and losses within float tolerance."
+def test_compiled_model_equals_eager_in_eval():
+    "`build_ours(compile=True)` (inductor, dynamic shapes) gives the eager eval outputs within float tolerance."
     from videolights.model import random_inputs
     cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
     torch.manual_seed(0)
@@ -284,11 +284,24 @@ def test_compiled_model_equals_eager_in_eval_and_train():
             a, b = eager(**mi), comp(**mi)
             for k in ('pred_logits', 'pred_spans', 'saliency_scores'):
                 torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_train_step_equals_eager():
+    "Training under `torch.compile` (dropouts 0): same weighted loss and gradients as eager."
+    cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
+    torch.manual_seed(0)
+    eager, crit, _ = bench.build_ours(cfg)
+    comp, _, _ = bench.build_ours(cfg, compile=True)
+    comp._orig_mod.load_state_dict(eager.state_dict())
     mi, tg, _ = bench.synth_batch(cfg, 3, seed=2)
     for m in (eager, comp): m.train()
-    la, lb = (sum(v * crit.weight_dict[k] for k, v in crit(m(**mi), tg).items() if k in crit.weight_dict) for m in (eager, comp))
+    def loss(m):
+        torch.manual_seed(5)  # any random choice in the model or the criterion is drawn the same on both sides
+        return sum(v * crit.weight_dict[k] for k, v in crit(m(**mi), tg).items() if k in crit.weight_dict)
+    la, lb = loss(eager), loss(comp)
     torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
     la.backward(); lb.backward()
-    ga = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
-    gb = torch.cat([p.grad.flatten() for p in comp.parameters() if p.grad is not None])
-    torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
+    def grads(m):  # a parameter without a gradient counts as zeros (compiled graphs may return explicit zeros)
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in m.parameters()])
+    torch.testing.assert_close(grads(comp._orig_mod), grads(eager), rtol=1e-3, atol=1e-5)
