@@ -107,15 +107,18 @@ def _bad_row(row, width:int)->str|None:
     if len(row) < width: return f"expected at least {width} numbers, got {row!r}"
     if not all(_is_num(x) for x in row[:width]): return f"expected finite numbers, got {row!r}"
 
-def _rows(recs:Records, key:str, width:int, what:str)->tuple[np.ndarray, np.ndarray]:
-    "The `key` lists of all records as one (N, width) float64 array and the per-record counts (N = sum)."
+def _lists(recs:Records, key:str, what:str)->tuple[list, np.ndarray, list]:
+    "The `key` list of every record (checked), their lengths and their concatenation."
     vals = []
     for i, d in enumerate(recs):
         if key not in d: raise EvalInputError(f"{recs.where(i)}: missing key '{key}'")
         if not isinstance(d[key], list): raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of {what}, got {type(d[key]).__name__}")
         vals.append(d[key])
-    counts = np.array([len(v) for v in vals], dtype=np.int64)
-    flat = list(chain.from_iterable(vals))
+    return vals, np.array([len(v) for v in vals], dtype=np.int64), list(chain.from_iterable(vals))
+
+def _rows(recs:Records, key:str, width:int, what:str)->tuple[np.ndarray, np.ndarray]:
+    "The `key` lists of all records as one (N, width) float64 array and the per-record counts (N = sum)."
+    vals, counts, flat = _lists(recs, key, what)
     try: a = np.array(flat) if flat else np.zeros((0, width))
     except (ValueError, TypeError): a = None
     if a is None or a.ndim != 2 or a.shape[1] < width or a.dtype.kind not in 'if' or not np.isfinite(a[:, :width]).all():
@@ -127,13 +130,7 @@ def _rows(recs:Records, key:str, width:int, what:str)->tuple[np.ndarray, np.ndar
 
 def _values(recs:Records, key:str)->tuple[np.ndarray, np.ndarray]:
     "The `key` number lists of all records, flat float64 (N,), and per-record counts."
-    vals = []
-    for i, d in enumerate(recs):
-        if key not in d: raise EvalInputError(f"{recs.where(i)}: missing key '{key}'")
-        if not isinstance(d[key], list): raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of numbers, got {type(d[key]).__name__}")
-        vals.append(d[key])
-    counts = np.array([len(v) for v in vals], dtype=np.int64)
-    flat = list(chain.from_iterable(vals))
+    vals, counts, flat = _lists(recs, key, 'numbers')
     try: a = np.array(flat, dtype=None) if flat else np.zeros(0)
     except (ValueError, TypeError): a = None
     if a is None or a.ndim != 1 or a.dtype.kind not in 'if' or not np.isfinite(a).all():
