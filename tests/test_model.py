@@ -216,6 +216,7 @@ REAL_LOSS_OFFICIAL_MAY_MISS = [r'^gru_extractor\.gru\.weight_ih_l0$']
 def test_every_parameter_gets_a_gradient(fixed):
     "Surrogate loss over every output (training mode): exactly the documented parameters receive no gradient."
     cfg = VLConfig(**({k: True for k in VLConfig().fixes} if fixed else {}))
+    torch.manual_seed(2)  # weights + dropout: a draw whose top-1 slices are not all empty (official quirk 2, see below)
     model = build_model(cfg).train()
     out = model(**random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3]))
     g = torch.Generator().manual_seed(0)

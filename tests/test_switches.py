@@ -102,11 +102,11 @@ def test_loss_fix_parts_are_separate_switches():
 
 
 # ---------------------------------------------------------------- eval runs the transformer once
-def _rows_seen(model, inputs, **kw):
-    "Total rows that the first cross-modal layer and the first encoder layer receive in one forward call."
-    seen = {'cmf': 0, 'enc': 0}
+def _calls(model, inputs, **kw):
+    "Input shapes (feature dim dropped) of every call of the first cross-modal layer and the first encoder layer."
+    seen = {'cmf': [], 'enc': []}
     def hook(key):
-        def f(mod, args): seen[key] += args[0].shape[0]
+        def f(mod, args): seen[key].append(tuple(args[0].shape[:-1]))
         return f
     hs = [model.transformer.t2v_encoder.layers[0].register_forward_pre_hook(hook('cmf')),
           model.transformer.encoder.layers[0].register_forward_pre_hook(hook('enc'))]
@@ -118,19 +118,23 @@ def _rows_seen(model, inputs, **kw):
 
 @pytest.mark.parametrize('cmf', ['bi', 'uni'])
 def test_eval_runs_the_transformer_once(cmf):
-    "Eval: B rows through Bi-CMF and the encoder (no negative pass); training or loss_outputs=True: 2B (B positive + B negative)."
+    """Eval: one pass on the real rows only (padded (B, Lv) with attention maps); loss outputs: 2B batched;
+    training: the padded positive pass plus the negative pass on real rows (batched 2B with pack_neg_pass=False)."""
     cfg = VLConfig(cmf=cmf)
     model = build_model(cfg)
-    B = 3
-    inp = random_inputs(cfg, B=B, lv=[20, 32, 9], lq=[5, 16, 3])
+    lv = [20, 32, 9]
+    B, Lv, n = 3, 32, sum(lv)
+    inp = random_inputs(cfg, B=B, lv=lv, lq=[5, 16, 3])
+    batched = {'cmf': [(B, Lv), (B, Lv)], 'enc': [(2 * B, Lv + 1)]}  # official-mask groups: one Bi-CMF call per half
     model.eval()
     with torch.no_grad():
-        assert _rows_seen(model, inp) == {'cmf': B, 'enc': B}
-        assert _rows_seen(model, inp, return_attn=True) == {'cmf': B, 'enc': B}
-        assert _rows_seen(model, inp, loss_outputs=True) == {'cmf': 2 * B, 'enc': 2 * B}
+        assert _calls(model, inp) == {'cmf': [(n,)], 'enc': [(n + B,)]}  # packed: real clips (+ B global tokens)
+        assert _calls(model, inp, return_attn=True) == {'cmf': [(B, Lv)], 'enc': [(B, Lv + 1)]}
+        assert _calls(model, inp, loss_outputs=True) == batched
     model.train()
-    assert _rows_seen(model, inp) == {'cmf': 2 * B, 'enc': 2 * B}
-    assert _rows_seen(build_model(VLConfig(cmf=cmf, loss_outputs_eval=True)).eval(), inp) == {'cmf': 2 * B, 'enc': 2 * B}
+    assert _calls(model, inp) == {'cmf': [(B, Lv), (n,)], 'enc': [(B, Lv + 1), (n + B,)]}
+    assert _calls(build_model(VLConfig(cmf=cmf, pack_neg_pass=False)).train(), inp) == batched
+    assert _calls(build_model(VLConfig(cmf=cmf, loss_outputs_eval=True)).eval(), inp) == batched
 
 
 # ---------------------------------------------------------------- attention maps are the layers' own

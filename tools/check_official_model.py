@@ -126,7 +126,8 @@ def compare_grads(m_off, m_us, inputs: dict, seed: int = 0) -> dict:
     for n, gr in g_off.items():
         ours = g_us.get(official_to_ours_key(n))
         if ours is None:
-            if float(gr.abs().max()) > 0: raise AssertionError(f"official parameter {n} has a gradient, ours none")
+            if float(gr.abs().max()) > 1e-6 * G:  # ours computes none where it is zero in exact arithmetic (folded keys)
+                raise AssertionError(f"official parameter {n} has a gradient, ours none")
             continue
         diff = (gr.reshape(ours.shape) - ours).abs()
         d = float(diff.max())

@@ -60,6 +60,7 @@ class VLConfig:
     use_fra: bool = True                  # ablation 'fra'
     cmf: str = 'bi'                       # ablation 'bi': 'bi' = Bi-CMF, 'uni' = text->video only (QD-DETR T2V)
     loss_outputs_eval: bool = False       # eval mode also computes the loss-only outputs (saliency_scores_neg/_mr)
+    pack_neg_pass: bool = True            # training: the negative pass runs on real clips/tokens only (same losses; False = plain batched pass)
     # --- fixes of official departures from the paper (all off = official computation) ---
     fix_bicmf_mask_order: bool = False    # §12 quirk 1: per-sample masks (official tiles them head-major)
     fix_bicmf_ffn_residual: bool = False  # Bi-CMF FFN: LN(C + F) instead of LN(F + F)

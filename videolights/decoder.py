@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .layers import Attention, MLP, make_activation, Dropout
+from .layers import Attention, MLP, make_activation, Dropout, dropout
 
 # %% auto #0
 __all__ = ['anchor_sine_embed', 'inverse_sigmoid', 'DecoderLayer', 'AnchorDecoder']
@@ -47,6 +47,7 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(4))
         self.activation, self.h = make_activation(activation), nheads
+        self.fold_cross_attn = True  # cross-attention in the folded form (below) whenever no maps are asked for
 
     def forward(self, tgt:Tensor,        # (B, Nq, D) content
                 memory:Tensor,           # (B, Lv, D) clip memory
@@ -64,7 +65,7 @@ class DecoderLayer(nn.Module):
         q, first = self.ca_qcontent_proj(tgt), is_first or self.ca_qpos_proj is not None
         if first: q = q + self.ca_qpos_proj(query_pos)
         sine = self.ca_qpos_sine_proj(query_sine)
-        if not (self.training or nw or torch.is_grad_enabled()): t2 = self.cross_attn_folded(q, sine, memory, pos, mem_pad, first)
+        if self.fold_cross_attn and not nw: t2 = self.cross_attn_folded(q, sine, memory, pos, mem_pad, first)
         else:
             k, v, k_pos = self.ca_kcontent_proj(memory), self.ca_v_proj(memory), self.ca_kpos_proj(pos)
             if first: k = k + k_pos
@@ -91,9 +92,13 @@ def _cross_attn_folded(self:DecoderLayer,
     ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
     s = torch.bmm(ac, torch.cat([memory, pos], -1).transpose(1, 2)) * (2 * dh) ** -0.5  # (B, H*Nq, Lv)
     s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf')).softmax(-1)  # (B, H, Nq, Lv)
-    ctx = torch.bmm(s.flatten(1, 2), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
-    o = torch.einsum('bhqd,hed->bqhe', ctx, self.ca_v_proj.weight.view(H, dh, D)).flatten(2) + self.ca_v_proj.bias
-    return self.cross_attn.out_proj(o)
+    p = self.cross_attn.p if self.training else 0.
+    w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
+    ctx = torch.bmm(w.flatten(1, 2), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
+    o = torch.einsum('bhqd,hed->bqhe', ctx, self.ca_v_proj.weight.view(H, dh, D))  # (B, Nq, H, dh)
+    if p == 0: return self.cross_attn.out_proj(o.flatten(2) + self.ca_v_proj.bias)
+    kept = w.sum(-1).transpose(1, 2)[..., None]  # (B, Nq, H, 1) dropped weights no longer sum to 1
+    return self.cross_attn.out_proj((o + kept * self.ca_v_proj.bias.view(H, dh)).flatten(2))
 
 DecoderLayer.cross_attn_folded = _cross_attn_folded
 

@@ -12,8 +12,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'dropout_mask', 'dropout', 'Dropout', 'sine_pos_embed', 'LearnedPosEmbed', 'MLP', 'make_activation',
-           'PReLU', 'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention', 'cmf_pair_mask',
-           'BiCMFLayer', 'UniCMFLayer', 'EncoderLayer', 'Stack']
+           'PReLU', 'rowwise', 'Rows', 'pad_rows', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention',
+           'cmf_pair_mask', 'BiCMFLayer', 'UniCMFLayer', 'EncoderLayer', 'Stack']
 
 # %% ../nbs/05_layers.ipynb #b4cff02c
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -119,6 +119,21 @@ def rowwise(f, x:Tensor, # (B, L, D_in)
     out[rows] = y
     return out
 
+# %% ../nbs/05_layers.ipynb #cd7bfe27
+class Rows:
+    "The layout of the selected rows of a `(B, L)` batch: `pack` to `(N, E)`, `pad` back to `(B, L, E)` (zeros elsewhere)."
+    def __init__(self, keep:Tensor): # (B, L) True = a real row
+        self.B, self.L = keep.shape
+        self.idx = keep.reshape(-1).nonzero()[:, 0]  # (N,) flat row indices
+        self.n = self.idx.numel()
+    def pack(self, x:Tensor)->Tensor: # (B, L, *E) -> (N, *E)
+        return x.reshape(self.B * self.L, *x.shape[2:]).index_select(0, self.idx)
+    def pad(self, x:Tensor)->Tensor:  # (N, *E) -> (B, L, *E)
+        return x.new_zeros(self.B * self.L, *x.shape[1:]).index_copy(0, self.idx, x).view(self.B, self.L, *x.shape[1:])
+    def __repr__(self): return f"Rows({self.n} of {self.B}x{self.L})"
+
+def pad_rows(x:Tensor, rows:Rows|None)->Tensor: return x if rows is None else rows.pad(x)
+
 # %% ../nbs/05_layers.ipynb #b3d87826
 class ConvProj(nn.Module):
     "LayerNorm -> Dropout -> Conv1d(kernel `k`, 'same' padding) -> optional ReLU, on `(B, L, D_in)`."
@@ -208,12 +223,18 @@ class Attention(nn.Module):
                 key_pad:Tensor|None=None,    # (B, Lk) True = padding
                 attn_mask:Tensor|None=None,  # (B, H|1, Lq, Lk) True = blocked
                 need_weights:bool=False,
-               )->tuple[Tensor, Tensor|None]: # (B, Lq, Ev), (B, H, Lq, Lk) or None
+                q_rows:Rows|None=None,       # q is packed (Nq, E) in this layout (the output is packed too)
+                kv_rows:Rows|None=None,      # k, v are packed (Nk, E) in this layout
+               )->tuple[Tensor, Tensor|None]: # (B, Lq, Ev) or (Nq, Ev), (B, H, Lq, Lk) or None
         if self.has_in_proj:  # shared inputs share one matmul (contiguous row blocks of in_proj_weight)
             W, bb, E = self.in_proj_weight, self.in_proj_bias, self.in_proj_weight.shape[1]
-            if q is k: q, k = F.linear(q, W[:2 * E], bb[:2 * E]).chunk(2, -1); v = F.linear(v, W[2 * E:], bb[2 * E:])
-            elif k is v: q = F.linear(q, W[:E], bb[:E]); k, v = F.linear(k, W[E:], bb[E:]).chunk(2, -1)
+            if q is k:
+                if q_rows is not kv_rows: raise ValueError("Attention: a shared query/key input needs q_rows is kv_rows")
+                q, k = pad_rows(F.linear(q, W[:2 * E], bb[:2 * E]), q_rows).chunk(2, -1)  # one pad for both
+                v = F.linear(v, W[2 * E:], bb[2 * E:])
+            elif k is v: q = F.linear(q, W[:E], bb[:E]); k, v = pad_rows(F.linear(k, W[E:], bb[E:]), kv_rows).chunk(2, -1)
             else: q, k, v = (F.linear(x, W[i * E:(i + 1) * E], bb[i * E:(i + 1) * E]) for i, x in enumerate((q, k, v)))
+        q, k, v = (x if x.dim() == 3 else pad_rows(x, r) for x, r in ((q, q_rows), (k, kv_rows), (v, kv_rows)))  # (B, L, E)
         q, k, v = _heads(q, self.h), _heads(k, self.h), _heads(v, self.h)  # (B, H, L, E/H)
         blocked = None if key_pad is None else key_pad[:, None, None, :]  # (B, 1, 1, Lk)
         if attn_mask is not None: blocked = attn_mask if blocked is None else blocked | attn_mask
@@ -227,7 +248,8 @@ class Attention(nn.Module):
         else:
             wts = None
             o = F.scaled_dot_product_attention(q, k, v, None if blocked is None else ~blocked, dropout_p=p)
-        return self.out_proj(o.transpose(1, 2).flatten(2)), wts  # (B, Lq, Ev)
+        o = o.transpose(1, 2).flatten(2)  # (B, Lq, Ev)
+        return self.out_proj(o if q_rows is None else q_rows.pack(o)), wts  # (B, Lq, Ev) or packed (Nq, Ev)
 
 # %% ../nbs/05_layers.ipynb #518e8cab
 def cmf_pair_mask(q_pad:Tensor,   # (B, Lq) True = padded query
@@ -259,19 +281,20 @@ class BiCMFLayer(nn.Module):
                 pos_v:Tensor, pos_t:Tensor|None,  # (B, Lv, D), (B, Lq, D) or None (zero text positions)
                 vid_pad:Tensor, txt_pad:Tensor, # (B, Lv), (B, Lq) True = padding
                 attn:dict|None=None, name:str='bicmf',
-                pack:bool=False,                # inference: FFN on real clips only (see `rowwise`)
-               )->tuple[Tensor, Tensor]:        # (B, Lv, D) new video, (B, Lq, D) text
+                rows:tuple|None=None,           # (video Rows, text Rows): vid/txt/positions are packed (N, D)
+               )->tuple[Tensor, Tensor]:        # (B, Lv, D) new video, (B, Lq, D) text (packed with `rows`)
         off, nw = not self.fix_mask_order, attn is not None
+        vr, tr = rows or (None, None)
         m_vt, m_tv = cmf_pair_mask(vid_pad, txt_pad, self.nheads, off), cmf_pair_mask(txt_pad, vid_pad, self.nheads, off)
         qv, kt = vid + pos_v, (txt if pos_t is None else txt + pos_t)
-        a1, w1 = self.cross_attn_1(qv, kt, txt, txt_pad, m_vt, nw)
+        a1, w1 = self.cross_attn_1(qv, kt, txt, txt_pad, m_vt, nw, vr, tr)
         v1 = self.norm1(vid + self.linear1(self.dropout(a1)))
-        a2, w2 = self.cross_attn_2(kt, qv, vid, vid_pad, m_tv, nw)
+        a2, w2 = self.cross_attn_2(kt, qv, vid, vid_pad, m_tv, nw, tr, vr)
         t1 = txt + self.linear2(self.dropout(a2))
         if self.fix_text: t1 = self.norm2(t1)
-        a3, w3 = self.cross_attn_3(v1, t1, t1, txt_pad, m_vt, nw)
+        a3, w3 = self.cross_attn_3(v1, t1, t1, txt_pad, m_vt, nw, vr, tr)
         c = self.norm3(v1 + self.linear3(self.dropout(a3)))
-        f = rowwise(lambda r: self.linear5(self.dropout(self.activation(self.linear4(r)))), c, ~vid_pad if pack else None)
+        f = self.linear5(self.dropout(self.activation(self.linear4(c))))
         out = self.norm4((c if self.fix_ffn_residual else f) + self.dropout(f))
         if nw: attn.update({f'{name}.t2v': w1, f'{name}.v2t': w2, f'{name}.t2v_2': w3})
         return out, (t1 if self.fix_text else txt)
@@ -288,11 +311,11 @@ class UniCMFLayer(nn.Module):
         self.dropout, self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         self.activation, self.nheads, self.fix_mask_order = make_activation(activation), nheads, fix_mask_order
 
-    def forward(self, vid, txt, pos_v, pos_t, vid_pad, txt_pad, attn=None, name='unicmf', pack=False):
+    def forward(self, vid, txt, pos_v, pos_t, vid_pad, txt_pad, attn=None, name='unicmf', rows=None):
         m = cmf_pair_mask(vid_pad, txt_pad, self.nheads, not self.fix_mask_order)
-        a, w = self.self_attn(vid + pos_v, txt if pos_t is None else txt + pos_t, txt, txt_pad, m, attn is not None)
+        a, w = self.self_attn(vid + pos_v, txt if pos_t is None else txt + pos_t, txt, txt_pad, m, attn is not None, *(rows or (None, None)))
         v1 = vid + self.dropout1(a)
-        f = rowwise(lambda r: self.linear2(self.dropout(self.activation(self.linear1(self.norm1(r))))), v1, ~vid_pad if pack else None)
+        f = self.linear2(self.dropout(self.activation(self.linear1(self.norm1(v1)))))
         if attn is not None: attn[f'{name}.t2v'] = w
         return self.norm2(v1 + self.dropout2(f)), txt
 
@@ -310,12 +333,12 @@ class EncoderLayer(nn.Module):
     def forward(self, x:Tensor, pos:Tensor, # (B, L, D), (B, L, D)
                 pad:Tensor,                 # (B, L) True = padding
                 attn:dict|None=None, name:str='enc',
-                pack:bool=False,            # inference: FFN on real rows only (see `rowwise`)
-               )->Tensor:                   # (B, L, D)
+                rows:Rows|None=None,        # x and pos are packed (N, D) in this layout
+               )->Tensor:                   # (B, L, D) or packed (N, D)
         qk = x + pos
-        a, w = self.self_attn(qk, qk, x, pad, None, attn is not None)
+        a, w = self.self_attn(qk, qk, x, pad, None, attn is not None, rows, rows)
         x = self.norm1(x + self.dropout1(a))
-        f = rowwise(lambda r: self.linear2(self.dropout(self.activation(self.linear1(r)))), x, ~pad if pack else None)
+        f = self.linear2(self.dropout(self.activation(self.linear1(x))))
         x = self.norm2(x + self.dropout2(f))
         if attn is not None: attn[f'{name}.self'] = w
         return x

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from .spans import span_cxw_to_xx
 from .config import VLConfig, get_preset
 from .layers import (sine_pos_embed, LearnedPosEmbed, MLP, input_proj, FRA, BiCMFLayer, UniCMFLayer,
-                                EncoderLayer, Stack, rowwise)
+                                EncoderLayer, Stack, rowwise, Rows)
 from .decoder import AnchorDecoder, inverse_sigmoid
 
 # %% auto #0
@@ -39,20 +39,36 @@ class VLTransformer(nn.Module):
                pos_v:Tensor, pos_t:Tensor|None,   # (B, Lv, D), (B, Lq, D) or None (zero text positions)
                vid_pad:Tensor, txt_pad:Tensor,    # (B, Lv), (B, Lq) True = padding
                attn:dict|None=None, groups:int=1,
-               pack:bool=False,                   # inference: per-row work on real rows only
               )->tuple[Tensor, Tensor]:           # memory_global (B, D), clip memory (B, Lv, D)
         for i, layer in enumerate(self.t2v_encoder.layers):  # official mask quirk mixes masks within a group only
             groups_in = zip(*((t.chunk(groups) if t is not None else [None] * groups)
                               for t in (vid, txt, pos_v, pos_t, vid_pad, txt_pad)))
-            outs = [layer(*a, attn if j == 0 else None, f'cmf{i}', pack=pack) for j, a in enumerate(groups_in)]
+            outs = [layer(*a, attn if j == 0 else None, f'cmf{i}') for j, a in enumerate(groups_in)]
             vid, txt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         B = vid.shape[0]
         x = torch.cat([g.expand(B, 1, -1), vid], 1)  # (B, 1+Lv, D)
         pos = torch.cat([g_pos.expand(B, 1, -1), pos_v], 1)  # (B, 1+Lv, D)
         pad = torch.cat([vid_pad.new_zeros(B, 1), vid_pad], 1)  # (B, 1+Lv)
         maps = None if attn is None else {}
-        for i, layer in enumerate(self.encoder.layers): x = layer(x, pos, pad, maps, f'enc{i}', pack=pack)
+        for i, layer in enumerate(self.encoder.layers): x = layer(x, pos, pad, maps, f'enc{i}')
         if attn is not None: attn.update({k: w[:B // groups] for k, w in maps.items()})  # maps of the first group
+        return x[:, 0], x[:, 1:]
+
+    def encode_packed(self, g:Tensor, g_pos:Tensor, vid:Tensor, txt:Tensor, pos_v:Tensor, pos_t:Tensor|None,
+                      vid_pad:Tensor, txt_pad:Tensor, # as `encode`
+                     )->tuple[Tensor, Tensor]:        # memory_global (B, D), clip memory (B, Lv, D), zeros at padded clips
+        "`encode` with every per-row op on the real clips and tokens only (what the negative pass's losses read)."
+        B = vid.shape[0]
+        vr, tr = Rows(~vid_pad), Rows(~txt_pad)
+        v, t = vr.pack(vid), tr.pack(txt)  # (Nv, D), (Nt, D)
+        pv, pt = vr.pack(pos_v), (None if pos_t is None else tr.pack(pos_t))
+        for layer in self.t2v_encoder.layers: v, t = layer(v, t, pv, pt, vid_pad, txt_pad, rows=(vr, tr))
+        pad = torch.cat([vid_pad.new_zeros(B, 1), vid_pad], 1)  # (B, 1+Lv)
+        er = Rows(~pad)
+        x = er.pack(torch.cat([g.expand(B, 1, -1), vr.pad(v)], 1))  # (Ne, D) global token + real clips
+        pos = er.pack(torch.cat([g_pos.expand(B, 1, -1), pos_v], 1))  # (Ne, D)
+        for layer in self.encoder.layers: x = layer(x, pos, pad, rows=er)
+        x = er.pad(x)  # (B, 1+Lv, D)
         return x[:, 0], x[:, 1:]
 
 # %% ../nbs/07_model.ipynb #0840173b
@@ -184,14 +200,18 @@ def _forward(self:VideoLights,
     vpad, tpad = vmask == 0, tmask == 0
     neg_pass = loss_outputs
     tr, g, gp = self.transformer, self.global_rep_token, self.global_rep_pos
-    if neg_pass:  # texts rolled by one sample: video b is paired with query b+1
-        roll = lambda t: torch.cat([t[1:], t[:1]])
+    roll = lambda t: torch.cat([t[1:], t[:1]])  # texts rolled by one sample: video b is paired with query b+1
+    if neg_pass and self.training and cfg.pack_neg_pass:  # the negative pass on real rows only (all its losses read)
+        mg, mem = tr.encode(g, gp, vid, txt, pos_v, pos_t, vpad, tpad, attn)
+        mg_neg, mem_neg = tr.encode_packed(g, gp, vid, roll(txt), pos_v, pos_t, vpad, roll(tpad))
+    elif neg_pass:  # batched with the positive pass
         two = lambda a, b: torch.cat([a, b])
         mg, mem = tr.encode(g, gp, two(vid, vid), two(txt, roll(txt)), two(pos_v, pos_v), pos_t if pos_t is None else two(pos_t, pos_t),
                             two(vpad, vpad), two(tpad, roll(tpad)), attn, groups=2)
         B = vid.shape[0]
         (mg, mg_neg), (mem, mem_neg) = mg.split(B), mem.split(B)
-    else: mg, mem = tr.encode(g, gp, vid, txt, pos_v, pos_t, vpad, tpad, attn, pack=pack)
+    elif pack: mg, mem = tr.encode_packed(g, gp, vid, txt, pos_v, pos_t, vpad, tpad)  # inference: real rows only
+    else: mg, mem = tr.encode(g, gp, vid, txt, pos_v, pos_t, vpad, tpad, attn)
     hs, refs = tr.decoder(mem, vpad, pos_v, self.query_embed.weight, attn)  # (K, B, Nq, D), (K, B, Nq, 2)
     logits = self.class_embed(hs)  # (K, B, Nq, 2)
     spans = (self.span_embed(hs) + inverse_sigmoid(refs)).sigmoid()  # (K, B, Nq, 2) cxw
