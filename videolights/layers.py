@@ -5,6 +5,7 @@
 # %% ../nbs/05_layers.ipynb #4f96cef0
 from __future__ import annotations
 import math, os
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,16 +19,35 @@ __all__ = ['FAST_DROPOUT', 'dropout_mask', 'dropout', 'Dropout', 'sine_pos_embed
 # %% ../nbs/05_layers.ipynb #b4cff02c
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
 
+_MASK_CHUNK = 1 << 20  # elements per SFC64 stream: fixed, so a mask never depends on the thread count
+_POOLS = {}  # (pid, threads) -> ThreadPoolExecutor, created on first use (a forked child makes its own)
+
+def _fill_mask(out:np.ndarray, # (n,) float32, filled with {0, 1/(1-p)}
+               seed:int, chunk:int, p:float):
+    "One chunk of a scaled dropout mask, from its own SFC64 stream (seed, chunk)."
+    g = np.random.SFC64(np.random.SeedSequence([seed, chunk]))
+    n = out.size
+    if p == 0.5: keep = np.unpackbits(g.random_raw((n + 63) // 64).view(np.uint8), count=n, bitorder='little')  # a fair bit each
+    else: keep = g.random_raw((n + 1) // 2).view(np.uint32)[:n] < np.uint32(min(round((1 - p) * 2**32), 2**32 - 1))
+    np.multiply(keep, np.float32(1 / (1 - p)), out=out)
+
 def dropout_mask(shape:tuple, # mask shape
                  p:float,     # drop probability, 0 < p < 1
                 )->Tensor:    # float32 {0, 1/(1-p)}, keep probability 1-p (exact to 2^-32)
-    "A scaled dropout mask from 32 bits of SFC64 per element, seeded from torch's default generator."
+    "A scaled dropout mask from SFC64 bits (32 per element; 1 when p = 1/2), seeded from torch's default generator."
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows torch.manual_seed / saved RNG state
-    u = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]  # (n,) uniform 32-bit integers
-    m = (u < round((1 - p) * 2**32)).astype(np.float32)
-    m *= np.float32(1 / (1 - p))
-    return torch.from_numpy(m).view(shape)
+    out = np.empty(n, np.float32)
+    starts = range(0, n, _MASK_CHUNK)
+    fill = lambda a: _fill_mask(out[a:a + _MASK_CHUNK], seed, a // _MASK_CHUNK, p)
+    k = min(torch.get_num_threads(), len(starts))
+    if k > 1:  # numpy releases the GIL in these loops
+        key = (os.getpid(), k)
+        if key not in _POOLS: _POOLS[key] = ThreadPoolExecutor(k, thread_name_prefix='videolights-dropout')
+        list(_POOLS[key].map(fill, starts))
+    else:
+        for a in starts: fill(a)
+    return torch.from_numpy(out).view(shape)
 
 class _MaskMul(torch.autograd.Function):
     "x * m with the gradient g * m (m saved, no graph through it)."
