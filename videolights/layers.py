@@ -13,7 +13,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'dropout_mask', 'dropout', 'Dropout', 'sine_pos_embed', 'LearnedPosEmbed', 'MLP', 'make_activation',
-           'PReLU', 'rowwise', 'Rows', 'pad_rows', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention',
+           'PReLU', 'Rows', 'pad_rows', 'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention',
            'cmf_pair_mask', 'BiCMFLayer', 'UniCMFLayer', 'EncoderLayer', 'Stack']
 
 # %% ../nbs/05_layers.ipynb #b4cff02c
@@ -128,17 +128,6 @@ class PReLU(nn.PReLU):
             return F.prelu(x, self.weight)
         return _PReLUFn.apply(x, self.weight)
 
-# %% ../nbs/05_layers.ipynb #6e57808b
-def rowwise(f, x:Tensor, # (B, L, D_in)
-            rows:Tensor|None=None, # (B, L) True = compute this row; None = all rows
-           )->Tensor:    # (B, L, D_out), zeros at unselected rows
-    "`f` on the selected rows of `x` only (other rows 0)."
-    if rows is None: return f(x)
-    y = f(x[rows])  # (N, D_out)
-    out = y.new_zeros(*rows.shape, y.shape[-1])
-    out[rows] = y
-    return out
-
 # %% ../nbs/05_layers.ipynb #cd7bfe27
 class Rows:
     "The layout of the selected rows of a `(B, L)` batch: `pack` to `(N, E)`, `pad` back to `(B, L, E)` (zeros elsewhere)."
@@ -153,6 +142,15 @@ class Rows:
     def __repr__(self): return f"Rows({self.n} of {self.B}x{self.L})"
 
 def pad_rows(x:Tensor, rows:Rows|None)->Tensor: return x if rows is None else rows.pad(x)
+
+# %% ../nbs/05_layers.ipynb #6e57808b
+def rowwise(f, x:Tensor, # (B, L, D_in)
+            rows:Tensor|None=None, # (B, L) True = compute this row; None = all rows
+           )->Tensor:    # (B, L, D_out), zeros at unselected rows
+    "`f` on the selected rows of `x` only (other rows 0)."
+    if rows is None: return f(x)
+    r = Rows(rows)
+    return r.pad(f(r.pack(x)))  # (B, L, D_out)
 
 # %% ../nbs/05_layers.ipynb #b3d87826
 class ConvProj(nn.Module):
