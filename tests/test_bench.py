@@ -1,5 +1,5 @@
 """Benchmark CLI and harness (tiny sizes; the real measurements are run by hand), and the speed-up equivalences."""
-import io, json, contextlib, math, subprocess, sys
+import io, json, contextlib, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -8,9 +8,9 @@ import torch
 from videolights import bench
 from videolights.config import get_preset
 
-OFFICIAL = '/tmp/perf/official'
+OFFICIAL = os.environ.get('VL_OFFICIAL', '/tmp/perf/official')
 HAVE_OFFICIAL = Path(OFFICIAL, 'video_lights', 'model.py').exists()
-needs_official = pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout not at /tmp/perf/official')
+needs_official = pytest.mark.skipif(not HAVE_OFFICIAL, reason=f'official checkout not at {OFFICIAL} (set VL_OFFICIAL)')
 
 
 def run_main(argv):
@@ -105,6 +105,21 @@ def test_side_by_side_with_the_official_code():
     assert sum(p.numel() for p in om.parameters()) == sum(p.numel() for p in build_model(get_preset('qvhighlights')).parameters())
     i = bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, official=OFFICIAL, memory=False, hidden_dim=256, nheads=8)
     assert i['b1']['ratio'] > 0
+
+
+@needs_official
+def test_official_model_runs_on_the_cpu_beside_a_gpu(monkeypatch):
+    "The official decoder calls `.cuda()`: on the CPU side of a GPU machine only its forward sees `.cuda()` as identity."
+    real = torch.Tensor.cuda
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)     # a GPU machine, as the official code sees it
+    calls = []
+    monkeypatch.setattr(torch.Tensor, 'cuda', lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    spy = torch.Tensor.cuda
+    cfg = get_preset('tiny', hidden_dim=256, nheads=8)
+    om = bench.build_official(bench.load_official(OFFICIAL), cfg, 'cpu')[0].eval()
+    with torch.no_grad(): out = om(**bench.synth_batch(cfg, 2, seed=0)[0])
+    assert out['pred_spans'].device.type == 'cpu' and not calls        # its .cuda() never reached the real one
+    assert torch.Tensor.cuda is spy                                    # and the patch ended with the forward
 
 
 @needs_official

@@ -40,7 +40,7 @@ class ToyCriterion(nn.Module):
     def forward(self, outputs, targets, epoch=0):
         tgt = torch.stack([t['spans'][0] for t in targets['span_labels']])
         span = (outputs['pred_spans'][:, 0] - tgt).abs().mean()
-        lab = nn.functional.cross_entropy(outputs['pred_logits'][:, 0], torch.zeros(len(tgt), dtype=torch.long))
+        lab = nn.functional.cross_entropy(outputs['pred_logits'][:, 0], torch.zeros(len(tgt), dtype=torch.long, device=tgt.device))
         sal = ((outputs['saliency_scores'] - targets['saliency_all_labels']) ** 2).mean()
         return dict(loss_span=span, loss_saliency=sal * min(epoch + 1, 3), loss_label=lab)
 
@@ -96,7 +96,7 @@ def toy_run(out, resume=False, on_step=None, data=None, p_drop=0.1, opts=None, *
     val = ToyData(n=16, seed=1, random_labels=False)
     ev = Evaluator(val, cfg, toy_collate, toy_metrics, gt=[val[i]['meta'] for i in range(len(val))])
     fit(m, ToyCriterion(), data if data is not None else ToyData(), cfg, out,
-        opts or RunOptions(progress=False, tensorboard=False), toy_collate, ev, resume, on_step)
+        opts or RunOptions(device='cpu', progress=False, tensorboard=False), toy_collate, ev, resume, on_step)
     return m
 
 
@@ -187,7 +187,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
 
 
 def test_resume_with_grad_accumulation_is_exact(tmp_path):
-    o = RunOptions(progress=False, tensorboard=False, grad_accum=2)
+    o = RunOptions(device='cpu', progress=False, tensorboard=False, grad_accum=2)
     straight = toy_run(tmp_path/'a', opts=o)
     with pytest.raises(KeyboardInterrupt): toy_run(tmp_path/'c', on_step=ctrl_c_at(4), opts=o)   # epoch 1, step 1 of 3
     assert load_checkpoint(tmp_path/'c'/'model_latest.ckpt')['state']['batch'] == 2
@@ -271,7 +271,7 @@ def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
     import videolights.train as T
     set_seed(0)
     cfg = toy_cfg(n_epoch=1)
-    fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(progress=False, tensorboard=False),
+    fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(device='cpu', progress=False, tensorboard=False),
         toy_collate, overwrite=True)
     assert len([l for l in open(tmp_path/'a'/'log.jsonl')]) == 1          # the old log was replaced, not appended to
 
@@ -284,7 +284,7 @@ def _const_run(out, resume=False, opts=None, **kw):
     val = ToyData(n=16, seed=1, random_labels=False)
     ev = Evaluator(val, cfg, toy_collate, lambda sub, gt: dict(brief={'MR-full-R1@0.5': 50.}),
                    gt=[val[i]['meta'] for i in range(len(val))])
-    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts or RunOptions(progress=False, tensorboard=False),
+    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts or RunOptions(device='cpu', progress=False, tensorboard=False),
                toy_collate, ev, resume)
 
 
@@ -301,11 +301,11 @@ def test_early_stopping_counts_evaluations_and_survives_resume(tmp_path):
 
 def test_periodic_checkpoints(tmp_path):
     names = lambda d: sorted(p.name for p in d.glob('model_e*.ckpt'))
-    _const_run(tmp_path/'a', n_epoch=5, opts=RunOptions(progress=False, tensorboard=False, save_every=2))
+    _const_run(tmp_path/'a', n_epoch=5, opts=RunOptions(device='cpu', progress=False, tensorboard=False, save_every=2))
     assert names(tmp_path/'a') == ['model_e0001.ckpt', 'model_e0003.ckpt']
     ck = load_checkpoint(tmp_path/'a'/'model_e0003.ckpt')
     assert ck['state']['epoch'] == 4 and set(ck) >= {'model', 'optimizer', 'scheduler', 'rng', 'config'}
     _const_run(tmp_path/'b', n_epoch=5, lr_drop=4)                               # official default: 50 and every lr_drop
     assert names(tmp_path/'b') == ['model_e0003.ckpt']
-    _const_run(tmp_path/'c', n_epoch=5, lr_drop=4, opts=RunOptions(progress=False, tensorboard=False, save_every=0))
+    _const_run(tmp_path/'c', n_epoch=5, lr_drop=4, opts=RunOptions(device='cpu', progress=False, tensorboard=False, save_every=0))
     assert names(tmp_path/'c') == []

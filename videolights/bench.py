@@ -13,9 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['OP_FAMILIES', 'BENCHES', 'MODULE_BENCHES', 'machine_info', 'sync', 'med', 'ms', 'peak_rss_mib', 'Timer',
-           'synth_batch', 'load_official', 'official_opt', 'build_official', 'build_ours', 'train_step',
-           'bench_train_step', 'bench_infer', 'peak_rss_child', 'bench_load', 'bench_eval', 'op_family', 'profile_step',
-           'plot_profile', 'main']
+           'synth_batch', 'load_official', 'official_opt', 'tensor_cuda_is_identity', 'build_official', 'build_ours',
+           'train_step', 'bench_train_step', 'bench_infer', 'peak_rss_child', 'bench_load', 'bench_eval', 'op_family',
+           'profile_step', 'plot_profile', 'main']
 
 # %% ../nbs/90_bench.ipynb #b40296a7
 def _cpu_model()->str:
@@ -118,15 +118,11 @@ def _stub_modules(names:list[str])->list[str]:
     return added
 
 def load_official(path:str|Path)->SimpleNamespace:
-    "Import the official VideoLights modules from a local checkout, patched at run time for CPU-only machines."
+    "Import the official VideoLights modules from a local checkout (missing, unused imports stubbed while importing)."
     path = Path(path).resolve()
     if not (path/'video_lights'/'model.py').is_file():
         raise FileNotFoundError(f"--compare-official {path}: no video_lights/model.py there; pass a checkout of "
                                 f"github dpaul06/VideoLights")
-    if not torch.cuda.is_available() and not getattr(torch.Tensor.cuda, '_vl_noop', False):
-        def _cuda_noop(self, *a, **k): return self
-        _cuda_noop._vl_noop = True
-        torch.Tensor.cuda = _cuda_noop
     added = _stub_modules(['pandas', 'torchtext', 'torchtext.vocab', 'fvcore', 'fvcore.nn', 'torch.utils.tensorboard'])
     if str(path) not in sys.path: sys.path.insert(0, str(path))
     try:
@@ -153,11 +149,28 @@ def official_opt(off:SimpleNamespace, cfg, device='cpu'):
     if opt.use_tef: opt.v_feat_dim += 2
     return opt
 
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    "`Tensor.cuda` returns the tensor itself inside this block (the official decoder calls `.cuda()` unconditionally)."
+    real = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try: yield
+    finally: torch.Tensor.cuda = real
+
+def _forward_on_cpu(model:torch.nn.Module)->torch.nn.Module:
+    "Run `model`'s forward with `tensor_cuda_is_identity`: the official model stays on the CPU, GPU or not."
+    fwd = model.forward
+    def forward(*a, **k):
+        with tensor_cuda_is_identity(): return fwd(*a, **k)
+    model.forward = forward
+    return model
+
 def build_official(off:SimpleNamespace, cfg, device='cpu')->tuple:
     "Official (model, criterion, AdamW) for our `cfg`, as its `setup_model` builds them."
     opt = official_opt(off, cfg, device)
     model, criterion = off.model.build_model(opt)
     model.to(device); criterion.to(device)
+    if torch.device(device).type == 'cpu': _forward_on_cpu(model)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr, weight_decay=opt.wd)
     return model, criterion, optim, opt
 
@@ -377,11 +390,11 @@ import sys, json, time, io, contextlib
 sys.path.insert(0, sys.argv[1])
 from standalone_eval.eval import eval_submission
 sub = [json.loads(l) for l in open(sys.argv[2])]; gt = [json.loads(l) for l in open(sys.argv[3])]
-ts = []
-for _ in range(int(sys.argv[4])):
+ts, warmup = [], int(sys.argv[5])
+for i in range(warmup + int(sys.argv[4])):
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()): m = eval_submission(sub, gt, verbose=False)
-    ts.append(time.perf_counter() - t0)
+    if i >= warmup: ts.append(time.perf_counter() - t0)
 print(json.dumps(dict(times=ts, brief=m["brief"])))
 '''
 
@@ -391,12 +404,15 @@ def _official_python(official:str, official_python:str|None)->str:
         if p.exists(): return str(p)
     return sys.executable
 
-def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=None, seed:int=0, **kw)->dict:
+def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=None, seed:int=0,
+               warmup:int=1, # untimed calls first, on both sides (lazy imports, first allocations)
+               **kw)->dict:
     "Wall time of the QVHighlights metrics on the full val set: ours in-process, official in a child process."
     from videolights.metrics import eval_submission, make_noisy_submission, read_jsonl
     gt_path = _find_repo_file('data/qvhighlights/highlight_val_release.jsonl')
     gt = read_jsonl(gt_path); sub = make_noisy_submission(gt, seed)
     ours, theirs, brief = [], [], None
+    for _ in range(warmup): eval_submission(sub, gt)
     tmp = Path(tempfile.mkdtemp(prefix='vl_bench_eval_'))
     try:
         (tmp/'sub.jsonl').write_text(''.join(json.dumps(s) + '\n' for s in sub))
@@ -404,11 +420,11 @@ def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=N
             t0 = time.perf_counter(); m = eval_submission(sub, gt); ours.append(time.perf_counter() - t0)
             if official:
                 r = subprocess.run([_official_python(official, official_python), '-c', _EVAL_CHILD, str(Path(official).resolve()),
-                                    str(tmp/'sub.jsonl'), str(gt_path), '1'], capture_output=True, text=True)
+                                    str(tmp/'sub.jsonl'), str(gt_path), '1', str(warmup)], capture_output=True, text=True)
                 if r.returncode: return dict(error=f"official evaluator failed: {r.stderr.strip().splitlines()[-1:]}", ours_s=round(med(ours), 4))
                 d = json.loads(r.stdout.strip().splitlines()[-1]); theirs += d['times']; brief = d['brief']
     finally: shutil.rmtree(tmp, ignore_errors=True)
-    res = dict(n_queries=len(gt), repeats=repeats, ours_s=round(med(ours), 4), ours_all_s=[round(t, 4) for t in ours])
+    res = dict(n_queries=len(gt), repeats=repeats, warmup=warmup, ours_s=round(med(ours), 4), ours_all_s=[round(t, 4) for t in ours])
     if official:
         diff = sorted(k for k in m['brief'] if abs(float(m['brief'][k]) - float(brief.get(k, float('nan')))) > 1e-6 or k not in brief)
         res.update(official_s=round(med(theirs), 4), official_all_s=[round(t, 4) for t in theirs],

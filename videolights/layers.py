@@ -13,7 +13,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'dropout_mask', 'dropout', 'Dropout', 'sine_pos_embed', 'LearnedPosEmbed', 'MLP', 'make_activation',
-           'PReLU', 'Rows', 'pad_rows', 'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'Attention',
+           'PReLU', 'Rows', 'pad_rows', 'rowwise', 'ConvProj', 'input_proj', 'WeightedPool', 'FRA', 'sdpa', 'Attention',
            'cmf_pair_mask', 'BiCMFLayer', 'UniCMFLayer', 'EncoderLayer', 'Stack']
 
 # %% ../nbs/05_layers.ipynb #b4cff02c
@@ -225,6 +225,19 @@ FRA._mix_eval = _mix_eval
 # %% ../nbs/05_layers.ipynb #761242b7
 def _heads(x:Tensor, h:int)->Tensor: return x.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, L, E) -> (B, H, L, E/H)
 
+try:
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError: sdpa_kernel = CUDA_SDPA_BACKENDS = None  # torch < 2.3: PyTorch's own choice
+
+def sdpa(q:Tensor, k:Tensor, v:Tensor, # (B, H, Lq, E), (B, H, Lk, E), (B, H, Lk, Ev)
+         allowed:Tensor|None,          # (B, H|1, Lq|1, Lk) True = may attend
+         p:float=0.)->Tensor:          # (B, H, Lq, Ev)
+    "`F.scaled_dot_product_attention`; on CUDA without the cuDNN backend, which builds a graph for every new shape."
+    if q.is_cuda and sdpa_kernel is not None:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS): return F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)
+    return F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)
+
 class Attention(nn.Module):
     "Multi-head attention on batch-first inputs; optional input projections; SDPA fast path."
     def __init__(self, embed_dim:int, nheads:int, dropout:float=0., vdim:int|None=None, in_proj:bool=True):
@@ -265,7 +278,7 @@ class Attention(nn.Module):
             if not need_weights: wts = None
         else:
             wts = None
-            o = F.scaled_dot_product_attention(q, k, v, None if blocked is None else ~blocked, dropout_p=p)
+            o = sdpa(q, k, v, None if blocked is None else ~blocked, p)
         o = o.transpose(1, 2).flatten(2)  # (B, Lq, Ev)
         return self.out_proj(o if q_rows is None else q_rows.pack(o)), wts  # (B, Lq, Ev) or packed (Nq, Ev)
 

@@ -232,7 +232,9 @@ def attribute(model, # callable `model(**model_inputs) -> dict` (a `VideoLights`
     if method not in ('ig', 'ixg'): raise ValueError(f"method must be 'ig' or 'ixg', got {method!r}")
     f, was_training = _target_fn(target, b), getattr(model, 'training', False)
     if hasattr(model, 'eval'): model.eval()
-    x = {k: v.detach() for k, v in model_inputs.items()}
+    p0 = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dev = p0.device if p0 is not None else None
+    x = {k: v.detach().to(dev) for k, v in model_inputs.items()}  # on the model's device
     v0 = _baseline(x['src_vid'], x['src_vid_mask'], baseline if method == 'ig' else 'zeros')  # (B, Lv, Dv)
     t0 = _baseline(x['src_txt'], x['src_txt_mask'], baseline if method == 'ig' else 'zeros')  # (B, Lq, Dt)
     alphas = [1.] if method == 'ixg' else [(s + 0.5) / steps for s in range(steps)]  # midpoint rule
@@ -245,8 +247,8 @@ def attribute(model, # callable `model(**model_inputs) -> dict` (a `VideoLights`
         value, base = float(f(model(**x))), float(f(model(**{**x, 'src_vid': v0, 'src_txt': t0})))
     if was_training: model.train()
     n = len(alphas)
-    return dict(clips=((x['src_vid'] - v0) * gv / n)[b].sum(-1).numpy(),    # (Lv,)
-                tokens=((x['src_txt'] - t0) * gt_ / n)[b].sum(-1).numpy(),  # (Lq,)
+    return dict(clips=((x['src_vid'] - v0) * gv / n)[b].sum(-1).cpu().numpy(),    # (Lv,)
+                tokens=((x['src_txt'] - t0) * gt_ / n)[b].sum(-1).cpu().numpy(),  # (Lq,)
                 value=value, baseline=base)
 
 # %% ../nbs/12_visualize.ipynb #45c8e517
@@ -443,6 +445,12 @@ def render(self:Explorer, qid, attn_name:str|None=None, layer:int=-1, head:int|N
     return fig, (query_metrics(p, g) if g else {})
 
 # %% ../nbs/12_visualize.ipynb #f34b1e6f
+def _to_cpu(o):
+    "Tensors in nested dicts/lists moved to the CPU (for plotting)."
+    if isinstance(o, dict): return {k: _to_cpu(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return type(o)(_to_cpu(v) for v in o)
+    return o.cpu() if torch.is_tensor(o) else o
+
 def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch contract and `return_attn`)
                      dataset, # `VLDataset` with the queries to explore
                     ):       # qid -> outputs dict of a batch of one, with 'attn'
@@ -452,8 +460,9 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
     def fn(qid):
         if qid not in index: raise KeyError(f"qid {qid} is not in the dataset given to the explorer")
         inputs, _, _ = collate([dataset[index[qid]]])
+        dev = next(model.parameters()).device                                  # where the model is (a GPU after `fit` on one)
         model.eval()
-        with torch.no_grad(): return model(**inputs, return_attn=True)
+        with torch.no_grad(): return _to_cpu(model(**{k: v.to(dev) for k, v in inputs.items()}, return_attn=True))
     return fn
 
 def _is_run(p)->bool: return isinstance(p, (str, Path)) and Path(p).is_dir() and any(Path(p).glob('model_*.ckpt'))

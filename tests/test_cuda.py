@@ -1,0 +1,157 @@
+"""GPU checks: the same model, losses and training on CUDA as on the CPU. Skipped on machines without CUDA.
+
+Run them on a GPU machine with `pytest tests/test_cuda.py` (or `bash tools/gpu_check.sh`, which also runs the
+benchmarks and the whole suite). TF32 is switched off in the comparisons so that float32 means float32 on both sides.
+"""
+import copy, json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from videolights.bench import synth_batch, train_step
+from videolights.config import get_preset
+from videolights.loss import build_criterion, total_loss
+from videolights.model import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+REPO = Path(__file__).resolve().parents[1]
+NO_DROP = dict(dropout=0., input_dropout=0., fra_dropout=0.)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def to(o, dev):
+    if isinstance(o, dict): return {k: to(v, dev) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return type(o)(to(v, dev) for v in o)
+    return o.to(dev) if torch.is_tensor(o) else o
+
+
+def maxdiff(a, b): return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
+
+
+def pair(preset, **over):
+    "The same freshly initialised model (and criterion) on the CPU and on the GPU."
+    cfg = get_preset(preset, **over)
+    torch.manual_seed(0)
+    cpu = build_model(cfg)
+    return cfg, cpu, copy.deepcopy(cpu).cuda(), build_criterion(cfg), build_criterion(cfg).cuda()
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'qvhighlights'])
+def test_eval_forward_matches_cpu(preset):
+    cfg, cpu, gpu, _, _ = pair(preset)
+    mi, _, _ = synth_batch(cfg, 4, seed=1)
+    with torch.no_grad():
+        a, b = cpu.eval()(**mi), gpu.eval()(**to(mi, 'cuda'))
+    assert set(a) == set(b)
+    for k in ('pred_logits', 'pred_spans', 'saliency_scores'):
+        assert b[k].is_cuda and maxdiff(a[k], b[k]) <= 1e-4, (k, maxdiff(a[k], b[k]))
+
+
+@pytest.mark.parametrize('pack', [True, False])
+def test_training_losses_and_gradients_match_cpu(pack):
+    "Dropout off: the training forward (both passes), every loss term and every gradient agree with the CPU."
+    cfg, cpu, gpu, ccpu, cgpu = pair('qvhighlights', pack_neg_pass=pack, **NO_DROP)
+    mi, tg, _ = synth_batch(cfg, 4, seed=2)
+    la, lb = ccpu(cpu.train()(**mi), tg, epoch=3), cgpu(gpu.train()(**to(mi, 'cuda')), to(tg, 'cuda'), epoch=3)
+    for k in la: assert maxdiff(la[k], lb[k]) <= 1e-4 * max(1., float(la[k].abs())), (k, float(la[k]), float(lb[k]))
+    total_loss(la, ccpu.weight_dict).backward(); total_loss(lb, cgpu.weight_dict).backward()
+    gmax = max(float(p.grad.abs().max()) for p in cpu.parameters() if p.grad is not None)
+    for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        if p.grad is None: assert q.grad is None or float(q.grad.abs().max()) <= 1e-6 * gmax, n; continue
+        assert maxdiff(p.grad, q.grad) <= 1e-3 * gmax + 1e-4 * float(p.grad.abs().max()), (n, maxdiff(p.grad, q.grad))
+
+
+def test_packed_negative_pass_matches_plain_on_cuda():
+    cfg, _, gpu, _, crit = pair('qvhighlights', **NO_DROP)
+    plain = build_model(get_preset('qvhighlights', pack_neg_pass=False, **NO_DROP)).cuda()
+    plain.load_state_dict(gpu.state_dict())
+    mi, tg, _ = to(synth_batch(cfg, 6, seed=3), 'cuda')
+    la, lb = crit(gpu.train()(**mi), tg, epoch=3), crit(plain.train()(**mi), tg, epoch=3)
+    for k in la: assert maxdiff(la[k], lb[k]) <= 1e-4 * max(1., float(la[k].abs())), k
+
+
+def test_bf16_forward_leaves_out_cudnn_attention():
+    "cuDNN attention builds a graph per new shape (~9 ms a call on an H200): `layers.sdpa` must not pick it."
+    from torch.profiler import profile, ProfilerActivity
+    cfg = get_preset('qvhighlights'); torch.manual_seed(0)
+    m = build_model(cfg).cuda().eval()
+    mi = to(synth_batch(cfg, 4, seed=7)[0], 'cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(**mi)
+    names = {e.key for e in prof.key_averages()}
+    attn = sorted(n for n in names if 'attention' in n)
+    assert attn and not any('cudnn' in n for n in attn), attn
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_training_learns(amp):
+    "Autocast steps on one fixed batch: every loss finite and the total falls (fp16 through a GradScaler)."
+    cfg = get_preset('qvhighlights')
+    torch.manual_seed(0)
+    model, crit = build_model(cfg).cuda().train(), build_criterion(cfg).cuda()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.wd)
+    scaler = torch.amp.GradScaler('cuda') if amp == 'fp16' else None
+    mi, tg, _ = to(synth_batch(cfg, 8, seed=4), 'cuda')
+    losses = [train_step(model, crit, optim, mi, tg, cfg.grad_clip, amp, scaler, 'cuda', 3)['loss'] for _ in range(15)]
+    assert all(map(lambda x: x == x and abs(x) < float('inf'), losses)), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_compiled_model_matches_eager():
+    cfg, _, gpu, _, _ = pair('qvhighlights')
+    gpu.eval()
+    comp = torch.compile(gpu, dynamic=True)
+    for seed, B in ((5, 4), (6, 7)):                               # a second batch size: no stale specialisation
+        mi = to(synth_batch(cfg, B, seed=seed)[0], 'cuda')
+        with torch.no_grad(): a, b = gpu(**mi), comp(**mi)
+        for k in ('pred_logits', 'pred_spans', 'saliency_scores'): assert maxdiff(a[k], b[k]) <= 1e-3, (k, B)
+
+
+def vl(*args, env=None, timeout=600, module=('-m', 'videolights')):
+    e = dict(os.environ, MPLBACKEND='Agg', **(env or {}))
+    return subprocess.run([sys.executable, *module, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    from videolights.synth import synth
+    d = tmp_path_factory.mktemp('synth_tiny')
+    synth(d, seed=0, size='tiny', progress=False)
+    return d
+
+
+def test_cli_train_resume_evaluate_on_cuda(tiny_data, tmp_path):
+    "Train with bf16 autocast on the GPU, resume, and evaluate; the checkpoint loads on a CPU-only process."
+    run = tmp_path/'run'
+    r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 2, '--eval_every', 1, '--bsz', 4,
+           '--num_workers', 2, '--lr', '1e-3', '--max_v_l', 75, '--device', 'cuda', '--amp', 'bf16', '--no-progress')
+    assert r.returncode == 0, r.stderr[-3000:]
+    opts = json.loads((run/'config.json').read_text())
+    r = vl('train', '--resume', run, '--epochs', 3, '--no-progress')
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(l) for l in open(run/'log.jsonl')]
+    assert [l['epoch'] for l in log if l['kind'] == 'train'] == [0, 1, 2]
+    assert all(l['loss_overall'] == l['loss_overall'] for l in log if l['kind'] == 'train')
+    ck = torch.load(run/'model_latest.ckpt', map_location='cpu', weights_only=True)
+    assert all(not t.is_cuda for t in ck['model'].values())
+    r = vl('evaluate', '--ckpt', run, '--data', tiny_data, '--split', 'val', '--out', tmp_path/'eval_cpu', '--device', 'cpu',
+           env=dict(CUDA_VISIBLE_DEVICES=''))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path/'eval_cpu'/'hl_val_submission.jsonl').exists(), opts
+
+
+def test_torchrun_nccl_one_gpu(tiny_data, tmp_path):
+    "The DDP code path with the NCCL backend (one process: NCCL refuses two ranks on one GPU)."
+    r = vl('--standalone', '--nproc_per_node', 1, '-m', 'videolights', 'train', '--preset', 'tiny', '--data', tiny_data,
+           '--out', tmp_path/'ddp', '--epochs', 1, '--bsz', 4, '--num_workers', 0, '--max_v_l', 75, '--device', 'cuda',
+           '--no-progress', module=('-m', 'torch.distributed.run'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path/'ddp'/'config.json').read_text())['world_size'] == 1
