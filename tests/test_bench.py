@@ -89,6 +89,19 @@ def test_all_gathers_every_benchmark_and_survives_a_failure(monkeypatch):
     assert d['ratios_official_over_ours'] == {'load': 2.0, 'eval': 2.0, 'train-step': 2.0, 'infer': 2.0}
 
 
+def test_profile_command(tmp_path):
+    "`bench profile`: one profiled step; the top operators sorted by self time, their shares of the whole."
+    rc, out, _ = run_main(['profile', '--kind', 'infer', '--preset', 'tiny', '--batch', '2', '--top', '5',
+                           '--json', str(tmp_path/'p.json')])
+    assert rc == 0
+    p = json.loads(out)['profile']
+    assert json.loads((tmp_path/'p.json').read_text())['profile']['kind'] == p['kind'] == 'infer'
+    ms = [r['self_ms'] for r in p['top_ops']]
+    assert len(ms) == 5 and ms == sorted(ms, reverse=True) and sum(ms) <= p['total_ms'] + 0.5
+    assert abs(sum(f['pct'] for f in p['families'].values()) - 100) < 1.5   # families cover every operator
+    assert p['device'] == 'cpu' and 'total_gpu_ms' not in p and p['shapes']['Lv'] > 0
+
+
 def test_module_entry_point():
     r = subprocess.run([sys.executable, '-m', 'videolights.bench', '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and '--compare-official' in r.stdout and '--device' in r.stdout

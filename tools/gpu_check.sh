@@ -45,11 +45,15 @@ for args in "train-step --amp bf16" "infer --amp bf16" "train-step --batch 128" 
   echo "### bench $args" >>"$OUT/bench_extra.log"
   step "bench $args" 60 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE" "${OFF[@]}"
 done
+for args in "profile --kind train" "profile --kind infer" "profile --kind infer --amp bf16"; do   # top operators, CPU and GPU time
+  echo "### bench $args" >>"$OUT/bench_extra.log"
+  step "bench $args" 60 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE"
+done
 # the whole suite and every notebook, side by side (CPU-bound; a GPU is present, so device 'auto' picks it)
 step pytest_all 220 pytest_all.log env OMP_NUM_THREADS=1 $PY -m pytest tests -q -rfE --tb=short $XDIST -p no:cacheprovider &
 step nbdev_test 220 nbdev_test.log env OMP_NUM_THREADS=1 $NBDEV_TEST --n_workers 8 --timing &
 wait
-for args in "infer --compile --amp bf16" "train-step --compile --amp bf16"; do
+for args in "infer --compile" "train-step --compile"; do
   echo "### bench $args" >>"$OUT/bench_extra.log"
   step "bench $args" 150 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE" "${OFF[@]}"
 done

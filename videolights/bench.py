@@ -446,31 +446,47 @@ def op_family(name:str)->str:
         if name.startswith(k): return v
     return 'Optimizer' if name.startswith('Optimizer') else 'other elementwise/overhead'
 
+def _self_device_us(e)->float:
+    "Self GPU time of a profiler event (µs); the attribute was renamed in torch 2.4."
+    return getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0) or 0
+
 def profile_step(kind:str='train', preset:str='qvhighlights', batch:int=32, seed:int=0, model=None, top:int=20,
+                 device:str='cpu', amp:str|None=None, # on CUDA the profile also records GPU time per operator
                  **cfg_overrides)->dict:
     "Self-CPU-time ranking of the operators of one training step (`kind='train'`) or eval forward (`'infer'`)."
     from torch.profiler import profile, ProfilerActivity
     from videolights.config import get_preset
+    from videolights.data import move_batch
     cfg = get_preset(preset, **cfg_overrides)
     torch.manual_seed(seed)
-    m, c, o = build_ours(cfg) if model is None else model
+    m, c, o = build_ours(cfg, device) if model is None else model
     mi, tg, _ = synth_batch(cfg, batch, seed=seed)
+    cuda = torch.device(device).type == 'cuda'
+    if device != 'cpu': mi, tg, _ = move_batch((mi, tg, []), device)
     def run():
-        if kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip)
+        if kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip, amp, None, device)
         else:
             m.eval()
-            with torch.no_grad(): m(**mi)
-    run()  # warm-up (allocator, lazy inits)
-    with profile(activities=[ProfilerActivity.CPU]) as prof: run()
-    ev = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in ev)
+            ctx = torch.autocast(torch.device(device).type, dtype=_AMP[amp]) if _AMP[amp] else contextlib.nullcontext()
+            with torch.no_grad(), ctx: m(**mi)
+        sync(device)
+    run()  # warm-up (allocator, lazy inits, per-shape set-up)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof: run()
+    ev = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or _self_device_us(e) > 0]
+    total, gpu_total = sum(e.self_cpu_time_total for e in ev), sum(_self_device_us(e) for e in ev)
     ops = sorted(({'op': e.key, 'self_ms': round(e.self_cpu_time_total / 1e3, 1), 'calls': e.count,
-                   'pct': round(100 * e.self_cpu_time_total / total, 1)} for e in ev), key=lambda r: -r['self_ms'])
-    fam = {}
-    for r in ops: fam[op_family(r['op'])] = fam.get(op_family(r['op']), 0) + r['self_ms']
+                   'pct': round(100 * e.self_cpu_time_total / total, 1)} | ({'self_gpu_ms': round(_self_device_us(e) / 1e3, 2)} if cuda else {})
+                  for e in ev), key=lambda r: -r['self_ms'])
+    fam = {}  # from the unrounded times (many small operators round to 0.0 ms)
+    for e in ev: fam[op_family(e.key)] = fam.get(op_family(e.key), 0) + e.self_cpu_time_total / 1e3
     fam = {k: dict(ms=round(v, 1), pct=round(100 * v / (total / 1e3), 1)) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
-    return dict(kind=kind, preset=preset, batch=batch, shapes=dict(Lv=mi['src_vid'].shape[1], Lq=mi['src_txt'].shape[1]),
-                total_ms=round(total / 1e3, 1), top_ops=ops[:top], families=fam, threads=torch.get_num_threads())
+    res = dict(kind=kind, preset=preset, batch=batch, device=device, amp=amp,
+               shapes=dict(Lv=mi['src_vid'].shape[1], Lq=mi['src_txt'].shape[1]),
+               total_ms=round(total / 1e3, 1), top_ops=ops[:top], families=fam, threads=torch.get_num_threads())
+    if cuda: res.update(total_gpu_ms=round(gpu_total / 1e3, 2),
+                        top_gpu_ops=sorted(ops, key=lambda r: -r['self_gpu_ms'])[:min(top, 10)])
+    return res
 
 def plot_profile(p:dict, path:str|Path|None=None, n:int=15):
     "Horizontal bar chart of the top-`n` operators of a `profile_step` result (saved small to `path`)."
@@ -541,9 +557,10 @@ def main(argv:list[str]|None=None)->int:
                '  python -m videolights.bench train-step --compare-official /tmp/perf/official --steps 3\n'
                '  python -m videolights.bench infer --device cuda --amp bf16 --compile\n'
                '  python -m videolights.bench load --n_videos 2000 --workers 2\n'
+               '  python -m videolights.bench profile --kind infer --batch 32 --device cuda   # top operators, CPU and GPU time\n'
                "  python -m videolights.bench load --modules --n_videos 2000   # the data module's own npz-vs-HDF5 benchmark",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('name', choices=list(BENCHES) + ['all', '_peak'])
+    p.add_argument('name', choices=list(BENCHES) + ['all', 'profile', '_peak'])
     p.add_argument('--json', default=None, help='also write the JSON to this file')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:i]'")
     p.add_argument('--compare-official', default=None, metavar='PATH', help='a checkout of github dpaul06/VideoLights')
@@ -569,6 +586,11 @@ def main(argv:list[str]|None=None)->int:
         except json.JSONDecodeError: pass
         kw[k.lstrip('-').replace('-', '_')] = v
     if a.threads: torch.set_num_threads(a.threads)
+    if a.name == 'profile':  # not part of `all`: one profiled step, the top operators
+        out = dict(machine=machine_info(a.device), profile=profile_step(device=a.device, amp=a.amp, **kw))
+        print(json.dumps(out, indent=2))
+        if a.json: Path(a.json).write_text(json.dumps(out, indent=2))
+        return 0
     names = list(BENCHES) if a.name == 'all' else [a.name]
     out = dict(machine=machine_info(a.device))
     for n in names:
