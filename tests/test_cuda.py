@@ -155,3 +155,11 @@ def test_torchrun_nccl_one_gpu(tiny_data, tmp_path):
            '--no-progress', module=('-m', 'torch.distributed.run'))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path/'ddp'/'config.json').read_text())['world_size'] == 1
+
+
+@pytest.mark.parametrize('kind', ['train', 'infer'])
+def test_profile_on_cuda_reports_gpu_time(kind):
+    from videolights.bench import profile_step
+    p = profile_step(kind, 'tiny', batch=2, device='cuda', top=5)
+    assert p['device'] == 'cuda' and p['total_gpu_ms'] > 0 and p['top_gpu_ops'][0]['self_gpu_ms'] > 0
+    assert all('self_gpu_ms' in r for r in p['top_ops'])
