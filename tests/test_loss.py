@@ -491,3 +491,18 @@ def test_eval_outputs_without_negative_pass():
     assert close(terms['rank_contrastive'], ref)
     losses = build_criterion(get_preset('qvhighlights', **CFG))(o, t)
     assert all(torch.isfinite(v).all() for v in losses.values())
+
+
+@pytest.mark.parametrize('preset', ['qvhighlights', 'fixed'])
+def test_flat_match_indices_give_the_same_losses(fixture, preset):
+    "The matcher's flat device copies (`MatchIndices`) vs the plain per-sample pairs: every loss term bit for bit."
+    fx = fixture['fixtures']['sf_clip_blip']
+    crit = build_criterion(get_preset(preset))
+    flat = crit(clone_outputs(fx['outputs']), fx['targets'], epoch=5)
+    matcher = crit.matcher
+    class Plain(torch.nn.Module):
+        def forward(self, o, t): return list(matcher(o, t))                  # drops the flat copies
+    crit.matcher = Plain()
+    plain = crit(clone_outputs(fx['outputs']), fx['targets'], epoch=5)
+    assert set(flat) == set(plain) and len(flat) > 10
+    for k in flat: assert torch.equal(flat[k], plain[k]), k

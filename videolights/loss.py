@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .spans import span_cxw_to_xx, batched_temporal_iou
-from .matcher import HungarianMatcher, build_matcher
+from .matcher import HungarianMatcher, MatchIndices, build_matcher
 
 # %% auto #0
 __all__ = ['LOSS_MAP', 'src_permutation_idx', 'matched_target_spans', 'loss_spans', 'loss_labels', 'margin_ranking_loss',
@@ -21,6 +21,7 @@ __all__ = ['LOSS_MAP', 'src_permutation_idx', 'matched_target_spans', 'loss_span
 def src_permutation_idx(indices:list[tuple[Tensor,Tensor]], # B matcher pairs (pred_idx, tgt_idx)
                        )->tuple[Tensor,Tensor]: # (N,) batch index, (N,) prediction index of every matched pair
     "Flatten matcher output into index tensors for `pred[batch_idx, pred_idx]`."
+    if isinstance(indices, MatchIndices): return indices.batch_idx, indices.src_idx  # already flat, on the device
     batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
     return batch_idx, torch.cat([src for src, _ in indices])
 
@@ -28,6 +29,7 @@ def matched_target_spans(span_labels:list[dict], # B dicts with 'spans' (n_b, 2)
                          indices:list[tuple[Tensor,Tensor]], # B matcher pairs
                         )->Tensor: # (N, 2) target of every matched pair, in `src_permutation_idx` order
     "The target span of every matched pair."
+    if isinstance(indices, MatchIndices): return indices.tgt_spans[indices.batch_idx, indices.tgt_idx]  # one gather
     return torch.cat([t['spans'][j] for t, (_, j) in zip(span_labels, indices)])
 
 # %% ../nbs/10_loss.ipynb #fee16d79

@@ -4,13 +4,15 @@
 
 # %% ../nbs/09_matcher.ipynb #2be343ad
 from __future__ import annotations
+import numpy as np
 import torch
 from torch import nn, Tensor
 from scipy.optimize import linear_sum_assignment
 from .spans import span_cxw_to_xx, batched_temporal_iou
 
 # %% auto #0
-__all__ = ['pad_target_spans', 'cost_class', 'cost_span_l1', 'cost_giou', 'match_cost', 'HungarianMatcher', 'build_matcher']
+__all__ = ['pad_target_spans', 'cost_class', 'cost_span_l1', 'cost_giou', 'match_cost', 'MatchIndices', 'HungarianMatcher',
+           'build_matcher']
 
 # %% ../nbs/09_matcher.ipynb #4e4e92fb
 def pad_target_spans(span_labels:list[dict], # B dicts with 'spans' (n_b, 2) cxw normalised
@@ -24,8 +26,10 @@ def pad_target_spans(span_labels:list[dict], # B dicts with 'spans' (n_b, 2) cxw
     sizes = [len(t['spans']) for t in span_labels]
     M, ref = max(sizes, default=0), span_labels[0]['spans']
     spans = ref.new_tensor(pad_span).repeat(len(sizes), M, 1)  # (B, M, 2)
-    valid = torch.zeros(len(sizes), M, dtype=torch.bool, device=ref.device)  # (B, M)
-    for b, (t, n) in enumerate(zip(span_labels, sizes)): spans[b, :n], valid[b, :n] = t['spans'], True
+    valid = torch.arange(M, device=ref.device)[None] < ref.new_tensor(sizes, dtype=torch.long)[:, None]  # (B, M)
+    if sum(sizes):  # one copy for the whole batch (rows b*M + j, found on the host: no per-sample device ops)
+        rows = np.concatenate([b * M + np.arange(n) for b, n in enumerate(sizes)])
+        spans.view(-1, 2)[torch.from_numpy(rows).to(ref.device)] = torch.cat([t['spans'] for t in span_labels]).to(spans)
     return spans, valid
 
 # %% ../nbs/09_matcher.ipynb #faf66562
@@ -58,6 +62,11 @@ def match_cost(pred_logits:Tensor, # (B, Nq, 2) class logits
     return c + w_class * cost_class(pred_logits, tgt_spans.shape[1])
 
 # %% ../nbs/09_matcher.ipynb #2b7f5a8c
+class MatchIndices(list):
+    "The matcher's B `(pred_idx, tgt_idx)` pairs (CPU int64), plus flat device copies for one-op gathers."
+    # batch_idx, src_idx, tgt_idx: (N,) each, sample order, on the predictions' device; tgt_spans: (B, M, 2) padded
+    # targets they index. The losses then gather without a per-sample loop or a host-to-device copy per use.
+
 class HungarianMatcher(nn.Module):
     "One-to-one assignment of predictions to target windows, per sample, minimising `match_cost`."
     def __init__(self, cost_class:float=4., cost_span:float=10., cost_giou:float=1.):
@@ -68,18 +77,23 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs:dict, # model outputs with pred_logits (B, Nq, 2), pred_spans (B, Nq, 2)
                 targets:dict|list,  # batch targets (with 'span_labels') or the span_labels list
-               )->list[tuple[Tensor,Tensor]]: # B pairs of int64 (pred_idx, tgt_idx)
+               )->MatchIndices: # B pairs of int64 (pred_idx, tgt_idx), a list
         span_labels = targets['span_labels'] if isinstance(targets, dict) else targets
         B = outputs['pred_spans'].shape[0]
         if len(span_labels) != B: raise ValueError(f"HungarianMatcher: {len(span_labels)} span_labels for a batch of {B}")
-        tgt_spans, valid = pad_target_spans(span_labels)  # (B, M, 2), (B, M)
+        tgt_spans, _ = pad_target_spans(span_labels)  # (B, M, 2)
         C = match_cost(outputs['pred_logits'], outputs['pred_spans'], tgt_spans,
-                       self.cost_class, self.cost_span, self.cost_giou).cpu()  # (B, Nq, M)
-        bad = (~torch.isfinite(C) & valid[:, None].cpu()).flatten(1).any(1).nonzero().flatten().tolist()
+                       self.cost_class, self.cost_span, self.cost_giou).cpu()  # (B, Nq, M), the one device-to-host copy
+        sizes = [len(t['spans']) for t in span_labels]
+        valid = torch.arange(C.shape[2])[None] < torch.tensor(sizes)[:, None]  # (B, M), on the host
+        bad = (~torch.isfinite(C) & valid[:, None]).flatten(1).any(1).nonzero().flatten().tolist()
         if bad: raise ValueError(f"HungarianMatcher: non-finite matching cost for sample(s) {bad} (NaN/inf in pred_logits or pred_spans)")
-        sizes = valid.sum(1).tolist()
-        return [tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(C[b, :, :n]))
-                for b, n in enumerate(sizes)]
+        pairs = [linear_sum_assignment(C[b, :, :n]) for b, n in enumerate(sizes)]
+        out = MatchIndices(tuple(torch.as_tensor(x, dtype=torch.int64) for x in p) for p in pairs)
+        flat = np.concatenate([np.stack([np.full(len(r), b), r, c]) for b, (r, c) in enumerate(pairs)], axis=1)  # (3, N)
+        out.batch_idx, out.src_idx, out.tgt_idx = torch.from_numpy(flat.astype(np.int64)).to(outputs['pred_spans'].device)
+        out.tgt_spans = tgt_spans
+        return out
 
 # %% ../nbs/09_matcher.ipynb #a3af0bb7
 def build_matcher(cfg)->HungarianMatcher:
