@@ -27,7 +27,7 @@ def _worker(rank, world, port, out, accum):
     import torch.distributed as dist
     opts = RunOptions(device='cpu', progress=False, tensorboard=False, grad_accum=accum)
     toy_run(Path(out), data=ToyData(random_labels=False), p_drop=0., opts=opts, n_epoch=3, eval_every=1)
-    dist.destroy_process_group()
+    dist.barrier(); dist.destroy_process_group()
 
 
 def _train_losses(run):
@@ -102,7 +102,7 @@ def _var_worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
     _var_run(Path(out), RunOptions(device='cpu', progress=False, tensorboard=False))
-    dist.destroy_process_group()
+    dist.barrier(); dist.destroy_process_group()
 
 
 def test_ddp_span_losses_use_the_global_span_count(tmp_path):

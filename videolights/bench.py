@@ -181,7 +181,8 @@ def build_ours(cfg, device='cpu', compile:bool=False)->tuple:
     from videolights.loss import build_criterion
     model = build_model(cfg).to(device)
     crit = build_criterion(cfg).to(device)
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.wd)
+    from videolights.train import adamw  # fused where available (the official side keeps its plain AdamW)
+    optim = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.wd)
     return (torch.compile(model, dynamic=True) if compile else model), crit, optim
 
 _AMP = {None: None, 'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}

@@ -30,14 +30,14 @@ from .synth import synth
 __all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS',
            'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed',
            'get_rng_state', 'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo',
-           'init_distributed', 'EpochSampler', 'hp', 'build_optimizer', 'selection_score', 'decode_predictions',
-           'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator', 'RunOptions',
-           'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features', 'build_dataset',
-           'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics', 'build_run', 'clips_needed',
-           'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt',
-           'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency', 'captions_to_pretrain',
-           'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows', 'plot_saliency',
-           'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
+           'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
+           'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator',
+           'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features',
+           'build_dataset', 'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics', 'build_run',
+           'clips_needed', 'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint',
+           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency',
+           'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows',
+           'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -156,10 +156,16 @@ def hp(cfg, name:str): # a config object (VLConfig, namespace) and a training fi
     "A training hyper-parameter from `cfg`, defaulting to the official recipe."
     return getattr(cfg, name, TRAIN_DEFAULTS[name])
 
+def adamw(params:list, lr:float, weight_decay:float)->torch.optim.AdamW:
+    "AdamW, fused (one kernel for all parameters) where this torch has it for the parameters' device."
+    params = list(params)
+    try: return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError): return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
 def build_optimizer(model:nn.Module, cfg)->tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     "AdamW over the trainable parameters and the StepLR schedule of the official recipe."
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp(cfg, 'lr'), weight_decay=hp(cfg, 'wd'))
+    opt = adamw(params, hp(cfg, 'lr'), hp(cfg, 'wd'))
     return opt, torch.optim.lr_scheduler.StepLR(opt, hp(cfg, 'lr_drop'), gamma=hp(cfg, 'lr_gamma'))
 
 # %% ../nbs/11_train.ipynb #967f35e0
@@ -555,6 +561,7 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
         if di.is_main: print(f"\ninterrupted at epoch {state.epoch}, micro-batch {state.batch}: saved "
                              f"{out_dir/'model_latest.ckpt'}; continue with --resume {out_dir}", file=sys.stderr)
         raise
+    if di.enabled: dist.barrier()  # leave together: rank 0 may still be writing while the others would tear down
     return state
 
 # %% ../nbs/11_train.ipynb #7b23aa58
