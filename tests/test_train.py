@@ -309,3 +309,21 @@ def test_periodic_checkpoints(tmp_path):
     assert names(tmp_path/'b') == ['model_e0003.ckpt']
     _const_run(tmp_path/'c', n_epoch=5, lr_drop=4, opts=RunOptions(device='cpu', progress=False, tensorboard=False, save_every=0))
     assert names(tmp_path/'c') == []
+
+
+def test_resume_uses_this_machines_adamw_implementation():
+    "A checkpoint written by plain AdamW (older runs) resumes with the fused one where torch has it, same state."
+    from dataclasses import asdict
+    from videolights.train import _restore, adamw, DistInfo, get_rng_state
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    old = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    m(torch.ones(1, 3)).sum().backward(); old.step()
+    sched = torch.optim.lr_scheduler.StepLR(old, 10)
+    st = asdict(TrainState(epoch=1)); st.pop('rng')
+    ck = dict(model=m.state_dict(), optimizer=old.state_dict(), scheduler=sched.state_dict(), state=st, rng=[get_rng_state()])
+    new = adamw(m.parameters(), 1e-3, 1e-4)
+    state = _restore(ck, m, new, torch.optim.lr_scheduler.StepLR(new, 10), None, DistInfo())
+    assert state.epoch == 1 and new.param_groups[0]['fused'] == new.defaults['fused']
+    assert torch.equal(new.state[m.weight]['exp_avg'], old.state[m.weight]['exp_avg'])
+    new.step()                                                             # and it steps

@@ -420,6 +420,9 @@ def _checkpoint(model, optimizer, scheduler, scaler, state:TrainState, cfg, opts
 def _restore(ck:dict, model, optimizer, scheduler, scaler, di:DistInfo)->TrainState:
     _unwrap(model).load_state_dict(ck['model'])
     optimizer.load_state_dict(ck['optimizer']); scheduler.load_state_dict(ck['scheduler'])
+    for g in optimizer.param_groups:  # the implementation (fused/foreach) is this machine's choice, not the checkpoint's
+        for k in ('fused', 'foreach'):
+            if k in optimizer.defaults: g[k] = optimizer.defaults[k]
     if scaler and ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
     state = TrainState(**ck['state'])
     if di.rank < len(ck['rng']): set_rng_state(ck['rng'][di.rank]); state.rng = ck['rng'][di.rank]
