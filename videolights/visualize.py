@@ -18,15 +18,15 @@ from .spans import span_cxw_to_xx, temporal_iou
 from .config import VLConfig, get_preset
 from .matcher import HungarianMatcher, match_cost, pad_target_spans
 from .data import collate, DataFormatError
-from .train import RunOptions, build_dataset, build_run, fit, load_model, load_weights, synth_config
+from .train import RunOptions, build_dataset, build_run, fit, load_model, load_weights, synth_config, _to
 
 # %% auto #0
 __all__ = ['METRICS', 'SWITCHES', 'ABLATION_FIELDS', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency',
            'top_clips', 'plot_saliency', 'attn_layers', 'attn_map', 'attn_families', 'plot_attention', 'relevance_map',
-           'plot_decoder_attention', 'attribute', 'plot_attribution', 'plot_cost_matrix', 'matching_cost', 'read_log',
-           'plot_training_curves', 'query_metrics', 'plot_query', 'Explorer', 'token_labels', 'model_outputs_fn',
-           'load_run', 'explore', 'paper_ablations', 'parse_switches', 'plot_ablation', 'ablation_overrides',
-           'select_rows', 'ablate', 'train_ablation_row', 'ablate_main']
+           'plot_decoder_attention', 'model_device', 'attribute', 'plot_attribution', 'plot_cost_matrix',
+           'matching_cost', 'read_log', 'plot_training_curves', 'query_metrics', 'plot_query', 'Explorer',
+           'token_labels', 'model_outputs_fn', 'load_run', 'explore', 'paper_ablations', 'parse_switches',
+           'plot_ablation', 'ablation_overrides', 'select_rows', 'ablate', 'train_ablation_row', 'ablate_main']
 
 # %% ../nbs/12_visualize.ipynb #2aceae8c
 def load_jsonl_records(src, # a `.jsonl` path, a run folder holding `best_val_preds.jsonl`, or a list of dicts
@@ -222,6 +222,11 @@ def _baseline(x:Tensor, # (B, L, D)
     return (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1) * m
 
 # %% ../nbs/12_visualize.ipynb #707a99b8
+def model_device(model)->torch.device|None:
+    "Where `model`'s parameters are (a GPU after `fit` on one); None for a plain callable."
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return None if p is None else p.device
+
 def attribute(model, # callable `model(**model_inputs) -> dict` (a `VideoLights` or anything with the same outputs)
               model_inputs:dict, # batch contract: src_txt (B,Lq,Dt), src_txt_mask, src_vid (B,Lv,Dv), src_vid_mask
               target=('moment', 0), # ('moment', q) | ('saliency', clip) | callable outputs -> scalar
@@ -232,9 +237,7 @@ def attribute(model, # callable `model(**model_inputs) -> dict` (a `VideoLights`
     if method not in ('ig', 'ixg'): raise ValueError(f"method must be 'ig' or 'ixg', got {method!r}")
     f, was_training = _target_fn(target, b), getattr(model, 'training', False)
     if hasattr(model, 'eval'): model.eval()
-    p0 = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    dev = p0.device if p0 is not None else None
-    x = {k: v.detach().to(dev) for k, v in model_inputs.items()}  # on the model's device
+    x = {k: v.detach().to(model_device(model)) for k, v in model_inputs.items()}
     v0 = _baseline(x['src_vid'], x['src_vid_mask'], baseline if method == 'ig' else 'zeros')  # (B, Lv, Dv)
     t0 = _baseline(x['src_txt'], x['src_txt_mask'], baseline if method == 'ig' else 'zeros')  # (B, Lq, Dt)
     alphas = [1.] if method == 'ixg' else [(s + 0.5) / steps for s in range(steps)]  # midpoint rule
@@ -445,12 +448,6 @@ def render(self:Explorer, qid, attn_name:str|None=None, layer:int=-1, head:int|N
     return fig, (query_metrics(p, g) if g else {})
 
 # %% ../nbs/12_visualize.ipynb #f34b1e6f
-def _to_cpu(o):
-    "Tensors in nested dicts/lists moved to the CPU (for plotting)."
-    if isinstance(o, dict): return {k: _to_cpu(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return type(o)(_to_cpu(v) for v in o)
-    return o.cpu() if torch.is_tensor(o) else o
-
 def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch contract and `return_attn`)
                      dataset, # `VLDataset` with the queries to explore
                     ):       # qid -> outputs dict of a batch of one, with 'attn'
@@ -460,9 +457,8 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
     def fn(qid):
         if qid not in index: raise KeyError(f"qid {qid} is not in the dataset given to the explorer")
         inputs, _, _ = collate([dataset[index[qid]]])
-        dev = next(model.parameters()).device                                  # where the model is (a GPU after `fit` on one)
         model.eval()
-        with torch.no_grad(): return _to_cpu(model(**{k: v.to(dev) for k, v in inputs.items()}, return_attn=True))
+        with torch.no_grad(): return _to(model(**_to(inputs, model_device(model)), return_attn=True), 'cpu')  # plots want CPU
     return fn
 
 def _is_run(p)->bool: return isinstance(p, (str, Path)) and Path(p).is_dir() and any(Path(p).glob('model_*.ckpt'))
