@@ -296,15 +296,21 @@ def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
     assert rc == 0 and seen['without'] == {'n_videos': 5}  # no official_path for a function without that option
 
 
-@pytest.mark.slow
-def test_compiled_model_equals_eager_in_eval():
-    "`build_ours(compile=True)` (inductor, dynamic shapes) gives the eager eval outputs within float tolerance."
-    from videolights.model import random_inputs
+def _eager_and_compiled():
+    "The tiny preset (dropouts 0) eager and under `torch.compile`, with the same weights; and its criterion."
     cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
     torch.manual_seed(0)
     eager, crit, _ = bench.build_ours(cfg)
     comp, _, _ = bench.build_ours(cfg, compile=True)
     comp._orig_mod.load_state_dict(eager.state_dict())  # the same weights under the compiled wrapper
+    return cfg, eager, comp, crit
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_eager_in_eval():
+    "`build_ours(compile=True)` (inductor, dynamic shapes) gives the eager eval outputs within float tolerance."
+    from videolights.model import random_inputs
+    cfg, eager, comp, _ = _eager_and_compiled()
     for m in (eager, comp): m.eval()
     with torch.no_grad():
         for B, seed in ((1, 0), (3, 1)):  # two batch shapes: dynamic shapes, no wrong reuse of the first graph
@@ -317,11 +323,7 @@ def test_compiled_model_equals_eager_in_eval():
 @pytest.mark.slow
 def test_compiled_train_step_equals_eager():
     "Training under `torch.compile` (dropouts 0): same weighted loss and gradients as eager."
-    cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
-    torch.manual_seed(0)
-    eager, crit, _ = bench.build_ours(cfg)
-    comp, _, _ = bench.build_ours(cfg, compile=True)
-    comp._orig_mod.load_state_dict(eager.state_dict())
+    cfg, eager, comp, crit = _eager_and_compiled()
     mi, tg, _ = bench.synth_batch(cfg, 3, seed=2)
     for m in (eager, comp): m.train()
     def loss(m):

@@ -587,13 +587,9 @@ def main(argv:list[str]|None=None)->int:
         except json.JSONDecodeError: pass
         kw[k.lstrip('-').replace('-', '_')] = v
     if a.threads: torch.set_num_threads(a.threads)
-    if a.name == 'profile':  # not part of `all`: one profiled step, the top operators
-        out = dict(machine=machine_info(a.device), profile=profile_step(device=a.device, amp=a.amp, **kw))
-        print(json.dumps(out, indent=2))
-        if a.json: Path(a.json).write_text(json.dumps(out, indent=2))
-        return 0
-    names = list(BENCHES) if a.name == 'all' else [a.name]
+    names = [] if a.name == 'profile' else list(BENCHES) if a.name == 'all' else [a.name]
     out = dict(machine=machine_info(a.device))
+    if a.name == 'profile': out['profile'] = profile_step(device=a.device, amp=a.amp, **kw)  # not part of `all`
     for n in names:
         try:
             if a.modules:
