@@ -13,6 +13,7 @@ from videolights.bench import synth_batch, train_step
 from videolights.config import get_preset
 from videolights.loss import build_criterion, total_loss
 from videolights.model import build_model
+from videolights.train import _to as to  # tensors in nested dicts/lists to a device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +26,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def to(o, dev):
-    if isinstance(o, dict): return {k: to(v, dev) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return type(o)(to(v, dev) for v in o)
-    return o.to(dev) if torch.is_tensor(o) else o
 
 
 def maxdiff(a, b): return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
