@@ -102,6 +102,20 @@ def test_profile_command(tmp_path):
     assert p['device'] == 'cpu' and 'total_gpu_ms' not in p and p['shapes']['Lv'] > 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux') or __import__('platform').libc_ver()[0] != 'glibc', reason='glibc only')
+def test_keep_memory_flag_sets_the_policy_for_us_and_child_processes():
+    "`--keep-memory`: the process keeps freed memory, and the MALLOC_* variables pass the same policy to children."
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', 'VIDEOLIGHTS_KEEP_MEMORY')}
+    def machine(*flags):
+        r = subprocess.run([sys.executable, '-m', 'videolights.bench', 'profile', '--kind', 'infer', '--preset', 'tiny',
+                            '--batch', '2', '--top', '2', *flags], capture_output=True, text=True, env=env, check=True)
+        return json.loads(r.stdout)['machine']
+    plain, kept = machine(), machine('--keep-memory')
+    assert plain['keep_freed_memory'] is False and plain['malloc_env'] is None
+    assert kept['keep_freed_memory'] is True
+    assert kept['malloc_env'] == {'MALLOC_MMAP_THRESHOLD_': str(2**30), 'MALLOC_TRIM_THRESHOLD_': str(2**40)}
+
+
 def test_module_entry_point():
     r = subprocess.run([sys.executable, '-m', 'videolights.bench', '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and '--compare-official' in r.stdout and '--device' in r.stdout

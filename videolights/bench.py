@@ -32,6 +32,7 @@ def machine_info(device:str='cpu')->dict:
                 processor=_cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch_interop_threads=torch.get_num_interop_threads(), device=str(device),
                 cuda=torch.cuda.get_device_name(0) if cuda else None, load_avg_1min=round(os.getloadavg()[0], 2),
+                malloc_env={k: v for k, v in os.environ.items() if k.startswith('MALLOC_')} or None,
                 measured=time.strftime('%Y-%m-%d %H:%M:%S'))
 
 # %% ../nbs/90_bench.ipynb #3d404803
@@ -570,11 +571,16 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
+    p.add_argument('--keep-memory', action='store_true', help='keep freed memory in the process (data.keep_freed_memory), '
+                   'for both sides and child processes alike (default: the allocator as both programs ship)')
     p.add_argument('--modules', action='store_true', help="run each module's own bench_* function instead "
                    '(its own options as extra --key value pairs; --compare-official is passed as official_path)')
     for k, d in (('side', 'ours'), ('kind', 'train'), ('preset', 'qvhighlights'), ('batch', '32')):  # `_peak` child only
         p.add_argument(f'--peak-{k}', dest=f'peak_{k}', default=d, help=argparse.SUPPRESS)
     a, rest = p.parse_known_args(argv)
+    from videolights.data import keep_freed_memory
+    kept = keep_freed_memory() if a.keep_memory else False
+    if kept: os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**40))  # same policy for children
     if a.name == '_peak': print(json.dumps(_peak_main(a))); return 0
     if a.device.startswith('cuda') and not torch.cuda.is_available():
         print('python -m videolights.bench: error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr); return 2
@@ -588,7 +594,7 @@ def main(argv:list[str]|None=None)->int:
         kw[k.lstrip('-').replace('-', '_')] = v
     if a.threads: torch.set_num_threads(a.threads)
     names = [] if a.name == 'profile' else list(BENCHES) if a.name == 'all' else [a.name]
-    out = dict(machine=machine_info(a.device))
+    out = dict(machine=machine_info(a.device) | dict(keep_freed_memory=kept))
     if a.name == 'profile': out['profile'] = profile_step(device=a.device, amp=a.amp, **kw)  # not part of `all`
     for n in names:
         try:

@@ -23,8 +23,8 @@ __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', '
            'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'convert_features',
            'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
            'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences', 'collate', 'move_batch',
-           'make_loader', 'summarize', 'feature_summary', 'plot_summary', 'inspect_main', 'convert_features_main',
-           'bench_load']
+           'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary', 'plot_summary', 'inspect_main',
+           'convert_features_main', 'bench_load']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(ValueError):
@@ -700,6 +700,23 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0)
+
+# %% ../nbs/01_data.ipynb #cf9ba626
+def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment says VIDEOLIGHTS_KEEP_MEMORY=0
+                      mmap_threshold:int=2**30, # blocks up to this many bytes come from the heap
+                     )->bool:                  # True if glibc accepted the policy
+    "Linux/glibc: keep freed memory in the process (no trimming, large blocks from the heap) to avoid page faults."
+    if enable is None: enable = os.environ.get('VIDEOLIGHTS_KEEP_MEMORY', '1') != '0'
+    if not enable or not sys.platform.startswith('linux'): return False
+    own = any(k.startswith('MALLOC_') for k in os.environ) or 'malloc' in os.environ.get('GLIBC_TUNABLES', '') \
+          or 'malloc' in os.environ.get('LD_PRELOAD', '')  # the user's allocator policy wins
+    if own: return False
+    import ctypes
+    try: mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError): return False  # not glibc (musl, ...)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, -1))  # -1: never trim
 
 # %% ../nbs/01_data.ipynb #5dbc1876
 def _stats(xs, name)->dict:

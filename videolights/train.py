@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx, window_to_clip_ids
 from .config import VLConfig, get_preset, PRESETS
-from .data import VLDataset, collate, read_records, load_jsonl
+from .data import VLDataset, collate, read_records, load_jsonl, keep_freed_memory
 from .model import build_model
 from .loss import build_criterion
 from .metrics import eval_submission
@@ -766,6 +766,7 @@ def train_main(argv:list[str]|None=None)->int:
     a, rest = p.parse_known_args(argv)
     try: over = parse_overrides(rest)
     except ValueError as e: p.error(str(e))
+    keep_freed_memory()  # large blocks reused, not faulted in again (see 01_data)
     if a.resume:
         run = Path(a.resume)
         ck = load_checkpoint(run/'model_latest.ckpt')
@@ -870,6 +871,7 @@ def evaluate_main(argv:list[str]|None=None)->int:
     p.add_argument('--device', default='auto')
     p.add_argument('--batch-size', type=int, default=None)
     a = p.parse_args(argv)
+    keep_freed_memory()
     metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records)
     print(f"wrote {len(sub)} predictions to {path}")
     if metrics is not None:
@@ -1062,6 +1064,7 @@ def demo_main(argv:list[str]|None=None)->int:
     try: over = parse_overrides(rest)
     except ValueError as e: p.error(str(e))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    keep_freed_memory()
     s = demo(a.out, progress=not a.no_progress, **over)
     ok_map, ok_hit = s['ratios']['MR-full-mAP'] >= 3, s['ratios']['HL-min-VeryGood-Hit1'] >= 2
     print((Path(a.out)/'metrics_table.md').read_text())

@@ -16,7 +16,7 @@ import h5py
 from tqdm.auto import tqdm
 from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
-from .data import stack_sources
+from .data import stack_sources, keep_freed_memory
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
@@ -481,6 +481,7 @@ def extract_main(argv:list[str]|None=None)->int:
     _model_args(p)
     a = p.parse_args(argv)
     if a.src is None and a.queries is None: p.error('give a video/folder and/or --queries')
+    keep_freed_memory()
     return _user_errors('videolights extract', _extract, a)
 
 def _feature_groups(encs:dict, dset_name:str)->tuple[dict,dict]:
@@ -812,7 +813,9 @@ def predict_main(argv:list[str]|None=None)->int:
     p.add_argument('--json', default=None, help='write the predictions (one jsonl record per query)')
     p.add_argument('--plot', default=None, help='write a figure (png/pdf/svg)')
     _model_args(p)
-    return _user_errors('videolights predict', _predict, p.parse_args(argv))
+    a = p.parse_args(argv)
+    keep_freed_memory()
+    return _user_errors('videolights predict', _predict, a)
 
 def _predict(a)->int:
     pr = VideoLightsPredictor.from_pretrained(a.ckpt, sources=_sources(a), device=a.device, overlap=a.overlap)

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .spans import span_cxw_to_xx, temporal_iou
 from .config import VLConfig, get_preset
 from .matcher import HungarianMatcher, match_cost, pad_target_spans
-from .data import collate, DataFormatError
+from .data import collate, DataFormatError, keep_freed_memory
 from .train import RunOptions, build_dataset, build_run, fit, load_model, load_weights, synth_config, _to
 
 # %% auto #0
@@ -660,6 +660,7 @@ row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +-
                     "(default: 'synthetic proxy' for data written by videolights synth, else the data path)")
     ap.add_argument('--plot-only', metavar='RESULTS_CSV', help='skip training, plot an existing results CSV')
     a = ap.parse_args(argv)
+    keep_freed_memory()
     paper = paper_ablations()
     if a.plot_only:
         if not Path(a.plot_only).is_file(): ap.error(f'--plot-only: {a.plot_only} does not exist')
