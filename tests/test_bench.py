@@ -349,3 +349,20 @@ def test_compiled_train_step_equals_eager():
     def grads(m):  # a parameter without a gradient counts as zeros (compiled graphs may return explicit zeros)
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in m.parameters()])
     torch.testing.assert_close(grads(comp._orig_mod), grads(eager), rtol=1e-3, atol=1e-5)
+
+
+def test_v_range_sets_the_video_lengths_of_train_step_and_infer(monkeypatch):
+    "`v_range=(lo, hi)` reaches `synth_batch`: with lo == hi every video of every batch has that many clips."
+    seen, real = [], bench.synth_batch
+    def spy(*a, **k):
+        out = real(*a, **k); seen.append(out[0]['src_vid_mask'].sum(1).long().tolist()); return out
+    monkeypatch.setattr(bench, 'synth_batch', spy)
+    r = bench.bench_train_step('tiny', batch=3, steps=1, warmup=0, memory=False, v_range=(7, 7))
+    assert r['v_range'] == [7, 7] and seen and all(n == [7, 7, 7] for n in seen)
+    seen.clear()
+    r = bench.bench_infer('tiny', batches=(2,), runs=1, warmup=0, memory=False, v_range=[5, 5])
+    assert r['v_range'] == [5, 5] and seen and all(n == [5, 5] for n in seen)
+    seen.clear()
+    bench.bench_infer('tiny', batches=(4,), runs=1, warmup=0, memory=False)  # default: the protocol's U[20, 75], capped
+    cfg = get_preset('tiny')
+    assert seen and all(min(20, cfg.max_v_l) <= x <= min(75, cfg.max_v_l) for n in seen for x in n)

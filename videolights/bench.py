@@ -216,7 +216,8 @@ def _cpu_default_threads(threads):
 
 def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmup:int=1, official:str|None=None,
                      device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
-                     memory:bool=True, **cfg_overrides)->dict:
+                     memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi] (QVHighlights itself: 97 % are 75)
+                     **cfg_overrides)->dict:
     "Median training-step time (forward + losses + backward + clip + AdamW) at `batch`, ours vs official."
     from videolights.config import get_preset
     _cpu_default_threads(threads)
@@ -230,7 +231,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     cuda, peaks = device.startswith('cuda'), {}
     rows, first = {k: [] for k in sides}, {}
     for i in range(warmup + steps):
-        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i)
+        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i, v_range=tuple(v_range))
         if device != 'cpu':
             from videolights.data import move_batch
             mi, tg, _ = move_batch((mi, tg, []), device)
@@ -241,7 +242,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
             if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
             if i >= warmup: rows[k].append(r)
             else: first.setdefault(k, r['step'])  # the very first step: includes torch.compile's compile time
-    res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile,
+    res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile, v_range=list(v_range),
                n_params=sum(p.numel() for p in sides['ours'][0].parameters()))
     for k, rs in rows.items():
         res[k] = dict(step_ms=ms(med(r['step'] for r in rs)), step_ms_all=[ms(r['step']) for r in rs],
@@ -259,7 +260,8 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
 @torch.no_grad()
 def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, warmup:int=1, official:str|None=None,
                 device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
-                memory:bool=True, **cfg_overrides)->dict:
+                memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi]
+                **cfg_overrides)->dict:
     "Median eval-mode forward latency per batch size, ours vs official (same inputs, interleaved)."
     from videolights.config import get_preset
     _cpu_default_threads(threads)
@@ -269,13 +271,13 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
     if official: off = load_official(official); sides['official'] = build_official(off, cfg, device)[0]
     for m in sides.values(): m.eval()
     dt = _AMP[amp]
-    res = dict(preset=preset, device=device, amp=amp, compile=compile, runs=runs)
+    res = dict(preset=preset, device=device, amp=amp, compile=compile, runs=runs, v_range=list(v_range))
     cuda, peaks = device.startswith('cuda'), {}
     for B in batches:
         n = runs if B == 1 else max(3, runs // 2)
         ts, first = {k: [] for k in sides}, {}
         for i in range(warmup + n):
-            mi, _, _ = synth_batch(cfg, B, seed=seed * 1000 + 100 * B + i)
+            mi, _, _ = synth_batch(cfg, B, seed=seed * 1000 + 100 * B + i, v_range=tuple(v_range))
             mi = {k: v.to(device) for k, v in mi.items()}
             for k in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
                 ctx = torch.autocast(torch.device(device).type, dtype=dt) if (dt and k == 'ours') else contextlib.nullcontext()

@@ -716,7 +716,8 @@ def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment 
     except (OSError, AttributeError): return False  # not glibc (musl, ...)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, -1))  # -1: never trim
+    ok = any(mallopt(M_MMAP_THRESHOLD, t) for t in (int(mmap_threshold), 32 * 2**20))  # older glibc: at most 32 MiB
+    return ok and bool(mallopt(M_TRIM_THRESHOLD, -1))  # -1: never trim
 
 # %% ../nbs/01_data.ipynb #5dbc1876
 def _stats(xs, name)->dict:
