@@ -41,7 +41,9 @@ OFF=(); [ -n "$OFFICIAL" ] && OFF=(--compare-official "$OFFICIAL")
 
 step test_cuda 200 test_cuda.log $PY -m pytest tests/test_cuda.py -v -rs
 step bench_all 150 bench.log $PY -m videolights.bench all --device "$DEVICE" "${OFF[@]}" --json "$OUT/bench_cuda.json"
-for args in "train-step --amp bf16" "infer --amp bf16" "train-step --batch 128" "train-step --batch 128 --amp bf16"; do
+set -f   # no globbing: "[75,75]" below is an argument, not a pattern
+for args in "train-step --amp bf16" "infer --amp bf16" "train-step --batch 128" "train-step --batch 128 --amp bf16" \
+            "train-step --v_range [75,75]" "infer --v_range [75,75]"; do   # full-length videos, as in QVHighlights
   echo "### bench $args" >>"$OUT/bench_extra.log"
   step "bench $args" 60 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE" "${OFF[@]}"
 done
