@@ -366,3 +366,14 @@ def test_v_range_sets_the_video_lengths_of_train_step_and_infer(monkeypatch):
     bench.bench_infer('tiny', batches=(4,), runs=1, warmup=0, memory=False)  # default: the protocol's U[20, 75], capped
     cfg = get_preset('tiny')
     assert seen and all(min(20, cfg.max_v_l) <= x <= min(75, cfg.max_v_l) for n in seen for x in n)
+
+
+def test_infer_compile_uses_the_inference_compile(monkeypatch):
+    "`bench infer --compile` compiles our eval-only model with `model.compile_inference` (freezing), not the training compile."
+    import videolights.model as M
+    seen = []
+    monkeypatch.setattr(M, 'compile_inference', lambda m: seen.append(type(m).__name__) or m.eval())
+    r = bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, memory=False, compile=True)
+    assert seen == ['VideoLights'] and r['compile'] is True and r['b1']['ours']['ms'] > 0
+    seen.clear(); bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, memory=False)
+    assert seen == []  # eager unless asked

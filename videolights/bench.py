@@ -267,7 +267,10 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
     _cpu_default_threads(threads)
     cfg = get_preset(preset, **cfg_overrides)
     torch.manual_seed(seed)
-    sides = dict(ours=build_ours(cfg, device, compile)[0])
+    sides = dict(ours=build_ours(cfg, device)[0])
+    if compile:  # eval only: Inductor freezing (+ its C++ wrapper on the CPU), see 07_model
+        from videolights.model import compile_inference
+        sides['ours'] = compile_inference(sides['ours'])
     if official: off = load_official(official); sides['official'] = build_official(off, cfg, device)[0]
     for m in sides.values(): m.eval()
     dt = _AMP[amp]
@@ -570,7 +573,8 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--compare-official', default=None, metavar='PATH', help='a checkout of github dpaul06/VideoLights')
     p.add_argument('--official-python', default=None, help='interpreter for the official evaluator (needs scikit-learn)')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (GPU option)')
-    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: model.compile_inference, with '
+                   'freezing; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
     p.add_argument('--keep-memory', action='store_true', help='keep freed memory in the process (data.keep_freed_memory), '

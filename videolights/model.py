@@ -17,7 +17,7 @@ from .decoder import AnchorDecoder, inverse_sigmoid
 
 # %% auto #0
 __all__ = ['VLTransformer', 'top1_clip_slice', 'GRUPool', 'mr_to_hd_saliency', 'VideoLights', 'build_model', 'random_inputs',
-           'param_table', 'bench_infer']
+           'param_table', 'inference_compile_options', 'compile_inference', 'bench_infer']
 
 # %% ../nbs/07_model.ipynb #d3ce2539
 class VLTransformer(nn.Module):
@@ -266,6 +266,16 @@ def param_table(model:nn.Module, depth:int=1)->dict:
             t[key] = t.get(key, 0) + p.numel()
     t['total'] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return t
+
+# %% ../nbs/07_model.ipynb #5e430df4
+def inference_compile_options(device)->dict:
+    "Inductor options for an eval-only model: freezing, and on the CPU the C++ wrapper."
+    return {'freezing': True} | ({'cpp_wrapper': True} if torch.device(device).type == 'cpu' else {})
+
+def compile_inference(model:nn.Module, dynamic:bool=True)->nn.Module:
+    "`torch.compile` for inference under `torch.no_grad()`; the weights are frozen into the graph: never train the result."
+    dev = next(model.parameters()).device
+    return torch.compile(model.eval(), dynamic=dynamic, options=inference_compile_options(dev))
 
 # %% ../nbs/07_model.ipynb #f570fae0
 def _official_side(official_path:str, preset:str):
