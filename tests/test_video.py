@@ -448,3 +448,17 @@ def test_widget_logic(tmp_path, run_dir, encoders):
 def test_bench_predict_small():
     r = V.bench_predict(duration=60, n_queries=3, repeats=1)
     assert r['n_clips'] == 30 and r['n_windows'] == 1 and r['per_query_ms'] > 0
+
+
+def test_predictor_compile_option(tmp_path, monkeypatch):
+    "`compile=True` runs the model through `model.compile_inference` (eval-only compile); off by default."
+    import videolights.model as M
+    seen = []
+    monkeypatch.setattr(M, 'compile_inference', lambda m: seen.append(m.training) or m)
+    clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip', dim=16, proj_dim=8, text_dim=8))
+    cfg = get_preset('tiny', v_feat_types=('clip',), t_feat_types=('clip',), v_feat_dims=(8,), t_feat_dims=(8,))
+    model = build_model(cfg)
+    V.VideoLightsPredictor(model, cfg, {'clip': clip})
+    assert seen == []
+    pr = V.VideoLightsPredictor(model, cfg, {'clip': clip}, compile=True)
+    assert seen == [False] and pr.model is model

@@ -626,8 +626,12 @@ class VideoLightsPredictor:
     def __init__(self, model:nn.Module, cfg, # a `VLConfig` (the checkpoint's)
                  encoders:dict[str,VideoEncoder], device:str='cpu',
                  overlap:int|None=None,  # clips shared by consecutive windows (default max_v_l // 3)
-                 nms_thd:float=0.7, top_k:int=10, max_batch:int=256):
+                 nms_thd:float=0.7, top_k:int=10, max_batch:int=256,
+                 compile:bool=False):    # `model.compile_inference`: faster calls after a 20–70 s first call (long jobs)
         self.model, self.cfg, self.encoders, self.device = model.to(device).eval(), cfg, encoders, device
+        if compile:
+            from videolights.model import compile_inference
+            self.model = compile_inference(self.model)
         self.overlap = cfg.max_v_l // 3 if overlap is None else overlap
         self.nms_thd, self.top_k, self.max_batch, self._cache = nms_thd, top_k, max_batch, {}
         self.v_encs = [self._match(ft, 'video') for ft in cfg.v_feat_types]
