@@ -584,9 +584,10 @@ def main(argv:list[str]|None=None)->int:
     for k, d in (('side', 'ours'), ('kind', 'train'), ('preset', 'qvhighlights'), ('batch', '32')):  # `_peak` child only
         p.add_argument(f'--peak-{k}', dest=f'peak_{k}', default=d, help=argparse.SUPPRESS)
     a, rest = p.parse_known_args(argv)
-    from videolights.data import keep_freed_memory
-    kept = keep_freed_memory() if a.keep_memory else False
-    if kept: os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**40))  # same policy for children
+    kept = False
+    if a.keep_memory:
+        from videolights.data import keep_freed_memory, KEEP_MEMORY_ENV
+        if kept := keep_freed_memory(): os.environ.update(KEEP_MEMORY_ENV)  # the same policy for child processes
     if a.name == '_peak': print(json.dumps(_peak_main(a))); return 0
     if a.device.startswith('cuda') and not torch.cuda.is_available():
         print('python -m videolights.bench: error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr); return 2

@@ -17,9 +17,9 @@ from fastcore.basics import patch
 from .spans import span_xx_to_cxw, temporal_endpoint_feature
 
 # %% auto #0
-__all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'DataFormatError',
-           'load_jsonl', 'DataReport', 'Records', 'read_qvhighlights', 'read_charades', 'read_tvsum', 'guess_dset_name',
-           'read_records', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource', 'DirFeatures',
+__all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
+           'DataFormatError', 'load_jsonl', 'DataReport', 'Records', 'read_qvhighlights', 'read_charades', 'read_tvsum',
+           'guess_dset_name', 'read_records', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource', 'DirFeatures',
            'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'convert_features',
            'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
            'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences', 'collate', 'move_batch',
@@ -702,8 +702,10 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
                       generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0)
 
 # %% ../nbs/01_data.ipynb #cf9ba626
+KEEP_MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**40))  # the same policy for a child process
+
 def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment says VIDEOLIGHTS_KEEP_MEMORY=0
-                      mmap_threshold:int=2**30, # blocks up to this many bytes come from the heap
+                      mmap_threshold:int=int(KEEP_MEMORY_ENV['MALLOC_MMAP_THRESHOLD_']), # blocks up to this size come from the heap
                      )->bool:                  # True if glibc accepted the policy
     "Linux/glibc: keep freed memory in the process (no trimming, large blocks from the heap) to avoid page faults."
     if enable is None: enable = os.environ.get('VIDEOLIGHTS_KEEP_MEMORY', '1') != '0'
