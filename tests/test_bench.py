@@ -218,7 +218,7 @@ def test_fast_dropout_is_f_dropout_given_the_same_mask(monkeypatch):
     x = torch.randn(64, 33, requires_grad=True)
     torch.manual_seed(5); ref = torch.nn.functional.dropout(x, 0.3, True)
     mask = (ref != 0).float() / 0.7
-    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p: mask.view(shape))
+    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p, dtype=torch.float32: mask.view(shape).to(dtype))
     y = L.dropout(x, 0.3, True)
     assert torch.allclose(y, ref, rtol=1e-6, atol=0)
     g = torch.randn_like(x)
@@ -256,7 +256,7 @@ def test_train_attention_explicit_path_equals_sdpa(monkeypatch):
     att = L.Attention(32, 4, dropout=0.1).train()
     q, k = torch.randn(3, 7, 32), torch.randn(3, 9, 32)
     pad = torch.zeros(3, 9, dtype=torch.bool); pad[1, 6:] = True; pad[2, 3:] = True
-    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p: torch.ones(shape))  # keep all, no scaling
+    monkeypatch.setattr(L, 'dropout_mask', lambda shape, p, dtype=torch.float32: torch.ones(shape, dtype=dtype))  # keep all
     a, w = att(q, k, k, pad)
     assert w is None
     att.p = 0.  # train mode without dropout: the fused SDPA call

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from videolights.train import (EpochSampler, Evaluator, NonFiniteLossError, RunOptions, TrainState, captions_to_pretrain,
-                               decode_predictions, fit, get_rng_state, load_checkpoint, parse_overrides,
+                               cpu_native_bf16, decode_predictions, fit, get_rng_state, load_checkpoint, parse_overrides,
                                pretrain_data_main, save_checkpoint, selection_score, set_rng_state, set_seed)
 
 
@@ -193,6 +193,22 @@ def test_resume_with_grad_accumulation_is_exact(tmp_path):
     assert load_checkpoint(tmp_path/'c'/'model_latest.ckpt')['state']['batch'] == 2
     assert_same_weights(straight, toy_run(tmp_path/'c', resume=True, opts=o))
     assert not torch.equal(straight.clip.weight, toy_run(tmp_path/'d').clip.weight)   # accumulation changes the run
+
+
+@pytest.mark.skipif(not cpu_native_bf16(),
+                    reason='this CPU has no bf16 instructions (bf16 would be emulated; it still runs, with a warning)')
+def test_cpu_bf16_autocast_trains_and_resumes_exactly(tmp_path):
+    "--amp bf16 on the CPU really autocasts (the run differs from float32), weights stay float32, resume is exact."
+    o = RunOptions(device='cpu', amp='bf16', progress=False, tensorboard=False)
+    straight = toy_run(tmp_path/'a', opts=o)
+    assert all(p.dtype == torch.float32 for p in straight.parameters())
+    assert not torch.equal(straight.clip.weight, toy_run(tmp_path/'f').clip.weight)   # not silently float32
+    with pytest.raises(KeyboardInterrupt): toy_run(tmp_path/'c', on_step=ctrl_c_at(9), opts=o)
+    assert_same_weights(straight, toy_run(tmp_path/'c', resume=True, opts=o))
+    log = [json.loads(l) for l in open(tmp_path/'a'/'log.jsonl')]
+    assert json.loads((tmp_path/'a'/'config.json').read_text())['options']['amp'] == 'bf16'
+    losses = [l['loss_overall'] for l in log if l['kind'] == 'train']
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
 def test_run_directory_contents_and_best_checkpoint(tmp_path):

@@ -225,6 +225,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     torch.manual_seed(seed)
     sides = dict(ours=build_ours(cfg, device, compile))
     scaler = torch.amp.GradScaler(device) if amp == 'fp16' else None
+    amps = dict(ours=(amp, scaler), official=(None, None))  # the official code fails under autocast: float32 as it ships
     if official:
         off = load_official(official); om, oc, oo, _ = build_official(off, cfg, device); sides['official'] = (om, oc, oo)
     for m, *_ in sides.values(): m.train()
@@ -238,7 +239,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for k in order:
             if cuda: torch.cuda.reset_peak_memory_stats()
-            r = train_step(*sides[k], mi, tg, cfg.grad_clip, amp if k == 'ours' else None, scaler if k == 'ours' else None, device)
+            r = train_step(*sides[k], mi, tg, cfg.grad_clip, *amps[k], device)
             if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
             if i >= warmup: rows[k].append(r)
             else: first.setdefault(k, r['step'])  # the very first step: includes torch.compile's compile time
@@ -253,7 +254,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     if official: res['ratio'] = round(res['official']['step_ms'] / res['ours']['step_ms'], 2)
     if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}  # allocator peak during each side's steps
     if memory and device == 'cpu':
-        res['peak_rss_mib'] = {k: peak_rss_child(k, 'train', preset, batch, official, threads) for k in sides}
+        res['peak_rss_mib'] = {k: peak_rss_child(k, 'train', preset, batch, official, threads, amps[k][0]) for k in sides}
     return res
 
 # %% ../nbs/90_bench.ipynb #9558c4cb
@@ -294,15 +295,17 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
         if official: res[f'b{B}']['ratio'] = round(med(ts['official']) / med(ts['ours']), 2)
     if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}
     if memory and device == 'cpu':
-        res['peak_rss_mib'] = {k: peak_rss_child(k, 'infer', preset, max(batches), official, threads) for k in sides}
+        res['peak_rss_mib'] = {k: peak_rss_child(k, 'infer', preset, max(batches), official, threads, amp if k == 'ours' else None)
+                               for k in sides}
     return res
 
 # %% ../nbs/90_bench.ipynb #952c9c92
-def peak_rss_child(side:str, kind:str, preset:str, batch:int, official:str|None, threads:int|None)->float|None:
-    "Peak RSS (MiB) of `kind` ('train'|'infer') for one side, measured in a fresh child process."
+def peak_rss_child(side:str, kind:str, preset:str, batch:int, official:str|None, threads:int|None,
+                   amp:str|None=None)->float|None:
+    "Peak RSS (MiB) of `kind` ('train'|'infer') for one side (under `amp` autocast), measured in a fresh child process."
     cmd = [sys.executable, '-m', 'videolights.bench', '_peak', '--peak-side', side, '--peak-kind', kind, '--peak-preset', preset,
            '--peak-batch', str(batch)] + (['--compare-official', official] if official else []) + \
-          (['--threads', str(threads)] if threads else [])
+          (['--threads', str(threads)] if threads else []) + (['--amp', amp] if amp else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         return json.loads(r.stdout.strip().splitlines()[-1])['peak_rss_mib'] if r.returncode == 0 else None
@@ -316,10 +319,11 @@ def _peak_main(a)->dict:
     else: m, c, o, _ = build_official(load_official(a.compare_official), cfg)
     for i in range(2):
         mi, tg, _ = synth_batch(cfg, int(a.peak_batch), seed=i)
-        if a.peak_kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip)
+        ctx = torch.autocast('cpu', dtype=_AMP[a.amp]) if a.amp else contextlib.nullcontext()
+        if a.peak_kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip, a.amp)
         else:
             m.eval()
-            with torch.no_grad(): m(**mi)
+            with torch.no_grad(), ctx: m(**mi)
     return dict(side=a.peak_side, kind=a.peak_kind, peak_rss_mib=peak_rss_mib())
 
 # %% ../nbs/90_bench.ipynb #af528040
@@ -572,7 +576,8 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:i]'")
     p.add_argument('--compare-official', default=None, metavar='PATH', help='a checkout of github dpaul06/VideoLights')
     p.add_argument('--official-python', default=None, help='interpreter for the official evaluator (needs scikit-learn)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (GPU option)')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (CUDA; bf16 also on '
+                   'CPUs with AVX512-BF16/AMX). The official code stays float32: it fails under autocast')
     p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: model.compile_inference, with '
                    'freezing; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')

@@ -91,10 +91,10 @@ def _cross_attn_folded(self:DecoderLayer,
     c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, self.ca_kpos_proj.weight.view(H, dh, D))
     ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
     s = torch.bmm(ac, torch.cat([memory, pos], -1).transpose(1, 2)) * (2 * dh) ** -0.5  # (B, H*Nq, Lv)
-    s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf')).softmax(-1)  # (B, H, Nq, Lv)
+    s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf')).softmax(-1, dtype=torch.float32)  # (B, H, Nq, Lv)
     p = self.cross_attn.p if self.training else 0.
     w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
-    ctx = torch.bmm(w.flatten(1, 2), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
+    ctx = torch.bmm(w.flatten(1, 2).to(memory.dtype), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
     o = torch.einsum('bhqd,hed->bqhe', ctx, self.ca_v_proj.weight.view(H, dh, D))  # (B, Nq, H, dh)
     if p == 0: return self.cross_attn.out_proj(o.flatten(2) + self.ca_v_proj.bias)
     kept = w.sum(-1).transpose(1, 2)[..., None]  # (B, Nq, H, 1) dropped weights no longer sum to 1

@@ -22,24 +22,34 @@ FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False
 _MASK_CHUNK = 1 << 20  # elements per SFC64 stream: fixed, so a mask never depends on the thread count
 _POOLS = {}  # (pid, threads) -> ThreadPoolExecutor, created on first use (a forked child makes its own)
 
-def _fill_mask(out:np.ndarray, # (n,) float32, filled with {0, 1/(1-p)}
-               seed:int, chunk:int, p:float):
+_MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # numpy holds bfloat16 as its uint16 bit pattern
+
+def _mask_scale(p:float, dtype:torch.dtype)->np.generic:
+    "1/(1-p) rounded to `dtype` (as `F.dropout`'s own mask holds it), as the numpy scalar a mask array stores."
+    s = torch.tensor(1 / (1 - p), dtype=torch.float64).to(dtype)
+    return np.uint16(s.view(torch.int16).item() & 0xFFFF) if dtype == torch.bfloat16 else s.numpy()[()]
+
+def _fill_mask(out:np.ndarray, # (n,) float32 / float16 / uint16 (bfloat16 bits), filled with {0, scale}
+               seed:int, chunk:int, p:float, scale:np.generic):
     "One chunk of a scaled dropout mask, from its own SFC64 stream (seed, chunk)."
     g = np.random.SFC64(np.random.SeedSequence([seed, chunk]))
     n = out.size
     if p == 0.5: keep = np.unpackbits(g.random_raw((n + 63) // 64).view(np.uint8), count=n, bitorder='little')  # a fair bit each
     else: keep = g.random_raw((n + 1) // 2).view(np.uint32)[:n] < np.uint32(min(round((1 - p) * 2**32), 2**32 - 1))
-    np.multiply(keep, np.float32(1 / (1 - p)), out=out)
+    np.multiply(keep, scale, out=out)
 
 def dropout_mask(shape:tuple, # mask shape
                  p:float,     # drop probability, 0 < p < 1
-                )->Tensor:    # float32 {0, 1/(1-p)}, keep probability 1-p (exact to 2^-32)
+                 dtype:torch.dtype=torch.float32, # float32, bfloat16 or float16
+                )->Tensor:    # {0, 1/(1-p) rounded to dtype}, keep probability 1-p (exact to 2^-32)
     "A scaled dropout mask from SFC64 bits (32 per element; 1 when p = 1/2), seeded from torch's default generator."
+    if dtype not in _MASK_DTYPES: raise TypeError(f"dropout_mask: dtype {dtype} not in {_MASK_DTYPES}")
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows torch.manual_seed / saved RNG state
-    out = np.empty(n, np.float32)
+    scale = _mask_scale(p, dtype)
+    out = np.empty(n, scale.dtype)
     starts = range(0, n, _MASK_CHUNK)
-    fill = lambda a: _fill_mask(out[a:a + _MASK_CHUNK], seed, a // _MASK_CHUNK, p)
+    fill = lambda a: _fill_mask(out[a:a + _MASK_CHUNK], seed, a // _MASK_CHUNK, p, scale)
     k = min(torch.get_num_threads(), len(starts))
     if k > 1:  # numpy releases the GIL in these loops
         key = (os.getpid(), k)
@@ -47,7 +57,7 @@ def dropout_mask(shape:tuple, # mask shape
         list(_POOLS[key].map(fill, starts))
     else:
         for a in starts: fill(a)
-    return torch.from_numpy(out).view(shape)
+    return torch.from_numpy(out).view(dtype).view(shape)
 
 class _MaskMul(torch.autograd.Function):
     "x * m with the gradient g * m (m saved, no graph through it)."
@@ -57,10 +67,10 @@ class _MaskMul(torch.autograd.Function):
     def backward(ctx, g): return g * ctx.saved_tensors[0], None
 
 def dropout(x:Tensor, p:float, training:bool=True)->Tensor:
-    "`F.dropout` with the fast CPU mask (`dropout_mask`) for float32 CPU tensors."
+    "`F.dropout` with the fast CPU mask (`dropout_mask`) for float32, bfloat16 and float16 CPU tensors."
     if not training or p == 0: return x
-    if not FAST_DROPOUT or x.device.type != 'cpu' or x.dtype != torch.float32 or p >= 1: return F.dropout(x, p, training)
-    return _MaskMul.apply(x, dropout_mask(x.shape, p))
+    if not FAST_DROPOUT or x.device.type != 'cpu' or x.dtype not in _MASK_DTYPES or p >= 1: return F.dropout(x, p, training)
+    return _MaskMul.apply(x, dropout_mask(x.shape, p, x.dtype))
 
 class Dropout(nn.Dropout):
     "`nn.Dropout` drawing its mask with `dropout`."
@@ -116,15 +126,15 @@ class _PReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        gw = torch.dot(g.reshape(-1), x.clamp(max=0).reshape(-1)).reshape(w.shape)  # sum g * min(x, 0)
+        gw = torch.dot(g.reshape(-1).float(), x.clamp(max=0).reshape(-1).float()).reshape(w.shape)  # sum g * min(x, 0), in float32
         wf = float(w)
         slope = torch.sign(x).clamp_(min=0).mul_(1 - wf).add_(wf)  # 1 where x > 0, w elsewhere
         return g * slope, gw
 
 class PReLU(nn.PReLU):
-    "`nn.PReLU` with the vectorised backward (`_PReLUFn`) for one slope on float32 CPU tensors."
+    "`nn.PReLU` with the vectorised backward (`_PReLUFn`) for one slope on float32, bfloat16 and float16 CPU tensors."
     def forward(self, x:Tensor)->Tensor:
-        if self.weight.numel() != 1 or x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.is_grad_enabled():
+        if self.weight.numel() != 1 or x.device.type != 'cpu' or x.dtype not in _MASK_DTYPES or not torch.is_grad_enabled():
             return F.prelu(x, self.weight)
         return _PReLUFn.apply(x, self.weight)
 
@@ -273,8 +283,8 @@ class Attention(nn.Module):
         if need_weights or (p > 0 and FAST_DROPOUT and q.device.type == 'cpu'):  # CPU SDPA with dropout = its math path anyway
             s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
             if blocked is not None: s = s.masked_fill(blocked, float('-inf'))
-            wts = s.softmax(-1)
-            o = dropout(wts, p, self.training) @ v  # (B, H, Lq, Ev/H)
+            wts = s.softmax(-1, dtype=torch.float32)  # float32 under bf16/fp16 autocast too, as CUDA autocast does
+            o = dropout(wts, p, self.training).to(v.dtype) @ v  # (B, H, Lq, Ev/H)
             if not need_weights: wts = None
         else:
             wts = None

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #a7259cec
 from __future__ import annotations
-import os, re, sys, io, json, math, time, random, shutil, argparse, difflib, dataclasses, subprocess, statistics
+import os, re, sys, io, json, math, time, random, shutil, argparse, difflib, dataclasses, subprocess, statistics, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -31,12 +31,13 @@ __all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'S
            'get_rng_state', 'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo',
            'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator',
-           'RunOptions', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split', 'find_features',
-           'build_dataset', 'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics', 'build_run',
-           'clips_needed', 'synth_config', 'parse_overrides', 'train_main', 'data_is_synth', 'init_checkpoint',
-           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief', 'pretrain_saliency',
-           'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves', 'plot_windows',
-           'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch', 'bench_train_step']
+           'RunOptions', 'cpu_native_bf16', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split',
+           'find_features', 'build_dataset', 'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics',
+           'build_run', 'clips_needed', 'synth_config', 'parse_overrides', 'train_main', 'data_is_synth',
+           'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief',
+           'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main', 'read_log', 'plot_training_curves',
+           'plot_windows', 'plot_saliency', 'random_submission', 'demo', 'demo_main', 'random_batch',
+           'bench_train_step']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -356,9 +357,10 @@ class Evaluator:
 class RunOptions:
     "How to run, as opposed to what to learn (the config)."
     device:str='auto'          # 'auto' | 'cpu' | 'cuda'
-    amp:str='off'              # 'off' (float32, as the official code) | 'auto' (bf16 if supported else fp16) | 'bf16' |
-                               # 'fp16'; CUDA only. Off by default: at these sizes a GPU step is launch-bound, so bf16
-                               # saves memory, not time (it measured slower on an H200, nbs/90_bench)
+    amp:str='off'              # 'off' (float32, as the official code) | 'bf16' | 'fp16' (CUDA only) | 'auto' (CUDA: bf16
+                               # if supported else fp16; CPU: bf16 if it has bf16 instructions, else off). Off by
+                               # default: on a GPU at these sizes a step is launch-bound, so bf16 saves memory, not time
+                               # (slower on an H200); on a CPU with AVX512-BF16/AMX bf16 cuts the step by a third (nbs/90_bench)
     compile:bool=False         # torch.compile the model
     grad_accum:int=1           # micro-batches per optimiser step
     num_workers:int|None=None  # DataLoader workers (None: cfg.num_workers)
@@ -371,10 +373,27 @@ class RunOptions:
     tensorboard:bool=True      # log to RUN_DIR/tensorboard when tensorboard is installed
     progress:bool=True         # tqdm bars
 
+def cpu_native_bf16()->bool:
+    "Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), without which bf16 is emulated (slow)."
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private torch.cpu helpers (torch >= 2.3)
+        try:
+            if getattr(torch.cpu, name)(): return True
+        except Exception: pass
+    return False
+
 def _amp_dtype(amp:str, device:torch.device)->torch.dtype|None:
-    if device.type != 'cuda' or amp == 'off': return None
-    if amp == 'auto': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dict(bf16=torch.bfloat16, fp16=torch.float16)[amp]
+    "The autocast dtype for `RunOptions.amp` on `device` (None = float32)."
+    if amp not in ('off', 'auto', 'bf16', 'fp16'): raise ValueError(f"amp={amp!r}: choose from off, auto, bf16, fp16")
+    if amp == 'off': return None
+    if device.type == 'cuda':
+        if amp == 'auto': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dict(bf16=torch.bfloat16, fp16=torch.float16)[amp]
+    if device.type != 'cpu': return None
+    if amp == 'fp16': raise ValueError("amp='fp16' needs CUDA; on the CPU use amp='bf16' (or 'auto')")
+    if amp == 'auto': return torch.bfloat16 if cpu_native_bf16() else None
+    if not cpu_native_bf16(): warnings.warn("amp='bf16' on a CPU without bf16 instructions (AVX512-BF16/AMX): emulated, "
+                                            "slower than float32")
+    return torch.bfloat16
 
 def config_dict(cfg)->dict:
     "The config as a plain dict (for JSON and `weights_only` checkpoints)."
@@ -741,7 +760,7 @@ Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a be
 def _run_args(p:argparse.ArgumentParser):
     g = p.add_argument_group('how to run')
     g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
-    g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'], help='mixed precision on CUDA (default off: float32)')
+    g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'], help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: float32)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimiser step')
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
@@ -1022,7 +1041,7 @@ DEMO_RECIPE = dict(n_epoch=25, eval_every=5, lr=1e-3, bsz=16, eval_bsz=100, grad
                    max_v_l=75, max_q_l=32, input_dropout=0.1, hard_pos_neg_loss=False)
 DEMO_KEYS = ('MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP', 'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1')
 
-def demo(out:str|Path='runs/demo', progress:bool=True, size:str='small', **overrides)->dict:
+def demo(out:str|Path='runs/demo', progress:bool=True, size:str='small', amp:str='off', **overrides)->dict:
     "Synthetic data → train the tiny preset on CPU → evaluate → figures + metrics table vs random."
     import matplotlib.pyplot as plt
     t0, out = time.time(), Path(out)
@@ -1030,7 +1049,7 @@ def demo(out:str|Path='runs/demo', progress:bool=True, size:str='small', **overr
     if not (data/'synth_info.json').is_file(): synth(data, seed=0, size=size, progress=progress)
     cfg = synth_config(data, **{**DEMO_RECIPE, **overrides})
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, 'val', verbose=False)
-    fit(model, crit, tr_ds, cfg, run, RunOptions(device='cpu', progress=progress, tensorboard=False), collate, ev,
+    fit(model, crit, tr_ds, cfg, run, RunOptions(device='cpu', amp=amp, progress=progress, tensorboard=False), collate, ev,
         run_info=dict(preset='tiny', data=str(data)), overwrite=True)
     t_train = time.time() - t0
     metrics, sub, sub_path = evaluate(run, data, 'val', run, device='cpu', progress=progress)
@@ -1060,12 +1079,13 @@ def demo_main(argv:list[str]|None=None)->int:
         epilog='examples:\n  videolights demo --out runs/demo\n  videolights demo --out runs/demo2 --epochs 60 --lr 2e-3')
     p.add_argument('--out', default='runs/demo', help='output folder (data/, run/, figures/, metrics_table.md)')
     p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16'], help='train in bf16 autocast (CPUs with AVX512-BF16/AMX)')
     a, rest = p.parse_known_args(argv)
     try: over = parse_overrides(rest)
     except ValueError as e: p.error(str(e))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     keep_freed_memory()
-    s = demo(a.out, progress=not a.no_progress, **over)
+    s = demo(a.out, progress=not a.no_progress, amp=a.amp, **over)
     ok_map, ok_hit = s['ratios']['MR-full-mAP'] >= 3, s['ratios']['HL-min-VeryGood-Hit1'] >= 2
     print((Path(a.out)/'metrics_table.md').read_text())
     print(f"learning check: MR mAP {s['ratios']['MR-full-mAP']:.1f}x random (need >= 3) {'ok' if ok_map else 'FAILED'}; "
