@@ -211,6 +211,15 @@ def test_cpu_bf16_autocast_trains_and_resumes_exactly(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
+def test_cli_refuses_fp16_on_the_cpu_before_doing_any_work(tmp_path, capsys):
+    from videolights.train import train_main
+    with pytest.raises(SystemExit) as e:
+        train_main(['--preset', 'tiny', '--data', str(tmp_path/'no_data'), '--out', str(tmp_path/'run'), '--device', 'cpu',
+                    '--amp', 'fp16', '--no-progress'])
+    assert e.value.code == 2 and "use amp='bf16'" in capsys.readouterr().err
+    assert not (tmp_path/'run').exists()
+
+
 def test_run_directory_contents_and_best_checkpoint(tmp_path):
     toy_run(tmp_path/'a')
     names = {p.name for p in (tmp_path/'a').iterdir()}

@@ -29,7 +29,7 @@ from .synth import synth
 __all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS',
            'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES', 'DEMO_RECIPE', 'DEMO_KEYS', 'set_seed',
            'get_rng_state', 'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo',
-           'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
+           'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'train_one_epoch', 'Evaluator',
            'RunOptions', 'cpu_native_bf16', 'config_dict', 'load_weights', 'fit', 'feature_dirs', 'find_split',
            'find_features', 'build_dataset', 'is_pretrain_path', 'has_labels', 'data_dims', 'official_metrics',
@@ -106,10 +106,14 @@ class DistInfo:
     @property
     def enabled(self)->bool: return self.world_size > 1
 
+def wants_cuda(device:str)->bool: # 'auto' | 'cpu' | 'cuda[:i]'
+    "Whether a run with this `device` option runs on CUDA."
+    return torch.cuda.is_available() if device == 'auto' else device.startswith('cuda')
+
 def init_distributed(device:str='auto', # 'auto' | 'cpu' | 'cuda'
                     )->tuple[DistInfo, torch.device]:
     "Join the torchrun process group if there is one; return rank info and this process's device."
-    use_cuda = torch.cuda.is_available() if device == 'auto' else device.startswith('cuda')
+    use_cuda = wants_cuda(device)
     info = DistInfo(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
                     int(os.environ.get('LOCAL_RANK', 0)))
     if info.enabled and not dist.is_initialized():
@@ -800,7 +804,9 @@ def train_main(argv:list[str]|None=None)->int:
         if data_is_synth(data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
             cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
         tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
-    try: init = None if a.resume else init_checkpoint(cfg, a.init_from)
+    try:
+        init = None if a.resume else init_checkpoint(cfg, a.init_from)
+        _amp_dtype(a.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))  # e.g. fp16 on a CPU: refused here
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
