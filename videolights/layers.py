@@ -24,6 +24,19 @@ _POOLS = {}  # (pid, threads) -> ThreadPoolExecutor, created on first use (a for
 
 _MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # numpy holds bfloat16 as its uint16 bit pattern
 
+def _autocast_dtype(device_type:str)->torch.dtype|None:
+    "The dtype autocast is on with for this device type, or None (also on torch < 2.4, which lacks the per-device API)."
+    try: return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError): return None
+
+_SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
+
+def _scale_is_exact(p:float, dtype:torch.dtype)->bool:
+    "Whether 1/(1-p) is exact in `dtype` (p = 0, 1/2, 3/4...): dropout then commutes with rounding to it."
+    if not 0 <= p < 1 or dtype not in _SIGNIFICAND_BITS: return False
+    m, _ = math.frexp(1 / (1 - p))  # 1/(1-p) = m * 2^e, m in [1/2, 1)
+    return (m * 2 ** _SIGNIFICAND_BITS[dtype]).is_integer()
+
 def _mask_scale(p:float, dtype:torch.dtype)->np.generic:
     "1/(1-p) rounded to `dtype` (as `F.dropout`'s own mask holds it), as the numpy scalar a mask array stores."
     s = torch.tensor(1 / (1 - p), dtype=torch.float64).to(dtype)
@@ -171,7 +184,11 @@ class ConvProj(nn.Module):
         self.proj = nn.Conv1d(d_in, d_out, k, padding=k // 2)
     def forward(self, x:Tensor, # (B, L, D_in)
                )->Tensor:       # (B, L, D_out)
-        x = self.dropout(self.norm(x))
+        x = self.norm(x)
+        dt = _autocast_dtype(x.device.type)
+        if dt is not None and self.proj.kernel_size[0] == 1 and _scale_is_exact(self.dropout.p, dt):
+            x = x.to(dt)  # the cast F.linear makes anyway, before the dropout: same values, half the bytes
+        x = self.dropout(x)
         if self.proj.kernel_size[0] == 1: x = F.linear(x, self.proj.weight[..., 0], self.proj.bias)
         else: x = self.proj(x.transpose(1, 2)).transpose(1, 2)  # (B, L, D_out)
         return F.relu(x) if self.relu else x
