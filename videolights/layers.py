@@ -22,7 +22,7 @@ FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False
 _MASK_CHUNK = 1 << 20  # elements per SFC64 stream: fixed, so a mask never depends on the thread count
 _POOLS = {}  # (pid, threads) -> ThreadPoolExecutor, created on first use (a forked child makes its own)
 
-_MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # numpy holds bfloat16 as its uint16 bit pattern
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of the CPU fast paths (numpy holds bf16 as uint16 bits)
 
 def _autocast_dtype(device_type:str)->torch.dtype|None:
     "The dtype autocast is on with for this device type, or None (also on torch < 2.4, which lacks the per-device API)."
@@ -56,7 +56,7 @@ def dropout_mask(shape:tuple, # mask shape
                  dtype:torch.dtype=torch.float32, # float32, bfloat16 or float16
                 )->Tensor:    # {0, 1/(1-p) rounded to dtype}, keep probability 1-p (exact to 2^-32)
     "A scaled dropout mask from SFC64 bits (32 per element; 1 when p = 1/2), seeded from torch's default generator."
-    if dtype not in _MASK_DTYPES: raise TypeError(f"dropout_mask: dtype {dtype} not in {_MASK_DTYPES}")
+    if dtype not in _FAST_DTYPES: raise TypeError(f"dropout_mask: dtype {dtype} not in {_FAST_DTYPES}")
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows torch.manual_seed / saved RNG state
     scale = _mask_scale(p, dtype)
@@ -82,7 +82,7 @@ class _MaskMul(torch.autograd.Function):
 def dropout(x:Tensor, p:float, training:bool=True)->Tensor:
     "`F.dropout` with the fast CPU mask (`dropout_mask`) for float32, bfloat16 and float16 CPU tensors."
     if not training or p == 0: return x
-    if not FAST_DROPOUT or x.device.type != 'cpu' or x.dtype not in _MASK_DTYPES or p >= 1: return F.dropout(x, p, training)
+    if not FAST_DROPOUT or x.device.type != 'cpu' or x.dtype not in _FAST_DTYPES or p >= 1: return F.dropout(x, p, training)
     return _MaskMul.apply(x, dropout_mask(x.shape, p, x.dtype))
 
 class Dropout(nn.Dropout):
@@ -147,7 +147,7 @@ class _PReLUFn(torch.autograd.Function):
 class PReLU(nn.PReLU):
     "`nn.PReLU` with the vectorised backward (`_PReLUFn`) for one slope on float32, bfloat16 and float16 CPU tensors."
     def forward(self, x:Tensor)->Tensor:
-        if self.weight.numel() != 1 or x.device.type != 'cpu' or x.dtype not in _MASK_DTYPES or not torch.is_grad_enabled():
+        if self.weight.numel() != 1 or x.device.type != 'cpu' or x.dtype not in _FAST_DTYPES or not torch.is_grad_enabled():
             return F.prelu(x, self.weight)
         return _PReLUFn.apply(x, self.weight)
 
