@@ -764,7 +764,8 @@ Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a be
 def _run_args(p:argparse.ArgumentParser):
     g = p.add_argument_group('how to run')
     g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
-    g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'], help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: float32)')
+    g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'],
+                   help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: float32)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimiser step')
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
