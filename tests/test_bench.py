@@ -377,3 +377,29 @@ def test_infer_compile_uses_the_inference_compile(monkeypatch):
     assert seen == ['VideoLights'] and r['compile'] is True and r['b1']['ours']['ms'] > 0
     seen.clear(); bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, memory=False)
     assert seen == []  # eager unless asked
+
+
+def test_infer_cuda_graphs_times_the_graphed_forward(monkeypatch):
+    "`bench infer --cuda-graphs` times `GraphedInference` (here on the CPU: its padded static forward), autocast inside."
+    import videolights.model as M
+    calls = []
+    real = M.GraphedInference.__call__
+    monkeypatch.setattr(M.GraphedInference, '__call__', lambda self, **kw: calls.append(self.amp_dtype) or real(self, **kw))
+    r = bench.bench_infer('tiny', batches=(1, 2), runs=2, warmup=1, memory=False, cuda_graphs=True)
+    assert r['cuda_graphs'] is True and r['b1']['ours']['ms'] > 0 and r['b2']['ours']['ms'] > 0
+    assert len(calls) == 3 + 4 and set(calls) == {None}  # batch 1: 1 warm-up + 2 runs; batch 2: 1 + max(3, 2 // 2)
+    assert run_main(['infer', '--cuda-graphs'])[0] == 2
+
+
+def test_train_step_cuda_graphs_alternates_two_shapes_captured_in_warmup(monkeypatch):
+    "`bench train-step --cuda-graphs` wraps ours in `GraphedTraining` and feeds it 2 alternating shapes, new data each step."
+    import videolights.model as M
+    seen = []
+    real = M.GraphedTraining.forward
+    monkeypatch.setattr(M.GraphedTraining, 'forward', lambda self, **kw: seen.append((tuple(kw['src_vid'].shape), tuple(kw['src_txt'].shape),
+                                                                                      float(kw['src_vid'].sum()))) or real(self, **kw))
+    r = bench.bench_train_step('tiny', batch=3, steps=3, warmup=0, memory=False, cuda_graphs=True)
+    assert r['cuda_graphs'] is True and r['warmup'] == 2 and len(seen) == 5 and r['ours']['step_ms'] > 0
+    shapes = [s[:2] for s in seen]
+    assert shapes[0::2] == [shapes[0]] * 3 and shapes[1::2] == [shapes[1]] * 2 and shapes[0] != shapes[1]
+    assert len({s[2] for s in seen}) == 5  # new data every step

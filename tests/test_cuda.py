@@ -3,7 +3,7 @@
 Run them on a GPU machine with `pytest tests/test_cuda.py` (or `bash tools/gpu_check.sh`, which also runs the
 benchmarks and the whole suite). TF32 is switched off in the comparisons so that float32 means float32 on both sides.
 """
-import copy, json, os, subprocess, sys
+import copy, json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +158,89 @@ def test_profile_on_cuda_reports_gpu_time(kind):
     p = profile_step(kind, 'tiny', batch=2, device='cuda', top=5)
     assert p['device'] == 'cuda' and p['total_gpu_ms'] > 0 and p['top_gpu_ops'][0]['self_gpu_ms'] > 0
     assert all('self_gpu_ms' in r for r in p['top_ops'])
+
+
+@pytest.mark.parametrize('amp', [None, torch.bfloat16])
+def test_graphed_inference_matches_eager(amp):
+    "CUDA-graph replays give the eager outputs for new inputs, each batch size, and after an in-place weight update."
+    from videolights.model import GraphedInference
+    cfg = get_preset('qvhighlights')
+    torch.manual_seed(0)
+    m = build_model(cfg).cuda().eval()
+    gi = GraphedInference(m, amp_dtype=amp)
+    tol = 1e-4 if amp is None else 3e-2  # relative to the output's largest magnitude
+    for step, (B, seed) in enumerate(((32, 0), (32, 1), (5, 2), (1, 3), (32, 4))):
+        if step == 4:
+            with torch.no_grad():
+                for p in m.parameters(): p.mul_(1.01)  # an optimiser step would update in place too
+        mi, _, _ = synth_batch(cfg, B, seed=seed)
+        mi = to(mi, 'cuda')
+        with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None): a = m(**mi)
+        b = gi(**mi)
+        vm = mi['src_vid_mask'].bool()
+        for k, x, y in (('pred_logits', a['pred_logits'], b['pred_logits']), ('pred_spans', a['pred_spans'], b['pred_spans']),
+                        ('saliency_scores', a['saliency_scores'][vm], b['saliency_scores'][vm])):
+            assert y.shape == x.shape and maxdiff(x, y) <= tol * max(1., float(x.abs().max())), (step, k, maxdiff(x, y))
+    assert sorted(gi.graphs) == [(1, 32, 75), (5, 32, 75), (32, 32, 75)]
+
+
+def test_evaluator_with_cuda_graphs_matches_plain(tiny_data):
+    "The evaluation loop with `cuda_graphs=True` writes the same submission as the plain forward."
+    from videolights.train import build_run
+    cfg, m, _, _, ev = build_run(get_preset('tiny', max_v_l=75), tiny_data, train=False, verbose=False)
+    m = m.cuda()
+    a = ev.predict(m, torch.device('cuda'), progress=False)
+    b = ev.predict(m, torch.device('cuda'), progress=False, cuda_graphs=True)
+    assert ev.graphed is not None and len(ev.graphed.graphs) >= 1
+    assert [l['qid'] for l in a] == [l['qid'] for l in b]
+    for x, y in zip(a, b):
+        assert max(abs(u - v) for u, v in zip(x['pred_saliency_scores'], y['pred_saliency_scores'])) <= 1e-3
+        assert abs(x['pred_relevant_windows'][0][2] - y['pred_relevant_windows'][0][2]) <= 1e-3
+
+
+@pytest.mark.parametrize('amp', [None, torch.bfloat16])
+def test_graphed_training_matches_eager(amp):
+    "Dropout off: AdamW steps through the graphed forward/backward give the eager losses, gradients and weights."
+    from videolights.model import GraphedTraining
+    from videolights.train import adamw, _float_outputs
+    cfg = get_preset('qvhighlights', **NO_DROP)
+    torch.manual_seed(0)
+    eager = build_model(cfg).cuda().train()
+    twin = copy.deepcopy(eager)
+    graphed, crit = GraphedTraining(twin), build_criterion(cfg).cuda()
+    opt_e, opt_g = adamw(list(eager.parameters()), 1e-4, 1e-4), adamw(list(twin.parameters()), 1e-4, 1e-4)
+    lens = [(75, 20), (60, 32), (75, 9), (33, 14), (75, 25), (20, 8)]
+    batches = [synth_batch(cfg, 6, seed=s, lengths=lens)[:2] for s in (0, 1)]  # same shape, new data: a replay
+    batches += [synth_batch(cfg, 5, seed=2, lengths=lens[:5])[:2], synth_batch(cfg, 6, seed=3, lengths=lens)[:2]]
+    tol = 1e-4 if amp is None else 3e-2
+    for step, (mi, tg) in enumerate(batches):
+        mi, tg = to(mi, 'cuda'), to(tg, 'cuda')
+        tg.setdefault('src_txt_mask', mi['src_txt_mask'])
+        losses = []
+        for m, opt in ((eager, opt_e), (graphed, opt_g)):
+            with torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None): out = m(**mi)
+            ld = crit(_float_outputs(out), tg, 3)
+            opt.zero_grad(set_to_none=True); total_loss(ld, crit.weight_dict).backward()
+            losses.append(ld)
+        for k in losses[0]:
+            a, b = float(losses[0][k]), float(losses[1][k])
+            assert abs(a - b) <= tol * max(1., abs(a)), (step, k, a, b)
+        ge = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
+        gg = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None])
+        assert ge.shape == gg.shape and float(torch.cosine_similarity(ge, gg, 0)) > (0.9999 if amp is None else 0.99), step
+        for m, opt in ((eager, opt_e), (twin, opt_g)):
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1); opt.step()
+    assert len(graphed.graphs) == 2 and graphed.n_eager == 0
+    for a, b in zip(eager.parameters(), twin.parameters()): assert maxdiff(a, b) <= (1e-4 if amp is None else 1e-2)
+
+
+def test_cli_train_with_cuda_graphs(tiny_data, tmp_path):
+    "`videolights train --cuda-graphs`: graphed training steps and evaluations, finite losses, a best checkpoint."
+    run = tmp_path/'g'
+    r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 2, '--eval_every', 1, '--bsz', 4,
+           '--num_workers', 0, '--lr', '1e-3', '--max_v_l', 75, '--device', 'cuda', '--cuda-graphs', '--no-progress')
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(l) for l in open(run/'log.jsonl')]
+    tr = [l['loss_overall'] for l in log if l['kind'] == 'train']
+    assert len(tr) == 2 and all(math.isfinite(x) for x in tr), tr
+    assert sum(l['kind'] == 'eval' for l in log) == 2 and (run/'model_best.ckpt').exists()

@@ -352,3 +352,39 @@ def test_resume_uses_this_machines_adamw_implementation():
     assert state.epoch == 1 and new.param_groups[0]['fused'] == new.defaults['fused']
     assert torch.equal(new.state[m.weight]['exp_avg'], old.state[m.weight]['exp_avg'])
     new.step()                                                             # and it steps
+
+
+def test_cuda_graphs_without_cuda_warns_and_keeps_the_plain_forward(tmp_path):
+    "`cuda_graphs=True` on the CPU: a warning, and the same submission as the plain forward (no padding, no graphs)."
+    import warnings
+    from videolights.config import get_preset
+    from videolights.synth import synth
+    from videolights.train import build_run
+    synth(tmp_path/'d', seed=0, size='tiny', progress=False)
+    _, m, _, _, ev = build_run(get_preset('tiny', max_v_l=75), tmp_path/'d', train=False, verbose=False)
+    a = ev.predict(m, torch.device('cpu'), progress=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        b = ev.predict(m, torch.device('cpu'), progress=False, cuda_graphs=True)
+    assert any('no CUDA device' in str(x.message) for x in w) and ev.graphed is None
+    assert a == b
+    from videolights.model import GraphedInference
+    cuda = torch.device('cuda')  # the choice of forward only; nothing runs on it here
+    g1, g2 = ev._forward(m, cuda, None, True), ev._forward(m, cuda, None, True)
+    assert isinstance(g1, GraphedInference) and g1 is g2 and g1.model is m  # graphs kept across evaluations
+    assert ev._forward(m, cuda, torch.bfloat16, True) is not g1               # another dtype: new graphs
+    assert ev._forward(m, cuda, None, False) is m
+
+
+def test_cuda_graphs_option_wraps_the_training_forward_only_where_it_can(recwarn):
+    "`RunOptions(cuda_graphs=True)` on CUDA: `GraphedTraining` around the model, unless DDP, compile or grad_accum > 1."
+    from videolights.config import get_preset
+    from videolights.model import build_model, GraphedTraining
+    from videolights.train import DistInfo, _unwrap, _wrap
+    m, cuda = build_model(get_preset('tiny')), torch.device('cuda')  # nothing runs on the device here
+    net = _wrap(m, RunOptions(cuda_graphs=True), DistInfo(), cuda)
+    assert isinstance(net, GraphedTraining) and _unwrap(net) is m and not recwarn.list
+    assert _wrap(m, RunOptions(cuda_graphs=True), DistInfo(), torch.device('cpu')) is m
+    assert _wrap(m, RunOptions(), DistInfo(), cuda) is m
+    assert _wrap(m, RunOptions(cuda_graphs=True, grad_accum=2), DistInfo(), cuda) is m
+    assert 'grad_accum > 1' in str(recwarn.pop(UserWarning).message)

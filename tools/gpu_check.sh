@@ -5,8 +5,10 @@
 #   bash tools/gpu_check.sh OUT_DIR [OFFICIAL_CHECKOUT] [SECONDS]
 #
 # Writes at most 8 files to OUT_DIR: env.txt, test_cuda.log, bench_cuda.json, bench_extra.log, pytest_all.log,
-# nbdev_test.log, bench.log (the benchmarks' stderr) and summary.txt. Each step has its own time limit and the whole
-# run stops starting new steps when SECONDS (default 540) are nearly spent, so a slow step never loses the others.
+# nbdev_test.log, bench.log (the benchmarks' stderr) and summary.txt. The benchmarks time our model eager and
+# replayed from CUDA graphs (--cuda-graphs), and the official model as it ships (eager). Each step has its own time
+# limit and the whole run stops starting new steps when SECONDS (default 540) are nearly spent, so a slow step never
+# loses the others.
 set -u
 OUT=${1:?usage: bash tools/gpu_check.sh OUT_DIR [OFFICIAL_CHECKOUT] [SECONDS]}
 OFFICIAL=${2:-}
@@ -40,23 +42,16 @@ OFF=(); [ -n "$OFFICIAL" ] && OFF=(--compare-official "$OFFICIAL")
   torch.cuda.is_available() and torch.cuda.get_device_name(0))"; nproc; } >"$OUT/env.txt" 2>&1
 
 step test_cuda 200 test_cuda.log $PY -m pytest tests/test_cuda.py -v -rs
-step bench_all 150 bench.log $PY -m videolights.bench all --device "$DEVICE" "${OFF[@]}" --json "$OUT/bench_cuda.json"
+step bench_all 150 bench.log $PY -m videolights.bench all --device "$DEVICE" --cuda-graphs "${OFF[@]}" --json "$OUT/bench_cuda.json"
 set -f   # no globbing: "[75,75]" below is an argument, not a pattern
-for args in "train-step --amp bf16" "infer --amp bf16" "train-step --batch 128" "train-step --batch 128 --amp bf16" \
-            "train-step --v_range [75,75]" "infer --v_range [75,75]"; do   # full-length videos, as in QVHighlights
+for args in "train-step" "infer" "train-step --cuda-graphs --v_range [75,75]" "infer --cuda-graphs --v_range [75,75]" \
+            "train-step --v_range [75,75]" "infer --v_range [75,75]" "train-step --cuda-graphs --batch 128" \
+            "train-step --cuda-graphs --amp bf16" "infer --cuda-graphs --amp bf16"; do   # eager and graphed; full-length videos
   echo "### bench $args" >>"$OUT/bench_extra.log"
   step "bench $args" 60 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE" "${OFF[@]}"
 done
-for args in "profile --kind train" "profile --kind infer" "profile --kind infer --amp bf16"; do   # top operators, CPU and GPU time
-  echo "### bench $args" >>"$OUT/bench_extra.log"
-  step "bench $args" 60 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE"
-done
-# the whole suite and every notebook, side by side (CPU-bound; a GPU is present, so device 'auto' picks it)
-step pytest_all 220 pytest_all.log env OMP_NUM_THREADS=1 $PY -m pytest tests -q -rfE --tb=short $XDIST -p no:cacheprovider &
-step nbdev_test 220 nbdev_test.log env OMP_NUM_THREADS=1 $NBDEV_TEST --n_workers 8 --timing &
+# the whole suite and every notebook (GPU cells included), side by side (CPU-bound; device 'auto' picks the GPU)
+step pytest_all 200 pytest_all.log env OMP_NUM_THREADS=1 $PY -m pytest tests -q -rfE --tb=short $XDIST -p no:cacheprovider &
+step nbdev_test 200 nbdev_test.log env OMP_NUM_THREADS=1 $NBDEV_TEST --n_workers 8 --timing --flags cuda &
 wait
-for args in "infer --compile" "train-step --compile"; do
-  echo "### bench $args" >>"$OUT/bench_extra.log"
-  step "bench $args" 150 bench_extra.log $PY -m videolights.bench $args --device "$DEVICE" "${OFF[@]}"
-done
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/summary.txt"

@@ -217,6 +217,8 @@ def _cpu_default_threads(threads):
 def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmup:int=1, official:str|None=None,
                      device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
                      memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi] (QVHighlights itself: 97 % are 75)
+                     cuda_graphs:bool=False, # ours: forward/backward from CUDA graphs (`model.GraphedTraining`); the batches
+                                             # then take turns between 2 shapes (new data each step), both captured in warm-up
                      **cfg_overrides)->dict:
     "Median training-step time (forward + losses + backward + clip + AdamW) at `batch`, ours vs official."
     from videolights.config import get_preset
@@ -224,6 +226,13 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     cfg = get_preset(preset, **cfg_overrides)
     torch.manual_seed(seed)
     sides = dict(ours=build_ours(cfg, device, compile))
+    shapes = [None]
+    if cuda_graphs:  # as in real training, shapes repeat: QVHighlights' batches of 32 have Lv = 75 and a few Lq
+        from videolights.model import GraphedTraining
+        m, c, o = sides['ours']; sides['ours'] = (GraphedTraining(m), c, o)
+        masks = [synth_batch(cfg, batch, seed=seed * 1000 + 900 + k, v_range=tuple(v_range))[0] for k in range(2)]
+        shapes = [list(zip(mi['src_vid_mask'].sum(1).int().tolist(), mi['src_txt_mask'].sum(1).int().tolist())) for mi in masks]
+        warmup = max(warmup, len(shapes))
     scaler = torch.amp.GradScaler(device) if amp == 'fp16' else None
     amps = dict(ours=(amp, scaler), official=(None, None))  # the official code fails under autocast: float32 as it ships
     if official:
@@ -232,7 +241,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     cuda, peaks = device.startswith('cuda'), {}
     rows, first = {k: [] for k in sides}, {}
     for i in range(warmup + steps):
-        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i, v_range=tuple(v_range))
+        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i, v_range=tuple(v_range), lengths=shapes[i % len(shapes)])
         if device != 'cpu':
             from videolights.data import move_batch
             mi, tg, _ = move_batch((mi, tg, []), device)
@@ -243,7 +252,8 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
             if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
             if i >= warmup: rows[k].append(r)
             else: first.setdefault(k, r['step'])  # the very first step: includes torch.compile's compile time
-    res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile, v_range=list(v_range),
+    res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile,
+               cuda_graphs=cuda_graphs, v_range=list(v_range),
                n_params=sum(p.numel() for p in sides['ours'][0].parameters()))
     for k, rs in rows.items():
         res[k] = dict(step_ms=ms(med(r['step'] for r in rs)), step_ms_all=[ms(r['step']) for r in rs],
@@ -262,6 +272,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
 def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, warmup:int=1, official:str|None=None,
                 device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
                 memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi]
+                cuda_graphs:bool=False, # ours replayed from CUDA graphs (`model.GraphedInference`; CUDA only)
                 **cfg_overrides)->dict:
     "Median eval-mode forward latency per batch size, ours vs official (same inputs, interleaved)."
     from videolights.config import get_preset
@@ -272,10 +283,13 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
     if compile:  # eval only: Inductor freezing (+ its C++ wrapper on the CPU), see 07_model
         from videolights.model import compile_inference
         sides['ours'] = compile_inference(sides['ours'])
-    if official: off = load_official(official); sides['official'] = build_official(off, cfg, device)[0]
-    for m in sides.values(): m.eval()
     dt = _AMP[amp]
-    res = dict(preset=preset, device=device, amp=amp, compile=compile, runs=runs, v_range=list(v_range))
+    if cuda_graphs:  # autocast, if any, is inside the graphs; the first call of each batch size captures
+        from videolights.model import GraphedInference
+        sides['ours'] = GraphedInference(sides['ours'], amp_dtype=dt)
+    if official: off = load_official(official); sides['official'] = build_official(off, cfg, device)[0]
+    for m in sides.values(): (m if isinstance(m, torch.nn.Module) else m.model).eval()  # GraphedInference: its model
+    res = dict(preset=preset, device=device, amp=amp, compile=compile, cuda_graphs=cuda_graphs, runs=runs, v_range=list(v_range))
     cuda, peaks = device.startswith('cuda'), {}
     for B in batches:
         n = runs if B == 1 else max(3, runs // 2)
@@ -284,7 +298,7 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
             mi, _, _ = synth_batch(cfg, B, seed=seed * 1000 + 100 * B + i, v_range=tuple(v_range))
             mi = {k: v.to(device) for k, v in mi.items()}
             for k in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
-                ctx = torch.autocast(torch.device(device).type, dtype=dt) if (dt and k == 'ours') else contextlib.nullcontext()
+                ctx = torch.autocast(torch.device(device).type, dtype=dt) if (dt and k == 'ours' and not cuda_graphs) else contextlib.nullcontext()
                 if cuda: torch.cuda.reset_peak_memory_stats()
                 with ctx, Timer(device) as t: sides[k](**mi)
                 if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
@@ -543,6 +557,7 @@ def _shared_kwargs(name:str, a)->dict:
     kw = {}
     if name in ('train-step', 'infer'):
         kw.update(device=a.device, amp=a.amp, compile=a.compile, threads=a.threads, memory=not a.no_memory)
+    if name in ('train-step', 'infer') and a.cuda_graphs: kw['cuda_graphs'] = True
     if name in ('train-step', 'infer', 'load', 'eval'): kw['official'] = a.compare_official
     if name == 'eval' and a.official_python: kw['official_python'] = a.official_python
     if name == 'predict': kw['device'] = a.device
@@ -580,6 +595,9 @@ def main(argv:list[str]|None=None)->int:
                    'CPUs with AVX512-BF16/AMX). The official code stays float32: it fails under autocast')
     p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: model.compile_inference, with '
                    'freezing; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
+    p.add_argument('--cuda-graphs', action='store_true', help='replay our model from CUDA graphs: infer, model.GraphedInference '
+                   '(inputs padded to the preset\'s max lengths); train-step, model.GraphedTraining (exact shapes; the batches '
+                   'take turns between 2 shapes, captured during warm-up)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
     p.add_argument('--keep-memory', action='store_true', help='keep freed memory in the process (data.keep_freed_memory), '
@@ -596,6 +614,8 @@ def main(argv:list[str]|None=None)->int:
     if a.name == '_peak': print(json.dumps(_peak_main(a))); return 0
     if a.device.startswith('cuda') and not torch.cuda.is_available():
         print('python -m videolights.bench: error: --device cuda but torch.cuda.is_available() is False', file=sys.stderr); return 2
+    if a.cuda_graphs and not a.device.startswith('cuda'):
+        print('python -m videolights.bench: error: --cuda-graphs needs --device cuda', file=sys.stderr); return 2
     if a.compare_official and not Path(a.compare_official, 'video_lights', 'model.py').is_file():
         print(f'python -m videolights.bench: error: --compare-official {a.compare_official}: no video_lights/model.py', file=sys.stderr); return 2
     if len(rest) % 2: print(f'python -m videolights.bench: error: extra options must be --key value pairs: {rest}', file=sys.stderr); return 2

@@ -27,7 +27,7 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of the C
 def _autocast_dtype(device_type:str)->torch.dtype|None:
     "The dtype autocast is on with for this device type, or None (also on torch < 2.4, which lacks the per-device API)."
     try: return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError): return None
+    except (TypeError, AttributeError, RuntimeError): return None  # RuntimeError: a device type without autocast (meta)
 
 _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 

@@ -16,8 +16,9 @@ from .layers import (sine_pos_embed, LearnedPosEmbed, MLP, input_proj, FRA, BiCM
 from .decoder import AnchorDecoder, inverse_sigmoid
 
 # %% auto #0
-__all__ = ['VLTransformer', 'top1_clip_slice', 'GRUPool', 'mr_to_hd_saliency', 'VideoLights', 'build_model', 'random_inputs',
-           'param_table', 'inference_compile_options', 'compile_inference', 'bench_infer']
+__all__ = ['LV_KEYS', 'LQ_KEYS', 'VLTransformer', 'top1_clip_slice', 'GRUPool', 'mr_to_hd_saliency', 'VideoLights', 'build_model',
+           'random_inputs', 'param_table', 'inference_compile_options', 'compile_inference', 'bucket_len',
+           'GraphedInference', 'GraphedTraining', 'bench_infer']
 
 # %% ../nbs/07_model.ipynb #d3ce2539
 class VLTransformer(nn.Module):
@@ -161,13 +162,13 @@ class VideoLights(nn.Module):
         return (self.saliency_proj1(mem) * self.saliency_proj2(mem_global)[:, None]).sum(-1) / math.sqrt(self.cfg.hidden_dim)
 
 # %% ../nbs/07_model.ipynb #5cf1c604
-def _check_inputs(cfg:VLConfig, src_txt, src_txt_mask, src_vid, src_vid_mask):
+def _check_inputs(cfg:VLConfig, src_txt, src_txt_mask, src_vid, src_vid_mask, values:bool=True):
     for name, x, d in (('src_txt', src_txt, cfg.t_feat_dim), ('src_vid', src_vid, cfg.v_feat_dim)):
         if x.dim() != 3 or x.shape[-1] != d:
             raise ValueError(f"VideoLights: {name} has shape {tuple(x.shape)}; expected (B, L, {d}) for this config")
     for name, m, x in (('src_txt_mask', src_txt_mask, src_txt), ('src_vid_mask', src_vid_mask, src_vid)):
         if m.shape != x.shape[:2]: raise ValueError(f"VideoLights: {name} has shape {tuple(m.shape)}, expected {tuple(x.shape[:2])}")
-        if not torch.compiler.is_compiling() and not bool((m[:, 0] > 0).all()):  # value check: no graph break under compile
+        if values and not torch.compiler.is_compiling() and not bool((m[:, 0] > 0).all()):  # a host sync; not under compile
             raise ValueError(f"VideoLights: {name} has a sample whose first position is padding (empty or left-padded)")
     if src_txt.shape[0] != src_vid.shape[0]: raise ValueError(f"VideoLights: batch sizes differ: {src_txt.shape[0]} vs {src_vid.shape[0]}")
 
@@ -179,16 +180,18 @@ def _forward(self:VideoLights,
              src_vid_mask:Tensor,  # (B, Lv) 1 = valid
              return_attn:bool=False, # add `attn`: every attention layer's (B, H, Lq, Lk) weights (positive pass)
              loss_outputs:bool|None=None, # compute saliency_scores_neg/_mr (default: training or cfg.loss_outputs_eval)
+             static_shapes:bool=False, # eval: no value checks, no row packing: every op and shape follows from the input
+                                       # shapes alone, with no host sync (CUDA graphs, `GraphedInference`)
             )->dict:
     "Model outputs; see ARCHITECTURE.md 'Model contract'."
     cfg = self.cfg
-    _check_inputs(cfg, src_txt, src_txt_mask, src_vid, src_vid_mask)
+    _check_inputs(cfg, src_txt, src_txt_mask, src_vid, src_vid_mask, values=not static_shapes)
     vmask, tmask = src_vid_mask.float(), src_txt_mask.float()
     attn = {} if return_attn else None
     if loss_outputs is None: loss_outputs = self.training or cfg.loss_outputs_eval
     # inference without loss outputs: per-row work on real clips/tokens only (padded positions of the outputs are
     # then zeros-derived instead of the official zero-input-derived values; both are meaningless, quirk 3)
-    pack = not (self.training or loss_outputs or torch.is_grad_enabled() or return_attn)
+    pack = not (self.training or loss_outputs or torch.is_grad_enabled() or return_attn or static_shapes)
     vrows, trows = (vmask > 0, tmask > 0) if pack else (None, None)
     if pack and bool(vrows.all()): vrows, pack = None, False  # nothing to skip (e.g. B=1)
     if trows is not None and bool(trows.all()): trows = None
@@ -201,7 +204,7 @@ def _forward(self:VideoLights,
     neg_pass = loss_outputs
     tr, g, gp = self.transformer, self.global_rep_token, self.global_rep_pos
     roll = lambda t: torch.cat([t[1:], t[:1]])  # texts rolled by one sample: video b is paired with query b+1
-    if neg_pass and self.training and cfg.pack_neg_pass:  # the negative pass on real rows only (all its losses read)
+    if neg_pass and self.training and cfg.pack_neg_pass and not static_shapes:  # the negative pass on real rows only (all its losses read)
         mg, mem = tr.encode(g, gp, vid, txt, pos_v, pos_t, vpad, tpad, attn)
         mg_neg, mem_neg = tr.encode_packed(g, gp, vid, roll(txt), pos_v, pos_t, vpad, roll(tpad))
     elif neg_pass:  # batched with the positive pass
@@ -276,6 +279,104 @@ def compile_inference(model:nn.Module, dynamic:bool=True)->nn.Module:
     "`torch.compile` for inference under `torch.no_grad()`; the weights are frozen into the graph: never train the result."
     dev = next(model.parameters()).device
     return torch.compile(model.eval(), dynamic=dynamic, options=inference_compile_options(dev))
+
+# %% ../nbs/07_model.ipynb #ca054442
+LV_KEYS = ('saliency_scores', 'proj_vid_mem', 'src_vid', 'video_mask')  # outputs with a clip axis (dim 1)
+LQ_KEYS = ('proj_txt_mem', 'src_txt', 'txt_mask')                       # outputs with a word axis (dim 1)
+
+def bucket_len(n:int, buckets:tuple, step:int=16)->int:
+    "The smallest bucket >= `n`; beyond the largest, `n` rounded up to a multiple of `step`."
+    return next((b for b in sorted(buckets) if b >= n), -(-n // step) * step)
+
+def _unpad(o, lv:int, lq:int, memo:dict, key:str|None=None):
+    "Outputs cut back to `lv` clips and `lq` words, copied out of the graph's buffers (a shared tensor once)."
+    if isinstance(o, dict): return {k: _unpad(v, lv, lq, memo, k) for k, v in o.items()}
+    if isinstance(o, list): return [_unpad(v, lv, lq, memo, key) for v in o]
+    if not torch.is_tensor(o): return o
+    if id(o) not in memo: memo[id(o)] = (o[:, :lv] if key in LV_KEYS else o[:, :lq] if key in LQ_KEYS else o).clone()
+    return memo[id(o)]
+
+class GraphedInference:
+    "Eval forward replayed from CUDA graphs: inputs zero-padded to (Lq, Lv) buckets, one graph per (B, Lq, Lv)."
+    def __init__(self, model:nn.Module,            # a `VideoLights` (its device decides: graphs on CUDA, eager elsewhere)
+                 lq_buckets:tuple|None=None,       # word-axis lengths to pad to (None: cfg.max_q_l)
+                 lv_buckets:tuple|None=None,       # clip-axis lengths to pad to (None: cfg.max_v_l if <= 128)
+                 amp_dtype:torch.dtype|None=None,  # autocast dtype inside the graph (None: float32)
+                 warmup:int=2):                    # eager runs on a side stream before each capture
+        self.model, cfg = model.eval(), model.cfg
+        self.lq_buckets = tuple(lq_buckets or (cfg.max_q_l,))
+        self.lv_buckets = tuple(lv_buckets or ((cfg.max_v_l,) if cfg.max_v_l <= 128 else ()))  # long videos: multiples of 16
+        self.amp_dtype, self.warmup = amp_dtype, warmup
+        self.device = next(model.parameters()).device
+        self.graphs, self.pool = {}, None  # (B, Lq, Lv) -> (graph, static inputs, static outputs); shared memory pool
+
+    def _run(self, inp:dict)->dict:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                            cache_enabled=False):  # no weight-cast cache: it would outlive the capture
+            return self.model(**inp, static_shapes=True)
+
+    def _capture(self, inp:dict):
+        if self.model.training: raise RuntimeError("GraphedInference: the model is in training mode; call .eval()")
+        side = torch.cuda.Stream(self.device); side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy inits and kernel choices happen outside the capture
+            for _ in range(self.warmup): self._run(inp)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.pool is None: self.pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool): out = self._run(inp)
+        return g, out
+
+    @torch.no_grad()
+    def __call__(self, src_txt:Tensor, src_txt_mask:Tensor, # (B, Lq, Dt), (B, Lq) 1 = valid
+                 src_vid:Tensor, src_vid_mask:Tensor,       # (B, Lv, Dv), (B, Lv) 1 = valid
+                )->dict:                                    # the eval outputs, at the input's own lengths
+        _check_inputs(self.model.cfg, src_txt, src_txt_mask, src_vid, src_vid_mask)  # shapes, then one host sync
+        (B, lq), lv = src_txt.shape[:2], src_vid.shape[1]
+        key = (B, bucket_len(lq, self.lq_buckets), bucket_len(lv, self.lv_buckets))
+        new = dict(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask)
+        if self.device.type != 'cuda':  # no graphs: the same padded static forward, eagerly
+            inp = {k: F.pad(v, (0, 0) * (v.dim() - 2) + (0, key[1 if 'txt' in k else 2] - v.shape[1])) for k, v in new.items()}
+            return _unpad(self._run(inp), lv, lq, {})
+        if key not in self.graphs:
+            inp = {k: v.new_zeros((B, key[1 if 'txt' in k else 2]) + v.shape[2:]) for k, v in new.items()}  # (B, bucket, ...)
+            for k, v in new.items(): inp[k][:, :v.shape[1]].copy_(v)
+            self.graphs[key] = (*self._capture(inp), inp)
+        g, out, inp = self.graphs[key]
+        for k, v in new.items():  # into the static buffers: the batch, then zeros up to the bucket
+            inp[k][:, :v.shape[1]].copy_(v); inp[k][:, v.shape[1]:].zero_()
+        g.replay()
+        return _unpad(out, lv, lq, {})
+
+# %% ../nbs/07_model.ipynb #1a726990
+class _StaticForward(nn.Module):
+    "The training forward with positional tensor inputs and `static_shapes=True` (what `make_graphed_callables` captures)."
+    def __init__(self, model:nn.Module): super().__init__(); self.model = model
+    def forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask):
+        return self.model(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask, static_shapes=True)
+
+class GraphedTraining(nn.Module):
+    "Training forward and backward replayed from CUDA graphs (`make_graphed_callables`), one pair per exact input shape."
+    def __init__(self, model:nn.Module,  # a `VideoLights`, on the GPU
+                 max_graphs:int=64,      # shapes captured at most; later new shapes run eagerly
+                 warmup:int=3):          # eager forward/backward runs before each capture
+        super().__init__()
+        self.model, self.max_graphs, self.warmup = model, max_graphs, warmup
+        self.graphs, self.pool, self.n_eager = {}, None, 0  # shape key -> graphed `_StaticForward`; shared memory pool
+
+    def forward(self, src_txt:Tensor, src_txt_mask:Tensor, src_vid:Tensor, src_vid_mask:Tensor)->dict:
+        args = (src_txt, src_txt_mask, src_vid, src_vid_mask)
+        kw = dict(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask)
+        if not (self.training and src_vid.is_cuda and torch.is_grad_enabled()): return self.model(**kw)
+        _check_inputs(self.model.cfg, *args)  # shapes and values, one host sync
+        amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
+        key = tuple((tuple(a.shape), a.dtype) for a in args) + (amp,)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs: self.n_eager += 1; return self.model(**kw)
+            if self.pool is None: self.pool = torch.cuda.graph_pool_handle()
+            with torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False):
+                self.graphs[key] = torch.cuda.make_graphed_callables(_StaticForward(self.model), tuple(a.clone() for a in args),
+                                                                     num_warmup_iters=self.warmup, allow_unused_input=True, pool=self.pool)
+        return self.graphs[key](*args)
 
 # %% ../nbs/07_model.ipynb #f570fae0
 def _official_side(official_path:str, preset:str):

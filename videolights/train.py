@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx, window_to_clip_ids
 from .config import VLConfig, get_preset, PRESETS
 from .data import VLDataset, collate, read_records, load_jsonl, keep_freed_memory
-from .model import build_model
+from .model import build_model, GraphedInference, GraphedTraining
 from .loss import build_criterion
 from .metrics import eval_submission
 from .synth import synth
@@ -330,12 +330,25 @@ class Evaluator:
                  split:str='val', batch_size:int|None=None, num_workers:int=0, pin_memory:bool=False):
         self.ds, self.cfg, self.collate_fn, self.metrics_fn, self.gt, self.split = dataset, cfg, collate_fn, metrics_fn, gt, split
         self.bs, self.nw, self.pin = batch_size or hp(cfg, 'eval_bsz'), num_workers, pin_memory
+        self.graphed = None  # the `GraphedInference` of the last `cuda_graphs` call: its graphs serve later evaluations
+
+    def _forward(self, model:nn.Module, device:torch.device, amp_dtype, cuda_graphs:bool)->Callable:
+        "The model, or its CUDA-graph replay (kept while the model and dtype stay the same)."
+        if not cuda_graphs: return model
+        if device.type != 'cuda':
+            warnings.warn(f"cuda_graphs: no CUDA device ({device}); the plain forward is used", stacklevel=3); return model
+        m = _unwrap(model)
+        g = self.graphed
+        if g is None or g.model is not m or g.amp_dtype != amp_dtype: self.graphed = GraphedInference(m, amp_dtype=amp_dtype)
+        return self.graphed
 
     @torch.no_grad()
     def predict(self, model:nn.Module, device:torch.device, di:DistInfo=DistInfo(),
-                amp_dtype:torch.dtype|None=None, progress:bool=True)->list[dict]:
+                amp_dtype:torch.dtype|None=None, progress:bool=True,
+                cuda_graphs:bool=False)->list[dict]: # replay the forward from CUDA graphs (`GraphedInference`, CUDA only)
         "Submission lines for the whole split, in dataset order, on every rank."
         was_training = model.training; model.eval()
+        fwd = self._forward(model, device, amp_dtype, cuda_graphs)
         sampler = EpochSampler(len(self.ds), shuffle=False, rank=di.rank, world_size=di.world_size)
         dl = DataLoader(self.ds, batch_size=self.bs, sampler=sampler, collate_fn=self.collate_fn,
                         num_workers=self.nw, pin_memory=self.pin, generator=torch.Generator().manual_seed(0))
@@ -343,16 +356,17 @@ class Evaluator:
         for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not (progress and di.is_main)):
             inputs = _to(inputs, device, True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(**inputs)
+                out = fwd(**inputs)
             lines += decode_predictions(out, metas, inputs['src_vid_mask'].cpu(), hp(self.cfg, 'clip_len'),
                                         getattr(self.cfg, 'max_ts', 150.), hp(self.cfg, 'dset_name'))
         model.train(was_training)
         pairs = sorted(_gather_list(list(zip(sampler.rank_indices(), lines)), di), key=lambda p: p[0])
         return [l for k, (i, l) in enumerate(pairs) if k == 0 or i != pairs[k - 1][0]]   # padding duplicates dropped
 
-    def __call__(self, model, device, di:DistInfo=DistInfo(), amp_dtype=None, progress=True)->tuple[dict|None, list]:
+    def __call__(self, model, device, di:DistInfo=DistInfo(), amp_dtype=None, progress=True,
+                 cuda_graphs:bool=False)->tuple[dict|None, list]:
         "`(metrics or None, submission)`; metrics are computed on rank 0 only."
-        sub = self.predict(model, device, di, amp_dtype, progress)
+        sub = self.predict(model, device, di, amp_dtype, progress, cuda_graphs)
         if self.metrics_fn is None or self.gt is None or not di.is_main: return None, sub
         return self.metrics_fn(sub, self.gt), sub
 
@@ -366,6 +380,8 @@ class RunOptions:
                                # default: on a GPU at these sizes a step is launch-bound, so bf16 saves memory, not time
                                # (slower on an H200); on a CPU with AVX512-BF16/AMX bf16 cuts the step by a third (nbs/90_bench)
     compile:bool=False         # torch.compile the model
+    cuda_graphs:bool=False     # CUDA only: replay the training step's forward/backward (`model.GraphedTraining`; one
+                               # process, no compile, grad_accum 1) and the evaluations (`model.GraphedInference`) from graphs
     grad_accum:int=1           # micro-batches per optimiser step
     num_workers:int|None=None  # DataLoader workers (None: cfg.num_workers)
     pin_memory:bool|None=None  # None: on when training on CUDA
@@ -431,6 +447,7 @@ def _write_json(obj, path:Path):
 # %% ../nbs/11_train.ipynb #d4e89c42
 def _unwrap(model:nn.Module)->nn.Module:
     model = getattr(model, '_orig_mod', model)                  # torch.compile
+    if isinstance(model, GraphedTraining): model = model.model  # CUDA graphs
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 def _checkpoint(model, optimizer, scheduler, scaler, state:TrainState, cfg, opts:RunOptions, rngs:list, metrics=None)->dict:
@@ -475,6 +492,10 @@ def load_weights(model:nn.Module, path:str|Path, strict:bool=True)->nn.Module:
 # %% ../nbs/11_train.ipynb #55914d2e
 def _wrap(model:nn.Module, opts:RunOptions, di:DistInfo, device:torch.device)->nn.Module:
     net = model
+    if opts.cuda_graphs and device.type == 'cuda':
+        why = [w for w, bad in (('DDP', di.enabled), ('--compile', opts.compile), ('grad_accum > 1', opts.grad_accum > 1)) if bad]
+        if why: warnings.warn(f"cuda_graphs: the training step stays eager with {', '.join(why)}; evaluations use graphs", stacklevel=2)
+        else: net = GraphedTraining(model)
     if di.enabled:   # find_unused_parameters: the official architecture has parameters without gradients (spec §12)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                                   find_unused_parameters=True)
@@ -566,7 +587,7 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
             state.epoch, state.batch = e + 1, 0
             metrics = None
             if evaluator is not None and ((e + 1) % eval_every == 0 or e + 1 == n_epoch):
-                metrics, sub = evaluator(model, device, di, amp_dtype, opts.progress)
+                metrics, sub = evaluator(model, device, di, amp_dtype, opts.progress, opts.cuda_graphs)
                 improved = di.is_main and _record_eval(out_dir, evaluator.split, sub, metrics, state, e, log, dset,
                                                        getattr(cfg, 'best_metric_weights', None))
                 if di.enabled:                                  # every rank learns the verdict of rank 0
@@ -767,6 +788,8 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'],
                    help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: float32)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--cuda-graphs', action='store_true', help='replay the training forward/backward and the evaluations from '
+                   'CUDA graphs (CUDA only; fewer kernel launches)')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimiser step')
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
     g.add_argument('--save-every', type=int, default=None, metavar='N', help='keep model_e{epoch:04d}.ckpt every N epochs '
@@ -811,7 +834,7 @@ def train_main(argv:list[str]|None=None)->int:
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
-    opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, grad_accum=a.grad_accum,
+    opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, cuda_graphs=a.cuda_graphs, grad_accum=a.grad_accum,
                       deterministic=a.deterministic, eval_split=ev.split, progress=not a.no_progress,
                       tensorboard=not a.no_tensorboard, save_every=a.save_every)
     info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
@@ -865,7 +888,8 @@ def load_model(ckpt:str|Path, device:str|torch.device='cpu')->tuple[nn.Module, V
     return model.to(device).eval(), cfg
 
 def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|None=None, device:str='auto',
-             batch_size:int|None=None, records:str|Path|None=None, progress:bool=True)->tuple[dict|None, list, Path]:
+             batch_size:int|None=None, records:str|Path|None=None, progress:bool=True,
+             cuda_graphs:bool=False)->tuple[dict|None, list, Path]:
     "Run `ckpt` on a split; write the submission (and metrics when labelled); return (metrics, submission, path)."
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
     ckpt = resolve_ckpt(ckpt)
@@ -874,7 +898,7 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     ds = build_dataset(cfg, data, split, records=records)
     ev = Evaluator(ds, cfg, collate, partial(official_metrics, dset_name=cfg.dset_name),
                    gt=ds.records if ds.load_labels else None, split=split, batch_size=batch_size)
-    metrics, sub = ev(model, dev, progress=progress)
+    metrics, sub = ev(model, dev, progress=progress, cuda_graphs=cuda_graphs)
     out = Path(out) if out else ckpt.parent
     out.mkdir(parents=True, exist_ok=True)
     path = out/f'hl_{split}_submission.jsonl'
@@ -896,9 +920,10 @@ def evaluate_main(argv:list[str]|None=None)->int:
     p.add_argument('--out', help='output folder (default: next to the checkpoint)')
     p.add_argument('--device', default='auto')
     p.add_argument('--batch-size', type=int, default=None)
+    p.add_argument('--cuda-graphs', action='store_true', help='replay the forward from CUDA graphs (CUDA only; fewer launches)')
     a = p.parse_args(argv)
     keep_freed_memory()
-    metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records)
+    metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records, cuda_graphs=a.cuda_graphs)
     print(f"wrote {len(sub)} predictions to {path}")
     if metrics is not None:
         print(format_brief(metrics.get('brief', metrics)))
