@@ -350,17 +350,22 @@ class GraphedInference:
 # %% ../nbs/07_model.ipynb #1a726990
 class _StaticForward(nn.Module):
     "The training forward with positional tensor inputs and `static_shapes=True` (what `make_graphed_callables` captures)."
-    def __init__(self, model:nn.Module): super().__init__(); self.model = model
+    def __init__(self, model:nn.Module, detach:tuple=()): super().__init__(); self.model, self.detach = model, detach
     def forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask):
-        return self.model(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask, static_shapes=True)
+        out = self.model(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask, static_shapes=True)
+        for d in [out] + out.get('aux_outputs', []):
+            for k in self.detach:
+                if k in d: d[k] = d[k].detach()
+        return out
 
 class GraphedTraining(nn.Module):
     "Training forward and backward replayed from CUDA graphs (`make_graphed_callables`), one pair per exact input shape."
     def __init__(self, model:nn.Module,  # a `VideoLights`, on the GPU
                  max_graphs:int=64,      # shapes captured at most; later new shapes run eagerly
-                 warmup:int=3):          # eager forward/backward runs before each capture
+                 warmup:int=3,           # eager forward/backward runs before each capture
+                 detach_outputs:tuple=('proj_vid_mem',)): # outputs no loss reads (spec §12 quirk 6)
         super().__init__()
-        self.model, self.max_graphs, self.warmup = model, max_graphs, warmup
+        self.model, self.max_graphs, self.warmup, self.detach = model, max_graphs, warmup, tuple(detach_outputs)
         self.graphs, self.pool, self.n_eager = {}, None, 0  # shape key -> graphed `_StaticForward`; shared memory pool
 
     def forward(self, src_txt:Tensor, src_txt_mask:Tensor, src_vid:Tensor, src_vid_mask:Tensor)->dict:
@@ -374,7 +379,7 @@ class GraphedTraining(nn.Module):
             if len(self.graphs) >= self.max_graphs: self.n_eager += 1; return self.model(**kw)
             if self.pool is None: self.pool = torch.cuda.graph_pool_handle()
             with torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False):
-                self.graphs[key] = torch.cuda.make_graphed_callables(_StaticForward(self.model), tuple(a.clone() for a in args),
+                self.graphs[key] = torch.cuda.make_graphed_callables(_StaticForward(self.model, self.detach), tuple(a.clone() for a in args),
                                                                      num_warmup_iters=self.warmup, allow_unused_input=True, pool=self.pool)
         return self.graphs[key](*args)
 
