@@ -200,15 +200,20 @@ def test_evaluator_with_cuda_graphs_matches_plain(tiny_data):
 
 @pytest.mark.parametrize('amp', [None, torch.bfloat16])
 def test_graphed_training_matches_eager(amp):
-    "Dropout off: AdamW steps through the graphed forward/backward give the eager losses, gradients and weights."
+    """Dropout off: AdamW steps through the graphed forward/backward give the eager losses, gradients and weight updates.
+    float32: against the default eager step (packed negative pass). bf16: against the eager step with the batched
+    negative pass, the same operators the graph holds; against the packed pass, bf16 rounding differs enough to flip a
+    Hungarian match by the third step (H200: an aux contrastive term 2.29 vs 2.19), which is not what this test is about."""
     from videolights.model import GraphedTraining
     from videolights.train import adamw, _float_outputs
-    cfg = get_preset('qvhighlights', **NO_DROP)
+    cfg = get_preset('qvhighlights', **NO_DROP, **({} if amp is None else dict(pack_neg_pass=False)))
     torch.manual_seed(0)
     eager = build_model(cfg).cuda().train()
     twin = copy.deepcopy(eager)
     graphed, crit = GraphedTraining(twin), build_criterion(cfg).cuda()
-    opt_e, opt_g = adamw(list(eager.parameters()), 1e-4, 1e-4), adamw(list(twin.parameters()), 1e-4, 1e-4)
+    lr = 1e-4
+    opt_e, opt_g = adamw(list(eager.parameters()), lr, 1e-4), adamw(list(twin.parameters()), lr, 1e-4)
+    start = torch.cat([p.detach().flatten() for p in eager.parameters()])
     lens = [(75, 20), (60, 32), (75, 9), (33, 14), (75, 25), (20, 8)]
     batches = [synth_batch(cfg, 6, seed=s, lengths=lens)[:2] for s in (0, 1)]  # same shape, new data: a replay
     batches += [synth_batch(cfg, 5, seed=2, lengths=lens[:5])[:2], synth_batch(cfg, 6, seed=3, lengths=lens)[:2]]
@@ -221,9 +226,10 @@ def test_graphed_training_matches_eager(amp):
             with torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None): out = m(**mi)
             ld = crit(_float_outputs(out), tg, 3)
             opt.zero_grad(set_to_none=True); total_loss(ld, crit.weight_dict).backward()
-            losses.append(ld)
-        for k in losses[0]:
-            a, b = float(losses[0][k]), float(losses[1][k])
+            losses.append({k: float(v.detach()) for k, v in ld.items()})
+        for k in crit.weight_dict:  # the weighted terms (not class_error, a count that one flipped query moves by 1/Nq)
+            if k not in losses[0]: continue
+            a, b = losses[0][k], losses[1][k]
             assert abs(a - b) <= tol * max(1., abs(a)), (step, k, a, b)
         ge = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
         gg = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None])
@@ -231,7 +237,12 @@ def test_graphed_training_matches_eager(amp):
         for m, opt in ((eager, opt_e), (twin, opt_g)):
             torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1); opt.step()
     assert len(graphed.graphs) == 2 and graphed.n_eager == 0
-    for a, b in zip(eager.parameters(), twin.parameters()): assert maxdiff(a, b) <= (1e-4 if amp is None else 1e-2)
+    # Adam divides by the gradient's running RMS, so a near-zero gradient that rounding flips moves a weight by up to
+    # ~lr per step either way: compare the whole update, and bound the largest difference by that
+    de = torch.cat([p.detach().flatten() for p in eager.parameters()]) - start
+    dg = torch.cat([p.detach().flatten() for p in twin.parameters()]) - start
+    assert float(torch.cosine_similarity(de, dg, 0)) > (0.999 if amp is None else 0.98), float(torch.cosine_similarity(de, dg, 0))
+    assert maxdiff(de, dg) <= 2 * lr * len(batches), maxdiff(de, dg)
 
 
 def test_cli_train_with_cuda_graphs(tiny_data, tmp_path):
