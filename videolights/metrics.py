@@ -274,12 +274,13 @@ def saliency_ap(scores:np.ndarray,  # (Q, C) predicted saliency; padding beyond 
     k, valid = np.arange(C), np.arange(C) < n_clips[:, None]                   # (C,), (Q, C)
     o = np.argsort(np.where(valid, -scores, np.inf), 1)                         # best first, pads last
     s = np.take_along_axis(scores, o, 1)                                        # (Q, C)
-    y = np.take_along_axis(labels, o[:, None, :], 2)                            # (Q, A, C) ranked labels
+    it = np.int16 if C < 2**15 else np.int64                                    # counts of at most C: exact, and less to move
+    y = np.take_along_axis(labels.astype(it), o[:, None, :], 2)                 # (Q, A, C) ranked 0/1 labels
     end = (valid & ((k == n_clips[:, None] - 1) | (s != np.roll(s, -1, 1))))[:, None, :]  # last of each tie run
-    tps = np.cumsum(y, 2); prec = tps / (k + 1.)                                # (Q, A, C)
+    tps = np.cumsum(y, 2, dtype=it); prec = tps / (k + 1.)                      # (Q, A, C); prec in float64
     interp = np.maximum.accumulate(np.where(end, prec, -np.inf)[..., ::-1], 2)  # reversed: low thresholds first
-    prev = np.maximum.accumulate(np.where(end, tps, 0.), 2)                     # tps at the last run end so far
-    inc = (end & (tps != np.concatenate([np.zeros((Q, A, 1)), prev[..., :-1]], 2)))[..., ::-1]
+    prev = np.maximum.accumulate(np.where(end, tps, it(0)), 2)                  # tps at the last run end so far
+    inc = (end & (tps != np.concatenate([np.zeros((Q, A, 1), it), prev[..., :-1]], 2)))[..., ::-1]
     cnt = inc.sum(-1).ravel()
     with np.errstate(invalid='ignore'): ap = (_rowsum(interp[inc], cnt) / cnt).reshape(Q, A)
     pos = labels.sum(2)                                                         # (Q, A)
