@@ -334,11 +334,12 @@ class GraphedInference:
         (B, lq), lv = src_txt.shape[:2], src_vid.shape[1]
         key = (B, bucket_len(lq, self.lq_buckets), bucket_len(lv, self.lv_buckets))
         new = dict(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask)
+        pad_to = {k: key[1 if 'txt' in k else 2] for k in new}  # each input's bucket length
         if self.device.type != 'cuda':  # no graphs: the same padded static forward, eagerly
-            inp = {k: F.pad(v, (0, 0) * (v.dim() - 2) + (0, key[1 if 'txt' in k else 2] - v.shape[1])) for k, v in new.items()}
+            inp = {k: F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad_to[k] - v.shape[1])) for k, v in new.items()}
             return _unpad(self._run(inp), lv, lq, {})
         if key not in self.graphs:
-            inp = {k: v.new_zeros((B, key[1 if 'txt' in k else 2]) + v.shape[2:]) for k, v in new.items()}  # (B, bucket, ...)
+            inp = {k: v.new_zeros((B, pad_to[k]) + v.shape[2:]) for k, v in new.items()}  # (B, bucket, ...)
             for k, v in new.items(): inp[k][:, :v.shape[1]].copy_(v)
             self.graphs[key] = (*self._capture(inp), inp)
         g, out, inp = self.graphs[key]
