@@ -10,8 +10,15 @@ STAMP   := $(VENV)/.installed
 NB_WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
+# The official code for the side-by-side checks (tools/official/setup.sh, `make official OFFICIAL_SRC=...`):
+# tests and tools read VIDEOLIGHTS_OFFICIAL / VIDEOLIGHTS_OFFICIAL_PY; set them, or keep a set-up in OFFICIAL_HOME.
+OFFICIAL_HOME ?= .official
+ifneq ($(wildcard $(OFFICIAL_HOME)/official/video_lights/model.py),)
+export VIDEOLIGHTS_OFFICIAL ?= $(abspath $(OFFICIAL_HOME)/official)
+export VIDEOLIGHTS_OFFICIAL_PY ?= $(abspath $(OFFICIAL_HOME)/venv/bin/python)
+endif
 
-.PHONY: install demo test test-nbs test-py clean-check export-check test-slow
+.PHONY: install demo test test-nbs test-py clean-check export-check test-slow official
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,5 +51,12 @@ test-py: install
 test: clean-check export-check test-nbs test-py
 
 test-slow: install
+	@echo "official checkout: $${VIDEOLIGHTS_OFFICIAL:-none (the side-by-side checks are skipped; see make official)}"
 	$(BIN)/nbdev_test --n_workers 1 --flags slow
 	$(BIN)/python -m pytest tests/ -q -m "slow or not slow" --runslow
+
+# a scratch copy of the official code + its environment in OFFICIAL_HOME (OFFICIAL_SRC: a git dir or URL of
+# github.com/dpaul06/VideoLights); nothing official is committed
+official:
+	@test -n "$(OFFICIAL_SRC)" || { echo "usage: make official OFFICIAL_SRC=GIT_DIR_OR_URL [OFFICIAL_HOME=DIR]"; exit 2; }
+	bash tools/official/setup.sh "$(OFFICIAL_SRC)" "$(OFFICIAL_HOME)"

@@ -8,9 +8,14 @@ import torch
 from videolights import bench
 from videolights.config import get_preset
 
-OFFICIAL = os.environ.get('VL_OFFICIAL', '/tmp/perf/official')
-HAVE_OFFICIAL = Path(OFFICIAL, 'video_lights', 'model.py').exists()
-needs_official = pytest.mark.skipif(not HAVE_OFFICIAL, reason=f'official checkout not at {OFFICIAL} (set VL_OFFICIAL)')
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'tools' / 'official'))
+import official_harness  # noqa: E402  (finds the official checkout through $VIDEOLIGHTS_OFFICIAL)
+OFFICIAL_MISSING = official_harness.missing()
+HAVE_OFFICIAL = OFFICIAL_MISSING is None
+OFFICIAL = str(official_harness.checkout()) if HAVE_OFFICIAL else None
+NOWHERE = str(Path(__file__).resolve().parent / 'no_such_checkout')
+needs_official = pytest.mark.skipif(not HAVE_OFFICIAL, reason=str(OFFICIAL_MISSING))
 
 
 def run_main(argv):
@@ -62,7 +67,7 @@ def test_infer_cli_and_peak_memory_child():
 
 
 def test_bad_arguments_exit_2():
-    assert run_main(['train-step', '--compare-official', '/nonexistent'])[0] == 2
+    assert run_main(['train-step', '--compare-official', NOWHERE])[0] == 2
     assert run_main(['infer', '--steps'])[0] == 2  # dangling extra option
     if not torch.cuda.is_available():
         rc, _, err = run_main(['infer', '--device', 'cuda'])
@@ -78,7 +83,7 @@ def test_all_gathers_every_benchmark_and_survives_a_failure(monkeypatch):
             return dict(ratio=2.0) if 'official' in kw and kw['official'] else dict(ok=True)
         return f
     monkeypatch.setattr(bench, 'BENCHES', {n: fake(n, n == 'predict') for n in bench.BENCHES})
-    rc, stdout, _ = run_main(['all', '--compare-official', OFFICIAL if HAVE_OFFICIAL else '/nonexistent'])
+    rc, stdout, _ = run_main(['all', '--compare-official', OFFICIAL if HAVE_OFFICIAL else NOWHERE])
     if not HAVE_OFFICIAL:
         assert rc == 2; return
     d = json.loads(stdout)

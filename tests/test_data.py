@@ -1,7 +1,7 @@
 """Tests of videolights.data that read every real annotation file, touch many files, run CLIs or the official code.
 
-The comparison with the official `StartEndDataset` runs only where the official checkout and its venv exist
-(/tmp/perf/official, /tmp/perf/venv; override with VL_OFFICIAL and VL_OFFICIAL_PY); otherwise it is skipped.
+The comparison with the official `StartEndDataset` runs only where the official checkout and its environment exist
+($VIDEOLIGHTS_OFFICIAL and $VIDEOLIGHTS_OFFICIAL_PY, made by tools/official/setup.sh); otherwise it is skipped.
 """
 import json, os, random, subprocess, sys, textwrap, warnings
 from pathlib import Path
@@ -17,10 +17,13 @@ from videolights.data import (DATASET_DEFAULTS, DataFormatError, FeatureNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data'
-OFFICIAL = Path(os.environ.get('VL_OFFICIAL', '/tmp/perf/official'))
-OFFICIAL_PY = Path(os.environ.get('VL_OFFICIAL_PY', '/tmp/perf/venv/bin/python'))
-OFFICIAL_TOOLS = Path(os.environ.get('VL_OFFICIAL_TOOLS', ROOT.parent / 'shared' / 'tools' / 'official'))
-HAVE_OFFICIAL = OFFICIAL.is_dir() and OFFICIAL_PY.exists() and (OFFICIAL_TOOLS / 'vl_official.py').exists()
+OFFICIAL_TOOLS = ROOT / 'tools' / 'official'
+sys.path.insert(0, str(OFFICIAL_TOOLS))
+import official_harness  # noqa: E402  (finds the official checkout through $VIDEOLIGHTS_OFFICIAL)
+OFFICIAL_MISSING = official_harness.missing(need_python=True)
+HAVE_OFFICIAL = OFFICIAL_MISSING is None
+OFFICIAL = official_harness.checkout()
+OFFICIAL_PY = official_harness.python()
 
 # ---------------------------------------------------------------------------------------------------------------
 # readers: every line of every real file
@@ -116,8 +119,8 @@ OFFICIAL_RUNNER = textwrap.dedent('''
     import numpy as np, torch
     cfg = json.loads(sys.argv[1])
     sys.path.insert(0, cfg["tools"])
-    import vl_official as V
-    off = V.load_official(cfg["official"])
+    import official_harness as H
+    off = H.load(cfg["official"])
     ds = off.dataset.StartEndDataset(cfg["dset_name"], cfg["data_path"], cfg["v_dirs"], cfg["q_dirs"],
                                      q_feat_type="last_hidden_state", max_q_l=32, max_v_l=cfg["max_v_l"],
                                      ctx_mode="video_tef", clip_len=cfg["clip_len"], max_windows=5,
@@ -176,7 +179,7 @@ def _subset_file(tmp_path, name, recs):
     return p
 
 
-@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason=str(OFFICIAL_MISSING))
 @pytest.mark.parametrize('pretrain', [False, True], ids=['qvh', 'pretrain'])
 def test_vldataset_matches_official_qvh(tmp_path, pretrain):
     val = read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')
@@ -211,7 +214,7 @@ def test_vldataset_matches_official_qvh(tmp_path, pretrain):
     assert all(len(s['spans']) <= 5 for s in tg['span_labels'])
 
 
-@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason=str(OFFICIAL_MISSING))
 def test_vldataset_matches_official_charades(tmp_path):
     tr = read_charades(DATA / 'charades_sta/charades_sta_train_tvr_format.jsonl')
     recs = list(tr[:24]) + [r for r in tr if r['duration'] > 80][:4]   # > 75 clips: truncated
@@ -228,7 +231,7 @@ def test_vldataset_matches_official_charades(tmp_path):
     assert ours[0]['src_vid'].shape[1] == 75
 
 
-@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official checkout / venv not available')
+@pytest.mark.skipif(not HAVE_OFFICIAL, reason=str(OFFICIAL_MISSING))
 def test_vldataset_matches_official_tvsum(tmp_path):
     tr = read_tvsum(DATA / 'tvsum/tvsum_train.jsonl')
     p = DATA / 'tvsum/tvsum_train.jsonl'

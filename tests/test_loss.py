@@ -3,6 +3,7 @@ brute-force cross-checks of every saliency/alignment term, the quirk fixes, grad
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from videolights.matcher import HungarianMatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / 'tests' / 'fixtures' / 'loss_official_qvh.pt'
-OFFICIAL = os.environ.get('VL_OFFICIAL', '/tmp/perf/official')
-OFFICIAL_TOOLS = os.environ.get('VL_OFFICIAL_TOOLS', '/work/shared/tools/official')
+sys.path.insert(0, str(ROOT / 'tools' / 'official'))
+import official_harness  # noqa: E402  (finds the official checkout through $VIDEOLIGHTS_OFFICIAL)
+OFFICIAL_MISSING = official_harness.missing()
 CASE_OVERRIDES = {'official': {}, 'no_hard_pos_neg': dict(hard_pos_neg_loss=False),
                   'no_mr_to_hd': dict(mr_to_hd_loss=False), 'tvsum_mode': dict(use_matcher=False)}
 
@@ -73,13 +75,11 @@ def test_fixture_detects_a_wrong_coefficient(fixture):
     assert not close(got['loss_saliency'], fx['losses']['official@e5']['loss_saliency'])
 
 
-@pytest.mark.skipif(not (os.path.isfile(os.path.join(OFFICIAL, 'video_lights', 'model.py'))
-                         and os.path.isfile(os.path.join(OFFICIAL_TOOLS, 'vl_official.py'))),
-                    reason='official VideoLights checkout not available')
+@pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
 def test_matches_live_official():
     spec = importlib.util.spec_from_file_location('check_official_loss', ROOT / 'tools' / 'check_official_loss.py')
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    assert mod.main(['--official', OFFICIAL, '--tools', OFFICIAL_TOOLS, '--epochs', '0', '5', '--seed', '11']) == 0
+    assert mod.main(['--epochs', '0', '5', '--seed', '11']) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

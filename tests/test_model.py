@@ -1,5 +1,5 @@
 """VideoLights model: equivalence with the official implementation, shapes, padding invariance, gradients."""
-import importlib.util, os, re
+import importlib.util, os, re, sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,9 @@ from videolights.model import build_model, random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / 'tests' / 'fixtures' / 'official_small.pt'
-OFFICIAL = os.environ.get('VL_OFFICIAL', '/tmp/perf/official')
+sys.path.insert(0, str(REPO / 'tools' / 'official'))
+import official_harness  # noqa: E402  (finds the official checkout through $VIDEOLIGHTS_OFFICIAL)
+OFFICIAL_MISSING = official_harness.missing()
 TOL = 1e-5
 torch.set_num_threads(1)
 
@@ -60,16 +62,12 @@ def test_fixture_detects_quirk_1():
     assert _maxdiff(out['saliency_scores'], fx['outputs']['saliency_scores']) > 1e-4
 
 
-_TOOLS = [REPO.parent / 'shared' / 'tools' / 'official', REPO / 'shared' / 'tools' / 'official', Path('/work/shared/tools/official')]
-HAVE_OFFICIAL = Path(OFFICIAL, 'video_lights', 'model.py').is_file() and any((d / 'vl_official.py').is_file() for d in _TOOLS)
-
-
-@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official code (or shared/tools/official/vl_official.py) not available')
+@pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
 @pytest.mark.parametrize('variant', ['sf_clip', 'sf_clip_blip'])
 def test_live_official_equivalence(variant):
     "Against the official code itself: outputs within 1e-5, equal parameter counts (10.40 M / 10.80 M)."
     chk = _checker()
-    vo, off = chk.official_lib(OFFICIAL)
+    vo, off = chk.official_lib()
     res = chk.check_variant(vo, off, variant, B=4, seed=1, grads=variant == 'sf_clip')
     assert max(res['diffs'].values()) <= TOL, res['diffs']
     assert res['params_official'] == res['params_ours'] == OFFICIAL_PARAMS[chk.PRESET[variant]]

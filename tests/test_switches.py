@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_overfit import real_batch  # noqa: E402  (the 3-sample batch in the real format)
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL = os.environ.get('VL_OFFICIAL', '/tmp/perf/official')
+sys.path.insert(0, str(REPO / 'tools' / 'official'))
+import official_harness  # noqa: E402  (finds the official checkout through $VIDEOLIGHTS_OFFICIAL)
+OFFICIAL_MISSING = official_harness.missing()
 torch.set_num_threads(1)
 
 
@@ -185,10 +187,6 @@ def test_returned_attention_maps_are_the_layers_maps(cmf, train):
 
 
 # ---------------------------------------------------------------- uni-CMF and no-FRA against the official code
-_TOOLS = [REPO.parent / 'shared' / 'tools' / 'official', REPO / 'shared' / 'tools' / 'official', Path('/work/shared/tools/official')]
-HAVE_OFFICIAL = Path(OFFICIAL, 'video_lights', 'model.py').is_file() and any((d / 'vl_official.py').is_file() for d in _TOOLS)
-
-
 def _checker():
     spec = importlib.util.spec_from_file_location('check_official_model', REPO / 'tools' / 'check_official_model.py')
     mod = importlib.util.module_from_spec(spec)
@@ -196,12 +194,12 @@ def _checker():
     return mod
 
 
-@pytest.mark.skipif(not HAVE_OFFICIAL, reason='official code (or shared/tools/official/vl_official.py) not available')
+@pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
 @pytest.mark.parametrize('kw', [dict(cmf='uni'), dict(fra=False)], ids=['uni_cmf', 'no_fra'])
 def test_live_official_ablation_variants(kw):
     "Table V 'bi' and 'fra' rows: the official T2V layer / no-FRA model with converted weights give our outputs to 1e-5."
     chk = _checker()
-    vo, off = chk.official_lib(OFFICIAL)
+    vo, off = chk.official_lib()
     res = chk.check_variant(vo, off, 'sf_clip', B=4, seed=3, grads=False, **kw)
     assert max(res['diffs'].values()) <= 1e-5, res['diffs']
     assert res['params_official'] == res['params_ours']

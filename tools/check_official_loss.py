@@ -1,6 +1,6 @@
 """Check that videolights' criterion gives the official VideoLights loss values on the same outputs and targets.
 
-    python tools/check_official_loss.py [--official /tmp/perf/official] [--epochs 0 5] [--B 4]
+    python tools/check_official_loss.py [--official CHECKOUT] [--epochs 0 5] [--B 4]
                                         [--save-fixture tests/fixtures/loss_official_qvh.pt] [--json OUT.json]
 
 For each QVHighlights variant (sf_clip, sf_clip_blip) the official model (random weights, train mode) runs on a
@@ -10,13 +10,18 @@ and ours (`videolights.loss.build_criterion` on the matching preset). Every loss
 matches of every decoder layer, the weight dicts, and the gradients of the weighted total w.r.t. every output
 tensor. Exit status 1 if anything differs by more than --tol (relative to max(1, |official value|)).
 
-No official code is in this file: it is imported at run time through the helpers of
-/work/shared/tools/official/vl_official.py (--tools). --save-fixture writes the detached outputs, targets,
-matches and official loss values (plain tensors, loadable with weights_only=True) for tests/test_loss.py.
+No official code is in this file: it is imported at run time from a scratch checkout (--official, else
+$VIDEOLIGHTS_OFFICIAL; made by tools/official/setup.sh) through tools/official/official_harness.py.
+--save-fixture writes the detached outputs, targets, matches and official loss values (plain tensors, loadable with
+weights_only=True) for tests/test_loss.py.
 """
 from __future__ import annotations
 import argparse, json, os, sys
+from pathlib import Path
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / 'official'))
+import official_harness as vo  # noqa: E402
 
 CASES = {  # name: (attributes set on the official criterion, VLConfig overrides for ours)
     'official': ({}, {}),
@@ -113,9 +118,8 @@ def compare_variant(off, vo, variant: str, epochs: list[int], B: int, seed: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog="example: OMP_NUM_THREADS=1 "
                                  "python tools/check_official_loss.py --epochs 0 5", formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--official', default='/tmp/perf/official', help='official checkout (setup_official.sh)')
-    ap.add_argument('--tools', default=os.environ.get('VL_OFFICIAL_TOOLS', '/work/shared/tools/official'),
-                    help='directory holding vl_official.py')
+    ap.add_argument('--official', default=None,
+                    help='official checkout (default: $VIDEOLIGHTS_OFFICIAL; tools/official/setup.sh)')
     ap.add_argument('--variants', nargs='+', default=['sf_clip', 'sf_clip_blip'], choices=list(PRESET))
     ap.add_argument('--epochs', nargs='+', type=int, default=[0, 5])
     ap.add_argument('--B', type=int, default=4)
@@ -124,9 +128,11 @@ def main(argv=None) -> int:
     ap.add_argument('--save-fixture', default=None, help='write outputs/targets/official losses here (torch.save)')
     ap.add_argument('--json', default=None, help='write the full report here')
     a = ap.parse_args(argv)
-    sys.path.insert(0, a.tools)
-    import vl_official as vo
-    off = vo.load_official(a.official)
+    try:
+        off = vo.load(a.official)
+    except FileNotFoundError as e:
+        print(f"check_official_loss: {e}", file=sys.stderr)
+        return 2
     reports, fixtures = [], {}
     for i, variant in enumerate(a.variants):
         rep, fx = compare_variant(off, vo, variant, a.epochs, a.B, a.seed + i, a.tol)

@@ -1,7 +1,7 @@
 """Check that `videolights.model.VideoLights` reproduces the official VideoLights model numerically.
 
-The official code is imported at run time from a scratch checkout (default /tmp/perf/official) through the helper
-library `shared/tools/official/vl_official.py`; no official code lives in this repository. For each variant the
+The official code is imported at run time from a scratch checkout (`--official`, else $VIDEOLIGHTS_OFFICIAL; made by
+`tools/official/setup.sh`) through `tools/official/official_harness.py`; no official code lives in this repository. For each variant the
 official model is built on CPU with random weights, its state dict is converted with
 `videolights.convert.load_official`, both models run in eval mode on the same batch (official collate, mixed
 lengths) and every output is compared. A gradient check (eval mode, random linear surrogate over the outputs)
@@ -25,9 +25,8 @@ sys.path.insert(0, str(REPO))
 from videolights.config import get_preset, VLConfig  # noqa: E402
 from videolights.convert import load_official, official_to_ours_key  # noqa: E402
 
-DEFAULT_OFFICIAL = '/tmp/perf/official'
-TOOL_DIRS = [REPO.parent / 'shared' / 'tools' / 'official', REPO / 'shared' / 'tools' / 'official',
-             Path('/work/shared/tools/official')]
+sys.path.insert(0, str(REPO / 'tools' / 'official'))
+import official_harness  # noqa: E402
 PRESET = {'sf_clip': 'qvhighlights_sf_clip', 'sf_clip_blip': 'qvhighlights'}
 KEYS = ['pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_neg', 'saliency_scores_mr',
         'proj_queries', 'proj_txt_mem', 'proj_vid_mem', 'src_vid', 'src_txt']
@@ -37,16 +36,9 @@ FIXTURE_CFG = dict(v_feat_types=('video',), v_feat_dims=(32,), t_feat_types=('te
                    blip_features=False, dim_feedforward=32, enc_layers=1, dec_layers=2, max_q_l=12, max_v_l=20)
 
 
-def official_lib(official: str = DEFAULT_OFFICIAL):
-    "The helper module `vl_official` and the imported official code (namespace)."
-    for d in TOOL_DIRS:
-        if (d / 'vl_official.py').is_file():
-            sys.path.insert(0, str(d))
-            break
-    else:
-        raise FileNotFoundError(f"vl_official.py not found in any of {[str(d) for d in TOOL_DIRS]}")
-    import vl_official
-    return vl_official, vl_official.load_official(official)
+def official_lib(official: str | None = None):
+    "The harness module and the imported official code (namespace); `official=None` reads $VIDEOLIGHTS_OFFICIAL."
+    return official_harness, official_harness.load(official)
 
 
 def official_model(vo, off, variant: str, extra=(), seed: int = 2018, cmf: str = 'bi', fra: bool = True):
@@ -89,8 +81,8 @@ VID_KEYS, TXT_KEYS = ('saliency_scores', 'saliency_scores_neg', 'saliency_scores
 
 def compare_outputs(o_off: dict, o_us: dict, inputs: dict | None = None) -> dict:
     """Max abs difference per output present in both. With `inputs`, per-clip / per-token outputs are compared on
-    valid positions only (the official outputs are not masked at padding, spec §12 quirk 3; there the values are
-    large, e.g. FRA rows carry log(1e-45), so float rounding grows with them)."""
+    valid positions only (the official model does not mask its per-clip and per-token outputs at padded positions, as
+    running it shows; there the values are large, e.g. FRA rows carry log(1e-45), so float rounding grows with them)."""
     a, b = _flat(o_off), _flat(o_us)
     out = {}
     for k in a:
@@ -208,7 +200,7 @@ def make_fixture(vo, off, path: str, B: int = 3, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 epilog=__doc__[__doc__.index('    python'):], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--official', default=DEFAULT_OFFICIAL)
+    p.add_argument('--official', default=None, help='official checkout (default: $VIDEOLIGHTS_OFFICIAL)')
     p.add_argument('--variants', nargs='+', default=['sf_clip', 'sf_clip_blip'], choices=list(PRESET))
     p.add_argument('--B', type=int, default=4)
     p.add_argument('--seed', type=int, default=0)
@@ -218,7 +210,11 @@ def main(argv=None) -> int:
     p.add_argument('--json', default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
-    vo, off = official_lib(a.official)
+    try:
+        vo, off = official_lib(a.official)
+    except FileNotFoundError as e:
+        print(f"check_official_model: {e}", file=sys.stderr)
+        return 2
     if a.save_fixture:
         print(json.dumps(make_fixture(vo, off, a.save_fixture)))
         return 0

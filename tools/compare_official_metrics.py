@@ -1,9 +1,9 @@
 """Fuzz `videolights.metrics` against the official evaluators (imported at run time, never copied here).
 
-    python tools/compare_official_metrics.py --official /tmp/mdetr [--videolights /tmp/perf/official] --n 2000
+    python tools/compare_official_metrics.py --official MOMENT_DETR_CHECKOUT [--videolights CHECKOUT] --n 2000
 
 `--official` is a folder holding Moment-DETR's `standalone_eval/` (QVHighlights protocol); `--videolights` one
-holding VideoLights' `standalone_eval/` (Charades protocol: R1 from 0.3, mIoU, dummy empty buckets). Both need
+holding VideoLights' `standalone_eval/` (default: $VIDEOLIGHTS_OFFICIAL) (Charades protocol: R1 from 0.3, mIoU, dummy empty buckets). Both need
 numpy and scikit-learn in the running interpreter. Random *awkward* submissions are generated (more than 10
 windows, unsorted windows, tied scores, windows past the video end, negative or reversed windows, reversed copies
 of GT windows, IoU exactly on a threshold, saliency lists shorter or longer than the video, duplicate qids, first
@@ -11,7 +11,7 @@ line without saliency), scored by both, and every key compared to 1e-6; for QVHi
 be byte-identical. Prints a JSON summary; exit status 1 on any mismatch.
 """
 from __future__ import annotations
-import argparse, contextlib, copy, io, json, sys, importlib, warnings
+import argparse, contextlib, copy, io, json, os, sys, importlib, tempfile, warnings
 from pathlib import Path
 import numpy as np
 
@@ -174,7 +174,9 @@ def run(official, videolights=None, n=1000, seed=0, verbose=False):
             stats['mismatches'].append(dict(case=c, charades=charades, diffs=bad[:5]))
             if verbose: print(c, bad[:5], file=sys.stderr)
             if len(stats['mismatches']) == 1:
-                Path('/tmp/metrics_fuzz_fail.json').write_text(json.dumps(dict(sub=sub, gt=gt)))
+                fail = Path(tempfile.gettempdir()) / 'metrics_fuzz_fail.json'
+                fail.write_text(json.dumps(dict(sub=sub, gt=gt)))
+                if verbose: print(f"first mismatching case written to {fail}", file=sys.stderr)
     stats['n_mismatches'] = len(stats['mismatches'])
     return stats
 
@@ -182,7 +184,8 @@ def run(official, videolights=None, n=1000, seed=0, verbose=False):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--official', required=True, help="folder holding Moment-DETR's standalone_eval/")
-    p.add_argument('--videolights', default=None, help="folder holding VideoLights' standalone_eval/ (Charades)")
+    p.add_argument('--videolights', default=os.environ.get('VIDEOLIGHTS_OFFICIAL'),
+                   help="folder holding VideoLights' standalone_eval/ (default: $VIDEOLIGHTS_OFFICIAL)")
     p.add_argument('--n', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--verbose', action='store_true')

@@ -1,13 +1,13 @@
 """Write tests/fixtures/metrics_*.json: numbers computed by the official evaluators (imported at run time).
 
-    python tools/make_metrics_fixtures.py --official /tmp/mdetr --videolights /tmp/perf/official
+    python tools/make_metrics_fixtures.py --official MOMENT_DETR_CHECKOUT --videolights VIDEOLIGHTS_CHECKOUT
 
 Run it with an interpreter that has numpy, scikit-learn and torch. The fixtures hold only qids, generator
 settings, small synthetic cases and the official metrics, so the tests can check our numbers without the
 official code.
 """
 from __future__ import annotations
-import argparse, contextlib, copy, io, json, sys, warnings
+import argparse, contextlib, copy, io, json, os, sys, warnings
 from pathlib import Path
 import numpy as np
 
@@ -79,7 +79,7 @@ def main(a):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--official', required=True)
-    p.add_argument('--videolights', default=None)
+    p.add_argument('--videolights', default=os.environ.get('VIDEOLIGHTS_OFFICIAL'), help='default: $VIDEOLIGHTS_OFFICIAL')
     p.add_argument('--n_real', type=int, default=40)
     p.add_argument('--n_fuzz', type=int, default=30)
     p.add_argument('--seed', type=int, default=123)
