@@ -108,7 +108,8 @@ def test_qvh_proxy_few_epochs(tmp_path):
 
 def _real_run(data, out, n_epoch=3, resume=False, on_step=None):
     from videolights.data import collate
-    from videolights.train import RunOptions, build_run, fit, synth_config
+    from videolights.train import RunOptions, fit
+    from videolights.runs import build_run, synth_config
     cfg = synth_config(data, n_epoch=n_epoch, bsz=4, eval_every=2, num_workers=0, max_v_l=75, seed=3)
     cfg, model, crit, tr, ev = build_run(cfg, data, 'val', verbose=False)
     fit(model, crit, tr, cfg, out, RunOptions(device='cpu', progress=False, tensorboard=False), collate, ev, resume, on_step)
@@ -131,7 +132,8 @@ def test_real_model_resume_is_exact(tiny_data, tmp_path):
 def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, monkeypatch):
     "Table V 'pt': --pretrained true without weights is a usage error; with --pretrain_ckpt / --init-from they are loaded."
     import torch
-    import videolights.train as T
+    import videolights.runs as T
+    from videolights.train import TrainState, load_checkpoint
     base = ['--preset', 'tiny', '--data', str(tiny_data), '--bsz', '4', '--num_workers', '0', '--max_v_l', '75', '--no-progress']
     r = vl('train', *base, '--out', tmp_path/'pt0', '--pretrained', 'true', timeout=120)
     assert r.returncode == 2 and '--pretrain_ckpt CKPT' in r.stderr, r.stderr
@@ -139,11 +141,11 @@ def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, mon
     r = vl('train', *base, '--out', tmp_path/'pt1', '--init-from', tmp_path/'missing.ckpt', timeout=120)
     assert r.returncode == 2 and 'missing.ckpt' in r.stderr, r.stderr
     assert T.train_main([*base, '--out', str(tmp_path/'src'), '--epochs', '1']) == 0
-    src = T.load_checkpoint(tmp_path/'src'/'model_latest.ckpt')['model']
+    src = load_checkpoint(tmp_path/'src'/'model_latest.ckpt')['model']
     seen = {}
     def fake_fit(model, *a, run_info=None, **kw):
         seen['w'], seen['info'] = {k: v.clone() for k, v in model.state_dict().items()}, run_info
-        return T.TrainState()
+        return TrainState()
     monkeypatch.setattr(T, 'fit', fake_fit)
     for flags in (['--pretrained', 'true', '--pretrain_ckpt', str(tmp_path/'src'/'model_latest.ckpt')],
                   ['--init-from', str(tmp_path/'src'/'model_latest.ckpt')]):
@@ -168,7 +170,7 @@ def test_tiny_preset_on_synthetic_data_sees_whole_videos(tiny_data, tmp_path):
 def test_pretrain_file_is_recognised_by_its_path_like_official(tiny_data, tmp_path):
     "An annotation path with 'pre_train' / 'subs_train' is pretraining data, with or without --pretrain (official rule)."
     import shutil
-    from videolights.train import build_dataset, synth_config
+    from videolights.runs import build_dataset, synth_config
     cfg = synth_config(tiny_data)
     for name, want in [('highlight_train_release.jsonl', False), ('pre_train.jsonl', True), ('qvh_subs_train.jsonl', True)]:
         if not (tiny_data/name).exists(): shutil.copy(tiny_data/'highlight_train_release.jsonl', tmp_path/name)

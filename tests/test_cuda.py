@@ -186,7 +186,7 @@ def test_graphed_inference_matches_eager(amp):
 
 def test_evaluator_with_cuda_graphs_matches_plain(tiny_data):
     "The evaluation loop with `cuda_graphs=True` writes the same submission as the plain forward."
-    from videolights.train import build_run
+    from videolights.runs import build_run
     cfg, m, _, _, ev = build_run(get_preset('tiny', max_v_l=75), tiny_data, train=False, verbose=False)
     m = m.cuda()
     a = ev.predict(m, torch.device('cuda'), progress=False)

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from videolights.train import (EpochSampler, Evaluator, NonFiniteLossError, RunOptions, TrainState, captions_to_pretrain,
-                               cpu_native_bf16, decode_predictions, fit, get_rng_state, load_checkpoint, parse_overrides,
-                               pretrain_data_main, save_checkpoint, selection_score, set_rng_state, set_seed)
+from videolights.train import (EpochSampler, Evaluator, NonFiniteLossError, RunOptions, TrainState, cpu_native_bf16,
+                               decode_predictions, fit, get_rng_state, load_checkpoint, save_checkpoint, selection_score,
+                               set_rng_state, set_seed)
+from videolights.experiments import captions_to_pretrain, pretrain_data_main
+from videolights.runs import parse_overrides
 
 
 # ---------------------------------------------------------------- toy model, criterion and data (real interfaces)
@@ -212,7 +214,7 @@ def test_cpu_bf16_autocast_trains_and_resumes_exactly(tmp_path):
 
 
 def test_cli_refuses_fp16_on_the_cpu_before_doing_any_work(tmp_path, capsys):
-    from videolights.train import train_main
+    from videolights.runs import train_main
     with pytest.raises(SystemExit) as e:
         train_main(['--preset', 'tiny', '--data', str(tmp_path/'no_data'), '--out', str(tmp_path/'run'), '--device', 'cpu',
                     '--amp', 'fp16', '--no-progress'])
@@ -292,8 +294,6 @@ def test_pretrain_data_cli(tmp_path):
 def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
     toy_run(tmp_path/'a', n_epoch=1)
     with pytest.raises(FileExistsError, match='already holds a run'): toy_run(tmp_path/'a', n_epoch=1)
-    from videolights.train import fit
-    import videolights.train as T
     set_seed(0)
     cfg = toy_cfg(n_epoch=1)
     fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(device='cpu', progress=False, tensorboard=False),
@@ -359,7 +359,7 @@ def test_cuda_graphs_without_cuda_warns_and_keeps_the_plain_forward(tmp_path):
     import warnings
     from videolights.config import get_preset
     from videolights.synth import synth
-    from videolights.train import build_run
+    from videolights.runs import build_run
     synth(tmp_path/'d', seed=0, size='tiny', progress=False)
     _, m, _, _, ev = build_run(get_preset('tiny', max_v_l=75), tmp_path/'d', train=False, verbose=False)
     a = ev.predict(m, torch.device('cpu'), progress=False)

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from videolights import visualize as viz
+from videolights import experiments as exps
 
 ROOT = Path(__file__).resolve().parents[1]
 GT = ROOT/'data/qvhighlights/highlight_val_release.jsonl'
@@ -42,7 +43,7 @@ def test_every_ablation_row_builds_a_config():
     from videolights.config import get_preset
     df = viz.paper_ablations(ROOT/'data/paper_ablations.csv')
     for r, s in df[df.table == 'V'].drop_duplicates('row')[['row', 'switches']].values:
-        over, notes = viz.ablation_overrides(viz.parse_switches(s))
+        over, notes = exps.ablation_overrides(viz.parse_switches(s))
         cfg = get_preset('tiny', **over)
         sw = viz.parse_switches(s)
         assert cfg.use_fra == bool(sw['fra']) and cfg.cmf == ('bi' if sw['bi'] else 'uni'), r
@@ -125,23 +126,23 @@ def test_ablate_cli_plot_only_and_errors(tmp_path, capsys):
     res = pd.DataFrame([dict(table='V', row=r, switches='', metric=m, value=v + s, seed=s, data='stub', note='')
                         for r, v in (('1', 20.), ('13', 30.)) for m in viz.METRICS for s in (0, 1)])
     res.to_csv(tmp_path/'results.csv', index=False)
-    assert viz.ablate_main(['--plot-only', str(tmp_path/'results.csv'), '--figdir', str(tmp_path)]) == 0
+    assert exps.ablate_main(['--plot-only', str(tmp_path/'results.csv'), '--figdir', str(tmp_path)]) == 0
     assert (tmp_path/'ablation_table_V.png').stat().st_size > 10_000
     assert '30.5' in capsys.readouterr().out                  # row 13 mean over seeds
-    with pytest.raises(SystemExit): viz.ablate_main(['--rows', '1'])   # --data missing
+    with pytest.raises(SystemExit): exps.ablate_main(['--rows', '1'])   # --data missing
     capsys.readouterr()
     for argv, msg in [(['--data', str(tmp_path/'nowhere')], '--data: '),                    # no such folder
                       (['--data', str(tmp_path), '--rows', '99'], 'unknown rows'),
                       (['--plot-only', str(tmp_path/'none.csv')], 'does not exist'),
                       (['--data', str(tmp_path), '--skip', ''], '--pretrain-ckpt')]:     # pt applied, no checkpoint
-        with pytest.raises(SystemExit) as e: viz.ablate_main(argv)
+        with pytest.raises(SystemExit) as e: exps.ablate_main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
     (tmp_path/'ann').mkdir()                                                               # no annotations there
-    assert viz.ablate_main(['--data', str(tmp_path/'ann'), '--rows', '1', '--epochs', '1', '--out', str(tmp_path/'o')]) == 1
+    assert exps.ablate_main(['--data', str(tmp_path/'ann'), '--rows', '1', '--epochs', '1', '--out', str(tmp_path/'o')]) == 1
     err = capsys.readouterr().err
     assert err.startswith('videolights ablate: error: ') and 'annotations' in err and 'Traceback' not in err
     with pytest.raises(ValueError, match='needs pretraining'):
-        viz.train_ablation_row(dict(pretrained=True), 0, tmp_path/'r', 'x')
+        exps.train_ablation_row(dict(pretrained=True), 0, tmp_path/'r', 'x')
 
 
 def _chromium():
@@ -171,7 +172,7 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     data, run = tmp_path/'data', tmp_path/'run'
     src = ("import matplotlib; matplotlib.rcParams['figure.dpi'] = 80\n"
            "from videolights.synth import synth\n"
-           "from videolights.visualize import explore, query_metrics, train_ablation_row\n"
+           "from videolights.visualize import explore, query_metrics\nfrom videolights.experiments import train_ablation_row\n"
            f"synth({str(data)!r}, seed=0, size='small', n_train=200, n_val=50, progress=False)\n"
            f"train_ablation_row({{}}, 0, {str(run)!r}, {str(data)!r}, epochs=8)\n"
            f"ui = explore({str(run)!r}, {str(data)!r})\n"
@@ -213,7 +214,7 @@ def tiny_synth(tmp_path_factory):
 
 def test_ablate_end_to_end_on_tiny_synth(tiny_synth, tmp_path, capsys):
     out, figs = tmp_path/'ablate', tmp_path/'figs'
-    rc = viz.ablate_main(['--data', str(tiny_synth), '--rows', '1,6', '--epochs', '2', '--seeds', '1',
+    rc = exps.ablate_main(['--data', str(tiny_synth), '--rows', '1,6', '--epochs', '2', '--seeds', '1',
                           '--out', str(out), '--figdir', str(figs)])
     assert rc == 0
     res = pd.read_csv(out/'results.csv', dtype={'row': str}, keep_default_na=False)

@@ -543,7 +543,6 @@ BENCHES = {
 MODULE_BENCHES = {  # each module's own benchmark (`--modules`): its own protocol and options
     'load': 'videolights.data:bench_load',
     'eval': 'videolights.metrics:bench_eval',
-    'train-step': 'videolights.train:bench_train_step',
     'infer': 'videolights.model:bench_infer',
     'predict': 'videolights.video:bench_predict',
 }
@@ -630,6 +629,7 @@ def main(argv:list[str]|None=None)->int:
     if a.name == 'profile': out['profile'] = profile_step(device=a.device, amp=a.amp, **kw)  # not part of `all`
     for n in names:
         try:
+            if a.modules and n not in MODULE_BENCHES: out[n] = dict(skipped='no module benchmark'); continue
             if a.modules:
                 f = _module_bench(n)
                 mk = dict(official_path=a.compare_official) if a.compare_official and 'official_path' in inspect.signature(f).parameters else {}

@@ -11,17 +11,17 @@ __all__ = ['COMMANDS', 'resolve', 'main']
 
 # %% ../nbs/95_cli.ipynb #c1c7a8d8
 COMMANDS = {
-    'demo':             ('videolights.train:demo_main',            'the main job: synth data → train → evaluate → figures'),
+    'demo':             ('videolights.experiments:demo_main',      'the main job: synth data → train → evaluate → figures'),
     'synth':            ('videolights.synth:synth_main',           'write a synthetic dataset (official layout + HDF5)'),
     'convert-features': ('videolights.data:convert_features_main', 'pack a feature folder into one HDF5 store'),
     'inspect':          ('videolights.data:inspect_main',          'summarise a dataset and plot its distributions'),
     'eval':             ('videolights.metrics:eval_main',          'score a submission file with the official metrics'),
-    'train':            ('videolights.train:train_main',           'train a model'),
-    'evaluate':         ('videolights.train:evaluate_main',        'run a checkpoint on a split, write a submission (+ metrics)'),
-    'pretrain-data':    ('videolights.train:pretrain_data_main',   'build synthetic pretraining data from per-clip captions'),
+    'train':            ('videolights.runs:train_main',            'train a model'),
+    'evaluate':         ('videolights.runs:evaluate_main',         'run a checkpoint on a split, write a submission (+ metrics)'),
+    'pretrain-data':    ('videolights.experiments:pretrain_data_main','build synthetic pretraining data from per-clip captions'),
     'extract':          ('videolights.video:extract_main',         'extract features from your own videos'),
     'predict':          ('videolights.video:predict_main',         'find moments for text queries in a video'),
-    'ablate':           ('videolights.visualize:ablate_main',      'train and evaluate the paper\'s ablation rows'),
+    'ablate':           ('videolights.experiments:ablate_main',    'train and evaluate the paper\'s ablation rows'),
     'bench':            ('videolights.bench:main',                 'benchmarks (load, eval, train-step, infer, predict, all)'),
 }
 

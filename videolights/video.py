@@ -487,7 +487,7 @@ def extract_main(argv:list[str]|None=None)->int:
 def _feature_groups(encs:dict, dset_name:str)->tuple[dict,dict]:
     "Video and text group names per encoder, as the training engine looks them up (`train.feature_dirs`)."
     from types import SimpleNamespace
-    from videolights.train import feature_dirs
+    from videolights.runs import feature_dirs
     names = list(encs)
     v, t = feature_dirs(SimpleNamespace(dset_name=dset_name, v_feat_types=names, t_feat_types=names))
     return dict(zip(names, v)), dict(zip(names, t))

@@ -4,29 +4,28 @@
 
 # %% ../nbs/12_visualize.ipynb #f5a4458b
 from __future__ import annotations
-import argparse, dataclasses, io, json, math, re, sys, time
+import io, json, math, re
 from pathlib import Path
 import numpy as np
 import pandas as pd
-import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 import torch
 from torch import Tensor
 from fastcore.basics import patch
 from .spans import span_cxw_to_xx, temporal_iou
-from .config import VLConfig, get_preset
 from .matcher import HungarianMatcher, match_cost, pad_target_spans
-from .data import collate, DataFormatError, keep_freed_memory
-from .train import RunOptions, build_dataset, build_run, fit, load_model, load_weights, synth_config, _to
+from .data import collate
+from .train import _to
+from .runs import build_dataset, load_model
 
 # %% auto #0
-__all__ = ['METRICS', 'SWITCHES', 'ABLATION_FIELDS', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency',
-           'top_clips', 'plot_saliency', 'attn_layers', 'attn_map', 'attn_families', 'plot_attention', 'relevance_map',
+__all__ = ['METRICS', 'SWITCHES', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency', 'top_clips',
+           'plot_saliency', 'attn_layers', 'attn_map', 'attn_families', 'plot_attention', 'relevance_map',
            'plot_decoder_attention', 'model_device', 'attribute', 'plot_attribution', 'plot_cost_matrix',
            'matching_cost', 'read_log', 'plot_training_curves', 'query_metrics', 'plot_query', 'Explorer',
            'token_labels', 'model_outputs_fn', 'load_run', 'explore', 'paper_ablations', 'parse_switches',
-           'plot_ablation', 'ablation_overrides', 'select_rows', 'ablate', 'train_ablation_row', 'ablate_main']
+           'plot_ablation']
 
 # %% ../nbs/12_visualize.ipynb #2aceae8c
 def load_jsonl_records(src, # a `.jsonl` path, a run folder holding `best_val_preds.jsonl`, or a list of dicts
@@ -452,7 +451,6 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
                      dataset, # `VLDataset` with the queries to explore
                     ):       # qid -> outputs dict of a batch of one, with 'attn'
     "A function running `model` on one query of `dataset`, with attention maps."
-    from videolights.data import collate
     index = {r['qid']: i for i, r in enumerate(dataset.records)}
     def fn(qid):
         if qid not in index: raise KeyError(f"qid {qid} is not in the dataset given to the explorer")
@@ -570,118 +568,3 @@ def plot_ablation(ours:pd.DataFrame|None, # tidy: table, row, metric, value, see
     fig.legend(*axs[0][0].get_legend_handles_labels(), loc='lower center', ncol=2, fontsize=7, bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     return fig
-
-# %% ../nbs/12_visualize.ipynb #d9843422
-ABLATION_FIELDS = dict(fra=('use_fra', bool), bi=('cmf', lambda v: 'bi' if v else 'uni'), bf=('blip_features', bool),
-                       pt=('pretrained', bool), hl=('hard_pos_neg_loss', bool), tcl=('mr_to_hd_loss', bool),
-                       scsl=('cos_sim_loss', bool), al=('align_loss', bool))
-
-def ablation_overrides(switches:dict, # paper switches of one row, e.g. {'fra': 1, 'bi': 0, ...}
-                       skip=('bf', 'pt'), # switches the data cannot express (recorded in the notes)
-                      )->tuple[dict,list[str]]: # (VLConfig overrides, notes about skipped switches)
-    "`VLConfig` overrides for one ablation row, and notes on the switches that were not applied."
-    over, notes, fields = {}, [], {f.name for f in dataclasses.fields(VLConfig)}
-    for k, v in switches.items():
-        if k not in ABLATION_FIELDS: notes.append(f'{k}={v} unknown switch'); continue
-        f, fn = ABLATION_FIELDS[k]
-        if f not in fields: raise KeyError(f"ABLATION_FIELDS[{k!r}] names {f!r}, which VLConfig does not have")
-        if k in skip: notes.append(f'{k}={v} not applied'); continue
-        over[f] = fn(v)
-    return over, notes
-
-# %% ../nbs/12_visualize.ipynb #9447576e
-def select_rows(paper:pd.DataFrame, spec:str='all', table:str='V')->list[str]:
-    "Row ids of `table` named by `spec` ('all' or a comma list such as '1,6,13')."
-    avail = list(dict.fromkeys(paper[paper.table == table].row))
-    if spec == 'all': return avail
-    rows = [r.strip() for r in spec.split(',') if r.strip()]
-    bad = [r for r in rows if r not in avail]
-    if bad: raise ValueError(f"--rows: unknown rows {bad} of table {table}; available: {','.join(avail)}")
-    return rows
-
-# %% ../nbs/12_visualize.ipynb #43b00ea4
-def ablate(train_fn, # (overrides:dict, seed:int, out_dir:Path) -> dict of metrics (official brief keys)
-           rows:list[str], paper:pd.DataFrame|None=None, seeds:int=1, out=None, # folder for per-run outputs and results.csv
-           data_label:str='synthetic proxy', table:str='V', skip=('bf', 'pt'))->pd.DataFrame:
-    "Train every row × seed and return tidy results: table, row, switches, metric, value, seed, data, note."
-    paper = paper_ablations() if paper is None else paper
-    sw = paper[paper.table == table].drop_duplicates('row').set_index('row').switches
-    recs, out = [], Path(out) if out is not None else None
-    for r in rows:
-        over, notes = ablation_overrides(parse_switches(sw[r]), skip)
-        for s in range(seeds):
-            m = train_fn(over, s, (out/f'row{r}_seed{s}') if out else None)
-            recs += [dict(table=table, row=r, switches=sw[r], metric=k, value=float(m[k]), seed=s, data=data_label,
-                          note='; '.join(notes)) for k in METRICS if k in m]
-    df = pd.DataFrame(recs)
-    if out is not None: out.mkdir(parents=True, exist_ok=True); df.to_csv(out/'results.csv', index=False)
-    return df
-
-# %% ../nbs/12_visualize.ipynb #b12a135b
-def train_ablation_row(overrides:dict, seed:int, out_dir, data:str, preset:str='tiny', epochs:int=3,
-                       progress:bool=False, pretrain_ckpt:str|None=None, # start pt=1 rows from these weights
-                       **extra)->dict: # best validation `brief` metrics
-    "Train one ablation row with `videolights.train` and return its best validation metrics."
-    if overrides.get('pretrained') and not pretrain_ckpt:
-        raise ValueError("this row needs pretraining (pt=1): pass pretrain_ckpt, or skip 'pt'")
-    over = dict(overrides, seed=seed, n_epoch=epochs, eval_every=max(1, epochs // 3), **extra)
-    if preset == 'tiny': over = dict(dict(lr=1e-3, num_workers=0, max_v_l=75), **over)
-    cfg = synth_config(data, preset, **over) if (Path(data)/'synth_info.json').is_file() else get_preset(preset, **over)
-    cfg, model, crit, tr_ds, ev = build_run(cfg, data, verbose=False)
-    if overrides.get('pretrained'): load_weights(model, pretrain_ckpt)
-    fit(model, crit, tr_ds, cfg, out_dir, RunOptions(progress=progress, tensorboard=False), collate, ev)
-    brief = json.loads((Path(out_dir)/f'best_{ev.split}_metrics.json').read_text())['brief']
-    return {k: v for k, v in brief.items() if k in METRICS}
-
-# %% ../nbs/12_visualize.ipynb #b2080c22
-def ablate_main(argv:list[str]|None=None)->int:
-    "CLI: train and evaluate the paper's ablation rows, write a tidy CSV and comparison figures."
-    ap = argparse.ArgumentParser(prog='videolights ablate', description=ablate_main.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog='''examples:
-  videolights ablate --data runs/demo/data --rows 1,3,5,6,7 --epochs 6 --seeds 2 --out runs/ablate
-  videolights ablate --data /data/qvh --preset qvhighlights --rows all --epochs 200 --seeds 3 \\
-      --skip '' --pretrain-ckpt runs/pt/model_best.ckpt --label "QVHighlights val"
-  videolights ablate --plot-only runs/ablate/results.csv    # redraw the figure from an earlier run
-
-Rows are Table V of the paper (data/paper_ablations.csv). Switches named in --skip are not applied and are
-recorded in the CSV's note column: on the synthetic proxy there are no BLIP-2 features (bf) and no pretraining
-checkpoint (pt). Outputs: OUT/results.csv (table,row,switches,metric,value,seed,data,note), one run folder per
-row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +- std over seeds).''')
-    ap.add_argument('--data', help='dataset folder (jsonl + features.h5 or features/): synthetic proxy or real features')
-    ap.add_argument('--rows', default='all', help="Table V rows: 'all' or a comma list, e.g. 1,6,13 (default all)")
-    ap.add_argument('--epochs', type=int, default=3, help='training epochs per run (default 3)')
-    ap.add_argument('--seeds', type=int, default=1, help='seeds per row, 0..K-1 (default 1)')
-    ap.add_argument('--preset', default='tiny', help='config preset (default tiny)')
-    ap.add_argument('--skip', default='bf,pt', help="switches not applied, comma list (default 'bf,pt'; '' = none)")
-    ap.add_argument('--pretrain-ckpt', help='weights to start pt=1 rows from (needed unless pt is skipped)')
-    ap.add_argument('--out', default='runs/ablate', help='output folder (default runs/ablate)')
-    ap.add_argument('--figdir', default='figures', help='figure folder (default figures)')
-    ap.add_argument('--label', default=None, help="which data the numbers come from, shown in the figure "
-                    "(default: 'synthetic proxy' for data written by videolights synth, else the data path)")
-    ap.add_argument('--plot-only', metavar='RESULTS_CSV', help='skip training, plot an existing results CSV')
-    a = ap.parse_args(argv)
-    keep_freed_memory()
-    paper = paper_ablations()
-    if a.plot_only:
-        if not Path(a.plot_only).is_file(): ap.error(f'--plot-only: {a.plot_only} does not exist')
-        res = pd.read_csv(a.plot_only, dtype={'row': str}, keep_default_na=False)
-    else:
-        if not a.data: ap.error('--data is required unless --plot-only is given')
-        if not Path(a.data).exists(): ap.error(f'--data: {a.data} does not exist')
-        try: rows = select_rows(paper, a.rows)
-        except ValueError as e: ap.error(str(e))
-        skip = tuple(x.strip() for x in a.skip.split(',') if x.strip())
-        if 'pt' not in skip and not a.pretrain_ckpt: ap.error("pt is applied (not in --skip): give --pretrain-ckpt")
-        proxy = (Path(a.data)/'synth_info.json').is_file()
-        label = f"{a.label or ('synthetic proxy' if proxy else str(a.data))}, {a.epochs} ep, {a.seeds} seed(s)"
-        fn = lambda over, seed, out: train_ablation_row(over, seed, out, a.data, a.preset, a.epochs,
-                                                        pretrain_ckpt=a.pretrain_ckpt)
-        try: res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)
-        except (FileNotFoundError, DataFormatError) as e:     # missing annotations/features, bad data: one line
-            print(f'videolights ablate: error: {e}', file=sys.stderr); return 1
-    Path(a.figdir).mkdir(parents=True, exist_ok=True)
-    fig = plot_ablation(res, paper, rows=list(dict.fromkeys(res.row)))
-    fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight'); plt.close(fig)
-    print(res.pivot_table(index='row', columns='metric', values='value', aggfunc='mean').round(2).to_string())
-    print(f"results: {Path(a.out)/'results.csv' if not a.plot_only else a.plot_only}; figure: {Path(a.figdir)/'ablation_table_V.png'}")
-    return 0
