@@ -12,7 +12,7 @@ import torch
 from .spans import window_to_clip_ids
 from .config import VLConfig, get_preset
 from .data import collate, load_jsonl, keep_freed_memory, DataFormatError
-from .train import RunOptions, fit, load_weights, config_dict, _write_json
+from .train import RunOptions, fit, load_weights, config_dict, bars_on, _write_json
 from .runs import build_run, synth_config, official_metrics, evaluate, parse_overrides
 from .synth import synth
 from .visualize import (METRICS, plot_training_curves, plot_timeline, plot_saliency, gt_saliency, paper_ablations,
@@ -133,12 +133,12 @@ DEMO_RECIPE = dict(n_epoch=25, eval_every=5, lr=1e-3, bsz=16, eval_bsz=100, grad
                    max_v_l=75, max_q_l=32, input_dropout=0.1, hard_pos_neg_loss=False)
 DEMO_KEYS = ('MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP', 'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1')
 
-def demo(out:str|Path='runs/demo', progress:bool=True, size:str='small', amp:str='off', **overrides)->dict:
+def demo(out:str|Path='runs/demo', progress:bool|None=None, size:str='small', amp:str='off', **overrides)->dict:
     "Synthetic data → train the tiny preset on CPU → evaluate → figures + metrics table vs random."
     import matplotlib.pyplot as plt
     t0, out = time.time(), Path(out)
     data, run, figs = out/'data', out/'run', out/'figures'
-    if not (data/'synth_info.json').is_file(): synth(data, seed=0, size=size, progress=progress)
+    if not (data/'synth_info.json').is_file(): synth(data, seed=0, size=size, progress=bars_on(progress))
     cfg = synth_config(data, **{**DEMO_RECIPE, **overrides})
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, 'val', verbose=False)
     fit(model, crit, tr_ds, cfg, run, RunOptions(device='cpu', amp=amp, progress=progress, tensorboard=False), collate, ev,
@@ -177,7 +177,7 @@ def demo_main(argv:list[str]|None=None)->int:
     except ValueError as e: p.error(str(e))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     keep_freed_memory()
-    s = demo(a.out, progress=not a.no_progress, amp=a.amp, **over)
+    s = demo(a.out, progress=False if a.no_progress else None, amp=a.amp, **over)
     ok_map, ok_hit = s['ratios']['MR-full-mAP'] >= 3, s['ratios']['HL-min-VeryGood-Hit1'] >= 2
     print((Path(a.out)/'metrics_table.md').read_text())
     print(f"learning check: MR mAP {s['ratios']['MR-full-mAP']:.1f}x random (need >= 3) {'ok' if ok_map else 'FAILED'}; "

@@ -210,7 +210,7 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
     g.add_argument('--save-every', type=int, default=None, metavar='N', help='keep model_e{epoch:04d}.ckpt every N epochs '
                    '(default: official, 50 or 10 on --pretrain data, plus every lr_drop epochs; 0: none)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars (default: bars only on a terminal)')
     g.add_argument('--no-tensorboard', action='store_true', help='no TensorBoard logs even if installed')
 
 def train_main(argv:list[str]|None=None)->int:
@@ -251,7 +251,7 @@ def train_main(argv:list[str]|None=None)->int:
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
     opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, cuda_graphs=a.cuda_graphs, grad_accum=a.grad_accum,
-                      deterministic=a.deterministic, eval_split=ev.split, progress=not a.no_progress,
+                      deterministic=a.deterministic, eval_split=ev.split, progress=False if a.no_progress else None,
                       tensorboard=not a.no_tensorboard, save_every=a.save_every)
     info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
                 train_records=tr_rec, eval_records=ev_rec)
@@ -304,7 +304,7 @@ def load_model(ckpt:str|Path, device:str|torch.device='cpu')->tuple[nn.Module, V
     return model.to(device).eval(), cfg
 
 def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|None=None, device:str='auto',
-             batch_size:int|None=None, records:str|Path|None=None, progress:bool=True,
+             batch_size:int|None=None, records:str|Path|None=None, progress:bool|None=None,
              cuda_graphs:bool=False)->tuple[dict|None, list, Path]:
     "Run `ckpt` on a split; write the submission (and metrics when labelled); return (metrics, submission, path)."
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)

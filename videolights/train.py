@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #a7259cec
 from __future__ import annotations
-import os, re, sys, json, math, time, random, shutil, dataclasses, warnings
+import os, re, sys, json, math, time, random, shutil, logging, dataclasses, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -20,11 +20,12 @@ from .spans import span_cxw_to_xx
 from .model import GraphedInference, GraphedTraining
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic',
-           'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda', 'init_distributed', 'EpochSampler', 'hp',
-           'adamw', 'build_optimizer', 'selection_score', 'decode_predictions', 'NonFiniteLossError', 'TrainState',
-           'span_norm_factor', 'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict',
-           'load_weights', 'fit']
+__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'set_seed', 'get_rng_state',
+           'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda',
+           'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
+           'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
+           'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'load_weights',
+           'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -256,13 +257,26 @@ def _global_span_norm(loss_dict:dict, targets, di:DistInfo)->dict:
     f = span_norm_factor(n, tot, di.world_size)
     return {k: v * f if SPAN_LOSS.match(k) else v for k, v in loss_dict.items()}
 
+# %% ../nbs/11_train.ipynb #097f76a1
+def is_terminal(stream=None, # default: sys.stderr, where tqdm draws
+               )->bool:
+    "Whether `stream` is a terminal, where a progress bar can redraw in place."
+    s = sys.stderr if stream is None else stream
+    try: return bool(s.isatty())
+    except (AttributeError, ValueError): return False
+
+def bars_on(progress:bool|None, # True: always, False: never, None: only on a terminal
+            di:DistInfo=DistInfo())->bool:
+    "Whether this process draws progress bars: rank 0 only, and by default only on a terminal."
+    return di.is_main and (is_terminal() if progress is None else bool(progress))
+
 # %% ../nbs/11_train.ipynb #d2f31f6e
 def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optimizer:torch.optim.Optimizer,
                     state:TrainState, device:torch.device, cfg, # `cfg` gives grad_clip
                     accum:int=1, # micro-batches per optimiser step
                     amp_dtype:torch.dtype|None=None, # autocast dtype, None = float32
                     scaler:torch.amp.GradScaler|None=None, # for fp16
-                    di:DistInfo=DistInfo(), progress:bool=True,
+                    di:DistInfo=DistInfo(), progress:bool|None=None, # bars: None = only on a terminal
                     on_step:Callable|None=None, # called as `on_step(state)` after each optimiser step
                     snapshot:Callable=get_rng_state, # RNG snapshot taken after each optimiser step
                    )->dict: # mean of each unweighted loss and `loss_overall` over the epoch
@@ -271,7 +285,7 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
     wd, clip = criterion.weight_dict, hp(cfg, 'grad_clip')
     sums, n, start = {}, 0, state.batch
     n_left = len(loader) if hasattr(loader, '__len__') else None
-    pbar = tqdm(loader, total=n_left, desc=f'epoch {state.epoch}', leave=False, disable=not (progress and di.is_main))
+    pbar = tqdm(loader, total=n_left, desc=f'epoch {state.epoch}', leave=False, disable=not bars_on(progress, di))
     for i, (inputs, targets, metas) in enumerate(pbar):
         b = start + i + 1                                           # micro-batches done after this one
         last = b % accum == 0 or i + 1 == n_left
@@ -331,7 +345,7 @@ class Evaluator:
 
     @torch.no_grad()
     def predict(self, model:nn.Module, device:torch.device, di:DistInfo=DistInfo(),
-                amp_dtype:torch.dtype|None=None, progress:bool=True,
+                amp_dtype:torch.dtype|None=None, progress:bool|None=None,
                 cuda_graphs:bool=False)->list[dict]: # replay the forward from CUDA graphs (`GraphedInference`, CUDA only)
         "Submission lines for the whole split, in dataset order, on every rank."
         was_training = model.training; model.eval()
@@ -340,7 +354,7 @@ class Evaluator:
         dl = DataLoader(self.ds, batch_size=self.bs, sampler=sampler, collate_fn=self.collate_fn,
                         num_workers=self.nw, pin_memory=self.pin, generator=torch.Generator().manual_seed(0))
         lines = []
-        for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not (progress and di.is_main)):
+        for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not bars_on(progress, di)):
             inputs = _to(inputs, device, True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = fwd(**inputs)
@@ -350,7 +364,7 @@ class Evaluator:
         pairs = sorted(_gather_list(list(zip(sampler.rank_indices(), lines)), di), key=lambda p: p[0])
         return [l for k, (i, l) in enumerate(pairs) if k == 0 or i != pairs[k - 1][0]]   # padding duplicates dropped
 
-    def __call__(self, model, device, di:DistInfo=DistInfo(), amp_dtype=None, progress=True,
+    def __call__(self, model, device, di:DistInfo=DistInfo(), amp_dtype=None, progress=None,
                  cuda_graphs:bool=False)->tuple[dict|None, list]:
         "`(metrics or None, submission)`; metrics are computed on rank 0 only."
         sub = self.predict(model, device, di, amp_dtype, progress, cuda_graphs)
@@ -378,7 +392,9 @@ class RunOptions:
     save_every:int|None=None   # epochs between model_e{epoch:04d}.ckpt copies; None: official (50, 10 on pretraining
                                # data, and every lr_drop epochs); 0: none
     tensorboard:bool=True      # log to RUN_DIR/tensorboard when tensorboard is installed
-    progress:bool=True         # tqdm bars
+    progress:bool|None=None    # tqdm bars: None = only when stderr is a terminal
+    console:bool=True          # the epoch lines also on stderr (when `logging` is not configured otherwise)
+    curves:bool=True           # draw RUN_DIR/training_curves.png when the run ends
 
 def cpu_native_bf16()->bool:
     "Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), without which bf16 is emulated (slow)."
@@ -407,29 +423,97 @@ def config_dict(cfg)->dict:
     d = asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
-class _Log:
-    "Append-only JSONL log plus optional TensorBoard, written by rank 0 only."
-    def __init__(self, out_dir:Path, on:bool, tb:bool):
-        self.path, self.on, self.tb = out_dir/'log.jsonl', on, None
-        if on and tb:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir/'tensorboard'))
-            except Exception: self.tb = None
-    def __call__(self, kind:str, epoch:int, values:dict, **extra):
-        if not self.on: return
-        with open(self.path, 'a') as f: f.write(json.dumps(dict(kind=kind, epoch=epoch, **extra, **values)) + '\n')
-        if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)): self.tb.add_scalar(f'{kind}/{k}', v, epoch)
-            self.tb.flush()
-
 def _write_json(obj, path:Path):
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'w') as f:
         if isinstance(obj, list): f.write(''.join(json.dumps(l) + '\n' for l in obj))
         else: json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+# %% ../nbs/11_train.ipynb #c4a39880
+LOG = logging.getLogger('videolights.train')   # the run's text report; configure it like any logger
+
+REPORT_METRICS = {'MR-full-R1@0.5': 'R1@0.5', 'MR-full-R1@0.7': 'R1@0.7', 'MR-full-mAP': 'mAP', 'MR-full-mIoU': 'mIoU',
+                  'HL-min-VeryGood-mAP': 'HL-mAP', 'HL-min-VeryGood-Hit1': 'HIT@1', 'mAP': 'mAP'}  # official key -> shown
+
+def _hms(s:float)->str:
+    m, s = divmod(int(round(s)), 60); h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+def epoch_line(train:dict, # the epoch's `log.jsonl` record: epoch, loss_overall and loss_* means, lr, time_s
+               n_epoch:int,
+               ev:dict|None=None, # the record of this epoch's evaluation (official `brief` keys, score, split), if any
+               best:tuple|None=None, # (best score, its epoch) so far
+               eta_s:float|None=None, # estimated seconds left
+              )->str:
+    "One line that says how an epoch went: losses, learning rate, time, evaluation and best so far."
+    e = train['epoch']
+    terms = ' '.join(f"{k[5:]} {v:.4g}" for k, v in train.items()
+                     if k.startswith('loss_') and k != 'loss_overall' and not re.search(r'_\d+$', k))
+    parts = [f"epoch {e} [{e + 1}/{n_epoch}]", f"loss {train['loss_overall']:.4f}" + (f" ({terms})" if terms else ''),
+             f"lr {train['lr']:.2e}", f"{train['time_s']:.1f} s"]
+    if ev is not None:
+        shown = dict.fromkeys(v for k, v in REPORT_METRICS.items() if k in ev)
+        vals = {v: ev[k] for k, v in reversed(REPORT_METRICS.items()) if k in ev}
+        parts.append(' '.join([ev.get('split', 'val')] + [f"{n} {vals[n]:.2f}" for n in shown] + [f"score {ev['score']:.2f}"]))
+    if best is not None and best[1] >= 0:
+        parts.append(f"best {best[0]:.2f} @ epoch {best[1]}" + (' *' if ev is not None and best[1] == e else ''))
+    if eta_s is not None and e + 1 < n_epoch: parts.append(f"eta {_hms(eta_s)}")
+    return ' | '.join(parts)
+
+# %% ../nbs/11_train.ipynb #6957cf46
+def _log_handlers(path:Path, # the run's train.log (appended to)
+                  console:bool, # also stderr, when logging has no handler for LOG
+                 )->list[logging.Handler]:
+    "Attach the run's handlers to `LOG` (INFO lines pass unless LOG's level was set by the user)."
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S')
+    hs = [logging.FileHandler(path, encoding='utf-8')]
+    if console and not LOG.hasHandlers(): hs.append(logging.StreamHandler(sys.stderr))
+    for h in hs: h.setFormatter(fmt); LOG.addHandler(h)
+    if LOG.level == logging.NOTSET: LOG.setLevel(logging.INFO)
+    return hs
+
+class _Log:
+    "The run's reports, by rank 0 only: `log.jsonl`, TensorBoard when installed, and text lines through `LOG`."
+    def __init__(self, out_dir:Path, on:bool, tb:bool, console:bool=True):
+        self.path, self.on, self.tb, self.last, self.handlers = out_dir/'log.jsonl', on, None, {}, []
+        if not on: return
+        if tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter   # needs the tensorboard package (extra [tb])
+                self.tb = SummaryWriter(str(out_dir/'tensorboard'))
+            except ImportError: self.tb = None
+        self.handlers = _log_handlers(out_dir/'train.log', console)
+    def __call__(self, kind:str, epoch:int, values:dict, **extra):
+        if not self.on: return
+        self.last[kind] = rec = dict(kind=kind, epoch=epoch, **extra, **values)
+        with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
+        if self.tb:
+            for k, v in rec.items():
+                if k != 'epoch' and isinstance(v, (int, float)): self.tb.add_scalar(f'{kind}/{k}', v, epoch)
+            self.tb.flush()
+    def info(self, msg:str, level:int=logging.INFO):
+        if self.on: LOG.log(level, msg)
+    def epoch(self, e:int, n_epoch:int, state, eta_s:float|None=None):
+        "The line of epoch `e`, from its records."
+        if not self.on: return
+        ev = self.last.get('eval')
+        best = (state.best_score, state.best_epoch) if state.best_epoch >= 0 else None
+        self.info(epoch_line(self.last['train'], n_epoch, ev if ev and ev['epoch'] == e else None, best, eta_s))
+    def close(self):
+        for h in self.handlers: LOG.removeHandler(h); h.close()
+        self.handlers = []
+        if self.tb: self.tb.close()
+
+def _write_curves(out_dir:Path, log:_Log)->Path|None:
+    "Draw RUN_DIR/training_curves.png from `log.jsonl` (the plotting module is imported here, when a run ends)."
+    try:
+        from videolights.visualize import plot_training_curves, plt
+        fig = plot_training_curves(out_dir)
+        fig.savefig(out_dir/'training_curves.png', dpi=100); plt.close(fig)
+        return out_dir/'training_curves.png'
+    except Exception as e:
+        log.info(f"no training_curves.png: {type(e).__name__}: {e}", logging.WARNING)
 
 # %% ../nbs/11_train.ipynb #d4e89c42
 def _unwrap(model:nn.Module)->nn.Module:
@@ -533,7 +617,8 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
     out_dir = Path(out_dir); log_on = di.is_main
     if not resume and (out_dir/'model_latest.ckpt').exists():
         if not overwrite: raise FileExistsError(f"{out_dir} already holds a run; resume it or choose another directory")
-        if di.is_main: (out_dir/'log.jsonl').unlink(missing_ok=True)
+        if di.is_main:
+            for n in ('log.jsonl', 'train.log'): (out_dir/n).unlink(missing_ok=True)
     if di.is_main: out_dir.mkdir(parents=True, exist_ok=True)
     if opts.deterministic: set_deterministic(True)
     model.to(device); criterion.to(device)
@@ -552,8 +637,12 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
     loader = _train_loader(train_ds, cfg, opts, di, device, collate_fn)
     bsz, seed, world = hp(cfg, 'bsz'), hp(cfg, 'seed'), di.world_size
     eval_every = opts.eval_every or hp(cfg, 'eval_every')
-    log = _Log(out_dir, log_on, opts.tensorboard)
+    log = _Log(out_dir, log_on, opts.tensorboard, opts.console)
     n_epoch, dset, max_es = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name'), hp(cfg, 'max_es_cnt')
+    log.info(f"{'resume' if resume else 'start'} {out_dir}: epochs {state.epoch}..{n_epoch - 1}, {len(train_ds)} training "
+             f"samples, batch {bsz} on {world} process(es), {device}" + (f", {opts.amp}" if amp_dtype else '') +
+             f"; logs: train.log, log.jsonl{', tensorboard/' if log.tb else ''}")
+    t_run, e_first = time.time(), state.epoch
     every = opts.save_every if opts.save_every is not None else 10 if getattr(train_ds, 'pretrain', False) else 50
     keep = lambda e: bool(every) and (e + 1) % every == 0 or opts.save_every is None and (e + 1) % hp(cfg, 'lr_drop') == 0
     stop = lambda: max_es != -1 and state.es_cnt > max_es   # official: -1 never stops
@@ -584,15 +673,20 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
                 if evaluator.gt is not None: state.es_cnt = 0 if improved else state.es_cnt + 1
             save('model_latest.ckpt', metrics)
             if keep(e): save(f'model_e{e:04d}.ckpt', metrics)
+            log.epoch(e, n_epoch, state, (time.time() - t_run) / (e + 1 - e_first) * (n_epoch - e - 1))
             if stop():
                 log('early_stop', e, dict(es_cnt=state.es_cnt, best_score=state.best_score, best_epoch=state.best_epoch))
-                if di.is_main: print(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
-                                     f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch {state.best_epoch}",
-                                     file=sys.stderr)
+                log.info(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
+                         f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch {state.best_epoch}")
+        curves = _write_curves(out_dir, log) if log.on and opts.curves and (out_dir/'log.jsonl').is_file() else None
+        log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}" + (f"; best score "
+                 f"{state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else '') +
+                 (f"; curves: {curves}" if curves else ''))
     except KeyboardInterrupt:
         save('model_latest.ckpt', rngs=[state.rng or snap()])
         if di.is_main: print(f"\ninterrupted at epoch {state.epoch}, micro-batch {state.batch}: saved "
                              f"{out_dir/'model_latest.ckpt'}; continue with --resume {out_dir}", file=sys.stderr)
         raise
+    finally: log.close()
     if di.enabled: dist.barrier()  # leave together: rank 0 may still be writing while the others would tear down
     return state
