@@ -129,10 +129,11 @@ def _textured(path, w, h, n=12, fps=5):
 
 @pytest.mark.parametrize('w,h,size', [(320, 180, 224), (180, 320, 224), (640, 480, 224), (96, 64, 32)])
 def test_pixels_equal_official_ffmpeg_chain(tmp_path, w, h, size):
-    "Our frames equal the official extractors' ffmpeg chain fps=1/c, scale (short side, bicubic), centre crop."
+    "Our frames equal the official extractors' ffmpeg chain fps=1/c, scale (short side, bicubic), centre crop, rgb24."
     p = _textured(tmp_path / 'v.mp4', w, h)
     nw, nh = (size, int(h * size / w)) if h >= w else (int(w * size / h), size)
-    chain = f'fps=fps=1/2,scale={nw}:{nh}:flags=bicubic,crop={size}:{size}:{int((nw - size) / 2)}:{int((nh - size) / 2)}'
+    chain = (f'fps=fps=1/2,scale={nw}:{nh}:flags=bicubic,crop={size}:{size}:{int((nw - size) / 2)}:{int((nh - size) / 2)}'
+             ',format=rgb24')  # the ffmpeg CLI's rgb24 output converts inside the graph
     with av.open(str(p)) as c:
         s = c.streams.video[0]; g = av.filter.Graph()
         nodes = [g.add_buffer(template=s)] + [g.add(*f.split('=', 1)) for f in chain.split(',')] + [g.add('buffersink')]
@@ -141,7 +142,7 @@ def test_pixels_equal_official_ffmpeg_chain(tmp_path, w, h, size):
         for fr in [*c.decode(s), None]:
             g.push(fr)
             while True:
-                try: ref.append(g.pull().to_ndarray(format='rgb24'))
+                try: ref.append(g.pull().to_ndarray())
                 except (av.error.BlockingIOError, av.error.EOFError): break
     ours = np.stack([c.frames[0] for c in V.sample_clip_frames(p, 2., 1, size)])
     assert ours.shape == (len(ref), size, size, 3)
@@ -180,10 +181,76 @@ def test_bad_videos(tmp_path):
         list(V.sample_clip_frames(nf))
 
 
-def test_slowfast_without_pytorchvideo():
-    import importlib.util
-    if importlib.util.find_spec('pytorchvideo') is not None: pytest.skip('pytorchvideo is installed')
-    with pytest.raises(ImportError, match='pip install pytorchvideo'): V.SlowFastEncoder('weights.pt')
+# --- official formats and samplers --------------------------------------------------------------------------------
+
+def test_slowfast_checkpoint_formats(tmp_path):
+    "Caffe2 .pkl (as released) and PyTorch checkpoints load the same weights; bad files fail naming the problem."
+    pkl = V.make_tiny_slowfast(tmp_path / 'sf.pkl', width=8, depths=(1, 2, 1, 1), seed=3)
+    sd, kw = V.slowfast_state_dict(pkl)
+    assert kw['width'] == 8 and kw['depths'] == (1, 2, 1, 1)
+    blobs = V.read_caffe2_pkl(pkl)
+    assert {V.caffe2_to_key(n) for n in blobs} - {None} == {k for k in sd if not k.endswith('num_batches_tracked')}
+    for n, v in blobs.items():
+        if (k := V.caffe2_to_key(n)): np.testing.assert_array_equal(sd[k].numpy(), v)
+    torch.save({'model_state': sd, 'epoch': 1}, tmp_path / 'sf.pyth')  # PySlowFast's own PyTorch format
+    a, b = V.SlowFastEncoder(pkl), V.SlowFastEncoder(tmp_path / 'sf.pyth')
+    x = torch.randint(0, 255, (2, 32, 64, 64, 3), dtype=torch.uint8)
+    assert a.video_dim == 8 * 32 + 32 and torch.equal(a.encode_frames(x), b.encode_frames(x))
+    import pickle
+    bad = dict(blobs); bad['conv1_w'] = np.zeros((3, 3), np.float32)
+    (tmp_path / 'shape.pkl').write_bytes(pickle.dumps({'blobs': bad}, protocol=2))
+    with pytest.raises(ValueError, match=r's1.pathway0_stem.conv.weight has shape \(3, 3\)'): V.SlowFastEncoder(tmp_path / 'shape.pkl')
+    bad = {k: v for k, v in blobs.items() if k != 'res3_0_branch2b_w'}
+    (tmp_path / 'miss.pkl').write_bytes(pickle.dumps({'blobs': bad}, protocol=2))
+    with pytest.raises(ValueError, match='missing 1 SlowFast weights'): V.SlowFastEncoder(tmp_path / 'miss.pkl')
+    (tmp_path / 'unknown.pkl').write_bytes(pickle.dumps({'blobs': {**blobs, 'fc9_w': np.zeros(1)}}, protocol=2))
+    with pytest.raises(KeyError, match="unknown Caffe2 blob 'fc9_w'"): V.SlowFastEncoder(tmp_path / 'unknown.pkl')
+
+
+def _hero_brute(frame_t, end, duration, fps, clip_len):
+    "HERO's SlowFast clips by brute force: all fps=30 slots, padded, cut, ceil(T/c) kept, HERO's 32 indices."
+    n = max(1, math.floor(end * 30 + 0.5 + 1e-9))
+    slots = _last_before(frame_t, (np.arange(n) + 0.5) / 30)
+    slots += [slots[-1]] * (-len(slots) % 30)
+    secs = len(slots) // 30
+    p = Fraction(clip_len).numerator
+    for _ in range(-secs % p): slots += slots[-30:]
+    per = int(clip_len * 30)
+    clips = [slots[i:i + per] for i in range(0, len(slots), per)][:math.ceil(duration / clip_len)]
+    idx = np.clip(np.floor(np.linspace(0, 64 * math.floor(fps) / 30 - 1, 32)), 0, per - 1).astype(int)
+    return [[c[j] for j in idx] for c in clips]
+
+
+@pytest.mark.parametrize('duration,fps,clip_len', [(5, 30, 2.), (7.3, 25, 2.), (4.9, 10, 2.), (6, 24, 1.), (3.1, 30, 1.5)])
+def test_hero_clips_brute_force(tmp_path, duration, fps, clip_len):
+    p = V.make_test_video(tmp_path / 'v.mp4', duration, fps, size=(32, 24))
+    got = [V.frame_index_of(c.frames).tolist() for c in V.hero_clip_frames(p, clip_len, size=16)]
+    n = int(round(duration * fps))
+    assert got == _hero_brute(np.arange(n) / fps, n / fps, n / fps, fps, clip_len)
+
+
+def test_short_video_frame_rate_rule(tmp_path, encoders):
+    "Under clip_len + 0.1 s the official CLIP/BLIP reader asks FFmpeg for 2/max(int(T), 1) fps."
+    p = V.make_test_video(tmp_path / 'v.mp4', 1.6, 10, size=(32, 24))
+    feats = V.extract_video(p, {'clip': encoders['clip']})
+    assert feats['clip_features'].shape[0] == 3  # round(1.6 * 2)
+    long = V.make_test_video(tmp_path / 'w.mp4', 2.2, 10, size=(32, 24))
+    assert V.extract_video(long, {'clip': encoders['clip']})['clip_features'].shape[0] == 1
+
+
+def test_clip_official_text_rule(encoders):
+    "SOT + first 30 BPE tokens + EOT; as many states as non-zero ids (id 0 is '!' inside a punctuation run)."
+    c = encoders['clip']
+    ids = c.tokenizer.encode('a cat!! and a dog')
+    assert 0 in ids
+    assert c.encode_text(['a cat!! and a dog'])[0].shape[0] == len(ids) + 2 - ids.count(0)
+    assert [t.shape[0] for t in c.encode_text(['dog ' * 50, 'a cat'])] == [32, len(c.tokenizer.encode('a cat')) + 2]
+
+
+def test_blip_caption_cleaning(encoders):
+    b = encoders['blip']
+    a, c = b.encode_text(['The dog (brown) runs.', 'the dog brown runs'])
+    torch.testing.assert_close(a, c)
 
 
 def test_require_says_what_to_install(monkeypatch):
