@@ -529,3 +529,65 @@ def test_predictor_compile_option(tmp_path, monkeypatch):
     assert seen == []
     pr = V.VideoLightsPredictor(model, cfg, {'clip': clip}, compile=True)
     assert seen == [False] and pr.model is model
+
+
+# --- the published checkpoints' configurations ----------------------------------------------------------------------
+
+def _official_ckpt(path, dset='hl', clip_length=2, blip=True):
+    "A random checkpoint in the official format (official names + argparse opt) with the published input widths."
+    import argparse
+    from videolights.convert import to_official_state_dict, config_from_opt
+    vdirs = ['f/slowfast_features', 'f/clip_features'] + ['f/blip_video_features'] * blip
+    tdirs = ['f/clip_text_features'] + ['f/blip_text_features'] * blip
+    opt = argparse.Namespace(dset_name=dset, ctx_mode='video_tef', v_feat_dim=2304 + 512 + 768 * blip + 2,
+                             t_feat_dim=512 + 768 * blip, hidden_dim=32, nheads=4, dim_feedforward=64, bicmf_layers=1,
+                             enc_layers=1, dec_layers=1, num_queries=5, clip_length=clip_length, max_q_l=32, max_v_l=75,
+                             v_feat_dirs=vdirs, t_feat_dirs=tdirs)
+    torch.manual_seed(0)
+    torch.save(dict(model=to_official_state_dict(build_model(config_from_opt(opt))), opt=opt, epoch=1), path)
+    return path
+
+
+def test_predict_cli_official_formats(tmp_path, capsys):
+    "predict with a SlowFast .pkl and an OpenAI-format CLIP folder (our checkpoint format, toy widths)."
+    sf, oc = V.make_tiny_slowfast(tmp_path / 'sf.pkl'), V.make_tiny_openai_clip(tmp_path / 'clip')
+    cfg = get_preset('tiny', v_feat_types=('slowfast', 'clip'), v_feat_dims=(288, 32), t_feat_types=('clip',),
+                     t_feat_dims=(64,), max_v_l=16, max_q_l=32)
+    torch.manual_seed(0)
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), tmp_path / 'run' / 'model_best.ckpt')
+    p = V.make_test_video(tmp_path / 'v.mp4', 9, 5, size=(32, 24))
+    rc = cli_main(['predict', str(p), '-q', 'the dog runs', '--ckpt', str(tmp_path / 'run'), '--slowfast-model', str(sf),
+                   '--clip-model', str(oc / 'model.pt'), '--json', str(tmp_path / 'p.jsonl'), '--device', 'cpu'])
+    assert rc == 0
+    rec = json.loads((tmp_path / 'p.jsonl').read_text())
+    assert len(rec['pred_saliency_scores']) == 5  # SlowFast ceil(9/2) = 5, CLIP round(4.5) = 5
+
+
+def test_predict_official_width_mismatch_is_one_line_before_the_video(tmp_path, capsys):
+    ck = _official_ckpt(tmp_path / 'off.ckpt', blip=True)
+    rc = cli_main(['predict', str(tmp_path / 'never_read.mp4'), '-q', 'a dog', '--ckpt', str(ck),
+                   '--slowfast-model', str(V.make_tiny_slowfast(tmp_path / 'sf.pkl')),
+                   '--clip-model', str(V.make_tiny_openai_clip(tmp_path / 'clip')),
+                   '--blip-model', str(V.make_tiny_blip2(tmp_path / 'blip')), '--device', 'cpu'])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert 'trained on video slowfast(2304) + clip(512) + blip(768) and text clip(512) + blip(768)' in err
+    assert 'never_read.mp4' not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dset,clip_length,blip', [('hl', 2, False), ('hl', 2, True), ('charadesSTA', 1, True)])
+def test_predict_published_configurations(tmp_path, dset, clip_length, blip):
+    "Official-format checkpoints with the published widths run end to end on toy encoders of those widths."
+    ck = _official_ckpt(tmp_path / 'off.ckpt', dset, clip_length, blip)
+    sf = V.make_tiny_slowfast(tmp_path / 'sf.pkl', width=64, depths=(1, 1, 1, 1))  # 2048 + 256
+    oc = V.make_tiny_openai_clip(tmp_path / 'clip', width=512, embed=512)
+    argv = ['predict', str(V.make_test_video(tmp_path / 'v.mp4', 4.4, 5, size=(64, 48))), '-q', 'the dog runs', '-q', 'a cat',
+            '--ckpt', str(ck), '--slowfast-model', str(sf), '--clip-model', str(oc), '--json', str(tmp_path / 'p.jsonl'),
+            '--device', 'cpu']
+    if blip: argv += ['--blip-model', str(V.make_tiny_blip2(tmp_path / 'blip', dim=768))]
+    assert cli_main(argv) == 0
+    recs = [json.loads(l) for l in (tmp_path / 'p.jsonl').read_text().splitlines()]
+    n = 2 if clip_length == 2 else 4  # CLIP round(4.4/2) = 2, SlowFast ceil = 3 -> 2; at 1 s: round 4, ceil 5 -> 4
+    assert [len(r['pred_saliency_scores']) for r in recs] == [n, n]
+    assert all(0 <= w[0] <= w[1] <= 4.4 for r in recs for w in r['pred_relevant_windows'])
