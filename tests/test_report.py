@@ -96,3 +96,98 @@ def test_no_tensorboard_option_and_bars_on_request(tiny_data, tmp_path):
             collate, ev)
     assert '\r' in err.getvalue() and 'epoch 0' in err.getvalue()          # tqdm redraws: asked for
     assert not (tmp_path/'r'/'tensorboard').exists() and not (tmp_path/'r'/'training_curves.png').exists()
+
+
+# ---------------------------------------------------------------- --config, --print-config, --help-config
+FLAGS = ['--preset', 'tiny', '--lr', '2e-3', '--epochs', 2, '--bsz', 4, '--eval_every', 1, '--num_workers', 0,
+         '--max_v_l', 75, '--hidden_dim', 16, '--v_feat_types', 'slowfast,clip', '--hard_pos_neg_loss', 'false']
+YAML = """\
+preset: tiny
+lr: 2e-3              # YAML 1.1 reads this as a string: typed like a flag
+epochs: 2             # an alias, as on the command line
+bsz: 4
+eval_every: 1
+num_workers: 0
+max_v_l: 75
+hidden_dim: 16
+v_feat_types: [slowfast, clip]
+hard_pos_neg_loss: false
+"""
+
+
+def print_config(capsys, *args):
+    from videolights.runs import train_main
+    capsys.readouterr()
+    assert train_main([*map(str, args), '--print-config']) == 0
+    return capsys.readouterr().out
+
+
+def test_config_file_equals_the_same_flags(tiny_data, tmp_path, capsys):
+    "Same resolved config (--print-config) and the same run (bit-identical weights) from flags, YAML and JSON."
+    import torch
+    from videolights.train import load_checkpoint
+    (tmp_path/'c.yaml').write_text(YAML)
+    (tmp_path/'c.json').write_text(json.dumps(dict(preset='tiny', lr=2e-3, n_epoch=2, bsz=4, eval_every=1, num_workers=0,
+                                                   max_v_l=75, hidden_dim=16, v_feat_types=['slowfast', 'clip'],
+                                                   hard_pos_neg_loss=False)))
+    ways = dict(flags=FLAGS, yaml=['--config', tmp_path/'c.yaml'], json=['--config', tmp_path/'c.json'])
+    printed = {k: print_config(capsys, '--data', tiny_data, *v) for k, v in ways.items()}
+    assert printed['flags'] == printed['yaml'] == printed['json']
+    assert 'lr: 0.002  #' in printed['flags'] and 'hidden_dim: 16  #' in printed['flags']
+    (tmp_path/'printed.yaml').write_text(printed['flags'])                    # the printed config is a --config file
+    assert print_config(capsys, '--data', tiny_data, '--config', tmp_path/'printed.yaml') == printed['flags']
+    runs = {}
+    for k in ('flags', 'yaml'):
+        r = vl('train', '--data', tiny_data, *ways[k], '--out', tmp_path/k, '--no-progress')
+        assert r.returncode == 0, r.stderr
+        runs[k] = load_checkpoint(tmp_path/k/'model_latest.ckpt')
+    assert runs['flags']['config'] == runs['yaml']['config']
+    assert runs['flags']['config']['hidden_dim'] == 16 and runs['flags']['config']['lr'] == 2e-3
+    for n, w in runs['flags']['model'].items(): assert torch.equal(w, runs['yaml']['model'][n]), n
+    a, b = [json.loads((tmp_path/k/'best_val_metrics.json').read_text())['brief'] for k in ('flags', 'yaml')]
+    assert a == b
+
+
+def test_flags_override_the_config_file(tiny_data, tmp_path, capsys):
+    (tmp_path/'c.yaml').write_text(YAML.replace('v_feat_types: [slowfast, clip]\n', ''))
+    out = print_config(capsys, '--config', tmp_path/'c.yaml', '--lr', '5e-4', '--preset', 'qvhighlights')
+    assert 'preset: qvhighlights' in out and 'lr: 0.0005  #' in out and 'hidden_dim: 16  #' in out
+    assert 'enc_layers: 3  #' in out and 'max_v_l: 75  #' in out           # the rest from the flag's preset
+    (tmp_path/'c.yaml').write_text(YAML)                                     # the file's sources vs the preset's widths
+    r = vl('train', '--config', tmp_path/'c.yaml', '--preset', 'qvhighlights', '--print-config', timeout=120)
+    assert r.returncode == 2 and 'differ in length' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_config_file_mistakes_name_file_line_and_key(tiny_data, tmp_path, capsys):
+    from videolights.runs import train_main
+    bad = tmp_path/'bad.yaml'
+    for text, msg in [('lr: 1e-3\nhiden_dim: 16\n', 'bad.yaml:2: hiden_dim: unknown option or VLConfig field hiden_dim; '
+                                                     'did you mean hidden_dim'),
+                      ('bsz: 4\n\nuse_tef: maybe\n', "bad.yaml:3: use_tef: --use_tef: expected true/false, got 'maybe'"),
+                      ('bsz: 2.5\n', 'bad.yaml:1: bsz: expected an integer, got 2.5'),
+                      ('preset: qvh\n', "bad.yaml:1: preset: unknown preset 'qvh'"),
+                      ('- lr\n', 'bad.yaml: expected a mapping of VLConfig fields, got list'),
+                      ('lr: [1e-3\n', 'bad.yaml:2: not valid YAML')]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as e: train_main(['--data', str(tiny_data), '--config', str(bad), '--print-config'])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err, err
+    bad.write_text('v_feat_dims: 20,10\n')                                # a string is read as the flag's value would be
+    assert 'v_feat_dims: [20, 10]  #' in print_config(capsys, '--data', tiny_data, '--config', bad)
+
+
+def test_help_config_lists_every_field_with_type_default_and_meaning():
+    import dataclasses
+    from videolights.config import VLConfig, get_preset
+    from videolights.runs import config_docs
+    r = vl('train', '--help-config', '--preset', 'qvhighlights', timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith('  ')}
+    q, docs = get_preset('qvhighlights'), {d['name']: d for d in config_docs()}
+    for f in dataclasses.fields(VLConfig):
+        row = rows[f.name]
+        assert row.split()[1] == str(f.type).replace(' ', ''), row
+        assert docs[f.name]['doc'] and row.rstrip().endswith(docs[f.name]['doc']), row
+    assert rows['hidden_dim'].split()[2] == '256' and rows['enc_layers'].split()[2] == '3'   # the preset's values
+    heads = [l for l in r.stdout.splitlines() if l and not l.startswith(' ') and l.endswith(':')]
+    assert heads[:2] == ['data:', 'model:'] and 'losses:' in heads and 'training:' in heads and len(heads) == 6

@@ -24,18 +24,18 @@ class VLConfig:
     max_v_l: int = 32                     # max clips per video (75 QVH, 1000 TVSum)
     max_q_l: int = 16                     # max query tokens (32 QVH)
     max_windows: int = 5                  # max GT windows kept per query
-    v_feat_types: tuple = ('slowfast', 'clip')
-    t_feat_types: tuple = ('clip',)
+    v_feat_types: tuple = ('slowfast', 'clip') # video feature sources, in order (slowfast, clip, blip, i3d, ...)
+    t_feat_types: tuple = ('clip',)       # text feature sources, in order (clip, blip, ...)
     v_feat_dims: tuple = (16, 8)          # per-source video widths (before TEF)
     t_feat_dims: tuple = (12,)            # per-source text widths
     use_tef: bool = True                  # append 2 temporal-endpoint dims to the video
     normalize_v: bool = True              # L2-normalise each video source
     normalize_t: bool = True              # L2-normalise each text source
     blip_features: bool = False           # ablation 'bf': BLIP-2 added to both video and text sources
-    blip_dim: int = 768
-    train_path: str|None = None
-    eval_path: str|None = None
-    eval_split_name: str = 'val'
+    blip_dim: int = 768                   # width of the BLIP-2 source that blip_features adds
+    train_path: str|None = None           # training annotations (jsonl), when --data holds none
+    eval_path: str|None = None            # annotations of eval_split_name, when --data holds none
+    eval_split_name: str = 'val'          # split evaluated during training (Charades-STA: test)
     feat_root: str|None = None            # feature directory (official layout) or an .h5 store
     # --- model ---
     hidden_dim: int = 32                  # D (256 in the paper)
@@ -46,17 +46,17 @@ class VLConfig:
     fra_dropout: float = 0.1              # dropout inside FRA (hard-coded 0.1 officially)
     n_input_proj: int = 2                 # blocks in each input projection
     input_proj_kernel: int = 1            # temporal kernel of the 'convolutional' projection (1 officially)
-    bicmf_layers: int = 1
-    enc_layers: int = 1
+    bicmf_layers: int = 1                 # Bi-CMF (bi-directional cross-modal fusion) layers
+    enc_layers: int = 1                   # transformer encoder layers over the fused clips
     dec_layers: int = 2                   # K
     num_queries: int = 5                  # Nq (10)
-    activation: str = 'prelu'
+    activation: str = 'prelu'             # activation of the transformer FFNs
     pre_norm: bool = False                # only post-norm is implemented (as every official script)
     use_txt_pos: bool = False             # learned text positions (built but unused officially)
-    span_loss_type: str = 'l1'
-    query_scale_type: str = 'cond_elewise'
-    modulate_t_attn: bool = True
-    keep_query_pos: bool = False
+    span_loss_type: str = 'l1'            # span regression loss (only 'l1')
+    query_scale_type: str = 'cond_elewise' # decoder query scaling (only 'cond_elewise')
+    modulate_t_attn: bool = True          # decoder: width-modulated temporal attention
+    keep_query_pos: bool = False          # decoder: query positions in every cross-attention (else layer 0 only)
     use_fra: bool = True                  # ablation 'fra'
     cmf: str = 'bi'                       # ablation 'bi': 'bi' = Bi-CMF, 'uni' = text->video only (QD-DETR T2V)
     loss_outputs_eval: bool = False       # eval mode also computes the loss-only outputs (saliency_scores_neg/_mr)
@@ -74,59 +74,59 @@ class VLConfig:
     fix_hard_loss_ramp: bool = False      # (loss) bounded hard pos/neg weight instead of (epoch+1)*coef
     hard_loss_ramp_max: int = 10          # (loss) with fix_hard_loss_ramp: weight min(epoch+1, this) * coef
     # --- losses ---
-    aux_loss: bool = True
+    aux_loss: bool = True                 # losses on every decoder layer's outputs too (suffix _{i})
     use_matcher: bool = True              # False for TVSum (saliency losses only)
-    set_cost_span: float = 10.
-    set_cost_giou: float = 1.
-    set_cost_class: float = 4.
-    span_loss_coef: float = 10.
-    giou_loss_coef: float = 1.
-    label_loss_coef: float = 4.
-    eos_coef: float = 0.1
-    lw_saliency: float = 1.
-    saliency_margin: float = 0.2
-    rank_tau: float = 0.5
+    set_cost_span: float = 10.            # matcher: weight of the L1 span cost
+    set_cost_giou: float = 1.             # matcher: weight of the GIoU cost
+    set_cost_class: float = 4.            # matcher: weight of the foreground-probability cost
+    span_loss_coef: float = 10.           # weight of loss_span (L1 on (center, width))
+    giou_loss_coef: float = 1.            # weight of loss_giou
+    label_loss_coef: float = 4.           # weight of loss_label (foreground/background)
+    eos_coef: float = 0.1                 # weight of the background class in loss_label
+    lw_saliency: float = 1.               # weight of the saliency losses
+    saliency_margin: float = 0.2          # margin of the saliency hinge losses
+    rank_tau: float = 0.5                 # temperature of the saliency rank-contrastive loss
     contrastive_align_loss: bool = True   # NCE between matched queries and text tokens (+ projections)
-    contrastive_align_loss_coef: float = 0.2
-    contrastive_hdim: int = 64
-    temperature: float = 0.07
+    contrastive_align_loss_coef: float = 0.2 # weight of the query-text NCE loss
+    contrastive_hdim: int = 64            # width of the contrastive projections
+    temperature: float = 0.07             # NCE temperature
     align_loss: bool = True               # ablation 'al': clip-sentence cosine alignment loss
     cos_sim_loss: bool = True             # ablation 'scsl'
-    cos_sim_loss_coef: float = 1.
+    cos_sim_loss_coef: float = 1.         # weight of the 'scsl' loss
     mr_to_hd_loss: bool = True            # ablation 'tcl' (Uni-JFM branch + task-coupled loss)
-    mr_to_hd_loss_coef: float = 1.
+    mr_to_hd_loss_coef: float = 1.        # weight of the task-coupled 'tcl' loss
     hard_pos_neg_loss: bool = True        # ablation 'hl'
-    hard_pos_neg_loss_coef: float = 10.
+    hard_pos_neg_loss_coef: float = 10.   # weight of the 'hl' loss (times epoch+1 officially)
     # --- training ---
-    lr: float = 1e-4
-    wd: float = 1e-4
-    lr_drop: int = 400
+    lr: float = 1e-4                      # AdamW learning rate
+    wd: float = 1e-4                      # AdamW weight decay
+    lr_drop: int = 400                    # StepLR: epochs between learning-rate drops
     lr_gamma: float = 0.1                 # StepLR factor every lr_drop epochs
-    bsz: int = 32
-    eval_bsz: int = 100
-    n_epoch: int = 200
-    grad_clip: float = 0.1
-    seed: int = 2018
-    eval_every: int = 5
+    bsz: int = 32                         # global training batch (split over the processes)
+    eval_bsz: int = 100                   # evaluation batch
+    n_epoch: int = 200                    # training epochs
+    grad_clip: float = 0.1                # gradient-norm clipping (0: none)
+    seed: int = 2018                      # seed of every generator
+    eval_every: int = 5                   # epochs between evaluations (and after the last)
     num_workers: int = 0                  # DataLoader workers (4 in the paper presets)
     data_ratio: float = 1.                # share of the training data used (debugging)
-    results_root: str = 'results'
-    exp_id: str = 'exp'
+    results_root: str = 'results'         # official option, unused (runs go to train --out)
+    exp_id: str = 'exp'                   # official option, unused
     resume: str|None = None               # checkpoint to load (weights; + optimizer/epoch with resume_all)
-    resume_all: bool = False
-    max_es_cnt: int = 200
-    start_epoch: int|None = None
+    resume_all: bool = False              # official option, unused (train --resume restores everything)
+    max_es_cnt: int = 200                 # early stop after this many evaluations without a better score (-1: never)
+    start_epoch: int|None = None          # official option, unused
     pretrained: bool = False              # ablation 'pt': start from synthetic-pretraining weights
-    pretrain_ckpt: str|None = None
-    best_metric_weights: dict = field(default_factory=lambda: dict(BEST_WEIGHTS_HL))
+    pretrain_ckpt: str|None = None        # the weights pretrained=true starts from
+    best_metric_weights: dict = field(default_factory=lambda: dict(BEST_WEIGHTS_HL)) # selection-score weights
     # --- inference / post-processing ---
-    max_before_nms: int = 10
-    max_after_nms: int = 10
-    conf_thd: float = 0.
-    nms_thd: float = -1.
+    max_before_nms: int = 10              # official NMS option, unused (no NMS, as official)
+    max_after_nms: int = 10               # official NMS option, unused (no NMS, as official)
+    conf_thd: float = 0.                  # official option, unused
+    nms_thd: float = -1.                  # official NMS threshold, unused (-1 = no NMS, as official)
     max_ts: float|None = 150.             # predicted windows are clamped to [0, max_ts] s (official; None: duration)
     sort_results: bool = True             # rank predicted windows by score (official --no_sort_results turns it off)
-    device: str = 'cpu'
+    device: str = 'cpu'                   # official option, unused (train --device decides)
 
     def __post_init__(self): _post_init(self)  # defined below: BLIP sync + validation
 

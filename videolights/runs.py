@@ -4,13 +4,14 @@
 
 # %% ../nbs/11a_runs.ipynb #21f7e3d7
 from __future__ import annotations
-import os, sys, json, math, argparse, difflib, dataclasses
+import io, os, re, sys, ast, json, math, inspect, argparse, difflib, tokenize, textwrap, dataclasses
 from pathlib import Path
 from functools import partial
 from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+import yaml
 from .config import VLConfig, get_preset, PRESETS
 from .data import VLDataset, collate, read_records, keep_freed_memory
 from .model import build_model
@@ -23,8 +24,8 @@ from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptio
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
            'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'is_pretrain_path', 'has_labels',
            'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config', 'parse_overrides',
-           'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main',
-           'format_brief']
+           'config_docs', 'config_help', 'config_yaml', 'read_config', 'train_main', 'data_is_synth', 'init_checkpoint',
+           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief']
 
 # %% ../nbs/11a_runs.ipynb #7b23aa58
 SPLIT_FILES = {'hl': ['highlight_{split}_release.jsonl', 'qvhighlights/highlight_{split}_release.jsonl'],
@@ -164,6 +165,15 @@ def _convert(name:str, ann:str, v:str):
     if 'float' in ann: return float(v)
     return v
 
+def _field_name(k:str, dash:str='--')->str:
+    "The `VLConfig` field that `k` (a field or an alias) names; a close-match suggestion when there is none."
+    fields = [f.name for f in dataclasses.fields(VLConfig)]
+    k = CFG_ALIASES.get(k, k)
+    if k in fields: return k
+    near = difflib.get_close_matches(k, fields + list(CFG_ALIASES), n=3)
+    raise ValueError(f"unknown option or VLConfig field {dash}{k}" +
+                     (f"; did you mean {', '.join(dash + n for n in near)}?" if near else ''))
+
 def parse_overrides(args:list[str], # leftover command-line words, e.g. ['--lr', '2e-4', '--epochs=10']
                    )->dict:         # VLConfig field -> typed value
     "Turn `--field value` pairs into typed `VLConfig` overrides."
@@ -176,14 +186,91 @@ def parse_overrides(args:list[str], # leftover command-line words, e.g. ['--lr',
         if v is None:
             if i + 1 >= len(args): raise ValueError(f"--{k} needs a value")
             v, i = args[i + 1], i + 1
-        k = k.replace('-', '_'); k = CFG_ALIASES.get(k, k)
-        if k not in fields:
-            near = difflib.get_close_matches(k, list(fields) + list(CFG_ALIASES), n=3)
-            raise ValueError(f"unknown option or VLConfig field --{k}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else ''))
+        k = _field_name(k.replace('-', '_'))
         try: out[k] = _convert(k, fields[k], v)
         except ValueError as e: raise ValueError(f"--{k} {v!r}: {e}") from None
         i += 1
     return out
+
+# %% ../nbs/11a_runs.ipynb #f460a995
+def config_docs(cls=VLConfig)->list[dict]: # per field: name, type, default, doc, group
+    "Every field of a config dataclass with its type, default, the comment that documents it and its `# --- group ---`."
+    src = textwrap.dedent(inspect.getsource(cls))
+    notes = {t.start[0]: t.string.lstrip('#').strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+             if t.type == tokenize.COMMENT}
+    heads = {ln: m.group(1) for ln, c in notes.items() if (m := re.fullmatch(r'-{2,}\s*(.+?)\s*-{2,}', c))}
+    lines, fields, out = src.splitlines(), {f.name: f for f in dataclasses.fields(cls)}, []
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and getattr(node.target, 'id', None) in fields): continue
+        f, ln = fields[node.target.id], node.end_lineno
+        doc = [notes[ln]] if ln in notes and ln not in heads else []
+        while ln < len(lines) and ln + 1 in notes and ln + 1 not in heads and lines[ln].lstrip().startswith('#'):
+            ln += 1; doc.append(notes[ln])                                    # comment lines that continue it
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        group = next((heads[h] for h in sorted(heads, reverse=True) if h < node.lineno), '')
+        out.append(dict(name=f.name, type=str(f.type).replace(' ', ''), default=default, doc=' '.join(doc), group=group))
+    return out
+
+# %% ../nbs/11a_runs.ipynb #68656296
+def _short(v, n:int=22)->str:
+    s = json.dumps(v)
+    return s if len(s) <= n else s[:n - 3] + '...'
+
+def config_help(cfg:VLConfig|None=None, # whose values are shown (a preset); None: the `VLConfig` defaults (tiny)
+                title:str='tiny')->str:
+    "Every `VLConfig` field, grouped: name, type, value, meaning."
+    cfg, rows, group = cfg or VLConfig(), [], None
+    rows.append(f"VLConfig fields: --NAME VALUE on the command line, NAME: VALUE in a --config file. Values: {title}.")
+    for d in config_docs():
+        if d['group'] != group: group = d['group']; rows.append(f"\n{group}:")
+        rows.append(f"  {d['name']:<28} {d['type']:<10} {_short(getattr(cfg, d['name'])):<22} {d['doc']}")
+    return '\n'.join(rows)
+
+def config_yaml(cfg:VLConfig, preset:str|None=None)->str:
+    "The config as a commented YAML file that `--config` reads back: one field a line, grouped."
+    rows, group = ["# videolights train --config FILE (YAML; values in JSON notation); command-line flags override it"], None
+    if preset: rows.append(f"preset: {preset}")
+    for d in config_docs():
+        if d['group'] != group: group = d['group']; rows.append(f"\n# --- {group} ---")
+        v = getattr(cfg, d['name'])
+        rows.append(f"{d['name']}: {json.dumps(list(v) if isinstance(v, tuple) else v)}" + (f"  # {d['doc']}" if d['doc'] else ''))
+    return '\n'.join(rows) + '\n'
+
+# %% ../nbs/11a_runs.ipynb #c60cc7d5
+def _from_file(name:str, ann:str, v):
+    "A file value typed for field `name` (annotation `ann`); strings are read as a flag's value would be."
+    if isinstance(v, str): return _convert(name, ann, v)
+    want = ('a list' if 'tuple' in ann else 'a mapping' if 'dict' in ann else 'true/false' if 'bool' in ann else
+            'an integer' if 'int' in ann and 'float' not in ann else 'a number' if 'float' in ann else 'a string')
+    ok = (v is None and 'None' in ann or 'tuple' in ann and isinstance(v, list) or 'dict' in ann and isinstance(v, dict)
+          or 'bool' in ann and isinstance(v, bool) or not isinstance(v, bool) and (
+              'float' in ann and isinstance(v, (int, float)) or 'int' in ann and isinstance(v, int)))
+    if not ok: raise ValueError(f"expected {want}, got {v!r}")
+    return tuple(v) if isinstance(v, list) else float(v) if 'float' in ann and v is not None else v
+
+def read_config(path:str|Path)->tuple[str|None, dict]: # (the preset it names, typed VLConfig overrides)
+    "A `--config` file (YAML or JSON): its `preset` and its fields, checked and typed like command-line flags."
+    path = Path(path)
+    if not path.is_file(): raise ValueError(f"--config {path}: no such file")
+    text = path.read_text()
+    try: d = json.loads(text) if path.suffix == '.json' else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, 'problem_mark', None)
+        line = e.lineno if isinstance(e, json.JSONDecodeError) else mark.line + 1 if mark else '?'
+        detail = e.msg if isinstance(e, json.JSONDecodeError) else getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from None
+    if d is None: d = {}
+    if not isinstance(d, dict): raise ValueError(f"{path}: expected a mapping of VLConfig fields, got {type(d).__name__}")
+    where = lambda k: next((i + 1 for i, l in enumerate(text.splitlines()) if re.match(rf'\s*["\']?{re.escape(str(k))}["\']?\s*:', l)), '?')
+    types, preset, out = {f.name: str(f.type) for f in dataclasses.fields(VLConfig)}, d.pop('preset', None), {}
+    for k, v in d.items():
+        try:
+            name = _field_name(str(k).replace('-', '_'), dash='')
+            out[name] = _from_file(name, types[name], v)
+        except ValueError as e: raise ValueError(f"{path}:{where(k)}: {k}: {e}") from None
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"{path}:{where('preset')}: preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return preset, out
 
 # %% ../nbs/11a_runs.ipynb #1ea6de8f
 _TRAIN_EPILOG = """examples:
@@ -194,7 +281,9 @@ _TRAIN_EPILOG = """examples:
   videolights train --preset qvhighlights --data /data/qvh --init-from runs/pt/model_best.ckpt --out runs/ft
   torchrun --nproc_per_node 4 -m videolights train --preset qvhighlights --data /data/qvh --out runs/ddp
   videolights train --preset tiny --data runs/demo/data --out runs/es --epochs 100 --eval_every 1 --max_es_cnt 5
-Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ...
+  videolights train --preset qvhighlights --print-config > qvh.yaml                 # a recipe file to edit
+  videolights train --config qvh.yaml --data /data/qvh --out runs/mine --lr 2e-4   # flags override the file
+Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ... (--help-config lists them)
 Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a better score (official default 200,
 -1 never stops). Periodic copies: --save-every N."""
 
@@ -217,7 +306,7 @@ def train_main(argv:list[str]|None=None)->int:
     "`videolights train`: train a model from a preset (or resume a run)."
     p = argparse.ArgumentParser(prog='videolights train', description='Train VideoLights (or any preset) and keep '
         'the best checkpoint by the official MR composite.', epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', default='tiny', help=f"one of {sorted(PRESETS)} (default tiny)")
+    p.add_argument('--preset', default=None, help=f"one of {sorted(PRESETS)} (default: the --config file's, else tiny)")
     p.add_argument('--data', help='dataset folder (jsonl + features/ or features.h5) or an .h5 feature store')
     p.add_argument('--out', help='run directory (created)')
     p.add_argument('--resume', metavar='RUN_DIR', help='continue the run in RUN_DIR exactly where it stopped')
@@ -225,10 +314,19 @@ def train_main(argv:list[str]|None=None)->int:
     p.add_argument('--pretrain', action='store_true', help='the training data is synthetic pretraining data')
     p.add_argument('--eval-split', default=None, help="split evaluated during training (default cfg.eval_split_name)")
     p.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run')
+    p.add_argument('--config', metavar='FILE', help='VLConfig fields (and preset:) from a YAML or JSON file; flags override it')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config as a --config file and exit')
+    p.add_argument('--help-config', action='store_true', help="list every VLConfig field (type, the preset's value, "
+                   'meaning) and exit')
     _run_args(p)
     a, rest = p.parse_known_args(argv)
-    try: over = parse_overrides(rest)
+    try:
+        f_preset, f_over = read_config(a.config) if a.config else (None, {})
+        over = {**f_over, **parse_overrides(rest)}
     except ValueError as e: p.error(str(e))
+    a.preset = a.preset or f_preset or 'tiny'
+    if a.preset not in PRESETS: p.error(f"--preset {a.preset}: choose from {sorted(PRESETS)}")
+    if a.help_config: print(config_help(get_preset(a.preset), a.preset)); return 0
     keep_freed_memory()  # large blocks reused, not faulted in again (see 01_data)
     if a.resume:
         run = Path(a.resume)
@@ -239,11 +337,13 @@ def train_main(argv:list[str]|None=None)->int:
         a.pretrain, a.preset = a.pretrain or info.get('pretrain', False), info.get('preset', a.preset)
         tr_rec, ev_rec = over.get('train_path', info.get('train_records')), over.get('eval_path', info.get('eval_records'))
     else:
-        if not a.out: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
-        cfg, out, data = get_preset(a.preset, **over), Path(a.out), a.data
+        if not a.out and not a.print_config: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
+        try: cfg, out, data = get_preset(a.preset, **over), Path(a.out or '.'), a.data
+        except (ValueError, TypeError) as e: p.error(str(e))                          # e.g. sources vs widths
         if data_is_synth(data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
             cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
         tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
+    if a.print_config: print(config_yaml(cfg, a.preset), end=''); return 0
     try:
         init = None if a.resume else init_checkpoint(cfg, a.init_from)
         _amp_dtype(a.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))  # e.g. fp16 on a CPU: refused here
