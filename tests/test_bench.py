@@ -214,8 +214,8 @@ def test_pad_sequences_equals_the_row_copy_loop():
     assert out.dtype == torch.float32 and out.tolist() == [[1., 2.], [3., 0.]]
 
 
-# ------------------------------------------------------------------ fast CPU dropout (layers.Dropout) vs F.dropout
-from videolights import layers as L
+# ------------------------------------------------------------------ fast CPU dropout (ops.FastDropout) vs F.dropout
+from videolights import ops as L
 
 
 def test_fast_dropout_is_f_dropout_given_the_same_mask(monkeypatch):
@@ -250,7 +250,7 @@ def test_fast_dropout_keep_rate_scale_and_seed(p):
 def test_native_dropout_switch(monkeypatch):
     monkeypatch.setattr(L, 'FAST_DROPOUT', False)
     x = torch.randn(50, 40)
-    torch.manual_seed(1); a = L.Dropout(0.2).train()(x)
+    torch.manual_seed(1); a = L.FastDropout(0.2).train()(x)
     torch.manual_seed(1); b = torch.nn.functional.dropout(x, 0.2, True)
     assert torch.equal(a, b)
 
@@ -258,7 +258,7 @@ def test_native_dropout_switch(monkeypatch):
 def test_train_attention_explicit_path_equals_sdpa(monkeypatch):
     "Train-mode attention with dropout on the CPU takes the explicit softmax path; with an all-keep mask it is SDPA."
     torch.manual_seed(0)
-    att = L.Attention(32, 4, dropout=0.1).train()
+    att = L.FastAttention(32, 4, dropout=0.1).train()
     q, k = torch.randn(3, 7, 32), torch.randn(3, 9, 32)
     pad = torch.zeros(3, 9, dtype=torch.bool); pad[1, 6:] = True; pad[2, 3:] = True
     monkeypatch.setattr(L, 'dropout_mask', lambda shape, p, dtype=torch.float32: torch.ones(shape, dtype=dtype))  # keep all
@@ -277,7 +277,8 @@ def test_model_train_step_with_fast_dropout_is_finite_and_seeded():
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        m, c = build_model(cfg).train(), build_criterion(cfg)
+        m, c = L.accelerate(build_model(cfg)).train(), build_criterion(cfg)
+        assert isinstance(m.input_vid_proj[0].dropout, L.FastDropout)
         ld = c(m(**mi), tg)
         losses.append(sum(ld[k] * c.weight_dict[k] for k in ld if k in c.weight_dict))
     assert torch.isfinite(losses[0]) and losses[0].item() == losses[1].item()
@@ -288,7 +289,7 @@ def test_prelu_backward_equals_torch(w):
     x = torch.randn(4, 30, 64); x[0, :5] = 0.  # exact zeros take the slope branch, as in torch
     x.requires_grad_(True)
     g = torch.randn_like(x)
-    act, ref = L.PReLU(), torch.nn.PReLU()
+    act, ref = L.FastPReLU(), torch.nn.PReLU()
     with torch.no_grad(): act.weight.fill_(w); ref.weight.fill_(w)
     ya, yr = act(x), ref(x)
     assert torch.equal(ya, yr)
@@ -298,7 +299,8 @@ def test_prelu_backward_equals_torch(w):
     assert torch.autograd.gradcheck(lambda a, b: L._PReLUFn.apply(a, b),
                                     (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) + 0.1,
                                      torch.tensor([w], dtype=torch.float64, requires_grad=True)))
-    assert isinstance(L.make_activation('prelu'), L.PReLU)
+    from videolights.layers import make_activation
+    assert type(make_activation('prelu')) is torch.nn.PReLU and L.FAST[torch.nn.PReLU] is L.FastPReLU
 
 
 def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
@@ -306,7 +308,7 @@ def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
     seen = {}
     def fake_with(official_path=None, **kw): seen['with'] = (official_path, kw); return {'ok': 1}
     def fake_without(**kw): seen['without'] = kw; return {'ok': 2}
-    monkeypatch.setattr(importlib.import_module('videolights.model'), 'bench_infer', fake_with)
+    monkeypatch.setattr(importlib.import_module('videolights.bench'), 'bench_forward', fake_with)
     monkeypatch.setattr(importlib.import_module('videolights.data'), 'bench_load', fake_without)
     off = OFFICIAL if HAVE_OFFICIAL else None
     rc, out, _ = run_main(['infer', '--modules', '--repeats', '2'] + (['--compare-official', off] if off else []))
@@ -374,19 +376,19 @@ def test_v_range_sets_the_video_lengths_of_train_step_and_infer(monkeypatch):
 
 
 def test_infer_compile_uses_the_inference_compile(monkeypatch):
-    "`bench infer --compile` compiles our eval-only model with `model.compile_inference` (freezing), not the training compile."
-    import videolights.model as M
+    "`bench infer --compile` compiles our eval-only model with `accel.compile_inference` (freezing), not the training compile."
+    import videolights.accel as M
     seen = []
     monkeypatch.setattr(M, 'compile_inference', lambda m: seen.append(type(m).__name__) or m.eval())
     r = bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, memory=False, compile=True)
-    assert seen == ['VideoLights'] and r['compile'] is True and r['b1']['ours']['ms'] > 0
+    assert seen == ['FastVideoLights'] and r['compile'] is True and r['b1']['ours']['ms'] > 0
     seen.clear(); bench.bench_infer('tiny', batches=(1,), runs=1, warmup=0, memory=False)
     assert seen == []  # eager unless asked
 
 
 def test_infer_cuda_graphs_times_the_graphed_forward(monkeypatch):
     "`bench infer --cuda-graphs` times `GraphedInference` (here on the CPU: its padded static forward), autocast inside."
-    import videolights.model as M
+    import videolights.accel as M
     calls = []
     real = M.GraphedInference.__call__
     monkeypatch.setattr(M.GraphedInference, '__call__', lambda self, **kw: calls.append(self.amp_dtype) or real(self, **kw))
@@ -398,7 +400,7 @@ def test_infer_cuda_graphs_times_the_graphed_forward(monkeypatch):
 
 def test_train_step_cuda_graphs_alternates_two_shapes_captured_in_warmup(monkeypatch):
     "`bench train-step --cuda-graphs` wraps ours in `GraphedTraining` and feeds it 2 alternating shapes, new data each step."
-    import videolights.model as M
+    import videolights.accel as M
     seen = []
     real = M.GraphedTraining.forward
     monkeypatch.setattr(M.GraphedTraining, 'forward', lambda self, **kw: seen.append((tuple(kw['src_vid'].shape), tuple(kw['src_txt'].shape),
@@ -408,3 +410,13 @@ def test_train_step_cuda_graphs_alternates_two_shapes_captured_in_warmup(monkeyp
     shapes = [s[:2] for s in seen]
     assert shapes[0::2] == [shapes[0]] * 3 and shapes[1::2] == [shapes[1]] * 2 and shapes[0] != shapes[1]
     assert len({s[2] for s in seen}) == 5  # new data every step
+
+
+def test_ours_is_accelerated_unless_plain_model(monkeypatch):
+    "Our side runs the fast layers of `ops` by default; `--plain-model` gives the plain model of `07_model`."
+    cfg = get_preset('tiny')
+    assert L.is_accelerated(bench.build_ours(cfg)[0]) and not L.is_accelerated(bench.build_ours(cfg, accelerate=False)[0])
+    seen = []
+    monkeypatch.setitem(bench.BENCHES, 'infer', lambda **kw: seen.append(kw.get('accelerate', True)) or {'ok': 1})
+    assert run_main(['infer'])[0] == 0 and run_main(['infer', '--plain-model'])[0] == 0
+    assert seen == [True, False]

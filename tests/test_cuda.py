@@ -12,7 +12,8 @@ import torch
 from videolights.bench import synth_batch, train_step
 from videolights.config import get_preset
 from videolights.loss import build_criterion, total_loss
-from videolights.model import build_model
+from videolights.model import build_model as build_plain
+from videolights.ops import accelerate
 from videolights.train import _to as to  # tensors in nested dicts/lists to a device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -31,6 +32,11 @@ def no_tf32():
 def maxdiff(a, b): return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
 
 
+def build_model(cfg):
+    "The model the engine, the predictor and the benchmarks run: the plain model with the fast layers of `ops`."
+    return accelerate(build_plain(cfg))
+
+
 def pair(preset, **over):
     "The same freshly initialised model (and criterion) on the CPU and on the GPU."
     cfg = get_preset(preset, **over)
@@ -39,9 +45,14 @@ def pair(preset, **over):
     return cfg, cpu, copy.deepcopy(cpu).cuda(), build_criterion(cfg), build_criterion(cfg).cuda()
 
 
+@pytest.mark.parametrize('fast', [True, False], ids=['fast', 'plain'])
 @pytest.mark.parametrize('preset', ['tiny', 'qvhighlights'])
-def test_eval_forward_matches_cpu(preset):
+def test_eval_forward_matches_cpu(preset, fast):
     cfg, cpu, gpu, _, _ = pair(preset)
+    if not fast:
+        from videolights.ops import plain
+        plain(cpu)
+        plain(gpu)
     mi, _, _ = synth_batch(cfg, 4, seed=1)
     with torch.no_grad():
         a, b = cpu.eval()(**mi), gpu.eval()(**to(mi, 'cuda'))
@@ -74,7 +85,7 @@ def test_packed_negative_pass_matches_plain_on_cuda():
 
 
 def test_bf16_forward_leaves_out_cudnn_attention():
-    "cuDNN attention builds a graph per new shape (~9 ms a call on an H200): `layers.sdpa` must not pick it."
+    "cuDNN attention builds a graph per new shape (~9 ms a call on an H200): `ops.sdpa` must not pick it."
     from torch.profiler import profile, ProfilerActivity
     cfg = get_preset('qvhighlights'); torch.manual_seed(0)
     m = build_model(cfg).cuda().eval()
@@ -163,7 +174,7 @@ def test_profile_on_cuda_reports_gpu_time(kind):
 @pytest.mark.parametrize('amp', [None, torch.bfloat16])
 def test_graphed_inference_matches_eager(amp):
     "CUDA-graph replays give the eager outputs for new inputs, each batch size, and after an in-place weight update."
-    from videolights.model import GraphedInference
+    from videolights.accel import GraphedInference
     cfg = get_preset('qvhighlights')
     torch.manual_seed(0)
     m = build_model(cfg).cuda().eval()
@@ -204,7 +215,7 @@ def test_graphed_training_matches_eager(amp):
     float32: against the default eager step (packed negative pass). bf16: against the eager step with the batched
     negative pass, the same operators the graph holds; against the packed pass, bf16 rounding differs enough to flip a
     Hungarian match by the third step (H200: an aux contrastive term 2.29 vs 2.19), which is not what this test is about."""
-    from videolights.model import GraphedTraining
+    from videolights.accel import GraphedTraining
     from videolights.train import adamw, _float_outputs
     cfg = get_preset('qvhighlights', **NO_DROP, **({} if amp is None else dict(pack_neg_pass=False)))
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 from videolights.config import VLConfig, get_preset, PRESETS
 from videolights.convert import load_official
 from videolights.model import build_model, random_inputs
+from videolights.ops import accelerate
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / 'tests' / 'fixtures' / 'official_small.pt'
@@ -29,13 +30,24 @@ def _maxdiff(a, b):
     return float((a - b).abs().max())
 
 
+def _build(cfg, fast: bool):
+    "The plain model of `build_model`, or the same model accelerated with the fast layers of `ops`."
+    m = build_model(cfg)
+    return accelerate(m) if fast else m
+
+
+BOTH = pytest.mark.parametrize('fast', [False, True], ids=['plain', 'fast'])
+
+
 # ---------------------------------------------------------------- equivalence with the official model
-def test_fixture_matches_official_outputs():
+@BOTH
+def test_fixture_matches_official_outputs(fast):
     "Official weights (reduced config, int8-exact), inputs and eval outputs stored by tools/check_official_model.py."
     fx = torch.load(FIXTURE, map_location='cpu', weights_only=True)
     sd = {**{k: fx['q'][k].float() * fx['scale'][k] for k in fx['q']}, **fx['other']}
     cfg = get_preset(fx['preset'], loss_outputs_eval=True, **fx['cfg'])
     model = load_official(sd, cfg)
+    if fast: accelerate(model)
     with torch.no_grad():
         out = model(**fx['inputs'])
     flat = {k: out[k] for k in fx['outputs'] if k in out}
@@ -63,18 +75,19 @@ def test_fixture_detects_quirk_1():
 
 
 @pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
+@BOTH
 @pytest.mark.parametrize('variant', ['sf_clip', 'sf_clip_blip'])
-def test_live_official_equivalence(variant):
+def test_live_official_equivalence(variant, fast):
     "Against the official code itself: outputs within 1e-5, equal parameter counts (10.40 M / 10.80 M)."
     chk = _checker()
     vo, off = chk.official_lib()
-    res = chk.check_variant(vo, off, variant, B=4, seed=1, grads=variant == 'sf_clip')
+    res = chk.check_variant(vo, off, variant, B=4, seed=1, grads=variant == 'sf_clip', fast=fast)
     assert max(res['diffs'].values()) <= TOL, res['diffs']
     assert res['params_official'] == res['params_ours'] == OFFICIAL_PARAMS[chk.PRESET[variant]]
     assert round(res['params_ours'] / 1e6, 2) == {'sf_clip': 10.40, 'sf_clip_blip': 10.80}[variant]
     if 'grad_frac_close' in res: assert res['grad_frac_close'] >= 0.999
     if variant == 'sf_clip':  # and the other way: our weights exported into the official model
-        assert max(chk.check_export(vo, off, variant, B=3, seed=2)['export_diffs'].values()) <= TOL
+        assert max(chk.check_export(vo, off, variant, B=3, seed=2, fast=fast)['export_diffs'].values()) <= TOL
 
 
 # parameter counts of the official model (commit 76308bb, random init), as measured by tools/check_official_model.py
@@ -113,9 +126,10 @@ def test_preset_output_shapes(name):
     assert ((out['pred_spans'] >= 0) & (out['pred_spans'] <= 1)).all()
 
 
-def test_training_mode_outputs_neg_and_eval_skip_is_exact():
+@BOTH
+def test_training_mode_outputs_neg_and_eval_skip_is_exact(fast):
     cfg = VLConfig()
-    model = build_model(cfg)
+    model = _build(cfg, fast)
     inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3])
     out = model.train()(**inp)
     assert out['saliency_scores_neg'].shape == (3, 32) and out['saliency_scores_mr'].shape == (3, 32)
@@ -127,7 +141,7 @@ def test_training_mode_outputs_neg_and_eval_skip_is_exact():
     vm = inp['src_vid_mask'].bool()
     for k in ('pred_logits', 'pred_spans'):
         assert _maxdiff(a[k], b[k]) <= 1e-6, k
-    assert _maxdiff(a['saliency_scores'][vm], b['saliency_scores'][vm]) <= 1e-6  # padded positions: quirk 3
+    assert _maxdiff(a['saliency_scores'][vm], b['saliency_scores'][vm]) <= 1e-6  # padded positions: read by nothing
 
 
 def test_bad_inputs_name_the_culprit():
@@ -157,11 +171,12 @@ def _pad(inp, extra_v, extra_q):
 VALID_KEYS = ['pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_neg', 'proj_queries', 'src_vid']
 
 
+@BOTH
 @pytest.mark.parametrize('fixed', [False, True])
-def test_extra_padding_changes_nothing(fixed):
+def test_extra_padding_changes_nothing(fixed, fast):
     "Appending padding to a batch leaves valid outputs unchanged, official mask quirk included (it only mixes existing masks)."
     cfg = VLConfig(loss_outputs_eval=True, **({k: True for k in VLConfig().fixes} if fixed else {}))
-    model = build_model(cfg).eval()
+    model = _build(cfg, fast).eval()
     inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=1)
     with torch.no_grad():
         a, b = model(**inp), model(**_pad(inp, 7, 5))
@@ -171,14 +186,15 @@ def test_extra_padding_changes_nothing(fixed):
         assert _maxdiff(x, y) <= TOL, k
     mr = _maxdiff(a['saliency_scores_mr'], b['saliency_scores_mr'][:, :Lv])
     if fixed: assert mr <= TOL  # fix_mr_slice: per-sample length, GRU stops at the slice end
-    # official (quirk 2): the top-1 span is scaled by the padded length -> saliency_scores_mr may change (not asserted)
+    # official slicing: the top-1 span is scaled by the padded length -> saliency_scores_mr may change (not asserted)
 
 
-def test_single_vs_batch_needs_mask_fix():
-    "A sample alone == the same sample in a mixed-length batch with per-sample masks; not with the official masks (quirk 1)."
+@BOTH
+def test_single_vs_batch_needs_mask_fix(fast):
+    "A sample alone == the same sample in a mixed-length batch with per-sample masks; not with the official Bi-CMF masks."
     for fixed in (True, False):
         cfg = VLConfig(**({k: True for k in VLConfig().fixes} if fixed else {}))
-        model = build_model(cfg).eval()
+        model = _build(cfg, fast).eval()
         inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=2)
         with torch.no_grad():
             ob = model(**inp, loss_outputs=True)
@@ -192,7 +208,8 @@ def test_single_vs_batch_needs_mask_fix():
 
 
 # ---------------------------------------------------------------- gradients
-# parameters that get no gradient in the official configuration, and why (spec §12, quirk 6)
+# parameters that get no gradient in the official configuration, and why (08_convert: "Parameters the official training
+# never moves")
 NO_GRAD = [
     r'^txt_position_embed\.',                                # built but unused (use_txt_pos=False)
     r'^transformer\.t2v_encoder\.layers\.\d+\.norm2\.',      # defined but unused in the official Bi-CMF
@@ -205,17 +222,18 @@ REAL_LOSS_NO_GRAD = [r'^contrastive_align_projection_vid\.']  # proj_vid_mem is 
 REAL_LOSS_ZERO_IN_THEORY = [
     r'^saliency_proj_mr\.bias$',  # feeds only saliency_scores_mr -> task-coupled loss, whose min-shift cancels a constant
 ]
-# official only, batch-dependent (quirk 2): when every sample's top-1 slice is empty (negative Python start index),
+# official only, batch-dependent (official slicing): when every sample's top-1 slice is empty (negative start index),
 # the GRU reads only zero padding, so its input weights get exactly zero gradient (weight_hh and biases still do)
 REAL_LOSS_OFFICIAL_MAY_MISS = [r'^gru_extractor\.gru\.weight_ih_l0$']
 
 
+@BOTH
 @pytest.mark.parametrize('fixed', [False, True])
-def test_every_parameter_gets_a_gradient(fixed):
+def test_every_parameter_gets_a_gradient(fixed, fast):
     "Surrogate loss over every output (training mode): exactly the documented parameters receive no gradient."
     cfg = VLConfig(**({k: True for k in VLConfig().fixes} if fixed else {}))
-    torch.manual_seed(2)  # weights + dropout: a draw whose top-1 slices are not all empty (official quirk 2, see below)
-    model = build_model(cfg).train()
+    torch.manual_seed(2)  # weights + dropout: a draw whose top-1 slices are not all empty (official slicing, see below)
+    model = _build(cfg, fast).train()
     out = model(**random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3]))
     g = torch.Generator().manual_seed(0)
     flat = [v for k, v in out.items() if torch.is_tensor(v) and v.is_floating_point() and k != 'video_mask']
@@ -230,9 +248,10 @@ def test_every_parameter_gets_a_gradient(fixed):
         if p.grad is not None: assert torch.isfinite(p.grad).all(), n
 
 
+@BOTH
 @pytest.mark.parametrize('fixed', [False, True])
 @pytest.mark.parametrize('seed', [0, 1])
-def test_every_parameter_gets_a_gradient_from_the_real_loss(fixed, seed):
+def test_every_parameter_gets_a_gradient_from_the_real_loss(fixed, seed, fast):
     "Real criterion on a real-format batch: exactly the documented parameters get no (or a zero-in-theory) gradient."
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
@@ -240,7 +259,7 @@ def test_every_parameter_gets_a_gradient_from_the_real_loss(fixed, seed):
     from videolights.loss import build_criterion, total_loss
     cfg = get_preset('tiny', **({k: True for k in VLConfig().fixes} if fixed else {}))
     torch.manual_seed(seed)
-    model, crit = build_model(cfg).train(), build_criterion(cfg)
+    model, crit = _build(cfg, fast).train(), build_criterion(cfg)
     inputs, targets = real_batch(cfg, seed)
     total_loss(crit(model(**inputs), targets, epoch=3), crit.weight_dict).backward()
     none = [re.compile(p) for p in NO_GRAD + REAL_LOSS_NO_GRAD if not (fixed and 'norm2' in p)]
@@ -258,14 +277,15 @@ def test_every_parameter_gets_a_gradient_from_the_real_loss(fixed, seed):
     if fixed: assert float(model.gru_extractor.gru.weight_ih_l0.grad.abs().max()) > 0  # fix_mr_slice: never empty
 
 
+@BOTH
 @pytest.mark.parametrize('fix', ['fix_bicmf_mask_order', 'fix_bicmf_ffn_residual', 'fix_bicmf_text', 'fix_fra_corr', 'fix_mr_slice'])
-def test_each_model_fix_changes_the_computation(fix):
+def test_each_model_fix_changes_the_computation(fix, fast):
     "Every model-side fix switch does something on a mixed-length batch (a silently ignored switch fails here)."
     inp = random_inputs(VLConfig(), B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=3)
     outs = []
     for on in (False, True):
         torch.manual_seed(0)
-        m = build_model(VLConfig(**{fix: on})).eval()
+        m = _build(VLConfig(**{fix: on}), fast).eval()
         with torch.no_grad(): outs.append(m(**inp, loss_outputs=True))
     keys = ['pred_spans', 'saliency_scores', 'saliency_scores_neg', 'saliency_scores_mr']
     vm = inp['src_vid_mask'].bool()
@@ -285,16 +305,17 @@ def test_uni_cmf_and_no_fra_build_and_differ():
     assert _maxdiff(outs[0], outs[1]) > 1e-4 and _maxdiff(outs[0], outs[2]) > 1e-4
 
 
+@BOTH
 @pytest.mark.parametrize('fixed', [False, True])
-def test_graphed_training_gives_gradients_to_the_eager_parameter_set(fixed):
+def test_graphed_training_gives_gradients_to_the_eager_parameter_set(fixed, fast):
     """What the CUDA-graph backward computes (every output that requires grad, `detach_outputs` left out) reaches exactly the
     parameters the eager loss does: none gets a zero gradient where eager autograd gives it none."""
     from videolights.bench import synth_batch
     from videolights.loss import build_criterion, total_loss
-    from videolights.model import GraphedTraining, _StaticForward
+    from videolights.accel import GraphedTraining, _StaticForward
     cfg = get_preset('qvhighlights', **({k: True for k in get_preset('qvhighlights').fixes} if fixed else {}))
     torch.manual_seed(0)
-    m, crit = build_model(cfg).train(), build_criterion(cfg)
+    m, crit = _build(cfg, fast).train(), build_criterion(cfg)
     mi, tg, _ = synth_batch(cfg, 3, seed=0)
     tg.setdefault('src_txt_mask', mi['src_txt_mask'])
     total_loss(crit(m(**mi), tg, 3), crit.weight_dict).backward()
@@ -304,4 +325,4 @@ def test_graphed_training_gives_gradients_to_the_eager_parameter_set(fixed):
     leaves = [o for o in torch.utils._pytree.tree_leaves(out) if o.requires_grad]
     (total_loss(crit(out, tg, 3), crit.weight_dict) + sum((o * 0).sum() for o in leaves)).backward()  # as the graph would
     assert {n for n, p in m.named_parameters() if p.grad is not None} == eager
-    assert 'contrastive_align_projection_vid.weight' not in eager  # quirk 6: the reason for the default
+    assert 'contrastive_align_projection_vid.weight' not in eager  # no loss reads it: the reason for the default

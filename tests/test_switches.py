@@ -11,6 +11,7 @@ from videolights.config import VLConfig, get_preset
 from videolights.layers import Attention
 from videolights.loss import align_vid_txt_loss, build_criterion, saliency_terms
 from videolights.model import build_model, random_inputs
+from videolights.ops import accelerate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_overfit import real_batch  # noqa: E402  (the 3-sample batch in the real format)
@@ -120,10 +121,10 @@ def _calls(model, inputs, **kw):
 
 @pytest.mark.parametrize('cmf', ['bi', 'uni'])
 def test_eval_runs_the_transformer_once(cmf):
-    """Eval: one pass on the real rows only (padded (B, Lv) with attention maps); loss outputs: 2B batched;
-    training: the padded positive pass plus the negative pass on real rows (batched 2B with pack_neg_pass=False)."""
+    """Accelerated model. Eval: one pass on the real rows only (padded (B, Lv) with attention maps); loss outputs: 2B
+    batched; training: the padded positive pass plus the negative pass on real rows (batched 2B with pack_neg_pass=False)."""
     cfg = VLConfig(cmf=cmf)
-    model = build_model(cfg)
+    model = accelerate(build_model(cfg))
     lv = [20, 32, 9]
     B, Lv, n = 3, 32, sum(lv)
     inp = random_inputs(cfg, B=B, lv=lv, lq=[5, 16, 3])
@@ -135,8 +136,22 @@ def test_eval_runs_the_transformer_once(cmf):
         assert _calls(model, inp, loss_outputs=True) == batched
     model.train()
     assert _calls(model, inp) == {'cmf': [(B, Lv), (n,)], 'enc': [(B, Lv + 1), (n + B,)]}
-    assert _calls(build_model(VLConfig(cmf=cmf, pack_neg_pass=False)).train(), inp) == batched
-    assert _calls(build_model(VLConfig(cmf=cmf, loss_outputs_eval=True)).eval(), inp) == batched
+    assert _calls(accelerate(build_model(VLConfig(cmf=cmf, pack_neg_pass=False))).train(), inp) == batched
+    assert _calls(accelerate(build_model(VLConfig(cmf=cmf, loss_outputs_eval=True))).eval(), inp) == batched
+
+
+@pytest.mark.parametrize('cmf', ['bi', 'uni'])
+def test_plain_model_runs_every_pass_padded(cmf):
+    "The plain model of `07_model`: eval runs the transformer once, loss outputs add a second (negative) padded pass."
+    cfg = VLConfig(cmf=cmf)
+    model = build_model(cfg)
+    B, Lv = 3, 32
+    inp = random_inputs(cfg, B=B, lv=[20, 32, 9], lq=[5, 16, 3])
+    once, twice = {'cmf': [(B, Lv)], 'enc': [(B, Lv + 1)]}, {'cmf': [(B, Lv)] * 2, 'enc': [(B, Lv + 1)] * 2}
+    with torch.no_grad():
+        assert _calls(model.eval(), inp) == once
+        assert _calls(model, inp, loss_outputs=True) == twice
+    assert _calls(model.train(), inp) == twice
 
 
 # ---------------------------------------------------------------- attention maps are the layers' own
@@ -153,12 +168,14 @@ def _attention_names(model, cfg):
     return names
 
 
+@pytest.mark.parametrize('fast', [False, True], ids=['plain', 'fast'])
 @pytest.mark.parametrize('cmf,train', [('bi', False), ('uni', False), ('bi', True)])
-def test_returned_attention_maps_are_the_layers_maps(cmf, train):
+def test_returned_attention_maps_are_the_layers_maps(cmf, train, fast):
     "Each out['attn'][name] is exactly the map its layer computed (first call = positive pass), rows sum to 1, padded keys 0."
     cfg = VLConfig(cmf=cmf)
     torch.manual_seed(0)
     model = build_model(cfg).train(train)
+    if fast: accelerate(model)
     B = 3
     inp = random_inputs(cfg, B=B, lv=[20, 32, 9], lq=[5, 16, 3], seed=4)
     names, got = _attention_names(model, cfg), {}
@@ -195,12 +212,13 @@ def _checker():
 
 
 @pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
+@pytest.mark.parametrize('fast', [False, True], ids=['plain', 'fast'])
 @pytest.mark.parametrize('kw', [dict(cmf='uni'), dict(fra=False)], ids=['uni_cmf', 'no_fra'])
-def test_live_official_ablation_variants(kw):
+def test_live_official_ablation_variants(kw, fast):
     "Table V 'bi' and 'fra' rows: the official T2V layer / no-FRA model with converted weights give our outputs to 1e-5."
     chk = _checker()
     vo, off = chk.official_lib()
-    res = chk.check_variant(vo, off, 'sf_clip', B=4, seed=3, grads=False, **kw)
+    res = chk.check_variant(vo, off, 'sf_clip', B=4, seed=3, grads=False, fast=fast, **kw)
     assert max(res['diffs'].values()) <= 1e-5, res['diffs']
     assert res['params_official'] == res['params_ours']
     assert {'pred_logits', 'pred_spans', 'saliency_scores'} <= set(res['diffs'])

@@ -368,7 +368,7 @@ def test_cuda_graphs_without_cuda_warns_and_keeps_the_plain_forward(tmp_path):
         b = ev.predict(m, torch.device('cpu'), progress=False, cuda_graphs=True)
     assert any('no CUDA device' in str(x.message) for x in w) and ev.graphed is None
     assert a == b
-    from videolights.model import GraphedInference
+    from videolights.accel import GraphedInference
     cuda = torch.device('cuda')  # the choice of forward only; nothing runs on it here
     g1, g2 = ev._forward(m, cuda, None, True), ev._forward(m, cuda, None, True)
     assert isinstance(g1, GraphedInference) and g1 is g2 and g1.model is m  # graphs kept across evaluations
@@ -379,7 +379,8 @@ def test_cuda_graphs_without_cuda_warns_and_keeps_the_plain_forward(tmp_path):
 def test_cuda_graphs_option_wraps_the_training_forward_only_where_it_can(recwarn):
     "`RunOptions(cuda_graphs=True)` on CUDA: `GraphedTraining` around the model, unless DDP, compile or grad_accum > 1."
     from videolights.config import get_preset
-    from videolights.model import build_model, GraphedTraining
+    from videolights.model import build_model
+    from videolights.accel import GraphedTraining
     from videolights.train import DistInfo, _unwrap, _wrap
     m, cuda = build_model(get_preset('tiny')), torch.device('cuda')  # nothing runs on the device here
     net = _wrap(m, RunOptions(cuda_graphs=True), DistInfo(), cuda)
@@ -388,3 +389,18 @@ def test_cuda_graphs_option_wraps_the_training_forward_only_where_it_can(recwarn
     assert _wrap(m, RunOptions(), DistInfo(), cuda) is m
     assert _wrap(m, RunOptions(cuda_graphs=True, grad_accum=2), DistInfo(), cuda) is m
     assert 'grad_accum > 1' in str(recwarn.pop(UserWarning).message)
+
+
+@pytest.mark.parametrize('accelerate', [True, False])
+def test_fit_accelerates_the_model_unless_asked_not_to(tmp_path, monkeypatch, accelerate):
+    "`fit` swaps in the fast layers of `ops` (`RunOptions.accelerate`, on by default) and leaves other models alone."
+    import videolights.train as T
+    from videolights import ops
+    seen = []
+    monkeypatch.setattr(T, 'accelerate', lambda m: seen.append(type(m).__name__) or ops.accelerate(m))
+    set_seed(0)
+    m = ToyModel()
+    fit(m, ToyCriterion(), ToyData(), toy_cfg(n_epoch=1), tmp_path/'a',
+        RunOptions(device='cpu', progress=False, tensorboard=False, accelerate=accelerate), toy_collate)
+    assert seen == (['ToyModel'] if accelerate else [])
+    assert type(m.drop) is nn.Dropout  # not a VideoLights: untouched

@@ -518,8 +518,8 @@ def test_bench_predict_small():
 
 
 def test_predictor_compile_option(tmp_path, monkeypatch):
-    "`compile=True` runs the model through `model.compile_inference` (eval-only compile); off by default."
-    import videolights.model as M
+    "`compile=True` runs the model through `accel.compile_inference` (eval-only compile); off by default."
+    import videolights.accel as M
     seen = []
     monkeypatch.setattr(M, 'compile_inference', lambda m: seen.append(m.training) or m)
     clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip', dim=16, proj_dim=8, text_dim=8))
@@ -591,3 +591,13 @@ def test_predict_published_configurations(tmp_path, dset, clip_length, blip):
     n = 2 if clip_length == 2 else 4  # CLIP round(4.4/2) = 2, SlowFast ceil = 3 -> 2; at 1 s: round 4, ceil 5 -> 4
     assert [len(r['pred_saliency_scores']) for r in recs] == [n, n]
     assert all(0 <= w[0] <= w[1] <= 4.4 for r in recs for w in r['pred_relevant_windows'])
+
+
+def test_predictor_accelerates_the_model_unless_asked_not_to(tmp_path):
+    "The predictor swaps in the fast layers of `ops` (in place, same weights); `accelerate=False` keeps the plain model."
+    from videolights.ops import is_accelerated
+    clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip', dim=16, proj_dim=8, text_dim=8))
+    cfg = get_preset('tiny', v_feat_types=('clip',), t_feat_types=('clip',), v_feat_dims=(8,), t_feat_dims=(8,))
+    plain = V.VideoLightsPredictor(build_model(cfg), cfg, {'clip': clip}, accelerate=False)
+    fast = V.VideoLightsPredictor(build_model(cfg), cfg, {'clip': clip})
+    assert not is_accelerated(plain.model) and is_accelerated(fast.model)

@@ -5,7 +5,8 @@ The official code is imported at run time from a scratch checkout (`--official`,
 official model is built on CPU with random weights, its state dict is converted with
 `videolights.convert.load_official`, both models run in eval mode on the same batch (official collate, mixed
 lengths) and every output is compared. A gradient check (eval mode, random linear surrogate over the outputs)
-compares the gradient of every parameter too.
+compares the gradient of every parameter too. Every check runs on our plain model (`build_model`) and on the same
+model accelerated with the fast layers of `videolights.ops` (`--models plain fast`, the default: both).
 
     python tools/check_official_model.py                         # both QVHighlights variants, B=4
     python tools/check_official_model.py --variants sf_clip --B 8 --seed 3
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from videolights.config import get_preset, VLConfig  # noqa: E402
 from videolights.convert import load_official, official_to_ours_key  # noqa: E402
+from videolights.ops import accelerate  # noqa: E402
 
 sys.path.insert(0, str(REPO / 'tools' / 'official'))
 import official_harness  # noqa: E402
@@ -131,17 +133,19 @@ def compare_grads(m_off, m_us, inputs: dict, seed: int = 0) -> dict:
 
 
 def check_variant(vo, off, variant: str, B: int = 4, seed: int = 0, fix_mask: bool = False, cmf: str = 'bi',
-                  fra: bool = True, grads: bool = True) -> dict:
-    "Build both models for `variant`, run them on one official batch; return max abs diffs and param counts."
+                  fra: bool = True, grads: bool = True, fast: bool = False) -> dict:
+    "Build both models for `variant` (ours accelerated with `fast`), run them on one official batch; return diffs."
     m_off, opt = official_model(vo, off, variant, cmf=cmf, fra=fra, seed=2018 + seed)
     if fix_mask: vo.fix_bicmf_mask_order(m_off)
     cfg = get_preset(PRESET[variant], loss_outputs_eval=True, fix_bicmf_mask_order=fix_mask, cmf=cmf, use_fra=fra)
     m_us = load_official(m_off.state_dict(), cfg)
+    if fast: accelerate(m_us)
     inputs, _, lengths = vo.synth_batch(off, opt, variant, B, seed)
     with torch.no_grad():
         o_off, o_us = m_off(**inputs), m_us(**inputs)
     diffs, diffs_all = compare_outputs(o_off, o_us, inputs), compare_outputs(o_off, o_us)
-    res = dict(variant=variant, cmf=cmf, fra=fra, fix_bicmf_mask_order=fix_mask, B=B, lengths=lengths, diffs=diffs,
+    res = dict(variant=variant, model='fast' if fast else 'plain', cmf=cmf, fra=fra, fix_bicmf_mask_order=fix_mask, B=B,
+               lengths=lengths, diffs=diffs,
                max_diff_all_positions=max(diffs_all.values()),
                params_official=sum(p.numel() for p in m_off.parameters()),
                params_ours=sum(p.numel() for p in m_us.parameters()))
@@ -149,18 +153,19 @@ def check_variant(vo, off, variant: str, B: int = 4, seed: int = 0, fix_mask: bo
     return res
 
 
-def check_export(vo, off, variant: str = 'sf_clip', B: int = 4, seed: int = 0) -> dict:
+def check_export(vo, off, variant: str = 'sf_clip', B: int = 4, seed: int = 0, fast: bool = False) -> dict:
     "Our randomly initialised model -> `to_official_state_dict` -> official model (strict load): same outputs."
     from videolights.convert import to_official_state_dict
     from videolights.model import build_model
     m_off, opt = official_model(vo, off, variant, seed=2018 + seed)
     torch.manual_seed(seed)
     m_us = build_model(get_preset(PRESET[variant], loss_outputs_eval=True)).eval()
+    if fast: accelerate(m_us)
     m_off.load_state_dict(to_official_state_dict(m_us), strict=True)
     inputs, _, _ = vo.synth_batch(off, opt, variant, B, seed)
     with torch.no_grad():
         diffs = compare_outputs(m_off(**inputs), m_us(**inputs), inputs)
-    return dict(variant=variant, export_diffs=diffs)
+    return dict(variant=variant, model='fast' if fast else 'plain', export_diffs=diffs)
 
 
 def quantize(sd: dict) -> tuple[dict, dict, dict]:
@@ -206,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--tol', type=float, default=1e-5)
     p.add_argument('--no-extra', action='store_true', help='skip the fixed-mask, uni-CMF and no-FRA runs')
+    p.add_argument('--models', nargs='+', default=['plain', 'fast'], choices=['plain', 'fast'],
+                   help='our plain model, and/or the same model with the fast layers of videolights.ops')
     p.add_argument('--save-fixture', default=None)
     p.add_argument('--json', default=None)
     a = p.parse_args(argv)
@@ -221,11 +228,13 @@ def main(argv=None) -> int:
     runs = [dict(variant=v) for v in a.variants]
     if not a.no_extra:
         runs += [dict(variant='sf_clip', fix_mask=True), dict(variant='sf_clip', cmf='uni'), dict(variant='sf_clip', fra=False)]
-    results = []
-    exp = check_export(vo, off, a.variants[0], B=a.B, seed=a.seed)
-    exp['ok'] = max(exp['export_diffs'].values()) <= a.tol
-    ok = exp['ok']
-    print(json.dumps(exp))
+    runs = [dict(r, fast=m == 'fast') for m in a.models for r in runs]
+    results, ok = [], True
+    for m in a.models:
+        exp = check_export(vo, off, a.variants[0], B=a.B, seed=a.seed, fast=m == 'fast')
+        exp['ok'] = max(exp['export_diffs'].values()) <= a.tol
+        ok &= exp['ok']
+        print(json.dumps(exp))
     for r in runs:
         res = check_variant(vo, off, B=a.B, seed=a.seed, **r)
         res['ok'] = (max(res['diffs'].values()) <= a.tol and res['params_official'] == res['params_ours']

@@ -14,8 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['OP_FAMILIES', 'BENCHES', 'MODULE_BENCHES', 'machine_info', 'sync', 'med', 'ms', 'peak_rss_mib', 'Timer',
            'synth_batch', 'load_official', 'official_opt', 'tensor_cuda_is_identity', 'build_official', 'build_ours',
-           'train_step', 'bench_train_step', 'bench_infer', 'peak_rss_child', 'bench_load', 'bench_eval', 'op_family',
-           'profile_step', 'plot_profile', 'main']
+           'train_step', 'bench_train_step', 'bench_infer', 'peak_rss_child', 'bench_forward', 'bench_load',
+           'bench_eval', 'op_family', 'profile_step', 'plot_profile', 'main']
 
 # %% ../nbs/90_bench.ipynb #b40296a7
 def _cpu_model()->str:
@@ -176,11 +176,15 @@ def build_official(off:SimpleNamespace, cfg, device='cpu')->tuple:
     return model, criterion, optim, opt
 
 # %% ../nbs/90_bench.ipynb #089d6c30
-def build_ours(cfg, device='cpu', compile:bool=False)->tuple:
+def build_ours(cfg, device='cpu', compile:bool=False,
+               accelerate:bool=True)->tuple: # the fast layers of `ops` (`ops.accelerate`); False: the plain model
     "Our (model, criterion, AdamW) for `cfg` on `device` (optionally `torch.compile`d)."
     from videolights.model import build_model
+    from videolights.ops import accelerate as fast
     from videolights.loss import build_criterion
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if accelerate: fast(model)
+    model = model.to(device)
     crit = build_criterion(cfg).to(device)
     from videolights.train import adamw  # fused where available (the official side keeps its plain AdamW)
     optim = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.wd)
@@ -217,18 +221,19 @@ def _cpu_default_threads(threads):
 def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmup:int=1, official:str|None=None,
                      device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
                      memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi] (QVHighlights itself: 97 % are 75)
-                     cuda_graphs:bool=False, # ours: forward/backward from CUDA graphs (`model.GraphedTraining`); the batches
+                     cuda_graphs:bool=False, # ours: forward/backward from CUDA graphs (`accel.GraphedTraining`); the batches
                                              # then take turns between 2 shapes (new data each step), both captured in warm-up
+                     accelerate:bool=True,   # ours with the fast layers of `ops`; False: the plain model
                      **cfg_overrides)->dict:
     "Median training-step time (forward + losses + backward + clip + AdamW) at `batch`, ours vs official."
     from videolights.config import get_preset
     _cpu_default_threads(threads)
     cfg = get_preset(preset, **cfg_overrides)
     torch.manual_seed(seed)
-    sides = dict(ours=build_ours(cfg, device, compile))
+    sides = dict(ours=build_ours(cfg, device, compile, accelerate))
     shapes = [None]
     if cuda_graphs:  # as in real training, shapes repeat: QVHighlights' batches of 32 have Lv = 75 and a few Lq
-        from videolights.model import GraphedTraining
+        from videolights.accel import GraphedTraining
         m, c, o = sides['ours']; sides['ours'] = (GraphedTraining(m), c, o)
         masks = [synth_batch(cfg, batch, seed=seed * 1000 + 900 + k, v_range=tuple(v_range))[0] for k in range(2)]
         shapes = [list(zip(mi['src_vid_mask'].sum(1).int().tolist(), mi['src_txt_mask'].sum(1).int().tolist())) for mi in masks]
@@ -253,7 +258,7 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
             if i >= warmup: rows[k].append(r)
             else: first.setdefault(k, r['step'])  # the very first step: includes torch.compile's compile time
     res = dict(preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, amp=amp, compile=compile,
-               cuda_graphs=cuda_graphs, v_range=list(v_range),
+               cuda_graphs=cuda_graphs, v_range=list(v_range), accelerate=accelerate,
                n_params=sum(p.numel() for p in sides['ours'][0].parameters()))
     for k, rs in rows.items():
         res[k] = dict(step_ms=ms(med(r['step'] for r in rs)), step_ms_all=[ms(r['step']) for r in rs],
@@ -272,24 +277,26 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
 def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, warmup:int=1, official:str|None=None,
                 device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
                 memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi]
-                cuda_graphs:bool=False, # ours replayed from CUDA graphs (`model.GraphedInference`; CUDA only)
+                cuda_graphs:bool=False, # ours replayed from CUDA graphs (`accel.GraphedInference`; CUDA only)
+                accelerate:bool=True,   # ours with the fast layers of `ops`; False: the plain model
                 **cfg_overrides)->dict:
     "Median eval-mode forward latency per batch size, ours vs official (same inputs, interleaved)."
     from videolights.config import get_preset
     _cpu_default_threads(threads)
     cfg = get_preset(preset, **cfg_overrides)
     torch.manual_seed(seed)
-    sides = dict(ours=build_ours(cfg, device)[0])
-    if compile:  # eval only: Inductor freezing (+ its C++ wrapper on the CPU), see 07_model
-        from videolights.model import compile_inference
+    sides = dict(ours=build_ours(cfg, device, accelerate=accelerate)[0])
+    if compile:  # eval only: Inductor freezing (+ its C++ wrapper on the CPU), see 07b_accel
+        from videolights.accel import compile_inference
         sides['ours'] = compile_inference(sides['ours'])
     dt = _AMP[amp]
     if cuda_graphs:  # autocast, if any, is inside the graphs; the first call of each batch size captures
-        from videolights.model import GraphedInference
+        from videolights.accel import GraphedInference
         sides['ours'] = GraphedInference(sides['ours'], amp_dtype=dt)
     if official: off = load_official(official); sides['official'] = build_official(off, cfg, device)[0]
     for m in sides.values(): (m if isinstance(m, torch.nn.Module) else m.model).eval()  # GraphedInference: its model
-    res = dict(preset=preset, device=device, amp=amp, compile=compile, cuda_graphs=cuda_graphs, runs=runs, v_range=list(v_range))
+    res = dict(preset=preset, device=device, amp=amp, compile=compile, cuda_graphs=cuda_graphs, runs=runs,
+               v_range=list(v_range), accelerate=accelerate)
     cuda, peaks = device.startswith('cuda'), {}
     for B in batches:
         n = runs if B == 1 else max(3, runs // 2)
@@ -339,6 +346,87 @@ def _peak_main(a)->dict:
             m.eval()
             with torch.no_grad(), ctx: m(**mi)
     return dict(side=a.peak_side, kind=a.peak_kind, peak_rss_mib=peak_rss_mib())
+
+# %% ../nbs/90_bench.ipynb #7efa42a5
+def _official_copy(official_path:str, preset:str, seed:int=0)->tuple:
+    "The official model (eval) with its own random weights, and our accelerated copy of them."
+    from videolights.config import get_preset
+    from videolights.convert import load_official as from_official
+    from videolights.ops import accelerate
+    if preset not in ('qvhighlights', 'qvhighlights_sf_clip'):
+        raise ValueError(f"bench_forward: the official side needs preset 'qvhighlights' or 'qvhighlights_sf_clip', "
+                         f"not {preset!r}")
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    m_off = build_official(load_official(official_path), cfg)[0].eval()
+    return m_off, accelerate(from_official(m_off.state_dict(), cfg))
+
+def _peak_bytes(fn)->int:
+    "Peak live tensor bytes during `fn()` (CPU profiler memory events), or CUDA max allocated."
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(profile_memory=True) as prof: fn()
+    evs = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in evs:  # self usage: nested ops (linear > addmm) would otherwise count twice
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+def _time(fns:dict, repeats:int, warmup:int, sync)->dict:
+    "Median ms of each callable, runs interleaved."
+    for f in fns.values():
+        for _ in range(warmup): f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+
+# %% ../nbs/90_bench.ipynb #2f270658
+def bench_forward(preset:str='qvhighlights', batch_sizes:tuple=(1, 32), repeats:int=10, warmup:int=2,
+                  threads:int|None=None, official_path:str|None=None, device:str='cpu', seed:int=0)->dict:
+    "Eval-mode forward latency (median ms) at QVHighlights sizes, peak memory, params; optionally vs the official model."
+    from videolights.config import get_preset
+    from videolights.model import build_model, random_inputs
+    from videolights.ops import accelerate
+    if threads: torch.set_num_threads(int(threads))
+    dev = torch.device(device)
+    cfg = get_preset(preset)
+    if official_path: m_off, model = _official_copy(official_path, preset, seed)
+    else: m_off, model = None, accelerate(build_model(cfg)).eval()
+    model.to(dev)
+    if m_off is not None: m_off.to(dev)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    res = dict(preset=preset, device=str(dev), threads=torch.get_num_threads(), repeats=repeats,
+               params=sum(p.numel() for p in model.parameters()), by_batch={})
+    g = torch.Generator().manual_seed(seed)
+    for B in (int(b) for b in batch_sizes):
+        lv = [cfg.max_v_l] if B == 1 else [int(x) for x in torch.randint(20, cfg.max_v_l + 1, (B,), generator=g)]
+        lq = [cfg.max_q_l] if B == 1 else [int(x) for x in torch.randint(8, cfg.max_q_l + 1, (B,), generator=g)]
+        inp = {k: v.to(dev) for k, v in random_inputs(cfg, B, lv, lq, seed).items()}
+        fns = dict(ours=lambda: model(**inp))
+        if m_off is not None: fns['official'] = lambda: m_off(**inp)
+        with torch.inference_mode():
+            t = _time(fns, repeats, warmup, sync)
+            r = dict(Lv=max(lv), Lq=max(lq), ours_ms=round(t['ours'], 2),
+                     peak_mb=round(_peak_bytes(fns['ours']) / 2**20, 1))
+            if m_off is not None:
+                o, oo = model(**inp), m_off(**inp)
+                vm = inp['src_vid_mask'].bool()
+                r.update(official_ms=round(t['official'], 2), speedup=round(t['official'] / t['ours'], 2),
+                         official_peak_mb=round(_peak_bytes(fns['official']) / 2**20, 1),
+                         max_abs_diff=max(float((o[k] - oo[k]).abs().max()) for k in ('pred_logits', 'pred_spans')),
+                         max_abs_diff_saliency=float((o['saliency_scores'] - oo['saliency_scores'])[vm].abs().max()))
+        res['by_batch'][B] = r
+    return res
 
 # %% ../nbs/90_bench.ipynb #af528040
 def _official_dataset(off, root:Path, ann:Path, cfg):
@@ -543,7 +631,7 @@ BENCHES = {
 MODULE_BENCHES = {  # each module's own benchmark (`--modules`): its own protocol and options
     'load': 'videolights.data:bench_load',
     'eval': 'videolights.metrics:bench_eval',
-    'infer': 'videolights.model:bench_infer',
+    'infer': 'videolights.bench:bench_forward',
     'predict': 'videolights.video:bench_predict',
 }
 
@@ -557,6 +645,7 @@ def _shared_kwargs(name:str, a)->dict:
     if name in ('train-step', 'infer'):
         kw.update(device=a.device, amp=a.amp, compile=a.compile, threads=a.threads, memory=not a.no_memory)
     if name in ('train-step', 'infer') and a.cuda_graphs: kw['cuda_graphs'] = True
+    if name in ('train-step', 'infer') and a.plain_model: kw['accelerate'] = False
     if name in ('train-step', 'infer', 'load', 'eval'): kw['official'] = a.compare_official
     if name == 'eval' and a.official_python: kw['official_python'] = a.official_python
     if name == 'predict': kw['device'] = a.device
@@ -592,11 +681,13 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--official-python', default=None, help='interpreter for the official evaluator (needs scikit-learn)')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (CUDA; bf16 also on '
                    'CPUs with AVX512-BF16/AMX). The official code stays float32: it fails under autocast')
-    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: model.compile_inference, with '
+    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: accel.compile_inference, with '
                    'freezing; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
-    p.add_argument('--cuda-graphs', action='store_true', help='replay our model from CUDA graphs: infer, model.GraphedInference '
-                   '(inputs padded to the preset\'s max lengths); train-step, model.GraphedTraining (exact shapes; the batches '
+    p.add_argument('--cuda-graphs', action='store_true', help='replay our model from CUDA graphs: infer, accel.GraphedInference '
+                   '(inputs padded to the preset\'s max lengths); train-step, accel.GraphedTraining (exact shapes; the batches '
                    'take turns between 2 shapes, captured during warm-up)')
+    p.add_argument('--plain-model', action='store_true', help='our plain model of 07_model, without the fast layers of '
+                   '07a_ops (ops.accelerate)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
     p.add_argument('--keep-memory', action='store_true', help='keep freed memory in the process (data.keep_freed_memory), '

@@ -60,13 +60,14 @@ class VLConfig:
     use_fra: bool = True                  # ablation 'fra'
     cmf: str = 'bi'                       # ablation 'bi': 'bi' = Bi-CMF, 'uni' = text->video only (QD-DETR T2V)
     loss_outputs_eval: bool = False       # eval mode also computes the loss-only outputs (saliency_scores_neg/_mr)
-    pack_neg_pass: bool = True            # training: the negative pass runs on real clips/tokens only (same losses; False = plain batched pass)
+    pack_neg_pass: bool = True            # accelerated model (`ops`), training: the negative pass on real rows only
+                                          # (same losses; False = batched with the positive pass)
     # --- fixes of official departures from the paper (all off = official computation) ---
-    fix_bicmf_mask_order: bool = False    # §12 quirk 1: per-sample masks (official tiles them head-major)
+    fix_bicmf_mask_order: bool = False    # Bi-CMF: per-sample masks (official tiles them head-major)
     fix_bicmf_ffn_residual: bool = False  # Bi-CMF FFN: LN(C + F) instead of LN(F + F)
     fix_bicmf_text: bool = False          # Bi-CMF keeps its updated, normalised text (norm2) for the next layer
     fix_fra_corr: bool = False            # FRA word-clip branch: masked softmax over words, aggregates word features
-    fix_mr_slice: bool = False            # §12 quirk 2: MR->HD slice per sample's own length, GRU stops at its end
+    fix_mr_slice: bool = False            # MR->HD slice per sample's own length, GRU stops at its end
     fix_loss_masking: bool = False        # (loss) saliency cos / task-coupled / align / hard losses mask padding
     fix_loss_sample_min: bool|None = None # (loss) per-sample min-shift, not batch-global (None: = fix_loss_masking)
     fix_loss_batch_mean: bool|None = None # (loss) cosine terms averaged over the batch, not summed (None: = fix_loss_masking)

@@ -15,6 +15,7 @@ import yaml
 from .config import VLConfig, get_preset, PRESETS
 from .data import VLDataset, collate, read_records, keep_freed_memory
 from .model import build_model
+from . import ops
 from .loss import build_criterion
 from .metrics import eval_submission
 from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptions, NonFiniteLossError, fit,
@@ -293,6 +294,8 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'],
                    help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: float32)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--plain-model', action='store_true', help='run the plain model of 07_model, without the fast layers '
+                   'of 07a_ops (the same results, slower)')
     g.add_argument('--cuda-graphs', action='store_true', help='replay the training forward/backward and the evaluations from '
                    'CUDA graphs (CUDA only; fewer kernel launches)')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimiser step')
@@ -350,7 +353,8 @@ def train_main(argv:list[str]|None=None)->int:
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
-    opts = RunOptions(device=a.device, amp=a.amp, compile=a.compile, cuda_graphs=a.cuda_graphs, grad_accum=a.grad_accum,
+    opts = RunOptions(device=a.device, amp=a.amp, accelerate=not a.plain_model, compile=a.compile,
+                      cuda_graphs=a.cuda_graphs, grad_accum=a.grad_accum,
                       deterministic=a.deterministic, eval_split=ev.split, progress=False if a.no_progress else None,
                       tensorboard=not a.no_tensorboard, save_every=a.save_every)
     info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
@@ -396,20 +400,24 @@ def resolve_ckpt(path:str|Path)->Path:
         raise FileNotFoundError(f"{p} holds neither model_best.ckpt nor model_latest.ckpt")
     return p
 
-def load_model(ckpt:str|Path, device:str|torch.device='cpu')->tuple[nn.Module, VLConfig]:
+def load_model(ckpt:str|Path, device:str|torch.device='cpu',
+               accelerate:bool=True, # the fast layers of `ops` (`ops.accelerate`); False: the plain model
+              )->tuple[nn.Module, VLConfig]:
     "Rebuild the model of a checkpoint written by `fit` and load its weights."
     ck = load_checkpoint(resolve_ckpt(ckpt))
     cfg = VLConfig(**_known(ck['config']))
-    model = build_model(cfg); model.load_state_dict(ck['model'])
+    model = build_model(cfg)
+    model.load_state_dict(ck['model'])
+    if accelerate: ops.accelerate(model)
     return model.to(device).eval(), cfg
 
 def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|None=None, device:str='auto',
              batch_size:int|None=None, records:str|Path|None=None, progress:bool|None=None,
-             cuda_graphs:bool=False)->tuple[dict|None, list, Path]:
+             cuda_graphs:bool=False, accelerate:bool=True)->tuple[dict|None, list, Path]:
     "Run `ckpt` on a split; write the submission (and metrics when labelled); return (metrics, submission, path)."
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
     ckpt = resolve_ckpt(ckpt)
-    model, cfg = load_model(ckpt, dev)
+    model, cfg = load_model(ckpt, dev, accelerate)
     if data is None and (ckpt.parent/'config.json').is_file(): data = json.loads((ckpt.parent/'config.json').read_text()).get('data')
     ds = build_dataset(cfg, data, split, records=records)
     ev = Evaluator(ds, cfg, collate, partial(official_metrics, dset_name=cfg.dset_name),
@@ -437,9 +445,11 @@ def evaluate_main(argv:list[str]|None=None)->int:
     p.add_argument('--device', default='auto')
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--cuda-graphs', action='store_true', help='replay the forward from CUDA graphs (CUDA only; fewer launches)')
+    p.add_argument('--plain-model', action='store_true', help='the plain model, without the fast layers of 07a_ops')
     a = p.parse_args(argv)
     keep_freed_memory()
-    metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records, cuda_graphs=a.cuda_graphs)
+    metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records,
+                                  cuda_graphs=a.cuda_graphs, accelerate=not a.plain_model)
     print(f"wrote {len(sub)} predictions to {path}")
     if metrics is not None:
         print(format_brief(metrics.get('brief', metrics)))

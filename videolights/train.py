@@ -17,7 +17,8 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
-from .model import GraphedInference, GraphedTraining
+from .ops import accelerate
+from .accel import GraphedInference, GraphedTraining
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'set_seed', 'get_rng_state',
@@ -380,9 +381,11 @@ class RunOptions:
                                # if supported else fp16; CPU: bf16 if it has bf16 instructions, else off). Off by
                                # default: on a GPU at these sizes a step is launch-bound, so bf16 saves memory, not time
                                # (slower on an H200); on a CPU with AVX512-BF16/AMX bf16 cuts the step by a third (nbs/90_bench)
+    accelerate:bool=True       # swap in the fast layers of `ops` (`ops.accelerate`, in place: the same parameters and
+                               # results); False trains and evaluates the plain model of `07_model`
     compile:bool=False         # torch.compile the model
-    cuda_graphs:bool=False     # CUDA only: replay the training step's forward/backward (`model.GraphedTraining`; one
-                               # process, no compile, grad_accum 1) and the evaluations (`model.GraphedInference`) from graphs
+    cuda_graphs:bool=False     # CUDA only: replay the training step's forward/backward (`accel.GraphedTraining`; one
+                               # process, no compile, grad_accum 1) and the evaluations (`accel.GraphedInference`) from graphs
     grad_accum:int=1           # micro-batches per optimiser step
     num_workers:int|None=None  # DataLoader workers (None: cfg.num_workers)
     pin_memory:bool|None=None  # None: on when training on CUDA
@@ -622,6 +625,7 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
     if di.is_main: out_dir.mkdir(parents=True, exist_ok=True)
     if opts.deterministic: set_deterministic(True)
     model.to(device); criterion.to(device)
+    if opts.accelerate: accelerate(model)
     optimizer, scheduler = build_optimizer(model, cfg)
     amp_dtype = _amp_dtype(opts.amp, device)
     scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None

@@ -1013,10 +1013,14 @@ class VideoLightsPredictor:
                  encoders:dict[str,VideoEncoder], device:str='cpu',
                  overlap:int|None=None,  # clips shared by consecutive windows (default max_v_l // 3)
                  nms_thd:float=0.7, top_k:int=10, max_batch:int=256,
-                 compile:bool=False):    # `model.compile_inference`: faster calls after a 20–70 s first call (long jobs)
+                 accelerate:bool=True,   # the fast layers of `ops` (`ops.accelerate`, in place); False: the plain model
+                 compile:bool=False):    # `accel.compile_inference`: faster calls after a 20–70 s first call (long jobs)
         self.model, self.cfg, self.encoders, self.device = model.to(device).eval(), cfg, encoders, device
+        if accelerate:
+            from videolights import ops
+            ops.accelerate(self.model)
         if compile:
-            from videolights.model import compile_inference
+            from videolights.accel import compile_inference
             self.model = compile_inference(self.model)
         self.overlap = cfg.max_v_l // 3 if overlap is None else overlap
         self.nms_thd, self.top_k, self.max_batch, self._cache = nms_thd, top_k, max_batch, {}
