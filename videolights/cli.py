@@ -22,6 +22,8 @@ COMMANDS = {
     'extract':          ('videolights.video:extract_main',         'extract features from your own videos'),
     'predict':          ('videolights.video:predict_main',         'find moments for text queries in a video'),
     'ablate':           ('videolights.experiments:ablate_main',    'train and evaluate the paper\'s ablation rows'),
+    'features':         ('videolights.archives:features_main',     'check or convert the official feature archives'),
+    'reproduce':        ('videolights.reproduce:reproduce_main',   'the paper\'s tables from the official features (--plan, --smoke)'),
     'bench':            ('videolights.bench:main',                 'benchmarks (load, eval, train-step, infer, predict, all)'),
 }
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 import yaml
 from .config import VLConfig, get_preset, PRESETS
-from .data import VLDataset, collate, read_records, keep_freed_memory
+from .data import VLDataset, FeatureSource, FEATURE_DIRS, collate, read_records, keep_freed_memory
 from .model import build_model
 from . import ops
 from .loss import build_criterion
@@ -36,10 +36,10 @@ _VIDEO_DIRS = dict(slowfast='slowfast_features', clip='clip_features', blip='bli
 _TEXT_DIRS = dict(clip='clip_text_features', blip='blip_aug_text_features_openai')
 
 def feature_dirs(cfg)->tuple[list[str], list[str]]:
-    "The official feature-folder names of the config's video and text sources."
-    t_dirs = dict(_TEXT_DIRS, blip='blip_text_features') if cfg.dset_name == 'charadesSTA' else _TEXT_DIRS
-    if cfg.dset_name == 'tvsum': t_dirs = dict(t_dirs, clip='query_features')
-    return [_VIDEO_DIRS.get(t, t) for t in cfg.v_feat_types], [t_dirs.get(t, t) for t in cfg.t_feat_types]
+    "The official feature-folder names of the config's video and text sources (per dataset, `data.FEATURE_DIRS`)."
+    dirs = FEATURE_DIRS.get(cfg.dset_name, {})
+    v_dirs, t_dirs = {**_VIDEO_DIRS, **dirs.get('video', {})}, {**_TEXT_DIRS, **dirs.get('text', {})}
+    return [v_dirs.get(t, t) for t in cfg.v_feat_types], [t_dirs.get(t, t) for t in cfg.t_feat_types]
 
 SPLIT_ALIASES = {'charadesSTA': {'val': 'test'}}   # Charades-STA has no val split; the official code selects on test
 
@@ -55,8 +55,9 @@ def find_split(data:str|Path|None, cfg, split:str)->Path:
     raise FileNotFoundError(f"no {split} annotations for dset_name={cfg.dset_name!r}; looked for: "
                             + ', '.join(str(c) for c in cands))
 
-def find_features(data:str|Path|None, cfg)->Path:
-    "The feature store: `data` itself if it is an .h5, else DATA/features.h5, DATA/features/, or cfg.feat_root."
+def find_features(data:str|Path|FeatureSource|None, cfg)->Path|FeatureSource:
+    "The features: `data` if an .h5 store or a `FeatureSource`, else DATA/features.h5, DATA/features/ or cfg.feat_root."
+    if isinstance(data, FeatureSource): return data
     cands = []
     if data:
         d = Path(data)
