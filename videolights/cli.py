@@ -25,6 +25,7 @@ COMMANDS = {
     'features':         ('videolights.archives:features_main',     'check or convert the official feature archives'),
     'reproduce':        ('videolights.reproduce:reproduce_main',   'the paper\'s tables from the official features (--plan, --smoke)'),
     'bench':            ('videolights.bench:main',                 'benchmarks (load, eval, train-step, infer, predict, all)'),
+    'app':              ('videolights.app:app_main',               'web page: predictions on your videos, the explorer'),
 }
 
 def _usage()->str:
