@@ -355,7 +355,7 @@ def _serve(a)->int:
     kw = dict(ckpt=_abs(a.ckpt), videos=_abs(a.videos), submission=_abs(a.submission), gt=_abs(a.gt),
               sources={k: (_abs(v) if v and Path(v).expanduser().exists() else v) for k, v in _sources(a).items()},
               device=a.device)
-    for k in ('ckpt', 'submission', 'gt'):
+    for k in ('ckpt', 'videos', 'submission', 'gt'):
         if kw[k] and not Path(kw[k]).exists(): raise FileNotFoundError(f"--{k}: {kw[k]} does not exist")
     if kw['ckpt']:  # loaded once here too: a bad checkpoint or encoder is a one-line error, not a broken page
         pr = VideoLightsPredictor.from_pretrained(kw['ckpt'], sources=kw['sources'], device=a.device)
