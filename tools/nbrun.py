@@ -204,7 +204,7 @@ def main(argv=None):
     ap.add_argument('nbs', nargs='*', help='notebooks or folders (default: nbs/)')
     ap.add_argument('--workers', type=int, default=1, help='notebooks executed at once (run only)')
     ap.add_argument('--verbose', action='store_true', help='print the time of every cell (run only)')
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     if a.cmd == 'run-one':
         try: print(f'stored outputs: {run_one(a.nbs[0], verbose=a.verbose)}')
         except RuntimeError as e: sys.exit(f'FAILED {e}')
