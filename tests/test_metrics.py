@@ -1,12 +1,12 @@
 """videolights.metrics: official numbers (fixtures computed with the official evaluators), brute-force
-cross-checks, bad input, the `eval` CLI and `bench_eval`. The live comparison with the official code runs only when
+cross-checks, bad input, the `eval` CLI and what it imports. The live comparison with the official code runs only when
 VIDEOLIGHTS_OFFICIAL_EVAL points to a folder holding Moment-DETR's `standalone_eval/` (and scikit-learn is installed)."""
 import json, os, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np
 import pytest
 
-from videolights.metrics import (EvalInputError, read_jsonl, eval_submission, make_noisy_submission, bench_eval,
+from videolights.metrics import (EvalInputError, read_jsonl, eval_submission, make_noisy_submission,
                                  eval_main, charades_postprocess, detection_ap, greedy_match, iou_cross, saliency_ap,
                                  _diff)
 
@@ -234,9 +234,32 @@ def test_cli_error_names_file_and_line(tmp_path, capsys):
     assert f"{tmp_path/'sub.jsonl'}:2: not valid JSON" in capsys.readouterr().err
 
 
-def test_bench_eval_runs():
-    r = bench_eval(repeats=1)
-    assert r['n_queries'] == 1550 and r['ours_s'] < 10 and 'MR-full-mAP' in r['brief']
+def _imported(*args, **kw):
+    "Top-level packages a `python -m videolights ARGS` process imports (from `-X importtime`), and its result."
+    r = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'videolights', *args], capture_output=True, text=True,
+                       cwd=ROOT, **kw)
+    names = {l.split('|')[-1].strip().split('.')[0] for l in r.stderr.splitlines() if l.startswith('import time:')}
+    return names, r
+
+
+@pytest.mark.parametrize('dataset', ['qvhighlights', 'charades'])
+def test_eval_command_does_not_import_torch(tmp_path, dataset):
+    "Scoring QVHighlights or Charades-STA needs numpy only: `videolights eval` starts without torch."
+    gt = GT if dataset == 'qvhighlights' else [dict(qid=1, duration=30.0, relevant_windows=[[3.0, 9.0]])]
+    sub = _sub() if dataset == 'qvhighlights' else [dict(qid=1, pred_relevant_windows=[[3.0, 8.0, 0.9]])]
+    _write(tmp_path/'gt.jsonl', gt); _write(tmp_path/'sub.jsonl', sub)
+    names, r = _imported('eval', '--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl'),
+                         '--dataset', dataset)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'numpy' in names and 'videolights' in names   # the parsing works: these are imported
+    assert 'torch' not in names, sorted(names)
+
+
+def test_help_imports_nothing_heavy():
+    "`videolights --help` lists the commands without importing any of them."
+    names, r = _imported('--help')
+    assert r.returncode == 0 and 'commands:' in r.stdout
+    assert not names & {'torch', 'numpy', 'matplotlib', 'h5py', 'scipy', 'av', 'PIL'}, sorted(names)
 
 
 # ---------------------------------------------------------------- live comparison with the official code
