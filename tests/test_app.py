@@ -283,6 +283,7 @@ def test_app_in_headless_chromium(tiny, tmp_path):
         base = _retry(url, 120, 'the server to start')
         assert 'videolights app: VideoLightsPredictor(' in log.read_text()   # the checkpoint was checked first
         chrome = _Chrome(exe, tmp_path/'chrome')
+        chrome.call('Network.enable')
         chrome.call('Page.navigate', url=base)
         chrome.wait("!!document.querySelector('.widget-textarea textarea')")         # kernel up, page built
         assert chrome.js("document.querySelector('input[list]').value") == str(tiny.video)
@@ -316,6 +317,14 @@ def test_app_in_headless_chromium(tiny, tmp_path):
         shares = [A.color_share(timeline, col, tol=6) for col in A.QUERY_COLORS[:3]]
         assert shares[0] > 0.01 and shares[1] > 0.01 and shares[2] == 0, shares
         assert A.color_share(px[:y], A.QUERY_COLORS[0], tol=6) < 0.001                # above it: the controls only
+        # offline: every script and widget asset came from the app's server; the only other requests are the two
+        # icon stylesheets of Voilà's page template (cosmetic; the page works without them)
+        urls = {e['params']['request']['url'] for e in chrome.events if e['method'] == 'Network.requestWillBeSent'}
+        scripts = [u for u in urls if u.startswith(base) and u.split('?')[0].endswith('.js')]
+        assert any('jupyter-widgets' in u or 'jupyterlab-manager' in u or 'widgets-manager' in u for u in scripts), urls
+        other = sorted(u for u in urls if not u.startswith((base, 'data:', 'blob:')))
+        assert all(re.match(r'https://cdn\.jsdelivr\.net/npm/@fortawesome/fontawesome-free@(\^|%5E)5/css/[\w.-]+\.css$', u)
+                   for u in other), other
     finally:
         if chrome is not None: chrome.close()
         os.killpg(server.pid, signal.SIGTERM)
