@@ -197,8 +197,8 @@ def test_seeds_give_mean_and_std(archives, tmp_path):
     "Two seeds of one Charades-STA row and of TVSum's ten I3D domain runs: mean ± std, and the ten-domain average."
     from videolights.reproduce import Setup, reproduce, SMOKE_MODEL, SMOKE_RUN
     from videolights.train import RunOptions
-    setup = Setup(archives, tmp_path/'r', 2, dict(SMOKE_MODEL, **SMOKE_RUN), RunOptions(device='cpu', save_every=0),
-                  proxy=True)
+    opts = RunOptions(device='cpu', save_every=0, tensorboard=False, console=False)
+    setup = Setup(archives, tmp_path/'r', 2, dict(SMOKE_MODEL, **SMOKE_RUN), opts, proxy=True)
     r = reproduce(setup, only='charades/VideoLights,tvsum/VideoLights-I3D', log=lambda *_: None)
     cmp = r['comparison'].set_index(['model', 'metric'])
     assert (r['comparison'].n == 2).all() and not r['failed']
