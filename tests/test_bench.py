@@ -83,15 +83,32 @@ def test_all_gathers_every_benchmark_and_survives_a_failure(monkeypatch):
             return dict(ratio=2.0) if 'official' in kw and kw['official'] else dict(ok=True)
         return f
     monkeypatch.setattr(bench, 'BENCHES', {n: fake(n, n == 'predict') for n in bench.BENCHES})
-    rc, stdout, _ = run_main(['all', '--compare-official', OFFICIAL if HAVE_OFFICIAL else NOWHERE])
+    rc, stdout, err = run_main(['all', '--compare-official', OFFICIAL if HAVE_OFFICIAL else NOWHERE, '--n_train', '64'])
     if not HAVE_OFFICIAL:
         assert rc == 2; return
     d = json.loads(stdout)
-    assert set(calls) == {'load', 'eval', 'train-step', 'infer', 'predict'}
+    assert set(calls) == {'startup', 'eval', 'load', 'train-step', 'infer', 'epoch', 'predict'}
     assert d['predict'] == {'error': 'RuntimeError: boom'}
     assert calls['train-step']['official'] == OFFICIAL and calls['train-step']['device'] == 'cpu'
-    assert 'official' not in calls['predict']
-    assert d['ratios_official_over_ours'] == {'load': 2.0, 'eval': 2.0, 'train-step': 2.0, 'infer': 2.0}
+    assert 'official' not in calls['predict'] and 'official' not in calls['startup']
+    assert calls['epoch']['n_train'] == 64 and calls['epoch']['n_val'] == 500   # --n_train reaches the epoch only
+    assert 'n_train' not in calls['train-step']
+    assert d['ratios_official_over_ours'] == {n: 2.0 for n in ('eval', 'load', 'train-step', 'infer', 'epoch')}
+    t = {r['target']: r for r in d['targets']}
+    assert t['train step, float32']['value'] == 2.0 and t['train step, float32']['met'] is False
+    assert t['epoch: train + val evaluation, float32']['met'] is False and 'CPU:' in err
+
+
+def test_check_targets_reads_every_goal():
+    "Every target row finds its value in a complete result, and the comparison goes the right way."
+    out = {'train-step': dict(ratio=2.6, ratio_bf16=5.1, rss_ours_over_official=0.9),
+           'infer': dict(b1=dict(ratio=3.2, bf16_speedup=1.1), b32=dict(ratio=3.9, bf16_speedup=2.0),
+                         rss_ours_over_official=1.2),
+           'epoch': dict(ratio=3.5), 'eval': dict(ratio=30, process=dict(ratio=12, imports_torch=False)),
+           'startup': dict(help_s=0.2), 'load': dict(ratio=6)}
+    rows = {r['target']: r['met'] for r in bench.check_targets(out)}
+    assert None not in rows.values() and len(rows) == len(bench.TARGETS)
+    assert [k for k, v in rows.items() if not v] == ['inference B=32, float32', 'peak RSS, inference: ours / official']
 
 
 def test_profile_command(tmp_path):
@@ -303,20 +320,6 @@ def test_prelu_backward_equals_torch(w):
     assert type(make_activation('prelu')) is torch.nn.PReLU and L.FAST[torch.nn.PReLU] is L.FastPReLU
 
 
-def test_modules_flag_dispatches_to_each_modules_own_bench(monkeypatch):
-    import importlib
-    seen = {}
-    def fake_with(official_path=None, **kw): seen['with'] = (official_path, kw); return {'ok': 1}
-    def fake_without(**kw): seen['without'] = kw; return {'ok': 2}
-    monkeypatch.setattr(importlib.import_module('videolights.bench'), 'bench_forward', fake_with)
-    monkeypatch.setattr(importlib.import_module('videolights.data'), 'bench_load', fake_without)
-    off = OFFICIAL if HAVE_OFFICIAL else None
-    rc, out, _ = run_main(['infer', '--modules', '--repeats', '2'] + (['--compare-official', off] if off else []))
-    assert rc == 0 and json.loads(out)['infer'] == {'ok': 1} and seen['with'] == (off, {'repeats': 2})
-    rc, out, _ = run_main(['load', '--modules', '--n_videos', '5'] + (['--compare-official', off] if off else []))
-    assert rc == 0 and seen['without'] == {'n_videos': 5}  # no official_path for a function without that option
-
-
 def _eager_and_compiled():
     "The tiny preset (dropouts 0) eager and under `torch.compile`, with the same weights; and its criterion."
     cfg = get_preset('tiny', input_dropout=0., dropout=0., fra_dropout=0.)
@@ -420,3 +423,75 @@ def test_ours_is_accelerated_unless_plain_model(monkeypatch):
     monkeypatch.setitem(bench.BENCHES, 'infer', lambda **kw: seen.append(kw.get('accelerate', True)) or {'ok': 1})
     assert run_main(['infer'])[0] == 0 and run_main(['infer', '--plain-model'])[0] == 0
     assert seen == [True, False]
+
+
+def test_bf16_side_is_interleaved_and_reported():
+    "`also_bf16`: our model under bf16 autocast is a third side of train-step and infer, with its speed-up."
+    r = bench.bench_train_step('tiny', batch=2, steps=2, warmup=0, memory=False, also_bf16=True)
+    assert len(r['ours_bf16']['step_ms_all']) == 2 and r['bf16_speedup'] > 0 and 'ratio_bf16' not in r
+    i = bench.bench_infer('tiny', batches=(1, 2), runs=2, warmup=0, memory=False, also_bf16=True)
+    assert all(i[f'b{B}']['ours_bf16']['ms'] > 0 and i[f'b{B}']['bf16_speedup'] > 0 for B in (1, 2))
+
+
+def test_bench_load_small(tmp_path):
+    r = bench.bench_load(n_videos=12, batch=4, repeats=1, workdir=str(tmp_path))
+    assert r['n_videos'] == 12 and r['ours_h5']['epoch_s'] > 0 and r['ours_npz']['epoch_s'] > 0
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is removed
+
+
+def test_bench_predict_small():
+    r = bench.bench_predict(duration=60, n_queries=3, repeats=1)
+    assert r['n_clips'] == 30 and r['n_windows'] == 1 and r['per_query_ms'] > 0
+
+
+def test_startup_and_eval_processes():
+    "`startup` times `videolights --help`; `eval` times our metrics warm and as a process that imports no torch."
+    s = bench.bench_startup(repeats=1)
+    assert s['help_s'] > 0 and s['imports_torch'] is False
+    e = bench.bench_eval(repeats=1, official=OFFICIAL)
+    assert e['n_queries'] == 1550 and e['process']['imports_torch'] is False and e['process']['ours_s'] > 0
+    if HAVE_OFFICIAL:
+        assert e['mismatches'] == [] and e['process']['mismatches'] == [] and e['process']['ratio'] > 0
+
+
+def test_phase_timer_adds_up(tmp_path):
+    "The epoch benchmark's timer: every phase of a pretend run, and `other` closes the sum to the wall time."
+    child = bench._PHASE_TIMER + """
+lin = torch.nn.Linear(4, 2)
+opt = torch.optim.AdamW(lin.parameters())
+class SetCriterion(torch.nn.Module):
+    def forward(self, x): return x.sum()
+class Evaluator:
+    def __call__(self): return lin(torch.randn(2, 4))
+_wrap_eval(Evaluator, '__call__')
+crit = SetCriterion()
+for xb in torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4):
+    opt.zero_grad()
+    crit(lin(xb)).backward()
+    torch.nn.utils.clip_grad_norm_(lin.parameters(), 0.1)
+    opt.step()
+Evaluator()()
+torch.save(lin.state_dict(), sys.argv[2])
+_dump(sys.argv[1])
+"""
+    subprocess.run([sys.executable, '-c', child, str(tmp_path/'p.json'), str(tmp_path/'w.pt')], check=True)
+    d = json.loads((tmp_path/'p.json').read_text())
+    assert set(d['phases']) == {'loading', 'forward', 'losses', 'backward', 'optimiser', 'evaluation',
+                                'evaluation.forward', 'writing'}
+    t = bench._phase_table(d, wall=d['child_s'] + 0.5)
+    assert abs(sum(t['phases_s'].values()) - (d['child_s'] + 0.5)) < 0.05
+    assert 0.5 < t['phases_s']['startup'] < 0.5 + d['child_s'] and d['first_batch_s'] > 0
+    assert set(t['evaluation_s']) == {'forward', 'other'}
+
+
+@pytest.mark.slow
+def test_bench_epoch_runs_both_processes(tmp_path):
+    "A tiny epoch through `videolights train` (and the official train.py when present), with phases and metrics."
+    r = bench.bench_epoch(n_train=40, n_val=12, official=OFFICIAL, workers=0, workdir=str(tmp_path))
+    assert 'error' not in r, r.get('error')
+    assert r['steps'] == 2 and r['ours']['wall_s'] > 0 and r['ours']['brief'] is not None
+    assert r['ours']['phases_s']['forward'] > 0 and r['ours']['phases_s']['evaluation'] > 0
+    assert r['ours']['phases_s']['writing'] > 0      # checkpoints
+    if HAVE_OFFICIAL:
+        assert r['official']['phases_s']['evaluation'] > 0 and r['official']['brief'] is not None and r['ratio'] > 0
+    assert list(tmp_path.iterdir()) == []

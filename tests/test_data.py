@@ -13,7 +13,7 @@ import torch
 from videolights.data import (DATASET_DEFAULTS, DataFormatError, FeatureNotFoundError, VLDataset, collate,
                               convert_features, convert_features_main, inspect_main, load_jsonl, make_loader,
                               move_batch, open_features, read_charades, read_qvhighlights, read_records, read_tvsum,
-                              summarize, write_fake_features, H5Features, bench_load, index_store)
+                              summarize, write_fake_features, H5Features, index_store)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data'
@@ -464,14 +464,6 @@ def test_inspect_cli(tmp_path, small_set, capsys):
     assert (figdir / 'inspect_val.png').stat().st_size > 1000 and 'windows_per_query_mean' in out
     assert inspect_main([str(DATA / 'tvsum/tvsum_val.jsonl'), '--no-plots']) == 0
     assert 'n_annotators' in capsys.readouterr().out
-
-
-def test_bench_load_small(tmp_path):
-    r = bench_load(n_videos=12, batch_size=4, workdir=str(tmp_path))
-    assert r['n_videos'] == 12 and r['npz_epoch_s'] > 0 and r['h5_epoch_s'] > 0
-    assert r['speedup'] == pytest.approx(r['npz_ms_per_batch'] / r['h5_ms_per_batch'], rel=0.02)  # epoch_s is rounded to 1 ms: too coarse here
-    assert list(tmp_path.iterdir()) == []  # the temporary folder is removed
-
 
 
 def test_inspect_cli_store_empty_folder_and_bad_file(tmp_path, small_set, capsys):

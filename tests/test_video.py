@@ -512,11 +512,6 @@ def test_widget_logic(tmp_path, run_dir, encoders):
     assert type(app.widget()).__name__ == 'VBox'
 
 
-def test_bench_predict_small():
-    r = V.bench_predict(duration=60, n_queries=3, repeats=1)
-    assert r['n_clips'] == 30 and r['n_windows'] == 1 and r['per_query_ms'] > 0
-
-
 def test_predictor_compile_option(tmp_path, monkeypatch):
     "`compile=True` runs the model through `accel.compile_inference` (eval-only compile); off by default."
     import videolights.accel as M

@@ -24,7 +24,7 @@ COMMANDS = {
     'ablate':           ('videolights.experiments:ablate_main',    'train and evaluate the paper\'s ablation rows'),
     'features':         ('videolights.archives:features_main',     'check or convert the official feature archives'),
     'reproduce':        ('videolights.reproduce:reproduce_main',   'the paper\'s tables from the official features (--plan, --smoke)'),
-    'bench':            ('videolights.bench:main',                 'benchmarks (load, eval, train-step, infer, predict, all)'),
+    'bench':            ('videolights.bench:main',                 'benchmarks, side by side with the official code'),
     'app':              ('videolights.app:app_main',               'web page: predictions on your videos, the explorer'),
 }
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d3120d2c
 from __future__ import annotations
-import os, sys, json, math, random, argparse, warnings, time, tempfile, shutil
+import os, sys, json, math, random, argparse, warnings, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -24,7 +24,7 @@ __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', '
            'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
            'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences', 'collate', 'move_batch',
            'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary', 'plot_summary', 'inspect_main',
-           'convert_features_main', 'bench_load']
+           'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(ValueError):
@@ -854,49 +854,3 @@ def convert_features_main(argv:list[str]|None=None)->int:
     for t, v in s['types'].items(): print(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}')
     print(f'wrote {s["path"]} ({s["bytes"] / 2**20:.1f} MiB) in {s["seconds"]:.1f} s')
     return 0
-
-# %% ../nbs/01_data.ipynb #1078f35b
-def _bench_records(n:int, rng)->list[dict]:
-    recs = []
-    for i in range(n):
-        lq = int(rng.integers(8, 33))
-        st = int(rng.integers(0, 70)); ln = int(rng.integers(1, min(20, 75 - st) + 1))
-        recs.append(dict(qid=i, query=' '.join(['word'] * (lq - 2)), vid=f'bench{i:05d}_0.0_150.0', duration=150,
-                         relevant_windows=[[2 * st, 2 * (st + ln)]], relevant_clip_ids=list(range(st, st + ln)),
-                         saliency_scores=rng.integers(0, 5, (ln, 3)).tolist()))
-    return recs
-
-def _time_epoch(ds, batch_size, num_workers, seed)->tuple[float,int]:
-    t0, n = time.perf_counter(), 0
-    for b in make_loader(ds, batch_size, shuffle=True, num_workers=num_workers, seed=seed): n += len(b[2])
-    return time.perf_counter() - t0, n
-
-def bench_load(n_videos:int=2000, batch_size:int=32, num_workers:int=0,
-               workdir:str|None=None,   # where the temporary folder goes (default: the system temp dir)
-               dtype:str='float32',     # store dtype
-               compressed:bool=True,    # npz written with savez_compressed, as released
-               seed:int=0, keep:bool=False,
-               repeats:int=1,           # epochs per source (interleaved); the fastest counts
-              )->dict:
-    "Time one epoch from per-file npz features vs the HDF5 store; returns seconds and the ratio."
-    tmpd, rng = Path(tempfile.mkdtemp(prefix='vl_bench_load_', dir=workdir)), np.random.default_rng(seed)
-    vd = {t: QVH_FEATURE_DIMS[t] for t in DATASET_DEFAULTS['hl']['v_feat_types']}
-    td = {t: QVH_FEATURE_DIMS[t] for t in DATASET_DEFAULTS['hl']['t_feat_types']}
-    try:
-        recs = _bench_records(n_videos, rng)
-        t0 = time.perf_counter(); write_fake_features(tmpd/'features', recs, vd, td, seed=seed, compressed=compressed)
-        gen_s = time.perf_counter() - t0
-        conv = convert_features(tmpd/'features', tmpd/'features.h5', dtype=dtype, progress=False)
-        npz_bytes = sum(p.stat().st_size for p in (tmpd/'features').rglob('*.npz'))
-        npz_s = h5_s = float('inf')
-        for _ in range(repeats):  # interleaved; the fastest epoch of each counts (shared machines are noisy)
-            t, n1 = _time_epoch(VLDataset(recs, tmpd/'features', 'hl'), batch_size, num_workers, seed); npz_s = min(npz_s, t)
-            t, n2 = _time_epoch(VLDataset(recs, tmpd/'features.h5', 'hl'), batch_size, num_workers, seed); h5_s = min(h5_s, t)
-            assert n1 == n2 == n_videos
-        nb = math.ceil(n_videos / batch_size)
-        return dict(n_videos=n_videos, batch_size=batch_size, num_workers=num_workers, dtype=dtype, compressed=compressed, repeats=repeats,
-                    generate_s=round(gen_s, 2), convert_s=conv['seconds'], npz_epoch_s=round(npz_s, 3), h5_epoch_s=round(h5_s, 3),
-                    npz_ms_per_batch=round(1e3 * npz_s / nb, 2), h5_ms_per_batch=round(1e3 * h5_s / nb, 2),
-                    speedup=round(npz_s / h5_s, 2), npz_mib=round(npz_bytes / 2**20, 1), h5_mib=round(conv['bytes'] / 2**20, 1))
-    finally:
-        if not keep: shutil.rmtree(tmpd, ignore_errors=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_video.ipynb #09cff2b4
 from __future__ import annotations
-import sys, re, io, json, math, time, html, gzip, pickle, zipfile, argparse, dataclasses, importlib, shutil, tempfile
+import sys, re, json, math, html, gzip, pickle, zipfile, argparse, dataclasses, importlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_
            'make_tiny_clip', 'make_tiny_blip2', 'make_tiny_openai_clip', 'make_tiny_slowfast', 'load_encoders',
            'extract_video', 'write_feature', 'has_features', 'list_videos', 'extract_queries', 'extract_main',
            'window_starts', 'temporal_nms', 'merge_windows', 'Prediction', 'EncodedVideo', 'VideoLightsPredictor',
-           'plot_predictions', 'predict_main', 'frames_at', 'PredictorApp', 'bench_predict']
+           'plot_predictions', 'predict_main', 'frames_at', 'PredictorApp']
 
 # %% ../nbs/13_video.ipynb #a8152cde
 _INSTALL = {'av': 'pip install av  (or: pip install "videolights[extract]")',
@@ -1307,47 +1307,3 @@ def widget(self):
             if self.last: display(self.last[1]); plt.close(self.last[1])
     btn.on_click(click)
     return W.VBox([pick, qbox, W.HBox([btn, status]), out])
-
-# %% ../nbs/13_video.ipynb #9a0a9787
-def bench_predict(duration:float=600., # seconds of synthetic video
-                  n_queries:int=10, fps:float=1., size:tuple=(32, 24), repeats:int=3,
-                  device:str='cpu', workdir:str|None=None)->dict:
-    "Time encode + predict of `n_queries` on a synthetic video with tiny encoders; also the per-query cost."
-    from videolights.config import get_preset
-    from videolights.model import build_model
-    d = Path(workdir or tempfile.mkdtemp(prefix='vl_bench_predict_'))
-    try:
-        t0 = time.perf_counter(); video = make_test_video(d/'bench.mp4', duration, fps, size); t_write = time.perf_counter() - t0
-        enc = CLIPEncoder(make_tiny_clip(d/'clip'), device=device)
-        cfg = get_preset('tiny', v_feat_types=('clip',), v_feat_dims=(enc.video_dim,), t_feat_types=('clip',),
-                         t_feat_dims=(enc.text_dim,), max_v_l=75, max_q_l=32)
-        torch.manual_seed(0)
-        pr = VideoLightsPredictor(build_model(cfg), cfg, {'clip': enc}, device=device)
-        words = 'a the dog cat man woman car runs jumps and in on of'.split()
-        rng = np.random.default_rng(0)
-        qs = [' '.join(rng.choice(words, rng.integers(3, 12))) for _ in range(n_queries)]
-        t0 = time.perf_counter(); n_clips = sum(1 for _ in sample_clip_frames(video, cfg.clip_len, 1, enc.frame_size))
-        t_decode = time.perf_counter() - t0
-        t0 = time.perf_counter(); ev = pr.encode_video(video); t_enc = time.perf_counter() - t0
-        t0 = time.perf_counter(); pr.predict(qs, ev); t_first = time.perf_counter() - t0
-        many, one = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter(); pr.predict(qs, video); many.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); pr.predict(qs[0], video); one.append(time.perf_counter() - t0)
-        cfg_fix = dataclasses.replace(cfg, fix_bicmf_mask_order=True)  # per-sample masks: one forward for all pairs
-        pr_fix = VideoLightsPredictor(build_model(cfg_fix), cfg_fix, {'clip': enc}, device=device)
-        pr_fix.predict(qs, ev); fixed = []
-        for _ in range(repeats):
-            t0 = time.perf_counter(); pr_fix.predict(qs, ev); fixed.append(time.perf_counter() - t0)
-        n_win = len(window_starts(ev.n_clips, cfg.max_v_l, pr.overlap))
-        return dict(video_seconds=duration, fps=fps, frame_size=list(size), n_clips=ev.n_clips, n_windows=n_win,
-                    n_queries=n_queries, write_video_s=round(t_write, 3), decode_sample_s=round(t_decode, 3),
-                    encode_video_s=round(t_enc, 3), predict_queries_s=round(t_first, 3),
-                    encode_plus_predict_s=round(t_enc + t_first, 3),
-                    cached_predict_queries_s=round(float(np.median(many)), 4),
-                    per_query_ms=round(1000 * float(np.median(many)) / n_queries, 2),
-                    single_query_ms=round(1000 * float(np.median(one)), 2),
-                    per_query_ms_fixed_masks=round(1000 * float(np.median(fixed)) / n_queries, 2), device=device,
-                    torch_threads=torch.get_num_threads())
-    finally:
-        if workdir is None: shutil.rmtree(d, ignore_errors=True)
