@@ -2,7 +2,7 @@
 
 The notebooks are rendered with their stored outputs (myst-nb, execution off); the API reference comes from the
 docstrings, signatures and docments of the installed `videolights` package (autodoc)."""
-import inspect
+import inspect, re
 from fastcore.docments import docments
 
 project = 'videolights'
@@ -32,8 +32,21 @@ html_show_sourcelink = False
 html_copy_source = False
 
 
+def _md_inline(s:str)->str:
+    "A Markdown docstring line (nbdev) as reST: `code` spans as literals, also glued to words; a lone `*` escaped."
+    star = lambda t: re.sub(r"(?<=[/'])\*|\*(?=[,'/])", r'\\*', t)
+    out, pos = [], 0
+    for m in re.finditer(r'`([^`]+)`', s):
+        before, after = s[m.start() - 1:m.start()], s[m.end():m.end() + 1]
+        out += [star(s[pos:m.start()]), '\\ ' if re.match(r'[\w*]', before) else '', f'``{m[1]}``',
+                '\\ ' if re.match(r'\w', after) else '']
+        pos = m.end()
+    return ''.join(out + [star(s[pos:])])
+
+
 def _docments(app, what, name, obj, options, lines):
     "Append each parameter's docments comment (`x:int, # what x is`) as a `:param:` field."
+    lines[:] = [_md_inline(l) for l in lines]
     if what not in ('function', 'method', 'class') or not callable(obj): return
     try: d = docments(obj, full=True)
     except Exception: return
@@ -42,7 +55,7 @@ def _docments(app, what, name, obj, options, lines):
     for k, v in d.items():
         doc = (v.get('docment') or '').strip()
         if not doc: continue
-        lines.append(f':returns: {doc}' if k == 'return' else f':param {k}: {doc}')
+        lines.append(_md_inline(f':returns: {doc}' if k == 'return' else f':param {k}: {doc}'))
 
 
 def setup(app):
