@@ -191,3 +191,40 @@ def test_help_config_lists_every_field_with_type_default_and_meaning():
     assert rows['hidden_dim'].split()[2] == '256' and rows['enc_layers'].split()[2] == '3'   # the preset's values
     heads = [l for l in r.stdout.splitlines() if l and not l.startswith(' ') and l.endswith(':')]
     assert heads[:2] == ['data:', 'model:'] and 'losses:' in heads and 'training:' in heads and len(heads) == 6
+
+
+# ---------------------------------------------------------------- the tiny preset carries the CPU recipe
+def test_tiny_preset_is_the_demo_recipe(tiny_data, tmp_path, capsys):
+    "`train --preset tiny --data SYNTH` with no other flag resolves to the config `demo` trains."
+    import dataclasses
+    from videolights.runs import synth_config, read_config, feature_dirs
+    from videolights.config import get_preset
+    (tmp_path/'cli.yaml').write_text(print_config(capsys, '--preset', 'tiny', '--data', tiny_data))
+    preset, over = read_config(tmp_path/'cli.yaml')
+    demo_cfg = synth_config(tiny_data, 'tiny')                            # what experiments.demo builds
+    cli = get_preset(preset, **over)
+    src = ('v_feat_types', 'v_feat_dims', 't_feat_types', 't_feat_dims')      # the data's widths replace these in build_run
+    assert dataclasses.replace(cli, **{k: getattr(demo_cfg, k) for k in src}) == demo_cfg
+    assert feature_dirs(cli) == feature_dirs(demo_cfg)                     # the same feature folders
+    assert (demo_cfg.n_epoch, demo_cfg.lr, demo_cfg.bsz, demo_cfg.max_v_l, demo_cfg.hard_pos_neg_loss) == (25, 1e-3, 16, 75, False)
+    q = get_preset('qvhighlights')                                        # paper presets keep the official recipe
+    assert (q.n_epoch, q.lr, q.bsz, q.input_dropout, q.hard_pos_neg_loss) == (200, 1e-4, 32, 0.5, True)
+
+
+@pytest.mark.slow
+def test_tiny_preset_defaults_learn_on_the_cpu(tmp_path):
+    "`videolights train --preset tiny --data SYNTH --out RUN` and nothing else: well above random windows."
+    from videolights.experiments import random_submission
+    from videolights.runs import official_metrics
+    data = tmp_path/'data'
+    synth(data, seed=0, size='small', progress=False)
+    r = vl('train', '--preset', 'tiny', '--data', data, '--out', tmp_path/'run', timeout=1800)
+    assert r.returncode == 0, r.stderr
+    assert 'done: 25 epochs' in r.stdout
+    best = json.loads((tmp_path/'run'/'best_val_metrics.json').read_text())['brief']
+    gt = [json.loads(l) for l in open(data/'highlight_val_release.jsonl')]
+    rand = [official_metrics(random_submission(gt, s), gt)['brief'] for s in range(3)]
+    for k, need in (('MR-full-mAP', 3), ('HL-min-VeryGood-Hit1', 2)):
+        ratio = best[k] / (sum(x[k] for x in rand) / 3)
+        print(f"{k}: {best[k]:.2f}, {ratio:.1f}x random")
+        assert ratio >= need, (k, best[k], ratio)

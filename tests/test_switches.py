@@ -42,7 +42,7 @@ SALIENCY_SWITCHES = {'hard_pos_neg_loss': ('hard_neg', 'hard_pos'), 'mr_to_hd_lo
 def test_each_loss_switch_removes_exactly_its_term(switch, fixed):
     "Same model outputs, criterion built from the config with one switch off: one loss moves, by its term, the rest stay."
     fix = {k: True for k in VLConfig().fixes} if fixed else {}
-    cfg_on, cfg_off = get_preset('tiny', **fix), get_preset('tiny', **fix, **{switch: False})
+    cfg_on, cfg_off = VLConfig(**fix), VLConfig(**fix, **{switch: False})
     out, t = _outputs(cfg_on)
     on, off = build_criterion(cfg_on)(out, t, epoch=3), build_criterion(cfg_off)(out, t, epoch=3)
     assert set(on) == set(off)
@@ -81,25 +81,25 @@ def test_loss_fix_parts_are_separate_switches():
     "Each part reaches the criterion alone, and changes the loss value on a padded batch."
     sal = lambda c: build_criterion(c).losses['saliency']
     ca = lambda c: build_criterion(c).losses['contrastive_align']
-    c = get_preset('tiny', fix_loss_batch_mean=True)
+    c = VLConfig(fix_loss_batch_mean=True)
     assert (sal(c)['batch_mean'], sal(c)['sample_min'], sal(c)['mask_padding'], ca(c)['mask_text']) == (True, False, False, False)
-    c = get_preset('tiny', fix_loss_sample_min=True)
+    c = VLConfig(fix_loss_sample_min=True)
     assert (sal(c)['sample_min'], ca(c)['sample_min'], sal(c)['batch_mean']) == (True, True, False)
-    c = get_preset('tiny', fix_loss_text_masking=True)
+    c = VLConfig(fix_loss_text_masking=True)
     assert (ca(c)['mask_text'], ca(c)['mask_padding'], sal(c)['sample_min']) == (True, False, False)
-    c = get_preset('tiny', fix_loss_masking=True, fix_loss_sample_min=False)
+    c = VLConfig(fix_loss_masking=True, fix_loss_sample_min=False)
     assert (sal(c)['mask_padding'], sal(c)['sample_min'], sal(c)['batch_mean'], ca(c)['mask_text']) == (True, False, True, True)
-    c = get_preset('tiny', fix_hard_loss_ramp=True, hard_loss_ramp_max=4)
+    c = VLConfig(fix_hard_loss_ramp=True, hard_loss_ramp_max=4)
     assert (sal(c)['bounded_ramp'], sal(c)['ramp_max']) == (True, 4)
-    out, t = _outputs(get_preset('tiny'))
-    base = build_criterion(get_preset('tiny'))(out, t, epoch=3)
+    out, t = _outputs(VLConfig())
+    base = build_criterion(VLConfig())(out, t, epoch=3)
     for part, key in (('fix_loss_sample_min', 'loss_saliency'), ('fix_loss_batch_mean', 'loss_saliency'),
                       ('fix_loss_text_masking', 'loss_contrastive_align')):
-        got = build_criterion(get_preset('tiny', **{part: True}))(out, t, epoch=3)
+        got = build_criterion(VLConfig(**{part: True}))(out, t, epoch=3)
         assert abs(float(got[key] - base[key])) > 1e-4, part
     # the ramp cap: at epoch 3 a cap of 2 halves nothing but scales the hard terms by 2/4
-    capped = build_criterion(get_preset('tiny', fix_hard_loss_ramp=True, hard_loss_ramp_max=2))(out, t, epoch=3)
-    terms = saliency_terms(out, t, 3, **build_criterion(get_preset('tiny')).losses['saliency'])
+    capped = build_criterion(VLConfig(fix_hard_loss_ramp=True, hard_loss_ramp_max=2))(out, t, epoch=3)
+    terms = saliency_terms(out, t, 3, **build_criterion(VLConfig()).losses['saliency'])
     hard = terms['hard_neg'] + terms['hard_pos']
     torch.testing.assert_close(base['loss_saliency'] - capped['loss_saliency'], hard * (1 - 2 / 4), atol=1e-5, rtol=1e-5)
 

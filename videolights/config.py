@@ -121,10 +121,10 @@ class VLConfig:
     pretrain_ckpt: str|None = None        # the weights pretrained=true starts from
     best_metric_weights: dict = field(default_factory=lambda: dict(BEST_WEIGHTS_HL)) # selection-score weights
     # --- inference / post-processing ---
-    max_before_nms: int = 10              # official NMS option, unused (no NMS, as official)
-    max_after_nms: int = 10               # official NMS option, unused (no NMS, as official)
+    max_before_nms: int = 10              # windows that NMS considers (when nms_thd > -1)
+    max_after_nms: int = 10               # windows NMS keeps (when nms_thd > -1)
     conf_thd: float = 0.                  # official option, unused
-    nms_thd: float = -1.                  # official NMS threshold, unused (-1 = no NMS, as official)
+    nms_thd: float = -1.                  # NMS IoU threshold of the predicted windows (-1: no NMS, official)
     max_ts: float|None = 150.             # predicted windows are clamped to [0, max_ts] s (official; None: duration)
     sort_results: bool = True             # rank predicted windows by score (official --no_sort_results turns it off)
     device: str = 'cpu'                   # official option, unused (train --device decides)
@@ -178,8 +178,10 @@ _PAPER = dict(hidden_dim=256, nheads=8, dim_feedforward=1024, bicmf_layers=1, en
 _QVH = dict(_PAPER, dset_name='hl', max_v_l=75, clip_len=2., v_feat_types=('slowfast', 'clip', 'blip'),
             v_feat_dims=(2304, 512, 768), t_feat_types=('clip', 'blip'), t_feat_dims=(512, 768), blip_features=True,
             train_path='data/highlight_train_release.jsonl', eval_path='data/highlight_val_release.jsonl')
+_TINY = dict(max_v_l=75, max_q_l=32, n_epoch=25, lr=1e-3, bsz=16, grad_clip=1.0, seed=0, input_dropout=0.1,
+             hard_pos_neg_loss=False)   # the tiny model with a recipe that learns on a CPU in a few minutes
 PRESETS = {
-    'tiny': {},
+    'tiny': _TINY,
     'qvhighlights': _QVH,
     'qvhighlights_sf_clip': dict(_QVH, blip_features=False),
     'charades': dict(_QVH, dset_name='charadesSTA', clip_len=1., lr_drop=100, n_epoch=100, eval_bsz=4,

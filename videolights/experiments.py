@@ -19,9 +19,9 @@ from .visualize import (METRICS, plot_training_curves, plot_timeline, plot_salie
                         parse_switches, plot_ablation)
 
 # %% auto #0
-__all__ = ['DEMO_RECIPE', 'DEMO_KEYS', 'ABLATION_FIELDS', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main',
-           'random_submission', 'demo_figures', 'demo', 'demo_main', 'ablation_overrides', 'select_rows', 'ablate',
-           'train_ablation_row', 'ablate_main']
+__all__ = ['DEMO_KEYS', 'ABLATION_FIELDS', 'pretrain_saliency', 'captions_to_pretrain', 'pretrain_data_main', 'random_submission',
+           'demo_figures', 'demo', 'demo_main', 'ablation_overrides', 'select_rows', 'ablate', 'train_ablation_row',
+           'ablate_main']
 
 # %% ../nbs/14_experiments.ipynb #a4b9f215
 def pretrain_saliency(p:float, # image-text match probability in [0, 1]
@@ -129,8 +129,6 @@ def demo_figures(run, # a run folder (its `log.jsonl`)
     return figs
 
 # %% ../nbs/14_experiments.ipynb #940a7c96
-DEMO_RECIPE = dict(n_epoch=25, eval_every=5, lr=1e-3, bsz=16, eval_bsz=100, grad_clip=1.0, num_workers=0, seed=0,
-                   max_v_l=75, max_q_l=32, input_dropout=0.1, hard_pos_neg_loss=False)
 DEMO_KEYS = ('MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP', 'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1')
 
 def demo(out:str|Path='runs/demo', progress:bool|None=None, size:str='small', amp:str='off', **overrides)->dict:
@@ -139,7 +137,7 @@ def demo(out:str|Path='runs/demo', progress:bool|None=None, size:str='small', am
     t0, out = time.time(), Path(out)
     data, run, figs = out/'data', out/'run', out/'figures'
     if not (data/'synth_info.json').is_file(): synth(data, seed=0, size=size, progress=bars_on(progress))
-    cfg = synth_config(data, **{**DEMO_RECIPE, **overrides})
+    cfg = synth_config(data, 'tiny', **overrides)
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, 'val', verbose=False)
     fit(model, crit, tr_ds, cfg, run, RunOptions(device='cpu', amp=amp, progress=progress, tensorboard=False), collate, ev,
         run_info=dict(preset='tiny', data=str(data)), overwrite=True)
@@ -182,8 +180,8 @@ def demo_main(argv:list[str]|None=None)->int:
     print((Path(a.out)/'metrics_table.md').read_text())
     print(f"learning check: MR mAP {s['ratios']['MR-full-mAP']:.1f}x random (need >= 3) {'ok' if ok_map else 'FAILED'}; "
           f"HIT@1 {s['ratios']['HL-min-VeryGood-Hit1']:.1f}x random (need >= 2) {'ok' if ok_hit else 'FAILED'}")
-    print(f"done in {s['seconds']:.0f} s\n  data:        {s['data']}\n  run:         {s['run']} (checkpoints, log.jsonl, "
-          f"val predictions)\n  submission:  {s['submission']}\n  figures:     {s['figures']}\n"
+    print(f"done in {s['seconds']:.0f} s\n  data:        {s['data']}\n  run:         {s['run']} (checkpoints, train.log, "
+          f"log.jsonl, val predictions)\n  submission:  {s['submission']}\n  figures:     {s['figures']}\n"
           f"  table:       {Path(a.out)/'metrics_table.md'}\n  summary:     {Path(a.out)/'demo_summary.json'}")
     return 0 if ok_map and ok_hit else 1
 
@@ -241,7 +239,6 @@ def train_ablation_row(overrides:dict, seed:int, out_dir, data:str, preset:str='
     if overrides.get('pretrained') and not pretrain_ckpt:
         raise ValueError("this row needs pretraining (pt=1): pass pretrain_ckpt, or skip 'pt'")
     over = dict(overrides, seed=seed, n_epoch=epochs, eval_every=max(1, epochs // 3), **extra)
-    if preset == 'tiny': over = dict(dict(lr=1e-3, num_workers=0, max_v_l=75), **over)
     cfg = synth_config(data, preset, **over) if (Path(data)/'synth_info.json').is_file() else get_preset(preset, **over)
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, verbose=False)
     if overrides.get('pretrained'): load_weights(model, pretrain_ckpt)

@@ -276,7 +276,7 @@ def read_config(path:str|Path)->tuple[str|None, dict]: # (the preset it names, t
 
 # %% ../nbs/11a_runs.ipynb #1ea6de8f
 _TRAIN_EPILOG = """examples:
-  videolights train --preset tiny --data runs/demo/data --out runs/tiny --epochs 20 --lr 1e-3
+  videolights train --preset tiny --data runs/demo/data --out runs/tiny           # CPU recipe: learns in minutes
   videolights train --preset qvhighlights --data /data/qvh --out runs/qvh          # paper recipe (200 epochs)
   videolights train --resume runs/qvh                                             # continue an interrupted run
   videolights train --preset qvhighlights --data /data/pretrain --pretrain --out runs/pt --epochs 50 --bsz 256
