@@ -18,6 +18,7 @@ COMMANDS = {
     'eval':             ('videolights.metrics:eval_main',          'score a submission file with the official metrics'),
     'train':            ('videolights.runs:train_main',            'train a model'),
     'evaluate':         ('videolights.runs:evaluate_main',         'run a checkpoint on a split, write a submission (+ metrics)'),
+    'convert-official': ('videolights.artifacts:convert_official_main', 'an official checkpoint -> a pretrained folder (safetensors)'),
     'pretrain-data':    ('videolights.experiments:pretrain_data_main','build synthetic pretraining data from per-clip captions'),
     'extract':          ('videolights.video:extract_main',         'extract features from your own videos'),
     'predict':          ('videolights.video:predict_main',         'find moments for text queries in a video'),
