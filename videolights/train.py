@@ -396,7 +396,8 @@ class RunOptions:
                                # data, and every lr_drop epochs); 0: none
     tensorboard:bool=True      # log to RUN_DIR/tensorboard when tensorboard is installed
     progress:bool|None=None    # tqdm bars: None = only when stderr is a terminal
-    console:bool=True          # the epoch lines also on stderr (when `logging` is not configured otherwise)
+    console:bool|None=None     # the epoch lines also on stderr (when `logging` is not configured otherwise); None: yes,
+                               # except inside IPython/Jupyter, where they would fill the cell outputs (see train.log)
     curves:bool=True           # draw RUN_DIR/training_curves.png when the run ends
 
 def cpu_native_bf16()->bool:
@@ -465,20 +466,26 @@ def epoch_line(train:dict, # the epoch's `log.jsonl` record: epoch, loss_overall
     return ' | '.join(parts)
 
 # %% ../nbs/11_train.ipynb #6957cf46
+def _in_ipython()->bool:
+    "Whether this process is an IPython shell (Jupyter, nbdev_test), whose cell outputs are kept."
+    ip = sys.modules.get('IPython')
+    return bool(ip is not None and getattr(ip, 'get_ipython', lambda: None)() is not None)
+
 def _log_handlers(path:Path, # the run's train.log (appended to)
-                  console:bool, # also stderr, when logging has no handler for LOG
+                  console:bool|None, # also stderr, when logging has no handler for LOG; None: unless in IPython
                  )->list[logging.Handler]:
     "Attach the run's handlers to `LOG` (INFO lines pass unless LOG's level was set by the user)."
     fmt = logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S')
     hs = [logging.FileHandler(path, encoding='utf-8')]
-    if console and not LOG.hasHandlers(): hs.append(logging.StreamHandler(sys.stderr))
+    if (not _in_ipython() if console is None else console) and not LOG.hasHandlers():
+        hs.append(logging.StreamHandler(sys.stderr))
     for h in hs: h.setFormatter(fmt); LOG.addHandler(h)
     if LOG.level == logging.NOTSET: LOG.setLevel(logging.INFO)
     return hs
 
 class _Log:
     "The run's reports, by rank 0 only: `log.jsonl`, TensorBoard when installed, and text lines through `LOG`."
-    def __init__(self, out_dir:Path, on:bool, tb:bool, console:bool=True):
+    def __init__(self, out_dir:Path, on:bool, tb:bool, console:bool|None=None):
         self.path, self.on, self.tb, self.last, self.handlers = out_dir/'log.jsonl', on, None, {}, []
         if not on: return
         if tb:
