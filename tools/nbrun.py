@@ -51,7 +51,8 @@ def _rel(p:Path)->str:
 
 def problem(path:Path)->str|None:
     "Why the stored outputs of the notebook at `path` are not current, or None when they are."
-    nb = json.loads(Path(path).read_text(encoding='utf-8'))
+    try: nb = json.loads(Path(path).read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e: return f'not valid JSON (line {e.lineno}: {e.msg}; an unresolved merge?)'
     st = nb.get('metadata', {}).get(KEY)
     if not st: return 'outputs were never stored by `make notebooks`'
     now = stamp(nb)
