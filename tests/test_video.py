@@ -253,6 +253,63 @@ def test_blip_caption_cleaning(encoders):
     torch.testing.assert_close(a, c)
 
 
+@pytest.fixture(scope='module')
+def lavis_dir(tmp_path_factory):
+    return V.make_tiny_lavis_blip2(tmp_path_factory.mktemp('lavis') / 'blip2')
+
+
+def test_lavis_names_map_both_ways(lavis_dir):
+    "Every LAVIS weight the extractor reads has a transformers name and back; the rest (LM head, temp) none."
+    sd = {**{'visual_encoder.' + k: v for k, v in torch.load(lavis_dir / 'eva_vit_g.pth').items()},
+          **torch.load(lavis_dir / 'blip2_pretrained.pth')['model']}
+    unused = {k for k in sd if V.lavis_key_to_hf(k) is None}
+    assert unused == {'temp', 'Qformer.bert.embeddings.position_ids'}
+    assert all(V.hf_key_to_lavis(V.lavis_key_to_hf(k)) == k for k in sd if k not in unused)
+    cfg, hf, _ = V.read_lavis_blip2(lavis_dir)
+    model_keys = set(__import__('transformers').Blip2ForImageTextRetrieval(cfg).state_dict())
+    assert set(hf) == model_keys  # every parameter set, nothing left over
+    assert {V.hf_key_to_lavis(k) for k in hf if not k.endswith('qkv.bias')} == \
+           {k for k in sd if k not in unused and not k.endswith(('q_bias', 'v_bias')) and '.blocks.2.' not in k}
+
+
+def test_lavis_and_transformers_forms_agree(lavis_dir, tmp_path):
+    "The LAVIS folder (or its blip2_pretrained.pth) and the same weights saved by transformers: the same features."
+    a, b = V.BLIP2Encoder(lavis_dir), V.BLIP2Encoder(lavis_dir / 'blip2_pretrained.pth')
+    a.model.save_pretrained(tmp_path / 'hf'); a.tokenizer.save_pretrained(tmp_path / 'hf')
+    c = V.BLIP2Encoder(tmp_path / 'hf')  # rounding the ViT to float16 again changes nothing
+    for k, v in a.model.state_dict().items(): assert torch.equal(v, c.model.state_dict()[k]), k
+    frames = np.random.RandomState(0).randint(0, 256, (2, 1, 224, 224, 3), dtype=np.uint8)
+    fa, fb, fc = (e.encode_frames(frames) for e in (a, b, c))
+    assert fa.shape == (2, 64) and torch.equal(fa, fb)
+    torch.testing.assert_close(fc, fa, rtol=0, atol=1e-6)
+    q = ['A man opens the door; then two people laugh!', 'the dog']
+    for x, y in zip(a.encode_text(q), c.encode_text(q)): torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    assert a.tokenizer.bos_token == '[DEC]' and len(a.tokenizer) == a.model.config.qformer_config.vocab_size
+
+
+def test_lavis_folder_errors(lavis_dir, tmp_path):
+    import shutil
+    d = tmp_path / 'no_vit'; shutil.copytree(lavis_dir, d); (d / 'eva_vit_g.pth').unlink()
+    with pytest.raises(FileNotFoundError, match='eva_vit_g.pth'): V.BLIP2Encoder(d)
+    d = tmp_path / 'no_bert'; shutil.copytree(lavis_dir, d); shutil.rmtree(d / 'bert-base-uncased')
+    with pytest.raises(FileNotFoundError, match='bert-base-uncased'): V.BLIP2Encoder(d)
+    d = tmp_path / 'junk'; d.mkdir(); (d / 'blip2_pretrained.pth').write_bytes(b'junk')
+    with pytest.raises(ValueError, match='blip2_pretrained.pth: not a readable PyTorch weights file'): V.BLIP2Encoder(d)
+
+
+def test_extract_cli_lavis_blip2(tmp_path, lavis_dir):
+    "`--blip-model` takes LAVIS' folder: float32 video features of the Q-Former width, text with [CLS]/[SEP]."
+    V.make_test_video(tmp_path / 'v.mp4', 7, fps=4, size=(32, 24))
+    (tmp_path / 'q.jsonl').write_text('{"qid": 1, "query": "The dog runs!!"}\n')
+    out = tmp_path / 'f.h5'
+    assert cli_main(['extract', str(tmp_path / 'v.mp4'), '--encoders', 'blip', '--blip-model', str(lavis_dir),
+                     '--out', str(out), '--queries', str(tmp_path / 'q.jsonl')]) == 0
+    with h5py.File(out) as h5:
+        v = h5['video/blip_video_features/v']
+        assert v.shape == (4, 64) and v.dtype == np.float32
+        assert h5['text/blip_aug_text_features_openai/1'].shape == (6, 64)  # [CLS] the dog run ##s [SEP]
+
+
 def test_require_says_what_to_install(monkeypatch):
     import importlib
     real = importlib.import_module

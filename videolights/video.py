@@ -23,12 +23,13 @@ from .data import stack_sources, keep_freed_memory
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
            'FrameResizer', 'resize_crop', 'n_clips_of', 'slot_times', 'ClipFrames', 'fps_frames', 'sample_clip_frames',
            'official_frame_rate', 'hero_frame_index', 'hero_clip_frames', 'VideoEncoder', 'ClipBPE', 'read_openai_clip',
-           'openai_clip_to_hf', 'CLIPEncoder', 'blip_caption', 'BLIP2Encoder', 'SlowFast', 'caffe2_to_key',
-           'key_to_caffe2', 'read_caffe2_pkl', 'write_caffe2_pkl', 'slowfast_state_dict', 'SlowFastEncoder',
-           'make_tiny_clip', 'make_tiny_blip2', 'make_tiny_openai_clip', 'make_tiny_slowfast', 'load_encoders',
-           'extract_video', 'write_feature', 'has_features', 'list_videos', 'extract_queries', 'extract_main',
-           'window_starts', 'temporal_nms', 'merge_windows', 'Prediction', 'EncodedVideo', 'VideoLightsPredictor',
-           'plot_predictions', 'predict_main', 'frames_at', 'PredictorApp']
+           'openai_clip_to_hf', 'CLIPEncoder', 'blip_caption', 'lavis_key_to_hf', 'hf_key_to_lavis',
+           'lavis_blip2_to_hf', 'lavis_blip2_dir', 'read_lavis_blip2', 'round_vit_fp16', 'BLIP2Encoder', 'SlowFast',
+           'caffe2_to_key', 'key_to_caffe2', 'read_caffe2_pkl', 'write_caffe2_pkl', 'slowfast_state_dict',
+           'SlowFastEncoder', 'make_tiny_clip', 'make_tiny_blip2', 'make_tiny_openai_clip', 'make_tiny_slowfast',
+           'make_tiny_lavis_blip2', 'load_encoders', 'extract_video', 'write_feature', 'has_features', 'list_videos',
+           'extract_queries', 'extract_main', 'window_starts', 'temporal_nms', 'merge_windows', 'Prediction',
+           'EncodedVideo', 'VideoLightsPredictor', 'plot_predictions', 'predict_main', 'frames_at', 'PredictorApp']
 
 # %% ../nbs/13_video.ipynb #a8152cde
 _INSTALL = {'av': 'pip install av  (or: pip install "videolights[extract]")',
@@ -430,19 +431,137 @@ def blip_caption(text:str, max_words:int=50)->str:
     t = re.sub(r'\s{2,}', ' ', re.sub(r'([.!"()*#:;~])', ' ', text.lower())).rstrip('\n').strip(' ')
     return ' '.join(t.split(' ')[:max_words])
 
+# %% ../nbs/13_video.ipynb #cb6c7fc0
+_LAVIS_PREFIX = {  # LAVIS Blip2Qformer weight name prefix -> transformers Blip2ForImageTextRetrieval
+    'visual_encoder.cls_token': 'vision_model.embeddings.class_embedding',
+    'visual_encoder.pos_embed': 'vision_model.embeddings.position_embedding',
+    'visual_encoder.patch_embed.proj.': 'vision_model.embeddings.patch_embedding.',
+    'visual_encoder.blocks.': 'vision_model.encoder.layers.', 'ln_vision.': 'vision_model.post_layernorm.',
+    'query_tokens': 'query_tokens', 'Qformer.bert.embeddings.LayerNorm.': 'qformer.layernorm.',
+    'Qformer.bert.embeddings.word_embeddings.': 'embeddings.word_embeddings.',
+    'Qformer.bert.embeddings.position_embeddings.': 'embeddings.position_embeddings.',
+    'Qformer.bert.encoder.': 'qformer.encoder.', 'vision_proj.': 'vision_projection.', 'text_proj.': 'text_projection.',
+    'itm_head.': 'itm_head.'}
+_LAVIS_INFIX = {'.norm1.': '.layer_norm1.', '.norm2.': '.layer_norm2.', '.attn.qkv.': '.self_attn.qkv.',
+                '.attn.proj.': '.self_attn.projection.', '.attention.self.': '.attention.attention.',
+                '.crossattention.self.': '.crossattention.attention.'}
+
+def _rename(key, prefix, infix):
+    p = max((p for p in prefix if key.startswith(p)), key=len, default=None)
+    if p is None: return None
+    key = prefix[p] + key[len(p):]
+    for a, b in infix.items(): key = key.replace(a, b)
+    return key
+
+def lavis_key_to_hf(key:str)->str|None:
+    "The `transformers` name of a LAVIS BLIP-2 weight; None for weights feature extraction never reads."
+    return _rename(key, _LAVIS_PREFIX, _LAVIS_INFIX)
+
+def hf_key_to_lavis(key:str)->str|None:
+    "The LAVIS name of a `transformers` BLIP-2 weight (the inverse of `lavis_key_to_hf`)."
+    return _rename(key, {v: k for k, v in _LAVIS_PREFIX.items()}, {v: k for k, v in _LAVIS_INFIX.items()})
+
+# %% ../nbs/13_video.ipynb #bb4908e8
+_BERT_BASE = dict(hidden_act='gelu', layer_norm_eps=1e-12)  # bert-base-uncased's config.json, LAVIS' Q-Former start
+
+def lavis_blip2_to_hf(sd:dict, # LAVIS names: blip2_pretrained.pth's 'model' + eva_vit_g.pth under 'visual_encoder.'
+                      bert_config:dict|None=None, # bert-base-uncased's config.json (heads, activation, eps)
+                      vit_depth:int|None=None, # ViT blocks used; default all but the last (LAVIS: 39 of EVA ViT-g's 40)
+                     ):
+    "A `transformers` `Blip2Config` and float32 state dict from the weights of LAVIS' BLIP-2 feature extractor."
+    tr = require('transformers', 'the BLIP-2 encoder')
+    blocks = len({k.split('.')[2] for k in sd if k.startswith('visual_encoder.blocks.')})
+    depth, W, H = vit_depth or blocks - 1, sd['visual_encoder.cls_token'].shape[-1], sd['query_tokens'].shape[-1]
+    patch, P = sd['visual_encoder.patch_embed.proj.weight'].shape[-1], sd['visual_encoder.pos_embed'].shape[1] - 1
+    b, qf = {**_BERT_BASE, 'num_attention_heads': H // 64, **(bert_config or {})}, 'Qformer.bert.'
+    cfg = tr.Blip2Config(num_query_tokens=sd['query_tokens'].shape[1],
+        image_text_hidden_size=sd['vision_proj.weight'].shape[0],
+        vision_config=dict(hidden_size=W, intermediate_size=sd['visual_encoder.blocks.0.mlp.fc1.weight'].shape[0],
+                           num_hidden_layers=depth, num_attention_heads=W // 88, image_size=patch * round(P ** 0.5),
+                           patch_size=patch, layer_norm_eps=1e-6, qkv_bias=True),  # EVA ViT-g: 88-wide heads, eps 1e-6
+        qformer_config=dict(vocab_size=sd[qf + 'embeddings.word_embeddings.weight'].shape[0], hidden_size=H,
+                            num_hidden_layers=len({k.split('.')[4] for k in sd if k.startswith(qf + 'encoder.layer.')}),
+                            num_attention_heads=b['num_attention_heads'], hidden_act=b['hidden_act'],
+                            layer_norm_eps=b['layer_norm_eps'], encoder_hidden_size=W, cross_attention_frequency=2,
+                            intermediate_size=sd[qf + 'encoder.layer.0.intermediate.dense.weight'].shape[0],
+                            max_position_embeddings=sd[qf + 'embeddings.position_embeddings.weight'].shape[0],
+                            use_qformer_text_input=True))
+    out = {hk: v.float() for k, v in sd.items() if not k.endswith(('.attn.q_bias', '.attn.v_bias'))
+           and not (k.startswith('visual_encoder.blocks.') and int(k.split('.')[2]) >= depth)
+           and (hk := lavis_key_to_hf(k)) is not None}
+    for i in range(depth):  # LAVIS keeps the q and v biases apart (no k bias); transformers stores q ‖ 0 ‖ v
+        q, v = (sd[f'visual_encoder.blocks.{i}.attn.{n}_bias'].float() for n in 'qv')
+        out[f'vision_model.encoder.layers.{i}.self_attn.qkv.bias'] = torch.cat([q, torch.zeros_like(v), v])
+    return cfg, out
+
+# %% ../nbs/13_video.ipynb #846f9540
+def _torch_file(path):
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+
+def lavis_blip2_dir(src)->Path|None:
+    "The folder of LAVIS' BLIP-2 files when `src` is one (or `blip2_pretrained.pth` in it); else None."
+    p = Path(src)
+    if p.is_file() and p.suffix == '.pth': p = p.parent
+    return p if (p/'blip2_pretrained.pth').is_file() else None
+
+def read_lavis_blip2(folder:str|Path, vit_depth:int|None=None)->tuple: # (Blip2Config, state dict, tokenizer folder)
+    "LAVIS' files in `folder` (`blip2_pretrained.pth`, `eva_vit_g.pth`, `bert-base-uncased/`), read as LAVIS does."
+    d = Path(folder)
+    vit = _torch_file(d/'eva_vit_g.pth') if (d/'eva_vit_g.pth').is_file() else {}
+    blip = _torch_file(d/'blip2_pretrained.pth')
+    sd = {**{'visual_encoder.' + k: v for k, v in vit.items()}, **blip.get('model', blip)}  # the ViT first, as LAVIS
+    if 'visual_encoder.cls_token' not in sd:
+        raise FileNotFoundError(f"{d}: no ViT weights: put LAVIS' eva_vit_g.pth (https://storage.googleapis.com/"
+                                "sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth) beside "
+                                "blip2_pretrained.pth")
+    bert = d/'bert-base-uncased' if (d/'bert-base-uncased').is_dir() else d
+    if not (bert/'vocab.txt').is_file():
+        raise FileNotFoundError(f"{d}: no tokenizer: LAVIS' BLIP-2 uses bert-base-uncased's (vocab.txt, config.json); "
+                                f"put them in {d/'bert-base-uncased'}")
+    bcfg = json.loads((bert/'config.json').read_text()) if (bert/'config.json').is_file() else None
+    return (*lavis_blip2_to_hf(sd, bcfg, vit_depth), bert)
+
+# %% ../nbs/13_video.ipynb #eceb121e
+def round_vit_fp16(vision:nn.Module)->nn.Module:
+    "LAVIS' `convert_weights_to_fp16` then `.float()`: ViT linear/conv weights and biases rounded to float16, in place."
+    for n, m in vision.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.weight.data = m.weight.data.half().float()
+            if m.bias is not None and not n.endswith('self_attn.qkv'): m.bias.data = m.bias.data.half().float()
+    return vision  # the q/v biases (qkv.bias here) are separate parameters in LAVIS, left in float32
+
+# %% ../nbs/13_video.ipynb #1d3d430b
+def _lavis_blip2_model(d:Path):
+    "Model and tokenizer from LAVIS' files, as `load_model_and_preprocess('blip2_feature_extractor')` builds them."
+    tr = require('transformers', 'the BLIP-2 encoder')
+    cfg, sd, bert = read_lavis_blip2(d)
+    model, info = tr.Blip2ForImageTextRetrieval.from_pretrained(None, config=cfg, state_dict=sd, output_loading_info=True)
+    if info['missing_keys'] or info['unexpected_keys']:  # (from_pretrained: no random initialisation first)
+        raise ValueError(f"{d}: the LAVIS weights do not fit BLIP-2: missing {info['missing_keys'][:3]}, "
+                         f"unexpected {info['unexpected_keys'][:3]}")
+    tok = tr.BertTokenizer.from_pretrained(str(bert))
+    tok.add_special_tokens({'bos_token': '[DEC]'})  # LAVIS' Blip2Base.init_tokenizer
+    return model, tok
+
 class BLIP2Encoder(VideoEncoder):
-    "BLIP-2 Q-Former features through `transformers` (`Blip2ForImageTextRetrieval`), the official way."
+    "BLIP-2 Q-Former features (LAVIS' `blip2_feature_extractor`) through `transformers`, the official way."
     name, video_feature_type, text_feature_type = 'blip', 'blip_video_features', 'blip_text_features'
     default_id = 'Salesforce/blip2-itm-vit-g'
-    def __init__(self, src:str|Path|None=None, device:str='cpu',
+    def __init__(self, src:str|Path|None=None, # LAVIS folder (blip2_pretrained.pth ...), transformers dir or hub id
+                 device:str='cpu',
                  max_length:int|None=None): # default: the Q-Former's position limit (LAVIS does not truncate)
         tr = require('transformers', 'the BLIP-2 encoder')
         src = src or self.default_id
-        self.model = _from_pretrained(tr.Blip2ForImageTextRetrieval, src, 'BLIP-2').to(device).eval()
+        if (d := lavis_blip2_dir(src)) is not None: self.model, self.tokenizer = _lavis_blip2_model(d)
+        else:
+            self.model = _from_pretrained(tr.Blip2ForImageTextRetrieval, src, 'BLIP-2')
+            self.tokenizer = _from_pretrained(tr.AutoTokenizer, src, 'the BLIP-2 tokenizer')
+            _norm_stats(src, self)
+        round_vit_fp16(self.model.vision_model)
         self.model.vision_model.post_layernorm.eps = 1e-5  # LAVIS' ln_vision
-        self.tokenizer = _from_pretrained(tr.AutoTokenizer, src, 'the BLIP-2 tokenizer')
-        _norm_stats(src, self)
-        self.device = device
+        self.model, self.device = self.model.to(device).eval(), device
         self.max_length = max_length or self.model.config.qformer_config.max_position_embeddings
         self.video_dim = self.text_dim = self.model.config.qformer_config.hidden_size
         self.frame_size = self.model.config.vision_config.image_size
@@ -728,6 +847,49 @@ def make_tiny_slowfast(path:str|Path, width:int=8, depths:tuple=(1, 1, 1, 1), se
             m.running_mean.normal_(0, 0.1); m.running_var.uniform_(0.5, 1.5); m.weight.data.uniform_(0.5, 1.5)
     return write_caffe2_pkl(net.state_dict(), path, depths)
 
+# %% ../nbs/13_video.ipynb #c38464c4
+_TINY_WORDS = 'a the dog cat man woman car run jump and in on of red hat open door then two people cook one laugh sit'
+
+def make_tiny_lavis_blip2(out_dir:str|Path, vit_width:int=176, # EVA ViT-g's heads are 88 wide: 176 = two heads
+                          vit_depth:int=2, dim:int=64, layers:int=2, heads:int=2, n_query:int=32, embed:int=256,
+                          image_size:int=224, patch:int=14, seed:int=0)->Path:
+    "A random BLIP-2 feature extractor in LAVIS' layout: blip2_pretrained.pth, eva_vit_g.pth, bert-base-uncased/."
+    out = Path(out_dir); bert = out/'bert-base-uncased'; bert.mkdir(parents=True, exist_ok=True)
+    words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '##s', '##ed', '##ing', '##es'] + _TINY_WORDS.split()
+    (bert/'vocab.txt').write_text('\n'.join(words) + '\n')
+    (bert/'tokenizer_config.json').write_text(json.dumps(dict(do_lower_case=True, model_max_length=512)))
+    (bert/'config.json').write_text(json.dumps(dict(model_type='bert', vocab_size=len(words), hidden_size=dim,
+        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * dim, hidden_act='gelu',
+        max_position_embeddings=64, layer_norm_eps=1e-12, pad_token_id=0, type_vocab_size=2)))
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=None: torch.randn(*shape, generator=g) * (s or shape[-1] ** -0.5)  # fan-in scaled by default
+    ln = lambda n, w: {n + '.weight': 1 + r(w, s=0.2), n + '.bias': r(w, s=0.2)}
+    lin = lambda n, o, i: {n + '.weight': r(o, i), n + '.bias': r(o, s=0.1)}
+    W, M, V, I, q = vit_width, int(vit_width * 4.3637), len(words) + 1, 2 * dim, 'Qformer.bert.'  # V: + LAVIS' [DEC]
+    vit = {'cls_token': r(1, 1, W, s=0.5), 'pos_embed': r(1, (image_size // patch) ** 2 + 1, W, s=0.5),
+           'patch_embed.proj.weight': r(W, 3, patch, patch, s=(3 * patch * patch) ** -0.5),
+           'patch_embed.proj.bias': r(W, s=0.1)}
+    for p in [f'blocks.{i}.' for i in range(vit_depth + 1)]:  # one block more than used, as EVA ViT-g's 40 for 39
+        vit.update({**ln(p + 'norm1', W), **ln(p + 'norm2', W), p + 'attn.qkv.weight': r(3 * W, W),
+                    p + 'attn.q_bias': r(W, s=0.1), p + 'attn.v_bias': r(W, s=0.1), **lin(p + 'attn.proj', W, W),
+                    **lin(p + 'mlp.fc1', M, W), **lin(p + 'mlp.fc2', W, M)})
+    sd = {'query_tokens': r(1, n_query, dim, s=0.5), **ln('ln_vision', W), **ln(q + 'embeddings.LayerNorm', dim),
+          q + 'embeddings.word_embeddings.weight': r(V, dim, s=0.5),
+          q + 'embeddings.position_ids': torch.arange(64)[None],
+          q + 'embeddings.position_embeddings.weight': r(64, dim, s=0.5), 'temp': torch.tensor(0.07),
+          **lin('vision_proj', embed, dim), **lin('text_proj', embed, dim), **lin('itm_head', 2, dim)}
+    for i in range(layers):
+        p = f'{q}encoder.layer.{i}.'
+        for a, kv in [('attention', dim)] + [('crossattention', W)] * (i % 2 == 0):  # cross-attention every 2nd layer
+            sd.update({**lin(p + a + '.self.query', dim, dim), **lin(p + a + '.self.key', dim, kv),
+                       **lin(p + a + '.self.value', dim, kv), **lin(p + a + '.output.dense', dim, dim),
+                       **ln(p + a + '.output.LayerNorm', dim)})
+        for s in ['', '_query']:  # the text FFN and the query FFN
+            sd.update({**lin(p + f'intermediate{s}.dense', I, dim), **lin(p + f'output{s}.dense', dim, I),
+                       **ln(p + f'output{s}.LayerNorm', dim)})
+    torch.save(vit, out/'eva_vit_g.pth'); torch.save({'model': sd}, out/'blip2_pretrained.pth')
+    return out
+
 # %% ../nbs/13_video.ipynb #76eff01c
 ENCODERS = {'clip': CLIPEncoder, 'blip': BLIP2Encoder, 'slowfast': SlowFastEncoder}
 
@@ -831,7 +993,8 @@ def _model_args(p):
     p.add_argument('--encoders', default='clip', help='comma-separated: clip, blip, slowfast (default: clip)')
     p.add_argument('--clip-model', default=None, help="CLIP: OpenAI's ViT-B-32.pt (bpe_simple_vocab_16e6.txt.gz beside "
                    f"it), a folder holding them, a transformers folder, or a hub id (default {CLIPEncoder.default_id})")
-    p.add_argument('--blip-model', default=None, help=f'BLIP-2 transformers folder or hub id (default {BLIP2Encoder.default_id})')
+    p.add_argument('--blip-model', default=None, help="BLIP-2: a folder of LAVIS' blip2_pretrained.pth, eva_vit_g.pth "
+                   f"and bert-base-uncased/, a transformers folder, or a hub id (default {BLIP2Encoder.default_id})")
     p.add_argument('--slowfast-model', default=None, help="SlowFast weights: PySlowFast's SLOWFAST_8x8_R50.pkl (Caffe2) "
                    "or a PyTorch checkpoint of the same network")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
