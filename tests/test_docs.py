@@ -130,3 +130,25 @@ def test_search_and_api_reference(site, tmp_path):
     import matplotlib.image as mpimg
     img = mpimg.imread(shot)
     assert img.shape[0] >= 600 and img.std() > 0.05             # a rendered page, not a blank one
+
+
+_NBDEV_PROC = """import sys
+from pathlib import Path
+from nbdev.processors import FilterDefaults
+from nbdev.serve_drv import main
+main((Path(sys.argv[1]), Path(sys.argv[2]), FilterDefaults))
+"""
+
+
+@pytest.mark.slow
+def test_nbdev_docs_preprocessing(tmp_path):
+    """`nbdev_docs` (for users with Quarto) runs nbdev's processors on every notebook before Quarto renders it; they
+    execute each cell that holds an import on its own, so a lesson cell mixing imports with code breaks the build."""
+    import sys
+    failed = {}
+    for nb in sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_')):
+        r = subprocess.run([sys.executable, '-c', _NBDEV_PROC, str(nb), str(tmp_path/nb.name)], cwd=nb.parent,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode: failed[nb.name] = [l for l in r.stderr.splitlines() if re.match(r'\w*(Error|Exception)\b', l)]
+        else: assert (tmp_path/nb.name).exists()
+    assert not failed, failed
