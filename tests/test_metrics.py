@@ -230,8 +230,12 @@ def test_cli_writes_official_json(tmp_path):
 def test_cli_error_names_file_and_line(tmp_path, capsys):
     _write(tmp_path/'gt.jsonl', GT)
     (tmp_path/'sub.jsonl').write_text(json.dumps(_sub()[0]) + '\n{"qid": 2, "pred_relevant_windows": [[0, 1, \n')
-    assert eval_main(['--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl')]) == 2
-    assert f"{tmp_path/'sub.jsonl'}:2: not valid JSON" in capsys.readouterr().err
+    from videolights.cli import main
+    assert main(['eval', '--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"videolights eval: error: {tmp_path/'sub.jsonl'}:2: not valid JSON") and len(err.splitlines()) == 1
+    with pytest.raises(EvalInputError, match='sub.jsonl:2: not valid JSON'):                   # the function raises
+        eval_main(['--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl')])
 
 
 def _imported(*args, **kw):

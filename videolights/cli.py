@@ -5,6 +5,7 @@
 # %% ../nbs/95_cli.ipynb #5fac1626
 from __future__ import annotations
 import sys, importlib
+from .errors import run_command, split_debug
 
 # %% auto #0
 __all__ = ['COMMANDS', 'resolve', 'main']
@@ -52,9 +53,9 @@ def resolve(name:str): # a key of `COMMANDS`
 def main(argv:list[str]|None=None, # arguments after the program name; default `sys.argv[1:]`
         )->int:                    # exit status
     "Entry point of the `videolights` command."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ('-h', '--help', 'help'):
         print(_usage()); return 0
     if argv[0] not in COMMANDS:
         print(f"videolights: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr); return 2
-    return int(resolve(argv[0])(argv[1:]) or 0)
+    return run_command(f'videolights {argv[0]}', resolve(argv[0]), argv[1:], debug)

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from itertools import chain
 from pathlib import Path
 import numpy as np
+from .errors import BadInputError, iter_jsonl, write_text_atomic
 
 # %% auto #0
 __all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN', 'EVALUATORS',
@@ -26,7 +27,7 @@ HL_LEVELS = {'Fair': 2, 'Good': 3, 'VeryGood': 4}                          # sal
 CLIP_LEN = 2                                                               # seconds per QVHighlights clip
 
 # %% ../nbs/03_metrics.ipynb #caaf0e5e
-class EvalInputError(ValueError):
+class EvalInputError(BadInputError):
     "A bad submission or ground truth; the message names the file (or list) and line at fault."
 
 class Records(list):
@@ -49,14 +50,8 @@ def as_records(x, name:str)->Records:
 def read_jsonl(path)->Records:
     "Read a jsonl file of objects; a malformed line raises `EvalInputError` naming `path:line`."
     items, lines = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(d, dict): raise EvalInputError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
-            items.append(d); lines.append(n)
+    for n, d in iter_jsonl(path, EvalInputError):
+        items.append(d); lines.append(n)
     return Records(items, str(path), lines, is_file=True)
 
 # %% ../nbs/03_metrics.ipynb #cd8c0338
@@ -572,14 +567,9 @@ def eval_main(argv:list[str]|None=None)->int:
     p.add_argument('--strict', action='store_true', help='reject inputs where an official quirk would apply')
     p.add_argument('--subset', action='store_true', help='score only the qids present on both sides (match_number=False)')
     a = p.parse_args(argv)
-    try:
-        m = eval_submission(read_jsonl(a.submission), read_jsonl(a.gt), a.dataset, a.strict, not a.subset)
-    except (EvalInputError, OSError) as e:
-        print(f"videolights eval: error: {e}", file=sys.stderr); return 2
+    m = eval_submission(read_jsonl(a.submission), read_jsonl(a.gt), a.dataset, a.strict, not a.subset)
     print(format_table(m))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(m, indent=4))
+    if a.out: write_text_atomic(a.out, json.dumps(m, indent=4))
     return 0
 
 # %% ../nbs/03_metrics.ipynb #3526f295
