@@ -8,7 +8,7 @@ import pytest
 
 from videolights.metrics import (EvalInputError, read_jsonl, eval_submission, make_noisy_submission,
                                  eval_main, charades_postprocess, detection_ap, greedy_match, iou_cross, saliency_ap,
-                                 _diff)
+                                 _diff, _restrict)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT/'tests'/'fixtures'
@@ -48,10 +48,39 @@ def _qvh_case(case, val, qids):
 @pytest.mark.parametrize('name', ['sample_val_preds_subset', 'noisy_seed0_subset', 'sample_val_preds_full',
                                   'perfect_full', 'noisy_seed1_full'])
 def test_qvh_regression(name, val):
+    "Moment-DETR's evaluator: its layout byte for byte (`moment_detr`), and the default equal on the shared keys."
     fx = json.loads((FIX/'metrics_qvh_regression.json').read_text())
     case = fx['cases'][name]
     sub, gt = _qvh_case(case, val, fx['qids'])
-    _same(eval_submission(sub, gt), case['metrics'])
+    _same(eval_submission(sub, gt, 'moment_detr'), case['metrics'])
+    ours = json.loads(json.dumps(eval_submission(sub, gt)))
+    assert _diff(_restrict(ours, case['metrics']), case['metrics']) == []
+    assert set(ours['brief']) - set(case['metrics']['brief']) == {'MR-full-mIoU', 'MR-full-R1@0.3'}
+
+
+@pytest.mark.parametrize('name', ['sample_val_preds_subset', 'noisy_seed0_subset', 'sample_val_preds_full',
+                                  'perfect_full', 'noisy_seed1_full'])
+def test_qvh_videolights_evaluator(name, val):
+    "The VideoLights evaluator (what its inference reports): byte for byte, MR-mIoU and R1@0.3-0.45 in every bucket."
+    fx = json.loads((FIX/'metrics_qvh_videolights.json').read_text())
+    case = fx['cases'][name]
+    sub, gt = _qvh_case(case, val, fx['qids'])
+    ours = eval_submission(sub, gt)
+    _same(ours, case['metrics'])
+    for b in ('full', 'short', 'middle', 'long'):
+        assert 'MR-mIoU' in ours[b] and list(ours[b]['MR-R1'])[:4] == ['0.3', '0.35', '0.4', '0.45']
+
+
+def test_qvh_videolights_awkward_and_empty_buckets():
+    "Awkward submissions, some with an empty length bucket (the VideoLights evaluator's all-zero dummy)."
+    cases = json.loads((FIX/'metrics_qvh_videolights.json').read_text())['awkward']
+    n_empty = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for c in cases:
+            _same(eval_submission(c['submission'], c['ground_truth']), c['metrics'])
+            n_empty += any('0.525' in c['metrics'][b]['MR-mAP'] for b in ('short', 'middle', 'long') if b in c['metrics'])
+    assert len(cases) >= 20 and n_empty >= 3
 
 
 def test_perfect_ceiling_is_not_100(val):
@@ -63,7 +92,7 @@ def test_perfect_ceiling_is_not_100(val):
 def test_official_sample_metrics_file(tmp_path):
     "Byte-identical to the metrics file Moment-DETR ships for its sample predictions (sample_val_preds_metrics_raw.json)."
     assert eval_main(['--submission', str(ROOT/'data/qvhighlights/official_examples/sample_val_preds.jsonl'),
-                      '--gt', str(VAL), '--out', str(tmp_path/'m.json')]) == 0
+                      '--gt', str(VAL), '--out', str(tmp_path/'m.json'), '--dataset', 'moment_detr']) == 0
     assert (tmp_path/'m.json').read_bytes() == (FIX/'metrics_official_sample_val_preds_metrics_raw.json').read_bytes()
 
 
@@ -72,7 +101,7 @@ def test_qvh_awkward_fixture():
     assert len(cases) >= 20
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        for c in cases: _same(eval_submission(c['submission'], c['ground_truth']), c['metrics'])
+        for c in cases: _same(eval_submission(c['submission'], c['ground_truth'], 'moment_detr'), c['metrics'])
 
 
 def test_charades_regression():
@@ -268,16 +297,18 @@ def test_help_imports_nothing_heavy():
 
 # ---------------------------------------------------------------- live comparison with the official code
 OFFICIAL = os.environ.get('VIDEOLIGHTS_OFFICIAL_EVAL')
+OFFICIAL_VL = os.environ.get('VIDEOLIGHTS_OFFICIAL_EVAL_VL') or os.environ.get('VIDEOLIGHTS_OFFICIAL')
 
 
-@pytest.mark.skipif(not OFFICIAL, reason='set VIDEOLIGHTS_OFFICIAL_EVAL to a folder holding standalone_eval/')
+@pytest.mark.skipif(not (OFFICIAL or OFFICIAL_VL), reason='set VIDEOLIGHTS_OFFICIAL_EVAL (Moment-DETR) and/or '
+                    'VIDEOLIGHTS_OFFICIAL (VideoLights) to a folder holding standalone_eval/')
 def test_fuzz_against_official():
     pytest.importorskip('sklearn')
     sys.path.insert(0, str(ROOT/'tools'))
     from compare_official_metrics import run
-    s = run(OFFICIAL, os.environ.get('VIDEOLIGHTS_OFFICIAL_EVAL_VL'), n=int(os.environ.get('VIDEOLIGHTS_FUZZ_N', 40)), seed=7)
+    s = run(OFFICIAL, OFFICIAL_VL, n=int(os.environ.get('VIDEOLIGHTS_FUZZ_N', 40)), seed=7)
     assert s['n_mismatches'] == 0, s['mismatches'][:3]
-    assert s['qvh_cases'] > 0
+    assert s['qvh_cases'] > 0 and sum(s['compared'].values()) > 0
 
 
 def test_iou_on_threshold_r1_and_map_disagree():

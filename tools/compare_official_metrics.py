@@ -1,14 +1,16 @@
 """Fuzz `videolights.metrics` against the official evaluators (imported at run time, never copied here).
 
-    python tools/compare_official_metrics.py --official MOMENT_DETR_CHECKOUT [--videolights CHECKOUT] --n 2000
+    python tools/compare_official_metrics.py [--videolights CHECKOUT] [--official MOMENT_DETR_CHECKOUT] --n 2000
 
-`--official` is a folder holding Moment-DETR's `standalone_eval/` (QVHighlights protocol); `--videolights` one
-holding VideoLights' `standalone_eval/` (default: $VIDEOLIGHTS_OFFICIAL) (Charades protocol: R1 from 0.3, mIoU, dummy empty buckets). Both need
-numpy and scikit-learn in the running interpreter. Random *awkward* submissions are generated (more than 10
-windows, unsorted windows, tied scores, windows past the video end, negative or reversed windows, reversed copies
-of GT windows, IoU exactly on a threshold, saliency lists shorter or longer than the video, duplicate qids, first
-line without saliency), scored by both, and every key compared to 1e-6; for QVHighlights the JSON text must also
-be byte-identical. Prints a JSON summary; exit status 1 on any mismatch.
+`--videolights` is a folder holding the VideoLights repository's `standalone_eval/` (default: $VIDEOLIGHTS_OFFICIAL),
+the evaluator its inference calls: QVHighlights with MR-mIoU and R1 from 0.3 in every bucket, and Charades (dummy
+empty buckets). `--official` is a folder holding Moment-DETR's `standalone_eval/`: our `moment_detr` layout must
+equal it byte for byte, and our default QVHighlights output must equal it on every key both have. At least one of
+the two is needed; both need numpy and scikit-learn in the running interpreter. Random *awkward* submissions are
+generated (more than 10 windows, unsorted windows, tied scores, windows past the video end, negative or reversed
+windows, reversed copies of GT windows, IoU exactly on a threshold, saliency lists shorter or longer than the video,
+duplicate qids, first line without saliency), scored by both, and every key compared to 1e-6; for QVHighlights the
+JSON text must also be byte-identical. Prints a JSON summary; exit status 1 on any mismatch.
 """
 from __future__ import annotations
 import argparse, contextlib, copy, io, json, os, sys, importlib, tempfile, warnings
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from videolights.metrics import eval_submission, _diff  # noqa: E402
+from videolights.metrics import eval_submission, _diff, _restrict  # noqa: E402
 
 
 def load_official(root):
@@ -135,41 +137,72 @@ def gen_case(rng, charades=False):
     return subs, gts
 
 
-def run(official, videolights=None, n=1000, seed=0, verbose=False):
+def _score(mod, sub, gt):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return mod.eval_submission(copy.deepcopy(sub), copy.deepcopy(gt), verbose=False)
+
+
+def _ours(sub, gt, dataset):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return json.loads(json.dumps(eval_submission(copy.deepcopy(sub), copy.deepcopy(gt), dataset)))
+
+
+def _compare(ours, theirs, exact=True):
+    "Differences (keys, values, key order of `brief`, JSON text when `exact`)."
+    theirs = json.loads(json.dumps(theirs))
+    bad = _diff(ours, theirs)
+    if not bad and list(ours['brief']) != list(theirs['brief']): bad = ['brief key order']
+    if not bad and exact and json.dumps(ours, indent=4) != json.dumps(theirs, indent=4): bad = ['JSON text differs']
+    return bad
+
+
+def run(official=None, videolights=None, n=1000, seed=0, verbose=False):
+    """Score `n` random cases with ours and the official evaluators. QVHighlights cases: ours (default) vs the
+    VideoLights evaluator (byte-identical); ours (`moment_detr`) vs Moment-DETR's (byte-identical) and ours (default)
+    vs Moment-DETR's on the shared keys. Every fourth case is a Charades case (VideoLights evaluator; our R5 removed)."""
+    if not (official or videolights): raise ValueError('give the VideoLights checkout, the Moment-DETR one, or both')
     rng = np.random.default_rng(seed)
-    ev = load_official(official)
-    stats = dict(qvh_cases=0, qvh_official_crashed=0, charades_cases=0, charades_official_crashed=0, official_errors={}, mismatches=[])
+    md = load_official(official) if official else None
     vl = load_official(videolights) if videolights else None
+    stats = dict(qvh_cases=0, qvh_official_crashed=0, charades_cases=0, charades_official_crashed=0,
+                 compared=dict(qvh_videolights=0, qvh_moment_detr=0, qvh_shared_keys=0, charades=0),
+                 official_errors={}, mismatches=[])
     for c in range(n):
         charades = vl is not None and c % 4 == 3
         sub, gt = gen_case(rng, charades)
-        off_mod = vl if charades else ev
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                theirs = off_mod.eval_submission(copy.deepcopy(sub), copy.deepcopy(gt), verbose=False)
-        except Exception as e:
-            stats['charades_official_crashed' if charades else 'qvh_official_crashed'] += 1
-            k = f"{type(e).__name__}: {str(e)[:60]}"
-            stats['official_errors'][k] = stats['official_errors'].get(k, 0) + 1
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            try: ours = eval_submission(copy.deepcopy(sub), copy.deepcopy(gt), 'charades' if charades else 'qvhighlights')
+        refs = [('charades', vl)] if charades else [(k, m) for k, m in (('videolights', vl), ('moment_detr', md)) if m]
+        theirs = {}
+        for name, mod in refs:
+            try: theirs[name] = _score(mod, sub, gt)
             except Exception as e:
-                stats['mismatches'].append(dict(case=c, charades=charades, diffs=[f'ours raised {e!r}']))
-                continue
-        if charades:
-            ours = json.loads(json.dumps(ours)); theirs = json.loads(json.dumps(theirs))
-            for k in list(ours['brief']):
-                if 'R5' in k: del ours['brief'][k]
-            for b in ours.values(): b.pop('MR-R5', None)
-            stats['charades_cases'] += 1
-            bad = _diff(ours, theirs) + ([] if list(ours['brief']) == list(theirs['brief']) else ['brief key order'])
-        else:
-            stats['qvh_cases'] += 1
-            bad = _diff(ours, theirs)
-            if not bad and json.dumps(ours, indent=4) != json.dumps(theirs, indent=4): bad = ['JSON text differs']
+                k = f"{name}: {type(e).__name__}: {str(e)[:60]}"
+                stats['official_errors'][k] = stats['official_errors'].get(k, 0) + 1
+        stats['charades_cases' if charades else 'qvh_cases'] += 1
+        if not theirs:
+            stats['charades_official_crashed' if charades else 'qvh_official_crashed'] += 1
+            continue
+        bad = []
+        try:
+            if charades:
+                ours = _ours(sub, gt, 'charades')
+                for k in list(ours['brief']):
+                    if 'R5' in k: del ours['brief'][k]
+                for b in ours.values(): b.pop('MR-R5', None)
+                bad += _compare(ours, theirs['charades'], exact=False); stats['compared']['charades'] += 1
+            else:
+                ours = _ours(sub, gt, 'qvhighlights')
+                if 'videolights' in theirs:
+                    bad += [f'videolights: {d}' for d in _compare(ours, theirs['videolights'])]
+                    stats['compared']['qvh_videolights'] += 1
+                if 'moment_detr' in theirs:
+                    t = json.loads(json.dumps(theirs['moment_detr']))
+                    bad += [f'moment_detr: {d}' for d in _compare(_ours(sub, gt, 'moment_detr'), t)]
+                    shared = _restrict(ours, t)
+                    bad += [f'shared keys: {d}' for d in _diff(shared, _restrict(t, shared))]
+                    stats['compared']['qvh_moment_detr'] += 1; stats['compared']['qvh_shared_keys'] += 1
+        except Exception as e: bad.append(f'ours raised {e!r}')
         if bad:
             stats['mismatches'].append(dict(case=c, charades=charades, diffs=bad[:5]))
             if verbose: print(c, bad[:5], file=sys.stderr)
@@ -183,7 +216,7 @@ def run(official, videolights=None, n=1000, seed=0, verbose=False):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--official', required=True, help="folder holding Moment-DETR's standalone_eval/")
+    p.add_argument('--official', default=None, help="folder holding Moment-DETR's standalone_eval/")
     p.add_argument('--videolights', default=os.environ.get('VIDEOLIGHTS_OFFICIAL'),
                    help="folder holding VideoLights' standalone_eval/ (default: $VIDEOLIGHTS_OFFICIAL)")
     p.add_argument('--n', type=int, default=500)

@@ -12,16 +12,17 @@ import numpy as np
 from .errors import BadInputError, iter_jsonl, write_text_atomic
 
 # %% auto #0
-__all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN', 'EVALUATORS',
+__all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'VL_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN', 'EVALUATORS',
            'EvalInputError', 'Records', 'as_records', 'read_jsonl', 'check_qids', 'iou_cross', 'iou_paired_hull',
            'greedy_match', 'detection_ap', 'saliency_ap', 'eval_moment_retrieval', 'eval_highlight',
            'eval_qvhighlights', 'eval_charades', 'charades_postprocess', 'tvsum_video_ap', 'eval_tvsum',
-           'eval_submission', 'format_table', 'eval_main', 'make_noisy_submission']
+           'eval_moment_detr', 'eval_submission', 'format_table', 'eval_main', 'make_noisy_submission']
 
 # %% ../nbs/03_metrics.ipynb #322c4e15
 MR_AP_THDS = [float(f"{e:.2f}") for e in np.linspace(0.5, 0.95, 10)]      # mAP IoU thresholds (QVH and Charades)
 QVH_R1_THDS = MR_AP_THDS                                                   # R1 thresholds, Moment-DETR evaluator
-CHARADES_R1_THDS = [float(f"{e:.2f}") for e in np.linspace(0.3, 0.95, 14)] # R1 thresholds, VideoLights evaluator
+VL_R1_THDS = [float(f"{e:.2f}") for e in np.linspace(0.3, 0.95, 14)]       # R1 thresholds, VideoLights evaluator
+CHARADES_R1_THDS = VL_R1_THDS                                              # (its name when only Charades used it)
 LENGTH_BUCKETS = {'short': (0, 10), 'middle': (10, 30), 'long': (30, 150), 'full': (0, 150)}  # (lo, hi] seconds
 HL_LEVELS = {'Fair': 2, 'Good': 3, 'VeryGood': 4}                          # saliency score >= level is positive
 CLIP_LEN = 2                                                               # seconds per QVHighlights clip
@@ -394,7 +395,9 @@ def _check_windows(sub:Records, gt:Records, pn:np.ndarray, strict:bool):
         warnings.warn(f"{sub.where(int(np.flatnonzero(pn == 0)[0]))}: empty 'pred_relevant_windows' scored as a miss "
                       f"({int((pn == 0).sum())} line(s)); the official evaluator crashes")
 
-def _brief(mr:dict|None, hl:dict|None, charades:bool=False)->OrderedDict:
+def _brief(mr:dict|None, hl:dict|None, charades:bool=False,
+           videolights:bool=False, # the VideoLights evaluator's two extra keys: MR-full-mIoU, MR-full-R1@0.3
+          )->OrderedDict:
     "The official `brief` block: MR keys sorted, then the HL keys."
     b = OrderedDict()
     if mr:
@@ -402,15 +405,21 @@ def _brief(mr:dict|None, hl:dict|None, charades:bool=False)->OrderedDict:
              'MR-full-mAP@0.75': mr['full']['MR-mAP']['0.75'], 'MR-short-mAP': mr['short']['MR-mAP']['average'],
              'MR-middle-mAP': mr['middle']['MR-mAP']['average'], 'MR-long-mAP': mr['long']['MR-mAP']['average'],
              'MR-full-R1@0.5': mr['full']['MR-R1']['0.5'], 'MR-full-R1@0.7': mr['full']['MR-R1']['0.7']}
-        if charades:
+        if charades or videolights:
             m |= {'MR-full-mIoU': mr['full'].get('MR-mIoU', 0.), 'MR-full-R1@0.3': mr['full']['MR-R1']['0.3']}
+        if charades:
             m |= {f"MR-full-R5@{t}": mr['full'].get('MR-R5', {}).get(t, 0.) for t in ('0.3', '0.5', '0.7')}
         b.update(sorted(m.items()))
     if hl: b.update((f"{k}-{sk.split('-')[1]}", v[sk]) for k, v in hl.items() for sk in v)
     return b
 
-def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
-    "The official QVHighlights metrics (Moment-DETR `standalone_eval`), same numbers and layout."
+def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:bool=True,
+                      evaluator:str='videolights', # 'videolights' (its inference's) | 'moment_detr' (the subset)
+                     )->OrderedDict:
+    "The official QVHighlights metrics (`standalone_eval` of VideoLights or of Moment-DETR), same numbers and layout."
+    if evaluator not in ('videolights', 'moment_detr'):
+        raise ValueError(f"evaluator={evaluator!r}: choose 'videolights' or 'moment_detr'")
+    vl = evaluator == 'videolights'
     sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict, match_number)
     has_mr, has_hd = 'pred_relevant_windows' in sub[0], 'pred_saliency_scores' in sub[0]
     if not (has_mr or has_hd): raise EvalInputError(f"{sub.where(0)}: neither 'pred_relevant_windows' nor 'pred_saliency_scores' (the first line decides what is evaluated)")
@@ -419,7 +428,9 @@ def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:
     if has_mr:
         pw, pq, r1w, gw, gq, pn = _mr_inputs(sub, gt, qids, last)
         _check_windows(sub, gt, pn, strict)
-        mr = eval_moment_retrieval(pw, pq, r1w, gw, gq); res.update(mr)
+        mr = (eval_moment_retrieval(pw, pq, r1w, gw, gq, VL_R1_THDS, miou=True, empty_bucket='videolights') if vl
+              else eval_moment_retrieval(pw, pq, r1w, gw, gq))
+        res.update(mr)
     if has_hd:
         lsub = sub.subset(last)
         sal, sn = _values(lsub, 'pred_saliency_scores')
@@ -427,7 +438,7 @@ def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:
         gtm, n_clips = _gt_saliency(gt, qids)
         hl = eval_highlight(sal, sn, gtm, n_clips); res.update(hl)
     if strict and not has_hd: _strict_checks(sub, gt, None, None, False, False)
-    out = OrderedDict(brief=_brief(mr, hl))
+    out = OrderedDict(brief=_brief(mr, hl, videolights=vl))
     out.update(sorted(res.items()))
     return out
 
@@ -525,17 +536,27 @@ def eval_tvsum(submission, ground_truth, strict:bool=False, match_number:bool=Tr
     return OrderedDict(brief=brief, domains={k: {'mAP': brief[k], 'n_videos': len(per_dom[k])} for k in sorted(per_dom)})
 
 # %% ../nbs/03_metrics.ipynb #30f9196b
-EVALUATORS = {'qvhighlights': eval_qvhighlights, 'charades': eval_charades, 'tvsum': eval_tvsum}
+def eval_moment_detr(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
+    "QVHighlights metrics exactly as Moment-DETR's evaluator writes them (no mIoU, R1 from 0.5)."
+    return eval_qvhighlights(submission, ground_truth, strict, match_number, evaluator='moment_detr')
+
+EVALUATORS = {'qvhighlights': eval_qvhighlights, 'charades': eval_charades, 'tvsum': eval_tvsum,
+              'moment_detr': eval_moment_detr}
 
 def eval_submission(submission:list[dict],   # prediction records (official submission format)
                     ground_truth:list[dict], # GT records (official annotation format)
-                    dataset:str='qvhighlights', # 'qvhighlights' | 'charades' | 'tvsum'
+                    dataset:str='qvhighlights', # 'qvhighlights' | 'charades' | 'tvsum' | 'moment_detr' (QVH subset)
                     strict:bool=False,       # raise where an official quirk would apply, instead of applying it
                     match_number:bool=True,  # require the same qids on both sides (the official CLI rule)
                    )->OrderedDict:           # the official metrics layout (`brief` first)
     "Score a submission with the official metrics of `dataset`."
     if dataset not in EVALUATORS: raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(EVALUATORS)}")
     return EVALUATORS[dataset](submission, ground_truth, strict=strict, match_number=match_number)
+
+def _restrict(a, like):
+    "`a` with only the keys that `like` has, at every level (to compare two evaluators on their shared keys)."
+    if not (isinstance(a, dict) and isinstance(like, dict)): return a
+    return type(a)((k, _restrict(v, like[k])) for k, v in a.items() if k in like)
 
 # %% ../nbs/03_metrics.ipynb #931d9665
 def format_table(metrics:dict)->str:
