@@ -23,6 +23,8 @@ COMMANDS = {
     'pretrain-data':    ('videolights.experiments:pretrain_data_main','build synthetic pretraining data from per-clip captions'),
     'extract':          ('videolights.video:extract_main',         'extract features from your own videos'),
     'predict':          ('videolights.video:predict_main',         'find moments for text queries in a video'),
+    'merge-features':   ('videolights.shards:merge_features_main', 'merge the shard stores of extract --shard K/N into one store'),
+    'merge-submissions':('videolights.shards:merge_submissions_main', 'merge partial submissions (--shard K/N), each qid once (+ metrics)'),
     'ablate':           ('videolights.experiments:ablate_main',    'train and evaluate the paper\'s ablation rows'),
     'features':         ('videolights.archives:features_main',     'check or convert the official feature archives'),
     'reproduce':        ('videolights.reproduce:reproduce_main',   'the paper\'s tables from the official features (--plan, --smoke)'),

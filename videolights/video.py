@@ -4,20 +4,24 @@
 
 # %% ../nbs/13_video.ipynb #09cff2b4
 from __future__ import annotations
-import sys, re, json, math, html, gzip, pickle, zipfile, argparse, dataclasses, importlib
+import os, sys, re, json, math, html, gzip, pickle, zipfile, argparse, dataclasses, importlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from fractions import Fraction
 from typing import Iterator, Sequence
+from datetime import timedelta
 import numpy as np
 import torch
 from torch import nn, Tensor
+import torch.distributed as dist
 import h5py
 from tqdm.auto import tqdm
 from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
-from .data import stack_sources, keep_freed_memory
+from .data import stack_sources, keep_freed_memory, index_store
+from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
+from .train import DistInfo, init_distributed, wants_cuda, _gather_list
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
@@ -968,6 +972,7 @@ def list_videos(src:str|Path)->list[Path]:
 def extract_queries(queries_jsonl:str|Path, encoders:dict[str,VideoEncoder], h5:h5py.File,
                     batch_size:int=64, overwrite:bool=False, dtype:str|None=None, # default: each encoder's
                     groups:dict|None=None, # encoder name -> text group (default: its `text_feature_type`)
+                    into:h5py.File|None=None, # write here instead (`h5` is then only read: the queries already there)
                    )->int:
     "Encode the `query` of every jsonl record into `text/{feature_type}/{qid}`; returns how many were written."
     recs = []
@@ -985,7 +990,7 @@ def extract_queries(queries_jsonl:str|Path, encoders:dict[str,VideoEncoder], h5:
         chunk = todo[i:i + batch_size]
         for e, ft in zip(encs, fts):
             for r, t in zip(chunk, e.encode_text([r['query'] for r in chunk])):
-                write_feature(h5, 'text', ft, str(r['qid']), t.numpy(), dtype or e.dtype)
+                write_feature(h5 if into is None else into, 'text', ft, str(r['qid']), t.numpy(), dtype or e.dtype)
     return len(todo)
 
 # %% ../nbs/13_video.ipynb #12091276
@@ -1016,7 +1021,10 @@ def extract_main(argv:list[str]|None=None)->int:
                '  videolights extract my_videos/ --encoders clip --out my_feats.h5\n'
                '  videolights extract talk.mp4 --encoders clip,blip --clip-model ./clip-vit-b32 --out f.h5\n'
                '  videolights extract my_videos/ --queries my_queries.jsonl --encoders clip,blip --out f.h5\n'
-               'Re-running on the same folder skips videos already in the store (resumable).')
+               '  videolights extract my_videos/ --out f.h5 --shard 3/8     # share 3 of 8 (a job array task)\n'
+               '  videolights merge-features f.h5 f.shard-*-of-8.h5          # when all 8 are done\n'
+               '  torchrun --nproc_per_node 4 -m videolights extract my_videos/ --out f.h5   # 4 GPUs, merged at the end\n'
+               'Re-running on the same folder skips videos already in the store (resumable); so does a share.')
     p.add_argument('src', nargs='?', help='a video file or a folder of videos')
     p.add_argument('--out', required=True, help='HDF5 store to create or extend')
     p.add_argument('--queries', default=None, help='a jsonl with qid + query per line: also write text features')
@@ -1027,6 +1035,8 @@ def extract_main(argv:list[str]|None=None)->int:
     p.add_argument('--fp16', action='store_true', help='store every source in float16 (default: each in the precision '
                    'of the official features: SlowFast and CLIP float16, BLIP-2 float32)')
     p.add_argument('--overwrite', action='store_true', help='re-extract ids already in the store')
+    p.add_argument('--shard', default=None, metavar='K/N', help='extract only share K of N (0 <= K < N; shares '
+                   'balanced by duration) into OUT.shard-K-of-N.h5; merge them with `videolights merge-features`')
     _model_args(p)
     a = p.parse_args(argv)
     if a.src is None and a.queries is None: p.error('give a video/folder and/or --queries')
@@ -1041,32 +1051,104 @@ def _feature_groups(encs:dict, dset_name:str)->tuple[dict,dict]:
     v, t = feature_dirs(SimpleNamespace(dset_name=dset_name, v_feat_types=names, t_feat_types=names))
     return dict(zip(names, v)), dict(zip(names, t))
 
+def _extract_videos(h5:h5py.File, vids:list[Path], encs:dict, vgroups:dict, a, dtype, overwrite:bool,
+                    skip=frozenset(), # stems not to extract (already in the final store)
+                    raise_bad:bool=False)->tuple[int,list,int]: # (extracted, failure messages, already there)
+    "Extract `vids` into `h5`, flushed after each video (a kill loses at most the video being written)."
+    vfts = [vgroups[name] for name, e in encs.items() if e.video_dim is not None]
+    done, failed, there = 0, [], 0
+    for v in (bar := tqdm(vids, desc='videos', disable=not vids)):
+        if v.stem in skip or (not overwrite and has_features(h5, 'video', vfts, v.stem)):
+            there += 1
+            continue
+        bar.set_postfix_str(v.name[:30])
+        try: info, feats = probe_video(v), extract_video(v, encs, a.clip_len, a.batch_size)
+        except VideoError as e:
+            if raise_bad: raise
+            failed.append(str(e))
+            continue
+        for name, e in encs.items():
+            if e.video_dim is None: continue
+            write_feature(h5, 'video', vgroups[name], v.stem, feats[e.video_feature_type], dtype,
+                          duration=info.duration, clip_len=a.clip_len, source=str(v))
+        h5.flush()
+        done += 1
+    return done, failed, there
+
 def _extract(a)->int:
     vids = list_videos(a.src) if a.src else []
+    if a.shard or int(os.environ.get('WORLD_SIZE', 1)) > 1: return _extract_share(a, vids)
     encs = load_encoders(a.encoders, _sources(a), a.device)
     vgroups, tgroups = _feature_groups(encs, a.dset_name)
     dtype = 'float16' if a.fp16 else None
-    vfts = [vgroups[n] for n, e in encs.items() if e.video_dim is not None]
-    done, failed = 0, []
     with h5py.File(a.out, 'a') as h5:
         h5.attrs['videolights_features'], h5.attrs['clip_len'] = 1, a.clip_len
-        for v in (bar := tqdm(vids, desc='videos', disable=not vids)):
-            if not a.overwrite and has_features(h5, 'video', vfts, v.stem): continue
-            bar.set_postfix_str(v.name[:30])
-            try: info, feats = probe_video(v), extract_video(v, encs, a.clip_len, a.batch_size)
-            except VideoError as e:
-                if len(vids) == 1: raise
-                failed.append(str(e)); continue
-            for n, e in encs.items():
-                if e.video_dim is None: continue
-                write_feature(h5, 'video', vgroups[n], v.stem, feats[e.video_feature_type], dtype,
-                              duration=info.duration, clip_len=a.clip_len, source=str(v))
-            h5.flush(); done += 1
+        done, failed, there = _extract_videos(h5, vids, encs, vgroups, a, dtype, a.overwrite, raise_bad=len(vids) == 1)
         nq = extract_queries(a.queries, encs, h5, a.batch_size, a.overwrite, dtype, tgroups) if a.queries else 0
-    print(f"{a.out}: {done} video(s) extracted, {len(vids) - done - len(failed)} already there, "
-          f"{len(failed)} failed; {nq} queries")
+    index_store(a.out)
+    print(f"{a.out}: {done} video(s) extracted, {there} already there, {len(failed)} failed; {nq} queries")
     for f in failed: print('  skipped:', f)
     return 1 if failed else 0
+
+
+# %% ../nbs/13_video.ipynb #7f42c786
+def _durations(vids:list[Path])->list[float]: # seconds per video; 0 for one that cannot be read (it fails later)
+    out = []
+    for v in vids:
+        try: out.append(probe_video(v).duration)
+        except VideoError: out.append(0.)
+    return out
+
+def _extract_share(a, vids:list[Path])->int:
+    "One share of the videos (and share 0: the queries) into its shard store; under torchrun rank 0 then merges."
+    di, own_group = DistInfo(), False
+    if a.shard:
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            raise ValueError("--shard is for separate jobs (a job array); under torchrun each rank takes its share")
+        k, n = parse_shard(a.shard)
+    else:
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if wants_cuda(a.device) else 'gloo', timeout=timedelta(days=7))
+            own_group = True
+        di, dev = init_distributed(a.device)
+        a.device, k, n = str(dev), di.rank, di.world_size
+    share = set(share_by_duration([v.stem for v in vids], _durations(vids), n)[k])
+    mine = [v for v in vids if v.stem in share]
+    encs = load_encoders(a.encoders, _sources(a), a.device)
+    vgroups, tgroups = _feature_groups(encs, a.dset_name)
+    vfts = [vgroups[name] for name, e in encs.items() if e.video_dim is not None]
+    dtype, out, spath = 'float16' if a.fp16 else None, Path(a.out), shard_path(a.out, k, n)
+    old = h5py.File(out, 'r') if out.exists() and not a.overwrite else None   # what is already merged is skipped
+    try:
+        in_out = {v.stem for v in mine if old is not None and has_features(old, 'video', vfts, v.stem)}
+        with open_shard_store(spath, k, n, [v.stem for v in mine]) as h5:
+            h5.attrs['videolights_features'], h5.attrs['clip_len'], h5.attrs['shard_done'] = 1, a.clip_len, False
+            done, failed, there = _extract_videos(h5, mine, encs, vgroups, a, dtype, False, in_out, len(vids) == 1)
+            nq = 0
+            if a.queries and k == 0 and not h5.attrs.get('queries_done', False):
+                nq = extract_queries(a.queries, encs, h5 if old is None else old, a.batch_size, old is None, dtype,
+                                     tgroups, into=h5)
+                h5.attrs['queries_done'] = True
+            h5.attrs['shard_failed'], h5.attrs['shard_done'] = json.dumps(failed), True
+    finally:
+        if old is not None: old.close()
+    print(f"{spath}: shard {k}/{n}: {done} video(s) extracted, {there} already there, {len(failed)} failed; "
+          f"{nq} queries")
+    for f in failed: print('  skipped:', f)
+    if not di.enabled:
+        print(f"when all {n} shards are done: videolights merge-features {out} {out.stem}.shard-*-of-{n}{out.suffix}")
+        return 1 if failed else 0
+    rc = 1 if sum(_gather_list([len(failed)], di)) else 0   # every rank is done past this line
+    if di.is_main:
+        try:
+            r = merge_features(out, [shard_path(out, j, n) for j in range(n)], delete=True)
+            print(f"{out}: merged {r['shards']} shard stores ({r['datasets']} datasets)")
+        except (OSError, ValueError) as e:
+            print(f"videolights extract: error: {e}", file=sys.stderr)
+            rc = 2
+    dist.barrier()
+    if own_group: dist.destroy_process_group()
+    return rc
 
 # %% ../nbs/13_video.ipynb #b97e5ac4
 def window_starts(n_clips:int, # L, clips in the video

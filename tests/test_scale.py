@@ -1,0 +1,143 @@
+"""Scaling out (03a_shards): extraction, evaluation and prediction split over processes give exactly the one-process
+outputs. Shares run as separate processes (`--shard K/N`, as a job array's tasks) and under `torchrun` (CPU, gloo,
+2-3 processes, started with `python -m torch.distributed.run` as a user would); the merged stores and submissions
+are compared bit for bit with a one-process run. Offline: tiny random encoders, synthetic videos."""
+import json, os, signal, subprocess, sys, textwrap
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('av')
+pytest.importorskip('transformers')
+import h5py
+from videolights import video as V
+from videolights.cli import main as cli_main
+from videolights.shards import shard_path
+
+DURATIONS = {'a_long': 14, 'b_mid': 9, 'c_short': 4, 'd_mid': 8, 'e_tiny': 3}
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    "Videos, queries, tiny encoders, and the store one process extracts from them."
+    d = tmp_path_factory.mktemp('scale')
+    (d / 'vids').mkdir()
+    for name, dur in DURATIONS.items(): V.make_test_video(d / 'vids' / f'{name}.mp4', dur, fps=3, size=(32, 24))
+    (d / 'q.jsonl').write_text(''.join(json.dumps(dict(qid=i, query=q)) + '\n' for i, q in
+                                       enumerate(['the dog runs', 'a cat', 'and then the thing', 'in the ring', 'x'])))
+    clip, blip = V.make_tiny_clip(d / 'clip', image_size=64), V.make_tiny_blip2(d / 'blip', image_size=64)
+    args = [str(d / 'vids'), '--encoders', 'clip,blip', '--clip-model', str(clip), '--blip-model', str(blip),
+            '--queries', str(d / 'q.jsonl'), '--batch-size', '4', '--device', 'cpu']
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                      # as in the worker processes (OMP_NUM_THREADS=1)
+    try: assert cli_main(['extract', *args, '--out', str(d / 'single.h5')]) == 0
+    finally: torch.set_num_threads(n)
+    return dict(dir=d, args=args, single=d / 'single.h5')
+
+
+def _run(argv, torchrun:int=0, check=True, **kw):
+    pre = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun \
+          else [sys.executable]
+    r = subprocess.run([*pre, '-m', 'videolights', *argv], env=ENV, capture_output=True, text=True, timeout=600, **kw)
+    if check: assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _dump(path)->dict:
+    "Everything a store holds: each object's attributes, each dataset's dtype, shape and bytes; `/index` keys and sizes."
+    out = {}
+    with h5py.File(path, 'r') as f:
+        out['/'] = dict(f.attrs)
+        def visit(name, obj):
+            attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                if name.endswith('/loc'): data = data[:, 1:]                   # file offsets differ; (rows, cols) not
+                data = obj.asstr()[()].tolist() if obj.dtype.kind == 'O' else np.asarray(data).tobytes()
+                out[name] = (attrs, obj.dtype.str, obj.shape, data)
+            else: out[name] = attrs
+        f.visititems(visit)
+    return out
+
+
+def _same_store(a, b):
+    da, db = _dump(a), _dump(b)
+    assert sorted(da) == sorted(db)
+    for k in da: assert da[k] == db[k], k
+    return da
+
+
+def test_single_store_has_everything(world):
+    d = _dump(world['single'])
+    assert sorted(k.split('/')[-1] for k in d if k.startswith('video/clip_features/')) == sorted(DURATIONS)
+    assert d['index/video/clip_features/keys'][2] == (len(DURATIONS),)
+    assert sum(k.startswith('text/clip_text_features/') for k in d) == 5
+
+
+def test_shards_in_separate_processes_merge_to_the_single_store(world, tmp_path):
+    "Two job-array tasks (`--shard K/2`), then `merge-features`: the one-process store, bit for bit."
+    out = tmp_path / 'f.h5'
+    for k in range(2): _run(['extract', *world['args'], '--out', str(out), '--shard', f'{k}/2'])
+    shards = [shard_path(out, k, 2) for k in range(2)]
+    with h5py.File(shards[0]) as s0, h5py.File(shards[1]) as s1:
+        ids = [json.loads(s.attrs['shard_ids']) for s in (s0, s1)]
+        assert 'text' in s0 and 'text' not in s1                          # share 0 encodes the queries
+    assert ids == [['a_long', 'c_short'], ['b_mid', 'd_mid', 'e_tiny']]    # 18 s and 20 s of video
+    r = _run(['merge-features', str(tmp_path / 'g.h5'), str(shards[0])], check=False)
+    assert r.returncode == 2 and 'shard store 1/2 missing' in r.stderr and len(r.stderr.splitlines()) == 1
+    assert cli_main(['merge-features', str(out), *map(str, shards[::-1])]) == 0
+    _same_store(out, world['single'])
+
+
+def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
+    "`torchrun --nproc_per_node 2 -m videolights extract`: rank 0 merges at the end; shard stores removed."
+    out = tmp_path / 'f.h5'
+    r = _run(['extract', *world['args'], '--out', str(out)], torchrun=2)
+    assert 'merged 2 shard stores' in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['f.h5']
+    _same_store(out, world['single'])
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from videolights import video as V
+    calls, real = [0], V.write_feature
+    def write_feature(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3: os.kill(os.getpid(), signal.SIGKILL)  # the second video: its first source is written
+        return real(*a, **k)
+    V.write_feature = write_feature
+    from videolights.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_killed_share_resumes(world, tmp_path):
+    "A task killed while writing its second video: the store keeps the first, the rerun redoes only the second."
+    out = tmp_path / 'f.h5'
+    argv = ['extract', *world['args'], '--out', str(out), '--shard', '1/2']
+    r = subprocess.run([sys.executable, '-c', _KILLER, *argv], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL
+    s1 = shard_path(out, 1, 2)
+    with h5py.File(s1) as f:                                               # readable after the kill
+        assert not f.attrs['shard_done'] and sorted(f['video/clip_features']) == ['b_mid']
+    _run(['extract', *world['args'], '--out', str(out), '--shard', '0/2'])
+    r = _run(['merge-features', str(out), str(shard_path(out, 0, 2)), str(s1)], check=False)
+    assert r.returncode == 2 and 'shard 1/2 is unfinished' in r.stderr and '--shard 1/2 again' in r.stderr
+    r = _run(argv)
+    assert '2 video(s) extracted, 1 already there' in r.stdout
+    assert cli_main(['merge-features', str(out), str(shard_path(out, 0, 2)), str(s1), '--delete']) == 0
+    assert not s1.exists()
+    _same_store(out, world['single'])
+
+
+def test_share_of_another_split_is_refused(world, tmp_path):
+    out = tmp_path / 'f.h5'
+    with h5py.File(shard_path(out, 1, 2), 'w') as f:
+        f.attrs['shard'], f.attrs['shard_ids'], f.attrs['shard_done'] = '1/2', '["zz"]', False
+    r = _run(['extract', *world['args'], '--out', str(out), '--shard', '1/2'], check=False)
+    assert r.returncode == 2 and 'another share of the videos' in r.stderr
+    r = _run(['extract', *world['args'], '--out', str(out), '--shard', '2/2'], check=False)
+    assert r.returncode == 2 and '0 <= K < N' in r.stderr
