@@ -141,3 +141,65 @@ def test_share_of_another_split_is_refused(world, tmp_path):
     assert r.returncode == 2 and 'another share of the videos' in r.stderr
     r = _run(['extract', *world['args'], '--out', str(out), '--shard', '2/2'], check=False)
     assert r.returncode == 2 and '0 <= K < N' in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    "A synthetic dataset (6 val queries), a random tiny model's checkpoint, and its one-process evaluation."
+    from videolights.synth import synth
+    from videolights.runs import synth_config, evaluate
+    from videolights.model import build_model
+    from videolights.train import save_checkpoint, config_dict
+    d = tmp_path_factory.mktemp('eval')
+    synth(d / 'data', seed=0, size='tiny', progress=False)
+    torch.manual_seed(0)
+    cfg = synth_config(d / 'data')
+    (d / 'run').mkdir()
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), d / 'run' / 'model_best.ckpt')
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: m, sub, path = evaluate(d / 'run', d / 'data', 'val', d / 'single', 'cpu', batch_size=2, progress=False)
+    finally: torch.set_num_threads(n)
+    assert len(sub) == 6 and m is not None
+    args = ['--ckpt', str(d / 'run'), '--data', str(d / 'data'), '--split', 'val', '--device', 'cpu', '--batch-size', '2']
+    return dict(dir=d, args=args, sub=path, metrics=d / 'single' / 'hl_val_submission_metrics.json',
+                gt=d / 'data' / 'highlight_val_release.jsonl')
+
+
+def test_evaluate_shards_merge_to_the_single_submission(run, tmp_path):
+    "Three job-array tasks (`evaluate --shard K/3`) + `merge-submissions --gt`: the same file and metrics, bit for bit."
+    for k in range(3): _run(['evaluate', *run['args'], '--out', str(tmp_path), '--shard', f'{k}/3'])
+    parts = sorted(tmp_path.glob('hl_val_submission.shard-*-of-3.jsonl'))
+    assert [len(p.read_text().splitlines()) for p in parts] == [2, 2, 2]
+    assert not (tmp_path / 'hl_val_submission_metrics.json').exists()     # a part is not scored
+    out = tmp_path / 'merged' / 'hl_val_submission.jsonl'
+    assert cli_main(['merge-submissions', str(out), *map(str, parts[::-1]), '--gt', str(run['gt'])]) == 0
+    assert out.read_bytes() == run['sub'].read_bytes()
+    assert json.loads(out.with_name('hl_val_submission_metrics.json').read_text()) == json.loads(run['metrics'].read_text())
+
+
+def test_merge_submissions_names_a_missing_part_or_qid(run, tmp_path, capsys):
+    lines = run['sub'].read_text().splitlines(keepends=True)
+    for k, chunk in enumerate([lines[:3], lines[3:]]): (tmp_path / f's.shard-{k}-of-3.jsonl').write_text(''.join(chunk))
+    assert cli_main(['merge-submissions', str(tmp_path / 'm.jsonl'), *map(str, tmp_path.glob('s.shard-*'))]) == 2
+    err = capsys.readouterr().err
+    assert 'part 2/3 missing' in err and len(err.strip().splitlines()) == 1
+    (tmp_path / 'b.jsonl').write_text(''.join(lines[:4]))
+    (tmp_path / 'c.jsonl').write_text(''.join(lines[3:5]))
+    assert cli_main(['merge-submissions', str(tmp_path / 'm.jsonl'), str(tmp_path / 'b.jsonl'), str(tmp_path / 'c.jsonl')]) == 2
+    qid = json.loads(lines[3])['qid']
+    assert f"qid {qid!r} appears twice: {tmp_path / 'b.jsonl'}:4 and {tmp_path / 'c.jsonl'}:1" in capsys.readouterr().err
+    (tmp_path / 'c.jsonl').write_text(''.join(lines[4:5]))
+    assert cli_main(['merge-submissions', str(tmp_path / 'm.jsonl'), str(tmp_path / 'b.jsonl'), str(tmp_path / 'c.jsonl'),
+                     '--gt', str(run['gt'])]) == 2
+    assert f"qid {json.loads(lines[5])['qid']!r} is in no part" in capsys.readouterr().err
+    assert not (tmp_path / 'm.jsonl').exists()
+
+
+def test_evaluate_under_torchrun_equals_one_process(run, tmp_path):
+    "`torchrun --nproc_per_node 2 -m videolights evaluate`: rank 0 writes the one submission and the metrics."
+    r = _run(['evaluate', *run['args'], '--out', str(tmp_path)], torchrun=2)
+    assert r.stdout.count('wrote 6 predictions') == 1
+    assert (tmp_path / 'hl_val_submission.jsonl').read_bytes() == run['sub'].read_bytes()
+    assert (tmp_path / 'hl_val_submission_metrics.json').read_bytes() == run['metrics'].read_bytes()

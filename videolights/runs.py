@@ -10,6 +10,7 @@ from functools import partial
 from typing import Iterable
 import torch
 import torch.distributed as dist
+from torch.utils.data import Subset
 from torch import nn
 import yaml
 from .config import VLConfig, get_preset, PRESETS
@@ -18,8 +19,9 @@ from .model import build_model
 from . import ops
 from .loss import build_criterion
 from .metrics import eval_submission
+from .shards import batch_shares, shard_path, parse_shard
 from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptions, NonFiniteLossError, fit,
-                    wants_cuda, _amp_dtype, _write_json)
+                    wants_cuda, _amp_dtype, _write_json, DistInfo, init_distributed, _gather_list, hp)
 
 # %% auto #0
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
@@ -414,21 +416,33 @@ def load_model(ckpt:str|Path, device:str|torch.device='cpu',
 
 def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|None=None, device:str='auto',
              batch_size:int|None=None, records:str|Path|None=None, progress:bool|None=None,
-             cuda_graphs:bool=False, accelerate:bool=True)->tuple[dict|None, list, Path]:
+             cuda_graphs:bool=False, accelerate:bool=True,
+             shard:tuple[int,int]|None=None, # (K, N): only share K of N, written as a part (no metrics)
+            )->tuple[dict|None, list, Path]:
     "Run `ckpt` on a split; write the submission (and metrics when labelled); return (metrics, submission, path)."
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
+    di, own_group = DistInfo(), False
+    if shard is None and int(os.environ.get('WORLD_SIZE', 1)) > 1:   # under torchrun: rank K of N takes share K
+        own_group = not dist.is_initialized()
+        di, dev = init_distributed(device)
     ckpt = resolve_ckpt(ckpt)
     model, cfg = load_model(ckpt, dev, accelerate)
     if data is None and (ckpt.parent/'config.json').is_file(): data = json.loads((ckpt.parent/'config.json').read_text()).get('data')
     ds = build_dataset(cfg, data, split, records=records)
-    ev = Evaluator(ds, cfg, collate, partial(official_metrics, dset_name=cfg.dset_name),
-                   gt=ds.records if ds.load_labels else None, split=split, batch_size=batch_size)
-    metrics, sub = ev(model, dev, progress=progress, cuda_graphs=cuda_graphs)
+    k, n = shard or (di.rank, di.world_size)
+    part = Subset(ds, batch_shares(len(ds), n, batch_size or hp(cfg, 'eval_bsz'))[k]) if n > 1 else ds
+    ev = Evaluator(part, cfg, collate, split=split, batch_size=batch_size)
+    sub = _gather_list(ev.predict(model, dev, progress=progress, cuda_graphs=cuda_graphs), di)  # rank order
+    metrics = official_metrics(sub, ds.records, cfg.dset_name) if ds.load_labels and shard is None else None
     out = Path(out) if out else ckpt.parent
-    out.mkdir(parents=True, exist_ok=True)
     path = out/f'hl_{split}_submission.jsonl'
-    _write_json(sub, path)
-    if metrics is not None: _write_json(metrics, out/f'hl_{split}_submission_metrics.json')
+    if shard is not None: path = shard_path(path, *shard)
+    if di.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(sub, path)
+        if metrics is not None: _write_json(metrics, out/f'hl_{split}_submission_metrics.json')
+    if di.enabled: dist.barrier()
+    if own_group: dist.destroy_process_group()
     return metrics, sub, path
 
 def evaluate_main(argv:list[str]|None=None)->int:
@@ -437,7 +451,10 @@ def evaluate_main(argv:list[str]|None=None)->int:
         description='Run a checkpoint on a split; write hl_{split}_submission.jsonl in the official format and, '
                     'when the split has labels, hl_{split}_submission_metrics.json.',
         epilog="examples:\n  videolights evaluate --ckpt runs/demo/run --data runs/demo/data --split val\n"
-               "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data /data/qvh --split test --out subs/")
+               "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data /data/qvh --split test --out subs/\n"
+               "  torchrun --nproc_per_node 4 -m videolights evaluate --ckpt runs/qvh --split val   # 4 GPUs, one file\n"
+               "  videolights evaluate --ckpt runs/qvh --split val --out subs/ --shard 2/8   # share 2 of 8 (job array)\n"
+               "  videolights merge-submissions subs/hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-8.jsonl")
     p.add_argument('--ckpt', required=True, help='a checkpoint, or a run directory (uses model_best.ckpt)')
     p.add_argument('--data', help="dataset folder or .h5 store (default: the run's data)")
     p.add_argument('--split', default='val', help='val | test | train (any split with an annotation file)')
@@ -447,10 +464,17 @@ def evaluate_main(argv:list[str]|None=None)->int:
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--cuda-graphs', action='store_true', help='replay the forward from CUDA graphs (CUDA only; fewer launches)')
     p.add_argument('--plain-model', action='store_true', help='the plain model, without the fast layers of 07a_ops')
+    p.add_argument('--shard', default=None, metavar='K/N', help='only share K of N of the queries, written as '
+                   'hl_{split}_submission.shard-K-of-N.jsonl; join the parts with `videolights merge-submissions`')
     a = p.parse_args(argv)
+    try: shard = parse_shard(a.shard) if a.shard else None
+    except ValueError as e: p.error(str(e))
+    if shard and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        p.error('--shard is for separate jobs (a job array); under torchrun each rank takes its share by itself')
     keep_freed_memory()
     metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records,
-                                  cuda_graphs=a.cuda_graphs, accelerate=not a.plain_model)
+                                  cuda_graphs=a.cuda_graphs, accelerate=not a.plain_model, shard=shard)
+    if int(os.environ.get('RANK', 0)) != 0: return 0
     print(f"wrote {len(sub)} predictions to {path}")
     if metrics is not None:
         print(format_brief(metrics.get('brief', metrics)))
