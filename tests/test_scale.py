@@ -203,3 +203,11 @@ def test_evaluate_under_torchrun_equals_one_process(run, tmp_path):
     assert r.stdout.count('wrote 6 predictions') == 1
     assert (tmp_path / 'hl_val_submission.jsonl').read_bytes() == run['sub'].read_bytes()
     assert (tmp_path / 'hl_val_submission_metrics.json').read_bytes() == run['metrics'].read_bytes()
+
+
+@pytest.mark.slow
+def test_bench_extract_reports_one_and_two_processes():
+    from videolights.bench import bench_extract
+    r = bench_extract(n_videos=3, duration=6., image_size=64, procs=(1, 2))
+    assert r['n_videos'] == 3 and r['procs_1']['same_store'] and r['procs_2']['same_store']
+    assert r['procs_2']['speedup'] > 0 and r['procs_1']['videos_per_s'] > 0

@@ -16,8 +16,9 @@ from .config import get_preset
 __all__ = ['EPOCH_PHASES', 'OP_FAMILIES', 'TARGETS', 'BENCHES', 'ALL_DEFAULTS', 'machine_info', 'sync', 'med', 'ms',
            'peak_rss_mib', 'Timer', 'synth_batch', 'load_official', 'official_flags', 'official_opt',
            'tensor_cuda_is_identity', 'build_official', 'build_ours', 'train_step', 'bench_train_step', 'bench_infer',
-           'peak_rss_child', 'bench_epoch', 'bench_load', 'bench_eval', 'bench_startup', 'bench_predict', 'op_family',
-           'peak_gflops', 'profile_step', 'plot_profile', 'check_targets', 'format_targets', 'main']
+           'peak_rss_child', 'bench_epoch', 'bench_load', 'bench_eval', 'bench_startup', 'bench_predict',
+           'bench_extract', 'op_family', 'peak_gflops', 'profile_step', 'plot_profile', 'check_targets',
+           'format_targets', 'main']
 
 # %% ../nbs/90_bench.ipynb #c3de2899
 def _cpu_model()->str:
@@ -764,6 +765,49 @@ def bench_predict(duration:float=600., # seconds of synthetic video
     finally:
         if workdir is None: shutil.rmtree(d, ignore_errors=True)
 
+# %% ../nbs/90_bench.ipynb #45c3bddf
+def _store_bytes(path)->dict:
+    "name -> bytes of every video and text dataset of a feature store."
+    import h5py
+    out = {}
+    with h5py.File(path, 'r') as f:
+        for kind in ('video', 'text'):
+            for t, g in f.get(kind, {}).items(): out.update({f'{kind}/{t}/{k}': g[k][()].tobytes() for k in g})
+    return out
+
+def bench_extract(n_videos:int=8, duration:float=40., # videos, and their mean length in seconds
+                  fps:float=3., size:tuple=(64, 48), image_size:int=224, # synthetic video; the tiny CLIP's input
+                  procs:tuple=(1, 2),  # process counts to time (1: plain; more: torchrun)
+                  threads:int=1, device:str='cpu', workdir:str|None=None, **kw)->dict:
+    "Throughput of `videolights extract` (tiny random CLIP, synthetic videos) as 1 process and under torchrun."
+    from videolights.video import make_test_video, make_tiny_clip
+    d = Path(workdir or tempfile.mkdtemp(prefix='vl_bench_extract_'))
+    try:
+        (d/'vids').mkdir(exist_ok=True)
+        durs = np.random.default_rng(0).uniform(duration / 2, duration * 3 / 2, n_videos).round()
+        for i, t in enumerate(durs): make_test_video(d/'vids'/f'v{i:03d}.mp4', float(t), fps, tuple(size))
+        clip = make_tiny_clip(d/'clip', image_size=image_size)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        args = ['-m', 'videolights', 'extract', str(d/'vids'), '--encoders', 'clip', '--clip-model', str(clip),
+                '--device', device]
+        res, ref = dict(n_videos=n_videos, video_seconds=float(durs.sum()), threads_per_process=threads,
+                        device=device), None
+        for n in procs:
+            out = d/f'feats_{n}.h5'
+            pre = [sys.executable] if n == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                   f'--nproc_per_node={n}']
+            wall = _timed_process([*pre, *args, '--out', str(out)], d/f'log_{n}.txt', env=env)
+            got = _store_bytes(out)
+            ref = ref or got
+            res[f'procs_{n}'] = dict(wall_s=round(wall, 2), videos_per_s=round(n_videos / wall, 3),
+                                     video_s_per_s=round(float(durs.sum()) / wall, 1), same_store=got == ref)
+        t1 = res.get('procs_1', {}).get('wall_s')
+        for n in procs:
+            if t1 and n != 1: res[f'procs_{n}']['speedup'] = round(t1 / res[f'procs_{n}']['wall_s'], 2)
+        return res
+    finally:
+        if workdir is None: shutil.rmtree(d, ignore_errors=True)
+
 # %% ../nbs/90_bench.ipynb #e042c85d
 OP_FAMILIES = {  # operator-name prefix -> family, first match wins
     'aten::mm': 'matmul', 'aten::addmm': 'matmul', 'aten::linear': 'matmul', 'aten::matmul': 'matmul',
@@ -920,6 +964,7 @@ BENCHES = {
     'infer': bench_infer,
     'epoch': bench_epoch,
     'predict': bench_predict,
+    'extract': bench_extract,
 }
 ALL_DEFAULTS = {'epoch': dict(n_train=1024, n_val=500)}  # `all` keeps the epoch short unless told otherwise
 
@@ -934,7 +979,7 @@ def _shared_kwargs(name:str, a)->dict:
         if a.also_bf16 or (a.name == 'all' and native and a.amp is None): kw['also_bf16'] = True
     if name in ('train-step', 'infer', 'load', 'eval', 'epoch'): kw['official'] = a.compare_official
     if name in ('eval', 'epoch') and a.official_python: kw['official_python'] = a.official_python
-    if name in ('predict', 'epoch'): kw['device'] = a.device
+    if name in ('predict', 'epoch', 'extract'): kw['device'] = a.device
     if name == 'epoch': kw.update(threads=a.threads, amp=a.amp)
     if name == 'load': kw['pin_memory'] = a.device.startswith('cuda')
     return kw
@@ -971,6 +1016,7 @@ def main(argv:list[str]|None=None)->int:
                '  python -m videolights.bench epoch --compare-official $VIDEOLIGHTS_OFFICIAL --n_train 7218 --n_val 1550\n'
                '  python -m videolights.bench infer --device cuda --amp bf16 --compile\n'
                '  python -m videolights.bench load --n_videos 2000 --workers 2\n'
+               '  python -m videolights.bench extract --n_videos 16 --procs [1,2]   # 1 process vs torchrun with 2\n'
                '  python -m videolights.bench profile --kind infer --batch 32 --amp bf16   # top operators and families',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', choices=list(BENCHES) + ['all', 'profile', '_peak'])
