@@ -221,7 +221,7 @@ class TrainState:
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
 
 def _float_outputs(o):
-    if isinstance(o, Tensor): return o.float() if o.is_floating_point() else o
+    if isinstance(o, Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o  # float64 stays
     if isinstance(o, dict): return {k: _float_outputs(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)): return type(o)(_float_outputs(v) for v in o)
     return o
