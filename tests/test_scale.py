@@ -211,3 +211,46 @@ def test_bench_extract_reports_one_and_two_processes():
     r = bench_extract(n_videos=3, duration=6., image_size=64, procs=(1, 2))
     assert r['n_videos'] == 3 and r['procs_1']['same_store'] and r['procs_2']['same_store']
     assert r['procs_2']['speedup'] > 0 and r['procs_1']['videos_per_s'] > 0
+
+
+# ------------------------------------------------------------------------------------------------ predict
+@pytest.fixture(scope='module')
+def preds(world):
+    "A random tiny model for the tiny encoders, queries on the videos, and the one-process predictions."
+    from videolights.config import get_preset
+    from videolights.model import build_model
+    from videolights.train import save_checkpoint, config_dict
+    d = world['dir']
+    cfg = get_preset('tiny', v_feat_types=('clip', 'blip'), v_feat_dims=(8, 24), t_feat_types=('clip', 'blip'),
+                     t_feat_dims=(16, 24), blip_features=True, blip_dim=24, max_v_l=16, max_q_l=32)
+    torch.manual_seed(0)
+    (d / 'run').mkdir(exist_ok=True)
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), d / 'run' / 'model_best.ckpt')
+    qs = [('the dog runs', 'b_mid'), ('a cat', 'a_long'), ('in the ring', 'b_mid'), ('and then', 'e_tiny'),
+          ('the thing', 'c_short'), ('a man', 'd_mid'), ('x', 'a_long')]
+    (d / 'pq.jsonl').write_text(''.join(json.dumps(dict(qid=10 + i, query=q, vid=v)) + '\n' for i, (q, v) in enumerate(qs)))
+    args = ['predict', str(d / 'vids'), '--queries', str(d / 'pq.jsonl'), '--ckpt', str(d / 'run'), '--device', 'cpu',
+            *world['args'][3:7]]                                                      # --clip-model, --blip-model
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: assert cli_main([*args, '--json', str(d / 'p1.jsonl')]) == 0
+    finally: torch.set_num_threads(n)
+    return dict(args=args, single=d / 'p1.jsonl', queries=d / 'pq.jsonl')
+
+
+def test_predict_shards_merge_to_the_single_file(preds, tmp_path):
+    lines = [json.loads(l) for l in preds['single'].read_text().splitlines()]
+    assert [l['qid'] for l in lines] == list(range(10, 17)) and lines[1]['vid'] == 'a_long'
+    for k in range(2): _run([*preds['args'], '--json', str(tmp_path / 'p.jsonl'), '--shard', f'{k}/2'])
+    parts = [tmp_path / f'p.shard-{k}-of-2.jsonl' for k in range(2)]
+    assert sorted(json.loads(l)['vid'] for l in parts[0].read_text().splitlines()) == ['a_long', 'a_long', 'c_short']
+    out = tmp_path / 'merged.jsonl'
+    assert cli_main(['merge-submissions', str(out), *map(str, parts), '--queries', str(preds['queries'])]) == 0
+    assert out.read_bytes() == preds['single'].read_bytes()
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_equals_one_process(preds, tmp_path):
+    r = _run([*preds['args'], '--json', str(tmp_path / 'p.jsonl')], torchrun=2)
+    assert r.stdout.count('wrote 7 predictions') == 1
+    assert (tmp_path / 'p.jsonl').read_bytes() == preds['single'].read_bytes()

@@ -1443,9 +1443,16 @@ def predict_main(argv:list[str]|None=None)->int:
         epilog='examples:\n'
                '  videolights predict talk.mp4 --query "a man opens the door" --ckpt runs/qvh\n'
                '  videolights predict talk.mp4 -q "dog runs" -q "cat sleeps" --ckpt runs/qvh/model_best.ckpt \\\n'
-               '      --clip-model ./clip-vit-b32 --json preds.jsonl --plot preds.png')
-    p.add_argument('video')
-    p.add_argument('-q', '--query', action='append', required=True, help='a text query (repeat for several)')
+               '      --clip-model ./clip-vit-b32 --json preds.jsonl --plot preds.png\n'
+               '  videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json preds.jsonl   # qid, query, vid\n'
+               '  videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json preds.jsonl --shard 0/4\n'
+               '  torchrun --nproc_per_node 4 -m videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json p.jsonl')
+    p.add_argument('video', help='a video file; with --queries: the folder of the videos')
+    p.add_argument('-q', '--query', action='append', help='a text query (repeat for several)')
+    p.add_argument('--queries', default=None, help='a jsonl of qid + query + vid (a video of the folder, by file stem): '
+                   'predict them all into --json, one line per qid')
+    p.add_argument('--shard', default=None, metavar='K/N', help='with --queries: only the queries of share K of N of '
+                   'the videos (balanced by duration), into JSON.shard-K-of-N.jsonl (`videolights merge-submissions`)')
     p.add_argument('--ckpt', required=True, help='a run folder (model_best.ckpt) or a checkpoint file')
     p.add_argument('--top-k', type=int, default=5, help='moments to print per query (default 5; the json keeps 10)')
     p.add_argument('--overlap', type=int, default=None, help='clips shared by consecutive windows (default max_v_l // 3)')
@@ -1453,8 +1460,11 @@ def predict_main(argv:list[str]|None=None)->int:
     p.add_argument('--plot', default=None, help='write a figure (png/pdf/svg)')
     _model_args(p)
     a = p.parse_args(argv)
+    if bool(a.query) == bool(a.queries): p.error('give -q/--query (one video) or --queries (a folder), one of the two')
+    if a.queries and not a.json: p.error('--queries needs --json (where the predictions go)')
+    if a.shard and not a.queries: p.error('--shard needs --queries')
     keep_freed_memory()
-    return _user_errors('videolights predict', _predict, a)
+    return _user_errors('videolights predict', _predict_many if a.queries else _predict, a)
 
 def _predict(a)->int:
     pr = VideoLightsPredictor.from_pretrained(a.ckpt, sources=_sources(a), device=a.device, overlap=a.overlap)
@@ -1465,6 +1475,50 @@ def _predict(a)->int:
     if a.plot:
         import matplotlib.pyplot as plt
         fig = plot_predictions(preds, a.top_k); fig.savefig(a.plot, dpi=100); plt.close(fig); print(f'wrote {a.plot}')
+    return 0
+
+def _read_queries(path)->list[dict]:
+    recs = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip(): continue
+        try: r = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+        if not all(k in r for k in ('qid', 'query', 'vid')):
+            raise ValueError(f"{path}:{i}: a record needs 'qid', 'query' and 'vid'")
+        recs.append(r)
+    return recs
+
+def _predict_many(a)->int:
+    "Every query of a jsonl on its video (share K of N of the videos with --shard or under torchrun): one jsonl."
+    recs, files = _read_queries(a.queries), {v.stem: v for v in list_videos(a.video)}
+    bad = next((r for r in recs if str(r['vid']) not in files), None)
+    if bad: raise ValueError(f"{a.queries}: video '{bad['vid']}' (qid {bad['qid']}) is not in {a.video}")
+    di, own_group, k, n = DistInfo(), False, 0, 1
+    if a.shard:
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            raise ValueError("--shard is for separate jobs (a job array); under torchrun each rank takes its share")
+        k, n = parse_shard(a.shard)
+    elif int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        own_group = not dist.is_initialized()
+        di, dev = init_distributed(a.device)
+        a.device, k, n = str(dev), di.rank, di.world_size
+    vids = sorted({str(r['vid']) for r in recs})
+    mine = share_by_duration(vids, _durations([files[v] for v in vids]), n)[k] if n > 1 else vids
+    pr = VideoLightsPredictor.from_pretrained(a.ckpt, sources=_sources(a), device=a.device, overlap=a.overlap)
+    lines = []
+    for v in tqdm(mine, desc='videos', disable=not mine):
+        idx = [i for i, r in enumerate(recs) if str(r['vid']) == v]
+        preds = pr.predict([recs[i]['query'] for i in idx], files[v])
+        lines += [(i, dict(qid=recs[i]['qid'], **p.to_dict())) for i, p in zip(idx, preds)]
+    out = [l for _, l in sorted(_gather_list(lines, di), key=lambda p: p[0])]   # the order of the queries file
+    path = shard_path(a.json, k, n) if a.shard else Path(a.json)
+    if di.is_main:
+        tmp = path.with_name(path.name + '.tmp')
+        tmp.write_text(''.join(json.dumps(l) + '\n' for l in out))
+        os.replace(tmp, path)
+        print(f"wrote {len(out)} predictions ({len(mine) if not di.enabled else len(vids)} videos) to {path}")
+    if di.enabled: dist.barrier()
+    if own_group: dist.destroy_process_group()
     return 0
 
 # %% ../nbs/13_video.ipynb #0b5a7230
