@@ -452,8 +452,8 @@ def evaluate_main(argv:list[str]|None=None)->int:
                     'when the split has labels, hl_{split}_submission_metrics.json.',
         epilog="examples:\n  videolights evaluate --ckpt runs/demo/run --data runs/demo/data --split val\n"
                "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data /data/qvh --split test --out subs/\n"
-               "  torchrun --nproc_per_node 4 -m videolights evaluate --ckpt runs/qvh --split val   # 4 GPUs, one file\n"
-               "  videolights evaluate --ckpt runs/qvh --split val --out subs/ --shard 2/8   # share 2 of 8 (job array)\n"
+               "  torchrun --nproc_per_node 4 -m videolights evaluate --ckpt runs/qvh --split val    # 4 GPUs\n"
+               "  videolights evaluate --ckpt runs/qvh --split val --out subs/ --shard 2/8   # a job array's task\n"
                "  videolights merge-submissions subs/hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-8.jsonl")
     p.add_argument('--ckpt', required=True, help='a checkpoint, or a run directory (uses model_best.ckpt)')
     p.add_argument('--data', help="dataset folder or .h5 store (default: the run's data)")

@@ -210,7 +210,8 @@ def _errors(prog:str, fn, *args)->int:
 
 def merge_features_main(argv:list[str]|None=None)->int:
     "`videolights merge-features OUT.h5 SHARD...`: shard stores of `extract --shard K/N` -> one store."
-    p = argparse.ArgumentParser(prog='videolights merge-features', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog='videolights merge-features',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Merge the shard stores written by `videolights extract --shard K/N` (one per K) into one HDF5 '
                     'store, equal to what one process extracting every video writes.',
         epilog='examples:\n  videolights merge-features feats.h5 feats.shard-*-of-8.h5\n'
@@ -228,10 +229,12 @@ def merge_features_main(argv:list[str]|None=None)->int:
 
 def merge_submissions_main(argv:list[str]|None=None)->int:
     "`videolights merge-submissions OUT.jsonl PART...`: partial submissions -> one submission (+ metrics)."
-    p = argparse.ArgumentParser(prog='videolights merge-submissions', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog='videolights merge-submissions',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Merge partial submission files (evaluate/predict --shard K/N) into one, checking that every '
                     'qid appears exactly once; with --gt, also score it with the official metrics.',
-        epilog='examples:\n  videolights merge-submissions hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-4.jsonl\n'
+        epilog='examples:\n'
+               '  videolights merge-submissions hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-4.jsonl\n'
                '  videolights merge-submissions val.jsonl parts/*.jsonl --gt data/highlight_val_release.jsonl\n'
                '  videolights merge-submissions preds.jsonl preds.shard-*-of-4.jsonl --queries queries.jsonl')
     p.add_argument('out', help='the merged submission (jsonl)')

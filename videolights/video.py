@@ -1023,7 +1023,7 @@ def extract_main(argv:list[str]|None=None)->int:
                '  videolights extract my_videos/ --queries my_queries.jsonl --encoders clip,blip --out f.h5\n'
                '  videolights extract my_videos/ --out f.h5 --shard 3/8     # share 3 of 8 (a job array task)\n'
                '  videolights merge-features f.h5 f.shard-*-of-8.h5          # when all 8 are done\n'
-               '  torchrun --nproc_per_node 4 -m videolights extract my_videos/ --out f.h5   # 4 GPUs, merged at the end\n'
+               '  torchrun --nproc_per_node 4 -m videolights extract my_videos/ --out f.h5   # 4 GPUs, merged\n'
                'Re-running on the same folder skips videos already in the store (resumable); so does a share.')
     p.add_argument('src', nargs='?', help='a video file or a folder of videos')
     p.add_argument('--out', required=True, help='HDF5 store to create or extend')
@@ -1444,13 +1444,14 @@ def predict_main(argv:list[str]|None=None)->int:
                '  videolights predict talk.mp4 --query "a man opens the door" --ckpt runs/qvh\n'
                '  videolights predict talk.mp4 -q "dog runs" -q "cat sleeps" --ckpt runs/qvh/model_best.ckpt \\\n'
                '      --clip-model ./clip-vit-b32 --json preds.jsonl --plot preds.png\n'
-               '  videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json preds.jsonl   # qid, query, vid\n'
+               '  videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json preds.jsonl  # qid, query, vid\n'
                '  videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json preds.jsonl --shard 0/4\n'
-               '  torchrun --nproc_per_node 4 -m videolights predict videos/ --queries q.jsonl --ckpt runs/qvh --json p.jsonl')
+               '  torchrun --nproc_per_node 4 -m videolights predict videos/ --queries q.jsonl --ckpt runs/qvh \\\n'
+               '      --json p.jsonl')
     p.add_argument('video', help='a video file; with --queries: the folder of the videos')
     p.add_argument('-q', '--query', action='append', help='a text query (repeat for several)')
-    p.add_argument('--queries', default=None, help='a jsonl of qid + query + vid (a video of the folder, by file stem): '
-                   'predict them all into --json, one line per qid')
+    p.add_argument('--queries', default=None, help='a jsonl of qid + query + vid (a video of the folder, by file '
+                   'stem): predict them all into --json, one line per qid')
     p.add_argument('--shard', default=None, metavar='K/N', help='with --queries: only the queries of share K of N of '
                    'the videos (balanced by duration), into JSON.shard-K-of-N.jsonl (`videolights merge-submissions`)')
     p.add_argument('--ckpt', required=True, help='a run folder (model_best.ckpt) or a checkpoint file')
