@@ -76,7 +76,7 @@ def test_single_store_has_everything(world):
     assert sum(k.startswith('text/clip_text_features/') for k in d) == 5
 
 
-def test_shards_in_separate_processes_merge_to_the_single_store(world, tmp_path):
+def test_shards_in_separate_processes_merge_to_the_single_store(world, tmp_path, capsys):
     "Two job-array tasks (`--shard K/2`), then `merge-features`: the one-process store, bit for bit."
     out = tmp_path / 'f.h5'
     for k in range(2): _run(['extract', *world['args'], '--out', str(out), '--shard', f'{k}/2'])
@@ -85,8 +85,9 @@ def test_shards_in_separate_processes_merge_to_the_single_store(world, tmp_path)
         ids = [json.loads(s.attrs['shard_ids']) for s in (s0, s1)]
         assert 'text' in s0 and 'text' not in s1                          # share 0 encodes the queries
     assert ids == [['a_long', 'c_short'], ['b_mid', 'd_mid', 'e_tiny']]    # 18 s and 20 s of video
-    r = _run(['merge-features', str(tmp_path / 'g.h5'), str(shards[0])], check=False)
-    assert r.returncode == 2 and 'shard store 1/2 missing' in r.stderr and len(r.stderr.splitlines()) == 1
+    assert cli_main(['merge-features', str(tmp_path / 'g.h5'), str(shards[0])]) == 2
+    err = capsys.readouterr().err
+    assert 'shard store 1/2 missing' in err and len(err.splitlines()) == 1
     assert cli_main(['merge-features', str(out), *map(str, shards[::-1])]) == 0
     _same_store(out, world['single'])
 
@@ -115,7 +116,7 @@ _KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_share_resumes(world, tmp_path):
+def test_killed_share_resumes(world, tmp_path, capsys):
     "A task killed while writing its second video: the store keeps the first, the rerun redoes only the second."
     out = tmp_path / 'f.h5'
     argv = ['extract', *world['args'], '--out', str(out), '--shard', '1/2']
@@ -125,8 +126,9 @@ def test_killed_share_resumes(world, tmp_path):
     with h5py.File(s1) as f:                                               # readable after the kill
         assert not f.attrs['shard_done'] and sorted(f['video/clip_features']) == ['b_mid']
     _run(['extract', *world['args'], '--out', str(out), '--shard', '0/2'])
-    r = _run(['merge-features', str(out), str(shard_path(out, 0, 2)), str(s1)], check=False)
-    assert r.returncode == 2 and 'shard 1/2 is unfinished' in r.stderr and '--shard 1/2 again' in r.stderr
+    assert cli_main(['merge-features', str(out), str(shard_path(out, 0, 2)), str(s1)]) == 2
+    err = capsys.readouterr().err
+    assert 'shard 1/2 is unfinished' in err and '--shard 1/2 again' in err
     r = _run(argv)
     assert '2 video(s) extracted, 1 already there' in r.stdout
     assert cli_main(['merge-features', str(out), str(shard_path(out, 0, 2)), str(s1), '--delete']) == 0
@@ -134,14 +136,14 @@ def test_killed_share_resumes(world, tmp_path):
     _same_store(out, world['single'])
 
 
-def test_share_of_another_split_is_refused(world, tmp_path):
+def test_share_of_another_split_is_refused(world, tmp_path, capsys):
     out = tmp_path / 'f.h5'
     with h5py.File(shard_path(out, 1, 2), 'w') as f:
         f.attrs['shard'], f.attrs['shard_ids'], f.attrs['shard_done'] = '1/2', '["zz"]', False
-    r = _run(['extract', *world['args'], '--out', str(out), '--shard', '1/2'], check=False)
-    assert r.returncode == 2 and 'another share of the videos' in r.stderr
-    r = _run(['extract', *world['args'], '--out', str(out), '--shard', '2/2'], check=False)
-    assert r.returncode == 2 and '0 <= K < N' in r.stderr
+    assert cli_main(['extract', *world['args'], '--out', str(out), '--shard', '1/2']) == 2
+    assert 'another share of the videos' in capsys.readouterr().err
+    assert cli_main(['extract', *world['args'], '--out', str(out), '--shard', '2/2']) == 2
+    assert '0 <= K < N' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
