@@ -193,7 +193,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_data, tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert f'continue with --resume {run}' in err
+    assert f'continue with: videolights train --resume {run}' in err
     st = load_checkpoint(run/'model_latest.ckpt')['state']
     assert st['epoch'] >= 2
     r = vl('train', '--resume', run, '--epochs', st['epoch'] + 1, '--no-progress')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11a_runs.ipynb #21f7e3d7
 from __future__ import annotations
-import io, os, re, sys, ast, json, math, inspect, argparse, difflib, tokenize, textwrap, dataclasses
+import io, os, re, sys, ast, json, math, signal, inspect, argparse, difflib, tokenize, textwrap, dataclasses
 from pathlib import Path
 from functools import partial
 from typing import Iterable
@@ -21,14 +21,15 @@ from .loss import build_criterion
 from .metrics import eval_submission
 from .shards import batch_shares, shard_path, parse_shard
 from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptions, NonFiniteLossError, fit,
-                    wants_cuda, _amp_dtype, _write_json, DistInfo, init_distributed, _gather_list, hp)
+                    wants_cuda, _amp_dtype, _write_json, DistInfo, init_distributed, _gather_list, hp,
+                    holds_run, RunLockedError, check_unlocked)
 
 # %% auto #0
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
-           'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'is_pretrain_path', 'has_labels',
-           'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config', 'parse_overrides',
-           'config_docs', 'config_help', 'config_yaml', 'read_config', 'train_main', 'data_is_synth', 'init_checkpoint',
-           'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief']
+           'RESUMED_ARGS', 'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'is_pretrain_path',
+           'has_labels', 'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config',
+           'parse_overrides', 'config_docs', 'config_help', 'config_yaml', 'read_config', 'train_main', 'data_is_synth',
+           'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief']
 
 # %% ../nbs/11a_runs.ipynb #7b23aa58
 SPLIT_FILES = {'hl': ['highlight_{split}_release.jsonl', 'qvhighlights/highlight_{split}_release.jsonl'],
@@ -281,6 +282,7 @@ _TRAIN_EPILOG = """examples:
   videolights train --preset tiny --data runs/demo/data --out runs/tiny           # CPU recipe: learns in minutes
   videolights train --preset qvhighlights --data /data/qvh --out runs/qvh          # paper recipe (200 epochs)
   videolights train --resume runs/qvh                                             # continue an interrupted run
+  videolights train --preset tiny --data runs/demo/data --out runs/tiny --overwrite   # old run -> runs/tiny/previous/
   videolights train --preset qvhighlights --data /data/pretrain --pretrain --out runs/pt --epochs 50 --bsz 256
   videolights train --preset qvhighlights --data /data/qvh --init-from runs/pt/model_best.ckpt --out runs/ft
   torchrun --nproc_per_node 4 -m videolights train --preset qvhighlights --data /data/qvh --out runs/ddp
@@ -289,7 +291,24 @@ _TRAIN_EPILOG = """examples:
   videolights train --config qvh.yaml --data /data/qvh --out runs/mine --lr 2e-4   # flags override the file
 Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ... (--help-config lists them)
 Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a better score (official default 200,
--1 never stops). Periodic copies: --save-every N."""
+-1 never stops). Periodic copies: --save-every N.
+Ctrl-C (SIGINT) or SIGTERM: the run saves model_latest.ckpt, prints the command that continues it and exits with 130
+(SIGINT) or 143 (SIGTERM). A resumed run takes the how-to-run options it was started with (--amp, --grad-accum, ...)
+unless given again. One process per run directory: a second one is refused, naming the PID and host of the first."""
+
+RESUMED_ARGS = dict(amp='amp', plain_model='accelerate', compile='compile', cuda_graphs='cuda_graphs',
+                    grad_accum='grad_accum', deterministic='deterministic', save_every='save_every')  # flag -> RunOptions
+_UNSET = object()   # the value of a RESUMED_ARGS flag that was not given
+
+def _run_options(a:argparse.Namespace, # parsed with the RESUMED_ARGS left unset unless given
+                 saved:dict|None=None, # the options of the checkpoint a run resumes from
+                 **kw)->RunOptions:
+    "The run options: each of RESUMED_ARGS from the command line if given, else from `saved`, else the default."
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    o = {k: v for k, v in (saved or {}).items() if k in fields and k in RESUMED_ARGS.values()}
+    for flag, k in RESUMED_ARGS.items():
+        if getattr(a, flag, _UNSET) is not _UNSET: o[k] = not getattr(a, flag) if flag == 'plain_model' else getattr(a, flag)
+    return RunOptions(**{**o, **kw})
 
 def _run_args(p:argparse.ArgumentParser):
     g = p.add_argument_group('how to run')
@@ -319,12 +338,14 @@ def train_main(argv:list[str]|None=None)->int:
     p.add_argument('--init-from', metavar='CKPT', help='start from the weights of CKPT (fine-tuning)')
     p.add_argument('--pretrain', action='store_true', help='the training data is synthetic pretraining data')
     p.add_argument('--eval-split', default=None, help="split evaluated during training (default cfg.eval_split_name)")
-    p.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run')
+    p.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run (its files '
+                   'are moved to OUT/previous/ first)')
     p.add_argument('--config', metavar='FILE', help='VLConfig fields (and preset:) from a YAML or JSON file; flags override it')
     p.add_argument('--print-config', action='store_true', help='print the resolved config as a --config file and exit')
     p.add_argument('--help-config', action='store_true', help="list every VLConfig field (type, the preset's value, "
                    'meaning) and exit')
     _run_args(p)
+    p.set_defaults(**dict.fromkeys(RESUMED_ARGS, _UNSET))   # unset unless given: a resume keeps its own
     a, rest = p.parse_known_args(argv)
     try:
         f_preset, f_over = read_config(a.config) if a.config else (None, {})
@@ -334,9 +355,12 @@ def train_main(argv:list[str]|None=None)->int:
     if a.preset not in PRESETS: p.error(f"--preset {a.preset}: choose from {sorted(PRESETS)}")
     if a.help_config: print(config_help(get_preset(a.preset), a.preset)); return 0
     keep_freed_memory()  # large blocks reused, not faulted in again (see 01_data)
+    try: check_unlocked(a.resume or a.out or '.')   # refused before any data is read
+    except RunLockedError as e: print(f"videolights train: error: {e}", file=sys.stderr); return 2
     if a.resume:
         run = Path(a.resume)
         ck = load_checkpoint(run/'model_latest.ckpt')
+        opts = _run_options(a, ck.get('options'))
         cfg = VLConfig(**{**_known(ck['config']), **over})
         info = json.loads((run/'config.json').read_text())
         out, data = run, a.data or info.get('data')
@@ -349,23 +373,28 @@ def train_main(argv:list[str]|None=None)->int:
         if data_is_synth(data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
             cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
         tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
+        opts = _run_options(a)
     if a.print_config: print(config_yaml(cfg, a.preset), end=''); return 0
     try:
         init = None if a.resume else init_checkpoint(cfg, a.init_from)
-        _amp_dtype(a.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))  # e.g. fp16 on a CPU: refused here
+        _amp_dtype(opts.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))  # e.g. fp16 on a CPU: refused here
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
-    opts = RunOptions(device=a.device, amp=a.amp, accelerate=not a.plain_model, compile=a.compile,
-                      cuda_graphs=a.cuda_graphs, grad_accum=a.grad_accum,
-                      deterministic=a.deterministic, eval_split=ev.split, progress=False if a.no_progress else None,
-                      tensorboard=not a.no_tensorboard, save_every=a.save_every)
+    opts = dataclasses.replace(opts, device=a.device, eval_split=ev.split, progress=False if a.no_progress else None,
+                               tensorboard=not a.no_tensorboard)
     info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
                 train_records=tr_rec, eval_records=ev_rec)
-    if not a.resume and (out/'model_latest.ckpt').exists() and not a.overwrite:
-        p.error(f"{out} already holds a run: continue it with --resume {out}, or pass --overwrite")
-    try: st = fit(model, crit, tr_ds, cfg, out, opts, collate, ev, resume=bool(a.resume), run_info=info, overwrite=a.overwrite)
-    except KeyboardInterrupt: return 130
+    if not a.resume and holds_run(out) and not a.overwrite:
+        p.error(f"{out} already holds a run: continue it with --resume {out}, or pass --overwrite (its files go to "
+                f"{out/'previous'})")
+    world, local = os.environ.get('WORLD_SIZE', '1'), os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1'))
+    how = (f"torchrun --nproc_per_node {local} -m " if int(world) > 1 else '') + f"videolights train --resume {out}"
+    try: st = fit(model, crit, tr_ds, cfg, out, opts, collate, ev, resume=bool(a.resume), run_info=info, overwrite=a.overwrite,
+                  resume_cmd=how)
+    except KeyboardInterrupt as e: return 128 + getattr(e, 'signum', signal.SIGINT)   # 130 (SIGINT), 143 (SIGTERM)
+    except (RunLockedError, FileExistsError) as e:
+        print(f"videolights train: error: {e}", file=sys.stderr); return 2
     except NonFiniteLossError as e:
         print(f"videolights train: stopped: {e}", file=sys.stderr); return 1
     finally:

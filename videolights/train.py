@@ -4,8 +4,9 @@
 
 # %% ../nbs/11_train.ipynb #a7259cec
 from __future__ import annotations
-import os, re, sys, json, math, time, random, shutil, logging, dataclasses, warnings
-from contextlib import nullcontext
+import os, re, sys, json, math, time, errno, random, shutil, signal, socket, logging, threading, dataclasses, warnings
+import fcntl
+from contextlib import ExitStack, nullcontext, contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,12 +22,14 @@ from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'set_seed', 'get_rng_state',
-           'set_rng_state', 'set_deterministic', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda',
-           'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
+__all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'RESULT_OPTIONS',
+           'LOCK_NAME', 'RUN_FILES', 'KILL_ENV', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic',
+           'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'pid_alive', 'remove_stale_temps', 'DistInfo',
+           'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
-           'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'load_weights',
-           'fit']
+           'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup',
+           'setup_changes', 'load_weights', 'RunLockedError', 'check_unlocked', 'run_lock', 'run_files', 'holds_run',
+           'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -63,18 +66,40 @@ def set_deterministic(on:bool=True, # deterministic kernels, no cuDNN autotuning
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, not on
 
 # %% ../nbs/11_train.ipynb #bbd8f8e4
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # what an interactive user or a job scheduler sends to stop a run
+
+def _deliver(signum:int, handler):
+    "Act on `signum` as `handler` (a previous `signal.signal` setting) would have."
+    if callable(handler): handler(signum, None)
+    elif handler in (signal.SIG_DFL, None): os.kill(os.getpid(), signum)   # restored default: the process ends
+    # SIG_IGN: nothing
+
+@contextmanager
+def deferred_signals(signums:tuple=HELD_SIGNALS):
+    "Hold SIGINT/SIGTERM while the block runs; deliver them to the handlers in place once it is over (main thread)."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(got): _deliver(s, old[s])
+
 def save_checkpoint(obj:dict, # tensors and plain Python values only
                     path:str|Path, # destination, replaced atomically
+                    on_written:Callable|None=None, # called between the write and the rename (a test hook)
                    )->Path:
-    "`torch.save` to a temp file, fsync, then `os.replace` onto `path`."
+    "`torch.save` to a temp file, fsync, then `os.replace` onto `path`; SIGINT/SIGTERM wait until it is done."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    with deferred_signals():
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            if on_written: on_written()
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists(): tmp.unlink()
     return path
 
 def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
@@ -84,6 +109,25 @@ def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+def pid_alive(pid:int)->bool:
+    "Whether a process `pid` exists on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True      # it exists, owned by someone else
+    return True
+
+_TEMP = re.compile(r'^\..+\.(\d+)\.tmp$')    # `.NAME.PID.tmp`, as `save_checkpoint` and `_write_json` name them
+
+def remove_stale_temps(folder:str|Path, # e.g. a run directory
+                      )->list[str]:       # the names removed
+    "Remove the temporary files `.NAME.PID.tmp` in `folder` whose writer PID is no longer running (killed writes)."
+    gone = []
+    for p in sorted(Path(folder).glob('.*.tmp')):
+        m = _TEMP.match(p.name)
+        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+            p.unlink(missing_ok=True); gone.append(p.name)
+    return gone
 
 # %% ../nbs/11_train.ipynb #d9f8389a
 @dataclass
@@ -219,6 +263,7 @@ class TrainState:
     best_score:float=-1.; best_epoch:int=-1
     es_cnt:int=0            # evaluations in a row without improvement (early stopping)
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
+    sums:dict|None=None     # this rank's loss sums over the micro-batches of `epoch` applied so far ('_n': how many)
 
 def _float_outputs(o):
     if isinstance(o, Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o  # float64 stays
@@ -284,7 +329,9 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
     "Train for one epoch from micro-batch `state.batch`, updating `state` after every optimiser step."
     model.train(); criterion.train()
     wd, clip = criterion.weight_dict, hp(cfg, 'grad_clip')
-    sums, n, start = {}, 0, state.batch
+    start = state.batch
+    sums = dict(state.sums) if start and state.sums else {}      # a resumed epoch goes on with its sums so far
+    n = sums.pop('_n', 0)
     n_left = len(loader) if hasattr(loader, '__len__') else None
     pbar = tqdm(loader, total=n_left, desc=f'epoch {state.epoch}', leave=False, disable=not bars_on(progress, di))
     for i, (inputs, targets, metas) in enumerate(pbar):
@@ -306,6 +353,9 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
                     f"{b - 1} (rank {di.rank}), qids {qids}; terms: {_loss_report(loss_dict, wd)}. "
                     f"Nothing was stepped or saved; model_latest.ckpt holds the last good state.")
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        for k, v in loss_dict.items(): sums[k] = sums.get(k, 0.) + float(v.detach())
+        loss = float(loss.detach()); sums['loss_overall'] = sums.get('loss_overall', 0.) + loss
+        n += 1
         if last:
             if scaler: scaler.unscale_(optimizer)
             if clip and clip > 0: nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -313,11 +363,8 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
             else: optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.batch, state.global_step = b, state.global_step + 1
-            state.rng = snapshot()
+            state.rng, state.sums = snapshot(), dict(sums, _n=n)
             if on_step: on_step(state)
-        for k, v in loss_dict.items(): sums[k] = sums.get(k, 0.) + float(v.detach())
-        loss = float(loss.detach()); sums['loss_overall'] = sums.get('loss_overall', 0.) + loss
-        n += 1
         pbar.set_postfix(loss=f"{loss:.4f}")
     keys = sorted(sums)
     means = torch.tensor([sums[k] / max(n, 1) for k in keys], dtype=torch.float64)
@@ -427,12 +474,18 @@ def config_dict(cfg)->dict:
     d = asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
+def _write_text(path:Path, text:str)->Path:
+    "Write `text` through `.NAME.PID.tmp` and `os.replace` (a killed write leaves the old file, and a temp file)."
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'w') as f: f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
 def _write_json(obj, path:Path):
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w') as f:
-        if isinstance(obj, list): f.write(''.join(json.dumps(l) + '\n' for l in obj))
-        else: json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    _write_text(path, ''.join(json.dumps(l) + '\n' for l in obj) if isinstance(obj, list) else json.dumps(obj, indent=1))
 
 # %% ../nbs/11_train.ipynb #c4a39880
 LOG = logging.getLogger('videolights.train')   # the run's text report; configure it like any logger
@@ -531,11 +584,33 @@ def _unwrap(model:nn.Module)->nn.Module:
     if isinstance(model, GraphedTraining): model = model.model  # CUDA graphs
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-def _checkpoint(model, optimizer, scheduler, scaler, state:TrainState, cfg, opts:RunOptions, rngs:list, metrics=None)->dict:
-    st = asdict(state); st.pop('rng')
+def run_setup(device:torch.device|str='cpu', # the device the run steps on
+              world_size:int=1)->dict:
+    "What decides a run's last bits besides config, data and options: torch version, CPU threads, device, processes."
+    device = torch.device(device)
+    s = dict(torch=str(torch.__version__), threads=torch.get_num_threads(), device=device.type, world_size=world_size)
+    if device.type == 'cuda': s['gpu'] = torch.cuda.get_device_name(device)
+    return s
+
+RESULT_OPTIONS = ('amp', 'accelerate', 'compile', 'cuda_graphs', 'grad_accum', 'deterministic')  # change the numbers
+
+def setup_changes(ck:dict, # a checkpoint written by `fit`
+                  setup:dict, # this process's `run_setup`
+                  opts:RunOptions)->list[str]: # e.g. ['threads 4 -> 1', 'amp off -> bf16']
+    "What differs between the set-up and options a checkpoint was written under and these."
+    old = ck.get('setup') or dict(torch=ck.get('torch_version'))     # older checkpoints: the torch version only
+    ch = [f"{k} {old[k]} -> {setup.get(k)}" for k in old if old[k] is not None and old[k] != setup.get(k)]
+    o, n = ck.get('options') or {}, asdict(opts)
+    return ch + [f"{k} {o[k]} -> {n[k]}" for k in RESULT_OPTIONS if k in o and o[k] != n[k]]
+
+def _checkpoint(model, optimizer, scheduler, scaler, state:TrainState, cfg, opts:RunOptions,
+                ranks:list, # (rng, sums) of every rank
+                metrics=None, setup:dict|None=None)->dict:
+    st = asdict(state); st.pop('rng'); st.pop('sums')
     return dict(model=_unwrap(model).state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler else None, state=st, rng=rngs, config=config_dict(cfg),
-                options=asdict(opts), metrics=metrics, torch_version=str(torch.__version__))
+                scaler=scaler.state_dict() if scaler else None, state=st, rng=[r for r, _ in ranks],
+                sums=[s for _, s in ranks], config=config_dict(cfg), options=asdict(opts), metrics=metrics,
+                torch_version=str(torch.__version__), setup=setup or run_setup())
 
 def _restore(ck:dict, model, optimizer, scheduler, scaler, di:DistInfo)->TrainState:
     _unwrap(model).load_state_dict(ck['model'])
@@ -547,6 +622,8 @@ def _restore(ck:dict, model, optimizer, scheduler, scaler, di:DistInfo)->TrainSt
     state = TrainState(**ck['state'])
     if di.rank < len(ck['rng']): set_rng_state(ck['rng'][di.rank]); state.rng = ck['rng'][di.rank]
     else: set_seed(hp(SimpleNamespace(**ck['config']), 'seed') + di.rank)
+    sums = ck.get('sums') or []                  # a rank saved without its own sums (interrupted DDP) takes rank 0's
+    state.sums = sums[di.rank] if di.rank < len(sums) else sums[0] if sums else None
     return state
 
 def _snapshot_fn(ds:Dataset)->Callable:
@@ -569,6 +646,112 @@ def load_weights(model:nn.Module, path:str|Path, strict:bool=True)->nn.Module:
     if not strict and (res.missing_keys or res.unexpected_keys):
         print(f"init-from {path}: missing {res.missing_keys[:5]}..., unexpected {res.unexpected_keys[:5]}...", file=sys.stderr)
     return model
+
+# %% ../nbs/11_train.ipynb #201866e9
+LOCK_NAME = '.train.lock'
+
+class RunLockedError(RuntimeError):
+    "The run directory is held by another process."
+
+def _holder(fd:int)->dict:
+    try: return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+    except (ValueError, UnicodeDecodeError): return {}
+
+def _locked(out_dir:Path, fd:int)->RunLockedError|None:
+    "None if the lock of `out_dir` (open as `fd`) is free, else the error naming its holder; takes nothing."
+    try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN): raise
+        h = _holder(fd)
+        who = f"process {h['pid']} on {h['host']} (since {h['since']})" if h.get('pid') else 'another process'
+        return RunLockedError(f"{out_dir} is in use by {who}: wait until it ends, or stop it, or choose another "
+                              f"directory (lock file {out_dir/LOCK_NAME})")
+    return None
+
+def check_unlocked(out_dir:str|Path): # a run directory, if it exists
+    "Raise `RunLockedError` if a process holds `out_dir` (a quick check before loading data; `run_lock` decides)."
+    if not (Path(out_dir)/LOCK_NAME).is_file(): return
+    fd = os.open(Path(out_dir)/LOCK_NAME, os.O_RDWR)
+    try:
+        if err := _locked(Path(out_dir), fd): raise err
+    finally: os.close(fd)          # closing drops the test lock (POSIX locks belong to the process and the file)
+
+@contextmanager
+def run_lock(out_dir:str|Path): # the run directory (created)
+    "Hold RUN_DIR/.train.lock while the block runs; yields the holder it took over from ({} if none)."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir/LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if err := _locked(out_dir, fd): raise err
+        left = _holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))).encode(), 0)
+        try: yield left
+        finally: os.ftruncate(fd, 0)
+    finally: os.close(fd)
+
+def _took_over(out_dir:Path, h:dict)->str|None:
+    "The warning for a lock whose holder ended without clearing it."
+    if not h.get('pid'): return None
+    gone = 'is no longer running' if h.get('host') == socket.gethostname() and not pid_alive(h['pid']) else 'released it'
+    return f"warning: took over the lock of {out_dir} from process {h['pid']} on {h.get('host')}, which {gone}"
+
+RUN_FILES = ('model_best.ckpt', 'best_*', 'model_e*.ckpt', 'latest_*', 'hl_*_submission*', 'log.jsonl', 'train.log',
+             'training_curves.png', 'tensorboard', 'config.json', 'model_latest.ckpt')   # in the order set aside
+
+def run_files(out_dir:str|Path)->list[Path]:
+    "The files of the run in `out_dir` (and of `evaluate` next to its checkpoints), in `RUN_FILES` order."
+    return list(dict.fromkeys(p for pat in RUN_FILES for p in sorted(Path(out_dir).glob(pat))))
+
+def holds_run(out_dir:str|Path)->list[str]:
+    "Names that show `out_dir` holds (part of) a run a new run must not mix with: checkpoints, results, log.jsonl."
+    return [p.name for p in run_files(out_dir) if p.suffix == '.ckpt' or p.name.startswith(('best_', 'latest_', 'log.'))]
+
+def set_aside(out_dir:str|Path)->tuple[Path, int]:
+    "Move the files of the run in `out_dir` into RUN_DIR/previous/ (deleting an older one); (folder, files moved)."
+    files, prev = run_files(out_dir), Path(out_dir)/'previous'
+    if prev.exists(): shutil.rmtree(prev)
+    prev.mkdir()
+    for p in files: os.replace(p, prev/p.name)
+    return prev, len(files)
+
+def trim_log(path:Path, # a run's log.jsonl
+             epoch:int, # the epoch the run resumes at
+            )->int:     # records dropped
+    "Drop the records of epochs >= `epoch` (their checkpoint was never written) and any cut line."
+    if not path.is_file(): return 0
+    lines, keep = path.read_text().splitlines(), []
+    for l in lines:
+        try: r = json.loads(l)
+        except ValueError: continue
+        if isinstance(r, dict) and r.get('epoch', -1) < epoch: keep.append(l + '\n')
+    if len(keep) < len(lines): _write_text(path, ''.join(keep))
+    return len(lines) - len(keep)
+
+def _prepare_dir(out_dir:Path, resume:bool, overwrite:bool)->list[str]:
+    "Rank 0, holding the lock: remove stale temp files; a new run refuses or sets aside an old one. Notes to log."
+    notes = []
+    if gone := remove_stale_temps(out_dir): notes.append(f"removed {len(gone)} temporary file(s) of killed writes: {', '.join(gone)}")
+    if resume: return notes
+    if (names := holds_run(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                              "resume it or choose another directory (or overwrite it)")
+    if overwrite and run_files(out_dir):
+        prev, n = set_aside(out_dir)
+        notes.append(f"overwrite: moved the {n} files of the previous run into {prev}")
+    return notes
+
+def _main_first(fn:Callable, di:DistInfo):
+    "`fn()` on rank 0; when it raises, every rank raises it (none is left waiting in a collective)."
+    out, err = None, None
+    if di.is_main:
+        try: out = fn()
+        except Exception as e: err = e
+    if di.enabled:
+        b = [err]; dist.broadcast_object_list(b, 0); err = b[0]
+    if err is not None: raise err
+    return out
 
 # %% ../nbs/11_train.ipynb #55914d2e
 def _wrap(model:nn.Module, opts:RunOptions, di:DistInfo, device:torch.device)->nn.Module:
@@ -609,9 +792,127 @@ def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainS
     log('eval', e, {k: v for k, v in brief.items() if isinstance(v, (int, float))}, score=score, split=sp)
     if score <= state.best_score: return False
     state.best_score, state.best_epoch = score, e
-    shutil.copyfile(out_dir/f'latest_{sp}_preds.jsonl', out_dir/f'best_{sp}_preds.jsonl')
-    shutil.copyfile(out_dir/f'latest_{sp}_metrics.json', out_dir/f'best_{sp}_metrics.json')
+    for k in ('preds.jsonl', 'metrics.json'): _write_text(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
     return True
+
+# %% ../nbs/11_train.ipynb #63636318
+LOCK_NAME = '.train.lock'
+
+class RunLockedError(RuntimeError):
+    "The run directory is held by another process."
+
+def _holder(fd:int)->dict:
+    try: return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+    except (ValueError, UnicodeDecodeError): return {}
+
+@contextmanager
+def run_lock(out_dir:str|Path): # the run directory (created)
+    "Hold RUN_DIR/.train.lock while the block runs; yields the holder it took over from ({} if none)."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir/LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN): raise
+            h = _holder(fd)
+            who = f"process {h['pid']} on {h['host']} (since {h['since']})" if h.get('pid') else 'another process'
+            raise RunLockedError(f"{out_dir} is in use by {who}: wait until it ends, or stop it, or choose another "
+                                 f"directory (lock file {path})") from None
+        left = _holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))).encode(), 0)
+        try: yield left
+        finally: os.ftruncate(fd, 0)
+    finally: os.close(fd)
+
+def _took_over(out_dir:Path, h:dict)->str|None:
+    "The warning for a lock whose holder ended without clearing it."
+    if not h.get('pid'): return None
+    gone = 'is no longer running' if h.get('host') == socket.gethostname() and not pid_alive(h['pid']) else 'released it'
+    return f"warning: took over the lock of {out_dir} from process {h['pid']} on {h.get('host')}, which {gone}"
+
+RUN_FILES = ('model_best.ckpt', 'best_*', 'model_e*.ckpt', 'latest_*', 'hl_*_submission*', 'log.jsonl', 'train.log',
+             'training_curves.png', 'tensorboard', 'config.json', 'model_latest.ckpt')   # in the order set aside
+
+def run_files(out_dir:str|Path)->list[Path]:
+    "The files of the run in `out_dir` (and of `evaluate` next to its checkpoints), in `RUN_FILES` order."
+    return list(dict.fromkeys(p for pat in RUN_FILES for p in sorted(Path(out_dir).glob(pat))))
+
+def holds_run(out_dir:str|Path)->list[str]:
+    "Names that show `out_dir` holds (part of) a run a new run must not mix with: checkpoints, results, log.jsonl."
+    return [p.name for p in run_files(out_dir) if p.suffix == '.ckpt' or p.name.startswith(('best_', 'latest_', 'log.'))]
+
+def set_aside(out_dir:str|Path)->tuple[Path, int]:
+    "Move the files of the run in `out_dir` into RUN_DIR/previous/ (deleting an older one); (folder, files moved)."
+    files, prev = run_files(out_dir), Path(out_dir)/'previous'
+    if prev.exists(): shutil.rmtree(prev)
+    prev.mkdir()
+    for p in files: os.replace(p, prev/p.name)
+    return prev, len(files)
+
+def trim_log(path:Path, # a run's log.jsonl
+             epoch:int, # the epoch the run resumes at
+            )->int:     # records dropped
+    "Drop the records of epochs >= `epoch` (their checkpoint was never written) and any cut line."
+    if not path.is_file(): return 0
+    lines, keep = path.read_text().splitlines(), []
+    for l in lines:
+        try: r = json.loads(l)
+        except ValueError: continue
+        if isinstance(r, dict) and r.get('epoch', -1) < epoch: keep.append(l + '\n')
+    if len(keep) < len(lines): _write_text(path, ''.join(keep))
+    return len(lines) - len(keep)
+
+def _prepare_dir(out_dir:Path, resume:bool, overwrite:bool)->list[str]:
+    "Rank 0, holding the lock: remove stale temp files; a new run refuses or sets aside an old one. Notes to log."
+    notes = []
+    if gone := remove_stale_temps(out_dir): notes.append(f"removed {len(gone)} temporary file(s) of killed writes: {', '.join(gone)}")
+    if resume: return notes
+    if (names := holds_run(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                              "resume it or choose another directory (or overwrite it)")
+    if overwrite and run_files(out_dir):
+        prev, n = set_aside(out_dir)
+        notes.append(f"overwrite: moved the {n} files of the previous run into {prev}")
+    return notes
+
+def _main_first(fn:Callable, di:DistInfo):
+    "`fn()` on rank 0; when it raises, every rank raises it (none is left waiting in a collective)."
+    out, err = None, None
+    if di.is_main:
+        try: out = fn()
+        except Exception as e: err = e
+    if di.enabled:
+        b = [err]; dist.broadcast_object_list(b, 0); err = b[0]
+    if err is not None: raise err
+    return out
+
+# %% ../nbs/11_train.ipynb #178eed9f
+class RunInterrupted(KeyboardInterrupt):
+    "SIGINT or SIGTERM received while `fit` runs; `signum` says which (a command exits with 128 + signum)."
+    def __init__(self, signum:int=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name); self.signum = int(signum)
+
+@contextmanager
+def interrupts_raise():
+    "Within the block SIGINT and SIGTERM both raise `RunInterrupted` (main thread only; handlers restored after)."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def handler(signum, frame): raise RunInterrupted(signum)
+    old = {s: signal.signal(s, handler) for s in HELD_SIGNALS}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+KILL_ENV = 'VIDEOLIGHTS_KILL_AT'   # test hook: 'PHASE:EPOCH[:SIGNAL]', e.g. 'eval:1:TERM'
+
+def _kill_point(phase:str, epoch:int):
+    "Send this process the signal of VIDEOLIGHTS_KILL_AT if the run is at its PHASE of its EPOCH."
+    spec = os.environ.get(KILL_ENV, '')
+    if not spec: return
+    p, ep, *sig = spec.split(':')
+    if p == phase and int(ep) == epoch:
+        os.kill(os.getpid(), getattr(signal, 'SIG' + (sig[0] if sig else 'KILL').upper().removeprefix('SIG')))
 
 # %% ../nbs/11_train.ipynb #0a94373d
 def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str|Path,
@@ -620,84 +921,107 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
         resume:bool=False, # continue from out_dir/model_latest.ckpt
         on_step:Callable|None=None, # `on_step(state)` after every optimiser step
         run_info:dict|None=None, # extra facts for config.json (preset, data path, ...)
-        overwrite:bool=False, # start afresh in a directory that already holds a run
+        overwrite:bool=False, # start afresh in a directory that holds a run (its files go to RUN_DIR/previous/)
+        resume_cmd:str|None=None, # the command that continues the run, told when it is interrupted
        )->TrainState:
     "Train `model` with `criterion` on `train_ds` for `cfg.n_epoch` epochs, checkpointing into `out_dir`."
     di, device = init_distributed(opts.device)
     out_dir = Path(out_dir); log_on = di.is_main
-    if not resume and (out_dir/'model_latest.ckpt').exists():
-        if not overwrite: raise FileExistsError(f"{out_dir} already holds a run; resume it or choose another directory")
-        if di.is_main:
-            for n in ('log.jsonl', 'train.log'): (out_dir/n).unlink(missing_ok=True)
-    if di.is_main: out_dir.mkdir(parents=True, exist_ok=True)
-    if opts.deterministic: set_deterministic(True)
-    model.to(device); criterion.to(device)
-    if opts.accelerate: accelerate(model)
-    optimizer, scheduler = build_optimizer(model, cfg)
-    amp_dtype = _amp_dtype(opts.amp, device)
-    scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-    state, snap = TrainState(), _snapshot_fn(train_ds)
-    if resume:
-        state = _restore(load_checkpoint(out_dir/'model_latest.ckpt'), model, optimizer, scheduler, scaler, di)
-        _restore_dataset_rng(train_ds, state.rng)
-    elif di.rank > 0: set_seed(hp(cfg, 'seed') + di.rank)       # model weights come from rank 0 (DDP broadcast)
-    if di.is_main and not resume:
-        _write_json(dict(config=config_dict(cfg), options=asdict(opts), world_size=di.world_size, **(run_info or {})),
-                    out_dir/'config.json')
-    net = _wrap(model, opts, di, device)
-    loader = _train_loader(train_ds, cfg, opts, di, device, collate_fn)
-    bsz, seed, world = hp(cfg, 'bsz'), hp(cfg, 'seed'), di.world_size
-    eval_every = opts.eval_every or hp(cfg, 'eval_every')
-    log = _Log(out_dir, log_on, opts.tensorboard, opts.console)
-    n_epoch, dset, max_es = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name'), hp(cfg, 'max_es_cnt')
-    log.info(f"{'resume' if resume else 'start'} {out_dir}: epochs {state.epoch}..{n_epoch - 1}, {len(train_ds)} training "
-             f"samples, batch {bsz} on {world} process(es), {device}" + (f", {opts.amp}" if amp_dtype else '') +
-             f"; logs: train.log, log.jsonl{', tensorboard/' if log.tb else ''}")
-    t_run, e_first = time.time(), state.epoch
-    every = opts.save_every if opts.save_every is not None else 10 if getattr(train_ds, 'pretrain', False) else 50
-    keep = lambda e: bool(every) and (e + 1) % every == 0 or opts.save_every is None and (e + 1) % hp(cfg, 'lr_drop') == 0
-    stop = lambda: max_es != -1 and state.es_cnt > max_es   # official: -1 never stops
+    with ExitStack() as run:
+        left = _main_first(lambda: run.enter_context(run_lock(out_dir)), di)   # rank 0 holds the directory
+        run.enter_context(interrupts_raise())
+        notes = _main_first(lambda: _prepare_dir(out_dir, resume, overwrite), di) or []
+        if opts.deterministic: set_deterministic(True)
+        model.to(device); criterion.to(device)
+        if opts.accelerate: accelerate(model)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        amp_dtype = _amp_dtype(opts.amp, device)
+        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+        state, snap, setup = TrainState(), _snapshot_fn(train_ds), run_setup(device, di.world_size)
+        if resume:
+            ck = load_checkpoint(out_dir/'model_latest.ckpt')
+            state = _restore(ck, model, optimizer, scheduler, scaler, di)
+            _restore_dataset_rng(train_ds, state.rng)
+            if ch := setup_changes(ck, setup, opts):
+                notes.append(f"warning: resuming under another set-up than the checkpoint's ({', '.join(ch)}): the run "
+                             "goes on, but its results will differ from an uninterrupted run's")
+            if n := _main_first(lambda: trim_log(out_dir/'log.jsonl', state.epoch), di):
+                notes.append(f"log.jsonl: dropped {n} record(s) of epoch {state.epoch}, redone (its checkpoint was never written)")
+        elif di.rank > 0: set_seed(hp(cfg, 'seed') + di.rank)       # model weights come from rank 0 (DDP broadcast)
+        if di.is_main and not resume:
+            _write_json(dict(config=config_dict(cfg), options=asdict(opts), world_size=di.world_size, **(run_info or {})),
+                        out_dir/'config.json')
+        net = _wrap(model, opts, di, device)
+        loader = _train_loader(train_ds, cfg, opts, di, device, collate_fn)
+        bsz, seed, world = hp(cfg, 'bsz'), hp(cfg, 'seed'), di.world_size
+        eval_every = opts.eval_every or hp(cfg, 'eval_every')
+        log = _Log(out_dir, log_on, opts.tensorboard, opts.console)
+        run.callback(log.close)
+        n_epoch, dset, max_es = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name'), hp(cfg, 'max_es_cnt')
+        log.info(f"{'resume' if resume else 'start'} {out_dir}: epochs {state.epoch}..{n_epoch - 1}, {len(train_ds)} training "
+                 f"samples, batch {bsz} on {world} process(es), {device}" + (f", {opts.amp}" if amp_dtype else '') +
+                 f"; logs: train.log, log.jsonl{', tensorboard/' if log.tb else ''}")
+        for n in [_took_over(out_dir, left or {})] + notes:
+            if n: log.info(n, logging.WARNING if n.startswith('warning') else logging.INFO)
+        t_run, e_first = time.time(), state.epoch
+        every = opts.save_every if opts.save_every is not None else 10 if getattr(train_ds, 'pretrain', False) else 50
+        keep = lambda e: bool(every) and (e + 1) % every == 0 or opts.save_every is None and (e + 1) % hp(cfg, 'lr_drop') == 0
+        stop = lambda: max_es != -1 and state.es_cnt > max_es   # official: -1 never stops
 
-    def save(name, metrics=None, rngs=None):
-        rngs = rngs if rngs is not None else _gather_list([snap()], di)
-        if di.is_main: save_checkpoint(_checkpoint(model, optimizer, scheduler, scaler, state, cfg, opts, rngs, metrics), out_dir/name)
+        def save(name, metrics=None, ranks=None, on_written=None):
+            ranks = ranks if ranks is not None else _gather_list([(snap(), state.sums)], di)
+            if di.is_main: save_checkpoint(_checkpoint(model, optimizer, scheduler, scaler, state, cfg, opts, ranks, metrics,
+                                                       setup), out_dir/name, on_written)
 
-    try:
-        while state.epoch < n_epoch and not stop():
-            e, t0 = state.epoch, time.time()
-            if state.batch == 0: state.rng = snap()
-            loader.sampler.set_epoch(e, start=state.batch * (bsz // world)); loader.generator.manual_seed(seed + e)
-            losses = train_one_epoch(net, criterion, loader, optimizer, state, device, cfg, opts.grad_accum,
-                                     amp_dtype, scaler, di, opts.progress, on_step, snap)
-            scheduler.step()
-            log('train', e, dict(losses, lr=optimizer.param_groups[0]['lr'], time_s=round(time.time() - t0, 3)))
-            state.epoch, state.batch = e + 1, 0
-            metrics = None
-            if evaluator is not None and ((e + 1) % eval_every == 0 or e + 1 == n_epoch):
-                metrics, sub = evaluator(model, device, di, amp_dtype, opts.progress, opts.cuda_graphs)
-                improved = di.is_main and _record_eval(out_dir, evaluator.split, sub, metrics, state, e, log, dset,
-                                                       getattr(cfg, 'best_metric_weights', None))
-                if di.enabled:                                  # every rank learns the verdict of rank 0
-                    b = [improved, state.best_score, state.best_epoch]; dist.broadcast_object_list(b, 0)
-                    improved, state.best_score, state.best_epoch = b
-                if improved: save('model_best.ckpt', metrics)   # a collective: every rank calls it
-                if evaluator.gt is not None: state.es_cnt = 0 if improved else state.es_cnt + 1
-            save('model_latest.ckpt', metrics)
-            if keep(e): save(f'model_e{e:04d}.ckpt', metrics)
-            log.epoch(e, n_epoch, state, (time.time() - t_run) / (e + 1 - e_first) * (n_epoch - e - 1))
-            if stop():
-                log('early_stop', e, dict(es_cnt=state.es_cnt, best_score=state.best_score, best_epoch=state.best_epoch))
-                log.info(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
-                         f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch {state.best_epoch}")
-        curves = _write_curves(out_dir, log) if log.on and opts.curves and (out_dir/'log.jsonl').is_file() else None
-        log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}" + (f"; best score "
-                 f"{state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else '') +
-                 (f"; curves: {curves}" if curves else ''))
-    except KeyboardInterrupt:
-        save('model_latest.ckpt', rngs=[state.rng or snap()])
-        if di.is_main: print(f"\ninterrupted at epoch {state.epoch}, micro-batch {state.batch}: saved "
-                             f"{out_dir/'model_latest.ckpt'}; continue with --resume {out_dir}", file=sys.stderr)
-        raise
-    finally: log.close()
+        def stepped(st):
+            if on_step: on_step(st)
+            _kill_point('batch', st.epoch)
+
+        try:
+            while state.epoch < n_epoch and not stop():
+                e, t0 = state.epoch, time.time()
+                if state.batch == 0: state.rng, state.sums = snap(), None
+                loader.sampler.set_epoch(e, start=state.batch * (bsz // world)); loader.generator.manual_seed(seed + e)
+                losses = train_one_epoch(net, criterion, loader, optimizer, state, device, cfg, opts.grad_accum,
+                                         amp_dtype, scaler, di, opts.progress, stepped, snap)
+                t_train, ev = time.time() - t0, None
+                if evaluator is not None and ((e + 1) % eval_every == 0 or e + 1 == n_epoch):
+                    ev = evaluator(model, device, di, amp_dtype, opts.progress, opts.cuda_graphs)
+                    _kill_point('eval', e)
+                with deferred_signals():   # epoch e is done once all of this is written; an interrupt waits for it
+                    scheduler.step()
+                    log('train', e, dict(losses, lr=optimizer.param_groups[0]['lr'], time_s=round(t_train, 3)))
+                    metrics, improved = None, False
+                    if ev is not None:
+                        metrics, sub = ev
+                        improved = di.is_main and _record_eval(out_dir, evaluator.split, sub, metrics, state, e, log, dset,
+                                                               getattr(cfg, 'best_metric_weights', None))
+                        if di.enabled:                                  # every rank learns the verdict of rank 0
+                            b = [improved, state.best_score, state.best_epoch]; dist.broadcast_object_list(b, 0)
+                            improved, state.best_score, state.best_epoch = b
+                        if evaluator.gt is not None: state.es_cnt = 0 if improved else state.es_cnt + 1
+                    state.epoch, state.batch, state.sums = e + 1, 0, None
+                    if improved: save('model_best.ckpt', metrics, on_written=lambda: _kill_point('best', e))
+                    if stop():
+                        log('early_stop', e, dict(es_cnt=state.es_cnt, best_score=state.best_score, best_epoch=state.best_epoch))
+                        _kill_point('early_stop', e)
+                    if keep(e): save(f'model_e{e:04d}.ckpt', metrics)
+                    save('model_latest.ckpt', metrics, on_written=lambda: _kill_point('ckpt', e))   # the commit
+                    state.rng = None
+                log.epoch(e, n_epoch, state, (time.time() - t_run) / (e + 1 - e_first) * (n_epoch - e - 1))
+                if stop(): log.info(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
+                                    f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch {state.best_epoch}")
+            curves = _write_curves(out_dir, log) if log.on and opts.curves and (out_dir/'log.jsonl').is_file() else None
+            log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}" + (f"; best score "
+                     f"{state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else '') +
+                     (f"; curves: {curves}" if curves else ''))
+        except KeyboardInterrupt as ex:
+            save('model_latest.ckpt', ranks=[(state.rng or snap(), state.sums)])
+            if di.is_main:
+                how = resume_cmd or f"videolights train --resume {out_dir}"
+                print(f"\ninterrupted ({signal.Signals(getattr(ex, 'signum', signal.SIGINT)).name}) in epoch {state.epoch} "
+                      f"after {state.batch} micro-batches: saved {out_dir/'model_latest.ckpt'}; continue with: {how}",
+                      file=sys.stderr)
+            raise
     if di.enabled: dist.barrier()  # leave together: rank 0 may still be writing while the others would tear down
     return state
