@@ -80,7 +80,11 @@ def test_bad_override_is_a_clear_error(tiny_data, tmp_path):
     r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', tmp_path/'r', '--lrr', '1e-3', timeout=120)
     assert r.returncode == 2 and 'did you mean --lr' in r.stderr
     r = vl('train', '--preset', 'tiny', '--data', tmp_path/'nowhere', '--out', tmp_path/'r', timeout=120)
-    assert r.returncode != 0 and 'no val annotations' in r.stderr
+    assert r.returncode == 2 and f"{tmp_path/'nowhere'}: no such file or folder" in r.stderr
+    (tmp_path/'nowhere').mkdir()
+    (tmp_path/'nowhere'/'notes.txt').write_text('not a dataset')
+    r = vl('train', '--preset', 'tiny', '--data', tmp_path/'nowhere', '--out', tmp_path/'r', timeout=120)
+    assert r.returncode == 2 and 'no val annotations' in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -81,23 +81,30 @@ def test_structural_errors_name_file_line_key(tmp_path, bad, msg):
 
 def test_malformed_json_line(tmp_path):
     p = _write(tmp_path, 'm.jsonl', [GOOD, '{"qid": 2,', GOOD])
-    with pytest.raises(DataFormatError, match='m.jsonl:2: malformed JSON'):
+    with pytest.raises(DataFormatError, match='m.jsonl:2: not valid JSON'):
         load_jsonl(p)
 
 
 def test_window_repairs_counted_and_strict(tmp_path):
     recs = [GOOD, {**GOOD, 'qid': 2, 'relevant_windows': [[30, 20]]},             # only window reversed: record dropped
             {**GOOD, 'qid': 3, 'relevant_windows': [[140, 160], [0, 4]]},          # clipped
-            {**GOOD, 'qid': 1},                                                    # duplicate qid
             {**GOOD, 'qid': 4, 'relevant_clip_ids': [80], 'saliency_scores': [[1, 1, 1]]}]  # no clip left: dropped
     p = _write(tmp_path, 'fix.jsonl', recs)
-    with pytest.warns(UserWarning, match='fix.jsonl'):
+    with pytest.warns(UserWarning, match=f'fix.jsonl.*{p}:2: .*{p}:4: ') as w:               # dropped lines named
         out = read_qvhighlights(p)
-    assert [r['qid'] for r in out] == [1, 3, 1]
+    assert [r['qid'] for r in out] == [1, 3]
     assert out[1]['relevant_windows'] == [[140, 150], [0, 4]]
-    assert out.report.counts() == {'reversed_window': 1, 'record_dropped': 2, 'clipped_window': 1, 'duplicate_qid': 1,
-                                   'bad_clip_id': 1}
+    assert out.report.counts() == {'reversed_window': 1, 'record_dropped': 2, 'clipped_window': 1, 'bad_clip_id': 1}
     assert out.report.issues['record_dropped'][0].startswith(f'{p}:2:')
+    dup = _write(tmp_path, 'dup.jsonl', [GOOD, {**GOOD, 'qid': 3}, {**GOOD, 'qid': 1}])     # a qid twice: refused
+    with pytest.raises(DataFormatError, match=r"dup.jsonl:3:qid: duplicate qid 1 \(also at line 1\)"):
+        read_qvhighlights(dup)
+    gone = _write(tmp_path, 'gone.jsonl', [{**GOOD, 'relevant_windows': [[30, 20]]}])      # nothing left: refused
+    with pytest.raises(DataFormatError, match=r'gone.jsonl: every record dropped \(1 read; first: line 1: '):
+        read_qvhighlights(gone)
+    (tmp_path/'empty.jsonl').write_text('\n')
+    with pytest.raises(DataFormatError, match='empty.jsonl: no records'):
+        read_qvhighlights(tmp_path/'empty.jsonl')
     with pytest.raises(DataFormatError, match='fix.jsonl:2:.*reversed window'):
         read_qvhighlights(p, strict=True)
 
@@ -444,9 +451,10 @@ def test_convert_features_cli(tmp_path, small_set, capsys):
     out = capsys.readouterr().out
     assert 'clip_features' in out and 'slowfast_features' not in out and 'wrote' in out
     assert open_features(tmp_path / 'x.h5').feature_types('video') == ['clip_features']
-    assert convert_features_main([str(root / 'features'), str(tmp_path / 'x.h5'), '--quiet']) == 1
-    assert 'exists' in capsys.readouterr().err
-    assert convert_features_main([str(tmp_path / 'nowhere'), str(tmp_path / 'y.h5')]) == 1
+    assert main(['convert-features', str(root / 'features'), str(tmp_path / 'x.h5'), '--quiet']) == 2
+    assert capsys.readouterr().err == f"videolights convert-features: error: {tmp_path / 'x.h5'}: exists (pass overwrite=True (--overwrite))\n"
+    with pytest.raises(FileNotFoundError, match='nowhere: no such folder'):
+        convert_features_main([str(tmp_path / 'nowhere'), str(tmp_path / 'y.h5')])
     with pytest.raises(SystemExit) as e:
         convert_features_main(['--help'])
     assert e.value.code == 0 and 'examples:' in capsys.readouterr().out
@@ -473,9 +481,12 @@ def test_inspect_cli_store_empty_folder_and_bad_file(tmp_path, small_set, capsys
     assert s['annotations'] == {} and s['features'][str(root / 'features.h5')]['slowfast_features'] == dict(kind='video', dim=10, n=12)
     assert 'slowfast_features' in capsys.readouterr().out
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(SystemExit) as e:
+    from videolights.cli import main
+    assert main(['inspect', str(tmp_path / 'empty')]) == 2
+    assert capsys.readouterr().err == f"videolights inspect: error: {tmp_path / 'empty'}: is empty, expected a .jsonl file, an .h5 store or a dataset folder\n"
+    (tmp_path / 'empty' / 'notes.txt').write_text('x')
+    with pytest.raises(ValueError, match='no .jsonl annotation files and no features found'):
         inspect_main([str(tmp_path / 'empty')])
-    assert e.value.code == 2 and 'no .jsonl annotation files and no features found' in capsys.readouterr().err
     p = _write(tmp_path, 'bad.jsonl', [GOOD, {**GOOD, 'qid': 2, 'query': ''}])
-    assert inspect_main([str(p), '--no-plots']) == 1
+    assert main(['inspect', str(p), '--no-plots']) == 2
     assert capsys.readouterr().err.strip() == f"videolights inspect: error: {p}:2: key 'query' is empty (qid 2)"

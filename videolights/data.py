@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d3120d2c
 from __future__ import annotations
-import os, sys, json, math, random, argparse, warnings, time
+import os, sys, json, math, random, argparse, warnings, time, zlib, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
+from .errors import (BadInputError, MissingFileError, OutputExistsError, UserError, check_input, iter_jsonl,
+                                one_line, write_text_atomic)
 from fastcore.basics import patch
 from .spans import span_xx_to_cxw, temporal_endpoint_feature
 
@@ -20,26 +22,18 @@ from .spans import span_xx_to_cxw, temporal_endpoint_feature
 __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
            'DataFormatError', 'load_jsonl', 'DataReport', 'Records', 'read_qvhighlights', 'read_charades', 'read_tvsum',
            'guess_dset_name', 'read_records', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource', 'DirFeatures',
-           'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'convert_features',
-           'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
+           'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'feature_stamp',
+           'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
            'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences', 'collate', 'move_batch',
-           'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary', 'plot_summary', 'inspect_main',
-           'convert_features_main']
+           'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary',
+           'inspect_main', 'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
-class DataFormatError(ValueError):
+class DataFormatError(BadInputError):
     "Bad annotation or feature data; the message names the file (and line, key or shape) at fault."
 
 def _iter_jsonl(path): # yields (line_no, record)
-    with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{i}: malformed JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield i, rec
+    return iter_jsonl(path, DataFormatError, 'an annotation file (JSON Lines)')
 
 def load_jsonl(path:str|Path, # a .jsonl file
               )->list[dict]:   # one dict per non-empty line
@@ -100,14 +94,26 @@ _QVH_LABELS = ('relevant_windows', 'relevant_clip_ids', 'saliency_scores')
 
 def _finish(recs, report, dset_name):
     report.n_records = len(recs)
-    if report: warnings.warn(f"{report!r}; see .report.issues for the lines")
+    dropped = report.issues.get('record_dropped', [])
+    if not recs and dropped:
+        first = dropped[0][len(report.path) + 1:]
+        raise DataFormatError(f"{report.path}: every record dropped ({len(dropped)} read; first: line {first})",
+                              hint='nothing is left to train or evaluate on')
+    if not recs: raise DataFormatError(f"{report.path}: no records (an empty file)")
+    if report:
+        lines = dropped[:5] + [l for k, v in report.issues.items() if k != 'record_dropped' for l in v][:max(0, 5 - len(dropped))]
+        more = sum(map(len, report.issues.values())) - len(lines)
+        warnings.warn(f"{report!r}: " + '; '.join(lines) + (f"; {more} more in .report.issues" if more > 0 else ''))
     return Records(recs, report, dset_name)
 
 def _count_dup_qids(recs_lines, report):
-    seen = set()
+    "Refuse a qid used twice: qids name the query features and the predictions, so one of the two would be lost."
+    seen = {}
     for line, r in recs_lines:
-        if r['qid'] in seen: report.add('duplicate_qid', line, f"qid {r['qid']!r} seen before")
-        seen.add(r['qid'])
+        q = r['qid']
+        if q in seen: raise DataFormatError(f"duplicate qid {q!r} (also at line {seen[q]})", file=report.path, line=line,
+                                            key='qid', hint='give every record its own qid')
+        seen[q] = line
 
 def _fix_clip_ids(rec, report, line, strict, clip_len):
     ids, sal = rec['relevant_clip_ids'], rec['saliency_scores']
@@ -227,7 +233,7 @@ def l2_normalize(x:np.ndarray, # (L, D)
     "Row-wise L2 normalisation as the official loader does it."
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
-class FeatureNotFoundError(FileNotFoundError):
+class FeatureNotFoundError(MissingFileError):
     "A video or query has no features of a requested type; the message names the id and the places tried."
 
 # %% ../nbs/01_data.ipynb #83d6271f
@@ -258,17 +264,34 @@ def _check_finite(x, where):
     if not np.isfinite(x).all(): raise DataFormatError(f"{where}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
 
 # %% ../nbs/01_data.ipynb #259f8e21
-def _npz_key(path, keys):
-    with np.load(path) as z:
-        for k in keys:
-            if k in z.files: return z[k]
-        raise DataFormatError(f"{path}: none of the keys {list(keys)} (file has {z.files})")
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+def _load_array(path:Path, keys=None)->np.ndarray:
+    "The array of a `.npy` file, or the first of `keys` in an `.npz`; a damaged or non-numeric file names itself."
+    try:
+        if keys is None: x = np.load(path)
+        else:
+            with np.load(path) as z:
+                k = next((k for k in keys if k in z.files), None)
+                if k is None: raise DataFormatError(f"{path}: none of the keys {list(keys)} (file has {z.files})")
+                x = z[k]
+    except DataFormatError: raise
+    except ValueError as e:
+        if 'allow_pickle' not in str(e): raise DataFormatError(f"{path}: unreadable feature file ({one_line(e)[:100]})") from None
+        raise DataFormatError(f"{path}: holds Python objects (object dtype), expected a numeric (L, D) array") from None
+    except _UNREADABLE as e:
+        raise DataFormatError(f"{path}: unreadable feature file, truncated or damaged ({type(e).__name__}: {one_line(e)[:80]})",
+                              hint='extract or copy it again') from None
+    if x.dtype.kind not in 'fiu': raise DataFormatError(f"{path}: holds {x.dtype} values, expected a numeric (L, D) array")
+    return x
+
+def _npz_key(path, keys): return _load_array(path, keys)
 
 def _load_feature_file(kind, path:Path)->np.ndarray:
     if path.name.endswith('_rgb.npy') and (po := path.with_name(path.name[:-8] + '_opt.npy')).exists():
-        a, b = np.load(path), np.load(po)
+        a, b = _load_array(path), _load_array(po)
         return np.concatenate([a[:len(b)], b[:len(a)]], axis=-1)
-    if path.suffix == '.npy': return np.load(path)
+    if path.suffix == '.npy': return _load_array(path)
     return _npz_key(path, ('features',) if kind == 'video' else ('last_hidden_state', 'token'))
 
 class DirFeatures(FeatureSource):
@@ -277,9 +300,9 @@ class DirFeatures(FeatureSource):
     def __repr__(self): return f"DirFeatures('{self.root}')"
     def _video(self, d, vid):
         if (p := d/f'{vid}.npz').exists(): return _npz_key(p, ('features',)), p
-        if (p := d/f'{vid}.npy').exists(): return np.load(p), p
+        if (p := d/f'{vid}.npy').exists(): return _load_array(p), p
         if (p := d/f'{vid}_rgb.npy').exists() and (po := d/f'{vid}_opt.npy').exists():
-            a, b = np.load(p), np.load(po)
+            a, b = _load_array(p), _load_array(po)
             return np.concatenate([a[:len(b)], b[:len(a)]], axis=-1), p  # I3D rgb + flow = one source
         raise FeatureNotFoundError(f"no '{d.name}' video features for vid {vid!r}: tried {d}/{vid}.npz, {vid}.npy, {vid}_rgb.npy+_opt.npy")
     def _text(self, d, qid):
@@ -303,7 +326,9 @@ def _dir_kind(d:Path)->str|None:
         if p.suffix == '.npy': return 'video'
         if p.suffix == '.npz':
             if p.name.startswith('qid'): return 'text'
-            with np.load(p) as z: return 'video' if 'features' in z.files else 'text'
+            try:
+                with np.load(p) as z: return 'video' if 'features' in z.files else 'text'
+            except _UNREADABLE: continue   # a damaged file: the next one tells; reading it names it
     return None
 
 # %% ../nbs/01_data.ipynb #5f39ead8
@@ -389,19 +414,26 @@ def _scan_features(src_dir:Path, feat_types=None)->list[tuple]:
     return jobs
 
 # %% ../nbs/01_data.ipynb #8f0fc620
+def feature_stamp(x:np.ndarray)->int:
+    "The stamp of a feature array: CRC-32 of its dtype, shape and bytes; written with its dataset, recorded in the index."
+    x = np.ascontiguousarray(x)
+    return zlib.crc32(memoryview(x).cast('B'), zlib.crc32(f'{x.dtype.str}{x.shape}'.encode()))
+
 def _write_index(f, kind:str, ftype:str):
-    "Record key -> (file offset, rows, cols) of every contiguous dataset of one type under /index."
+    "Record key -> (file offset, rows, cols) and stamp of every contiguous dataset of one type under /index."
     g = f[f'{kind}/{ftype}']
     keys = sorted(g)
-    loc = np.zeros((len(keys), 3), np.int64)
+    loc, stamp = np.zeros((len(keys), 3), np.int64), np.full(len(keys), -1, np.int64)
     for i, k in enumerate(keys):
         ds = g[k]
         off = ds.id.get_offset()
         if off is None or ds.chunks is not None or ds.compression is not None: return  # not plain: no index
         loc[i] = off, ds.shape[0], ds.shape[1]
+        stamp[i] = int(ds.attrs.get('stamp', -1))
     if f'index/{kind}/{ftype}' in f: del f[f'index/{kind}/{ftype}']
     f.create_dataset(f'index/{kind}/{ftype}/keys', data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
     f.create_dataset(f'index/{kind}/{ftype}/loc', data=loc)
+    f.create_dataset(f'index/{kind}/{ftype}/stamp', data=stamp)
     f[f'index/{kind}/{ftype}'].attrs['dtype'] = g[keys[0]].dtype.str
 
 # %% ../nbs/01_data.ipynb #6671c2bc
@@ -413,14 +445,21 @@ def convert_features(src_dir:str|Path,     # feature root with one sub-folder pe
                      progress:bool=True,   # tqdm progress bar
                     )->dict:               # summary: per type kind/n/dim, bytes, seconds
     "Pack every `.npz`/`.npy` of the feature-type folders of `src_dir` into one HDF5 store."
-    src_dir, dst_h5, t0 = Path(src_dir), Path(dst_h5), time.time()
-    if not src_dir.is_dir(): raise FileNotFoundError(f"feature folder {src_dir} does not exist")
-    if dst_h5.exists() and not overwrite: raise FileExistsError(f"{dst_h5} exists; pass overwrite=True (--overwrite)")
+    src_dir, dst_h5, t0 = check_input(src_dir, 'a feature folder', folder=True), Path(dst_h5), time.time()
+    if dst_h5.exists() and not overwrite: raise OutputExistsError("exists", file=dst_h5, hint='pass overwrite=True (--overwrite)')
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     jobs = _scan_features(src_dir, feat_types)
     if not jobs: raise DataFormatError(f"{src_dir}: no .npz/.npy feature files in its sub-folders")
     dims, counts, part = {}, {}, dst_h5.with_name(dst_h5.name + '.part')
     dst_h5.parent.mkdir(parents=True, exist_ok=True)
+    try: _convert(jobs, part, dtype, dims, counts, src_dir, progress)
+    except BaseException:
+        part.unlink(missing_ok=True); raise
+    os.replace(part, dst_h5)
+    types = {ftype: dict(kind=kind, n=counts[(kind, ftype)], dim=d) for (kind, ftype), d in dims.items()}
+    return dict(path=str(dst_h5), types=types, bytes=dst_h5.stat().st_size, seconds=round(time.time() - t0, 3))
+
+def _convert(jobs, part, dtype, dims, counts, src_dir, progress):
     with h5py.File(part, 'w') as f:
         f.attrs['videolights_features'] = 1
         for kind, ftype, key, path in tqdm(jobs, desc=f'convert {src_dir.name}', unit='file', disable=not progress):
@@ -430,14 +469,12 @@ def convert_features(src_dir:str|Path,     # feature root with one sub-folder pe
             if x.shape[1] != d: raise DataFormatError(f"{path}: feature dim mismatch in '{ftype}': expected {d}, got {x.shape[1]}")
             if not np.isfinite(x).all(): raise DataFormatError(f"{path}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
             if dtype == 'float16' and np.abs(x).max() > 65000: raise DataFormatError(f"{path}: values up to {np.abs(x).max():.3g} overflow float16; use dtype='float32'")
-            f.create_dataset(f'{kind}/{ftype}/{key}', data=x.astype(dtype))
+            x = x.astype(dtype)
+            f.create_dataset(f'{kind}/{ftype}/{key}', data=x).attrs['stamp'] = feature_stamp(x)
             counts[(kind, ftype)] = counts.get((kind, ftype), 0) + 1
         for (kind, ftype), d in dims.items():
             f[f'{kind}/{ftype}'].attrs.update(dim=d, n=counts[(kind, ftype)])
             _write_index(f, kind, ftype)
-    os.replace(part, dst_h5)
-    types = {ftype: dict(kind=kind, n=counts[(kind, ftype)], dim=d) for (kind, ftype), d in dims.items()}
-    return dict(path=str(dst_h5), types=types, bytes=dst_h5.stat().st_size, seconds=round(time.time() - t0, 3))
 
 # %% ../nbs/01_data.ipynb #1a9806d8
 def index_store(path:str|Path, # an HDF5 feature store (`video/{type}/{vid}`, `text/{type}/{qid}` datasets)
@@ -453,9 +490,10 @@ class H5Features(FeatureSource):
     "Features from one HDF5 store written by `convert_features`; opened lazily once per process."
     def __init__(self, path:str|Path, use_index:bool=True):
         self.path, self.use_index, self._f, self._pid = Path(path), use_index, None, None
-        if not self.path.is_file(): raise FileNotFoundError(f"feature store {self.path} does not exist")
+        check_input(self.path, 'an HDF5 feature store')
     def __repr__(self): return f"H5Features('{self.path}')"
-    def __getstate__(self): return {**self.__dict__, '_f': None, '_pid': None, '_fd': None, '_bufs': {}, '_idx': {}}
+    def __getstate__(self): return {**self.__dict__, '_f': None, '_pid': None, '_fd': None, '_bufs': {}, '_idx': {},
+                                    '_ok': set(), '_stale': set()}
     def __del__(self):
         try: self.close()
         except Exception: pass  # interpreter shutdown
@@ -464,25 +502,48 @@ class H5Features(FeatureSource):
         if self._f is None or self._pid != os.getpid(): self._open()
         return self._f
     def _open(self):
-        self._f, self._pid, self._bufs, self._fd, self._idx = h5py.File(self.path, 'r'), os.getpid(), {}, None, {}
+        try: f = h5py.File(self.path, 'r')
+        except OSError as e:
+            if getattr(e, 'errno', None) is not None: raise
+            raise DataFormatError(f"not a readable HDF5 feature store ({one_line(e)[:100]})", file=self.path,
+                                  hint='truncated or damaged? convert or extract it again') from None
+        self._f, self._pid, self._bufs, self._fd, self._idx, self._ok, self._stale = f, os.getpid(), {}, None, {}, set(), set()
         if self.use_index and 'index' in self._f:
             self._fd = os.open(self.path, os.O_RDONLY)
             for kind in self._f['index']:
                 for t, g in self._f['index'][kind].items():
                     keys = g['keys'].asstr()[()]
                     if len(keys) != len(self._f[kind].get(t, ())): continue  # stale (store changed since): use h5py
-                    self._idx[(kind, t)] = (dict(zip(keys, g['loc'][()].tolist())), np.dtype(g.attrs['dtype']))
+                    st = g['stamp'][()].tolist() if 'stamp' in g else [-1] * len(keys)
+                    rows = [(*l, s) for l, s in zip(g['loc'][()].tolist(), st)]
+                    self._idx[(kind, t)] = (dict(zip(keys, rows)), np.dtype(g.attrs['dtype']))
     def _read(self, kind, ftype, key, max_len, reuse=False):
         h5 = self.h5
-        if (kind, ftype) in self._idx: return self._pread(kind, ftype, key, max_len, reuse)
+        if (kind, ftype) in self._idx and self._indexed(kind, ftype, str(key)): return self._pread(kind, ftype, key, max_len, reuse)
         name = f'{kind}/{ftype}/{key}'
         if name not in h5: self._missing(kind, ftype, key)
         ds = h5[name]
-        return (ds[:max_len] if max_len else ds[()]), f"{self.path}:/{name}"
+        try: x = ds[:max_len] if max_len else ds[()]
+        except OSError as e: raise DataFormatError(f"{self.path}:/{name}: unreadable dataset ({one_line(e)[:100]})") from None
+        return x, f"{self.path}:/{name}"
+    def _indexed(self, kind, ftype, key)->bool:
+        "Whether the index still describes dataset `key` (checked once per process): same place, shape, dtype, stamp."
+        if (kind, ftype, key) in self._ok: return True
+        if (kind, ftype, key) in self._stale: return False
+        table, dt = self._idx[(kind, ftype)]
+        ds = self.h5.get(f'{kind}/{ftype}/{key}')
+        if key not in table or ds is None: return False      # added or removed since the index was written: h5py decides
+        off, rows, cols, stamp = table[key]
+        ok = (ds.id.get_offset() == off and ds.shape == (rows, cols) and ds.dtype == dt and ds.chunks is None
+              and ds.compression is None and (stamp < 0 or int(ds.attrs.get('stamp', -1)) == stamp))
+        (self._ok if ok else self._stale).add((kind, ftype, key))
+        if not ok and len(self._stale) == 1:
+            warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such datasets "
+                          f"are read through h5py (index_store rebuilds the index)", stacklevel=2)
+        return ok
     def _pread(self, kind, ftype, key, max_len, reuse):
         table, dt = self._idx[(kind, ftype)]
-        if str(key) not in table: self._missing(kind, ftype, key)
-        off, rows, cols = table[str(key)]
+        off, rows, cols, _ = table[str(key)]
         r = min(rows, max_len) if max_len else rows
         if reuse:  # one growing buffer per type, overwritten by the next read of that type
             buf = self._bufs.get((kind, ftype))
@@ -514,7 +575,9 @@ def open_features(path:str|Path|FeatureSource, # a feature root folder, a `.h5` 
     p = Path(path)
     if p.suffix in ('.h5', '.hdf5'): return H5Features(p)
     if p.is_dir(): return DirFeatures(p)
-    raise FileNotFoundError(f"features {p}: not a folder in the official layout nor a .h5 store")
+    if not p.exists(): raise MissingFileError("no such file or folder (expected features: a folder in the official "
+                                              "layout or an .h5 store)", file=p)
+    raise BadInputError("not a folder in the official layout nor an .h5 store", file=p)
 
 # %% ../nbs/01_data.ipynb #d70d8f8c
 def span_labels_cxw(windows:list,      # GT windows [[st, ed], ...] in seconds
@@ -765,6 +828,36 @@ def feature_summary(src:str|Path|FeatureSource)->dict:
             out[t] = dict(kind=kind, dim=dim, n=n)
     return out
 
+def _keys(src:FeatureSource, kind:str, ftype:str)->list[str]:
+    if isinstance(src, H5Features): return list(src.h5[f'{kind}/{ftype}'])
+    return [k for _, _, k, _ in _scan_features(src.root, [ftype])]
+
+def check_features(src:str|Path|FeatureSource, # a feature folder or store
+                   records:list[dict]=(),      # annotation records whose videos and queries must have features
+                   limit:int=3,                # examples named per kind of problem that concerns many items
+                  )->list[str]:                # one line per problem, naming the file or dataset
+    "Read every feature of a folder or store: unreadable or misshapen files, odd widths, NaN/Inf, missing videos/queries."
+    src, out = open_features(src), []
+    for kind in ('video', 'text'):
+        for t in src.feature_types(kind):
+            keys, widths = _keys(src, kind, t), {}
+            for k in keys:
+                try: x, where = src._read(kind, t, k, None)
+                except UserError as e: out.append(one_line(e)); continue
+                if x.ndim != 2 or not len(x): out.append(f"{where}: shape {x.shape}, expected a non-empty (L, D) array"); continue
+                widths.setdefault(x.shape[1], []).append(where)
+                if not np.isfinite(x).all(): out.append(f"{where}: {int((~np.isfinite(x)).sum())} NaN/inf values")
+            if len(widths) > 1:
+                common = max(widths, key=lambda w: len(widths[w]))
+                out += [f"{w}: width {d}, the other {len(widths[common])} '{t}' features are {common} wide"
+                        for d, ws in widths.items() if d != common for w in ws]
+            have = set(keys)
+            miss = [str(r['vid'] if kind == 'video' else r['qid']) for r in records]
+            miss = sorted({m for m in miss if m not in have})
+            if miss: out.append(f"{src!r}: {len(miss)} {'video' if kind == 'video' else 'querie'}s of the annotations have "
+                                f"no '{t}' features, e.g. {miss[:limit]}")
+    return out
+
 def plot_summary(records:list[dict], title:str=''):
     "Histograms of durations, windows per query, window lengths and saliency of `records`."
     import matplotlib.pyplot as plt  # lazy: keeps `import videolights.data` light in DataLoader workers
@@ -790,7 +883,7 @@ def _find_features(folder:Path)->list[Path]:
     if any(d.is_dir() and _dir_kind(d) for d in folder.iterdir()): found.append(folder)
     return found
 
-def inspect_main(argv:list[str]|None=None)->int:
+def inspect_main(argv:list[str]|None=None)->int: # 0: no problem found, 1: problems listed
     "CLI: summarise a dataset (annotations and features) and plot its distributions."
     p = argparse.ArgumentParser(prog='videolights inspect', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Summarise annotation files (counts, durations, windows, saliency) and feature folders/stores.',
@@ -802,21 +895,20 @@ def inspect_main(argv:list[str]|None=None)->int:
     p.add_argument('--figdir', default='figures', help='where the distribution plots go (default: figures)')
     p.add_argument('--no-plots', action='store_true', help='do not write figures')
     p.add_argument('--json', default=None, help='also write the summary as JSON to this file')
+    p.add_argument('--no-check', action='store_true', help='only count: do not read every feature file (faster)')
     a = p.parse_args(argv)
-    data = Path(a.data)
-    if not data.exists(): p.error(f'{data} does not exist')
+    data = check_input(a.data, 'a .jsonl file, an .h5 store or a dataset folder', folder=Path(a.data).is_dir())
     store = data.is_file() and data.suffix in ('.h5', '.hdf5')
     files = [] if store else [data] if data.is_file() else sorted(data.glob('*.jsonl'))
     feats = [data] if store else [] if data.is_file() else _find_features(data)
-    if not files and not feats: p.error(f'{data}: no .jsonl annotation files and no features found')
-    try: return _inspect(files, feats, a)
-    except (DataFormatError, FeatureNotFoundError, OSError) as e:
-        print(f'videolights inspect: error: {e}', file=sys.stderr); return 1
+    if not files and not feats: raise BadInputError('no .jsonl annotation files and no features found', file=data)
+    return _inspect(files, feats, a)
 
 def _inspect(files:list[Path], feats:list[Path], a)->int:
-    out = dict(annotations={}, features={})
+    out, every = dict(annotations={}, features={}, problems=[]), []
     for f in files:
         recs = read_records(f, a.dset)
+        every += recs
         s = out['annotations'][f.name] = summarize(recs)
         print(f'== {f}  ({s["dset_name"]})'); print('\n'.join(f'  {k:<28} {v}' for k, v in s.items() if k != 'dset_name'))
         if not a.no_plots:
@@ -827,8 +919,12 @@ def _inspect(files:list[Path], feats:list[Path], a)->int:
     for src in feats:
         fs = out['features'][str(src)] = feature_summary(src)
         print(f'== features {src}'); print('\n'.join(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}' for t, v in fs.items()))
-    if a.json: Path(a.json).write_text(json.dumps(out, indent=1))
-    return 0
+        if not a.no_check: out['problems'] += check_features(src, every)
+    if a.json: write_text_atomic(a.json, json.dumps(out, indent=1))
+    if out['problems']:
+        print(f"== {len(out['problems'])} problem(s)"); print('\n'.join(f'  {l}' for l in out['problems'][:20]))
+        if len(out['problems']) > 20: print(f"  ... {len(out['problems']) - 20} more" + (' (see --json)' if not a.json else ''))
+    return 1 if out['problems'] else 0
 
 # %% ../nbs/01_data.ipynb #d059b666
 def convert_features_main(argv:list[str]|None=None)->int:
@@ -846,11 +942,8 @@ def convert_features_main(argv:list[str]|None=None)->int:
     p.add_argument('--overwrite', action='store_true', help='replace DST if it exists')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
-    try:
-        s = convert_features(a.src_dir, a.dst, a.types.split(',') if a.types else None,
-                             'float16' if a.float16 else 'float32', a.overwrite, not a.quiet)
-    except (FileNotFoundError, FileExistsError, DataFormatError) as e:
-        print(f'videolights convert-features: error: {e}', file=sys.stderr); return 1
+    s = convert_features(a.src_dir, a.dst, a.types.split(',') if a.types else None,
+                         'float16' if a.float16 else 'float32', a.overwrite, not a.quiet)
     for t, v in s['types'].items(): print(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}')
     print(f'wrote {s["path"]} ({s["bytes"] / 2**20:.1f} MiB) in {s["seconds"]:.1f} s')
     return 0

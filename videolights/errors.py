@@ -4,13 +4,14 @@
 
 # %% ../nbs/00a_errors.ipynb #a6f13113
 from __future__ import annotations
-import os, sys, json, errno, traceback
+import os, re, sys, json, errno, traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError', 'os_user_error',
-           'writing', 'write_text_atomic', 'check_input', 'iter_jsonl', 'split_debug', 'one_line', 'run_command']
+__all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError',
+           'OutputExistsError', 'os_user_error', 'writing', 'write_text_atomic', 'check_input', 'iter_jsonl',
+           'split_debug', 'one_line', 'run_command']
 
 # %% ../nbs/00a_errors.ipynb #9a557aa9
 class UserError(Exception):
@@ -36,6 +37,9 @@ class BadInputError(UserError, ValueError):
 
 class EnvironmentWriteError(UserError, OSError):
     "The system refused a write: disk full, quota exceeded, permission denied, read-only file system."
+
+class OutputExistsError(UserError, FileExistsError):
+    "An output that exists and would be replaced; the hint names the option that allows it (e.g. `--overwrite`)."
 
 # %% ../nbs/00a_errors.ipynb #035425af
 ENV_ERRNOS = {
@@ -130,7 +134,11 @@ def split_debug(argv:list[str], # the sub-command's arguments
 
 def one_line(e:BaseException)->str:
     "The message of `e` on one line (whitespace runs, newlines included, become one space)."
-    return ' '.join(str(e).split())
+    s = str(e)
+    if '\nOriginal Traceback' in s:   # re-raised by a DataLoader worker: the original is the traceback's last line
+        last = s.rstrip().splitlines()[-1]
+        s = last.split(': ', 1)[1] if re.match(r'[\w.]+: ', last) else last
+    return ' '.join(s.split())
 
 def run_command(prog:str,           # e.g. 'videolights train'
                 fn,                 # the sub-command: fn(argv) -> exit status

@@ -19,17 +19,19 @@ from .model import build_model
 from . import ops
 from .loss import build_criterion
 from .metrics import eval_submission
+from .errors import BadInputError, MissingFileError, writing
 from .shards import batch_shares, shard_path, parse_shard
 from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptions, NonFiniteLossError, fit,
                     wants_cuda, _amp_dtype, _write_json, DistInfo, init_distributed, _gather_list, hp,
-                    holds_run, RunLockedError, check_unlocked)
+                    holds_run, RunLockedError, check_unlocked, check_weights, model_weights)
 
 # %% auto #0
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
-           'RESUMED_ARGS', 'feature_dirs', 'find_split', 'find_features', 'build_dataset', 'is_pretrain_path',
-           'has_labels', 'data_dims', 'official_metrics', 'build_run', 'clips_needed', 'synth_config',
-           'parse_overrides', 'config_docs', 'config_help', 'config_yaml', 'read_config', 'train_main', 'data_is_synth',
-           'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief']
+           'RESUMED_ARGS', 'feature_dirs', 'find_split', 'find_features', 'check_data', 'build_dataset',
+           'is_pretrain_path', 'has_labels', 'data_dims', 'check_widths', 'official_metrics', 'build_run',
+           'clips_needed', 'synth_config', 'parse_overrides', 'config_docs', 'config_help', 'config_yaml',
+           'read_config', 'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate',
+           'evaluate_main', 'format_brief']
 
 # %% ../nbs/11a_runs.ipynb #7b23aa58
 SPLIT_FILES = {'hl': ['highlight_{split}_release.jsonl', 'qvhighlights/highlight_{split}_release.jsonl'],
@@ -55,8 +57,8 @@ def find_split(data:str|Path|None, cfg, split:str)->Path:
     cands = [r/n for r in roots for n in names] + ([Path(explicit)] if explicit else [])
     for c in cands:
         if c.is_file(): return c
-    raise FileNotFoundError(f"no {split} annotations for dset_name={cfg.dset_name!r}; looked for: "
-                            + ', '.join(str(c) for c in cands))
+    raise MissingFileError(f"no {split} annotations for dset_name={cfg.dset_name!r}; looked for: "
+                           + ', '.join(str(c) for c in cands), file=data)
 
 def find_features(data:str|Path|FeatureSource|None, cfg)->Path|FeatureSource:
     "The features: `data` if an .h5 store or a `FeatureSource`, else DATA/features.h5, DATA/features/ or cfg.feat_root."
@@ -68,21 +70,36 @@ def find_features(data:str|Path|FeatureSource|None, cfg)->Path|FeatureSource:
     if cfg.feat_root: cands.append(Path(cfg.feat_root))
     for c in cands:
         if c.exists(): return c
-    raise FileNotFoundError("no features found; looked for: " + (', '.join(map(str, cands)) or 'nothing (pass --data or --feat_root)'))
+    raise MissingFileError("no features found; looked for: " + (', '.join(map(str, cands)) or 'nothing (pass --data or --feat_root)'))
+
+def check_data(data:str|Path|FeatureSource|None, # a `--data` value
+              )->Path|FeatureSource|None:
+    "`data` if it can be a dataset (a folder with something in it, or an .h5 store); else a one-line user error."
+    if data is None or isinstance(data, FeatureSource): return data
+    p = Path(data)
+    if not p.exists(): raise MissingFileError('no such file or folder (expected a dataset folder or an .h5 feature store)', file=p)
+    if p.is_file() and p.suffix not in ('.h5', '.hdf5'):
+        raise BadInputError('is a file, expected a dataset folder (annotation .jsonl files with features/ or features.h5) '
+                            'or an .h5 feature store', file=p)
+    if p.is_dir() and not any(p.iterdir()):
+        raise BadInputError('is an empty folder, expected a dataset (annotation .jsonl files with features/ or features.h5)', file=p)
+    return p
 
 # %% ../nbs/11a_runs.ipynb #5edaf898
 def build_dataset(cfg, data:str|Path|None, split:str, pretrain:bool=False, labels:bool|None=None,
                   records:str|Path|None=None, # an explicit annotation file (default: `find_split`)
                  )->VLDataset:
     "A `VLDataset` for `split` of the data at `data`, shaped by `cfg`."
-    path = Path(records) if records else find_split(data, cfg, split)
+    path = Path(records) if records else find_split(check_data(data), cfg, split)
     pretrain = pretrain or is_pretrain_path(path)
     recs = read_records(path, cfg.dset_name)
     if labels is None: labels = split == 'train' or has_labels(recs, cfg.dset_name)
     v, t = feature_dirs(cfg)
-    return VLDataset(recs, find_features(data, cfg), cfg.dset_name, v, t, cfg.clip_len, cfg.max_v_l, cfg.max_q_l,
-                     cfg.max_windows, cfg.use_tef, labels, pretrain, cfg.normalize_v, cfg.normalize_t,
-                     cfg.dset_domain if cfg.dset_name == 'tvsum' else None, seed=cfg.seed)
+    ds = VLDataset(recs, find_features(data, cfg), cfg.dset_name, v, t, cfg.clip_len, cfg.max_v_l, cfg.max_q_l,
+                   cfg.max_windows, cfg.use_tef, labels, pretrain, cfg.normalize_v, cfg.normalize_t,
+                   cfg.dset_domain if cfg.dset_name == 'tvsum' else None, seed=cfg.seed)
+    if not len(ds): raise BadInputError(f"no records of domain {cfg.dset_domain!r} ({len(recs)} records read)", file=path)
+    return ds
 
 PRETRAIN_MARKERS = ('pre_train', 'subs_train')   # the official loader's test on the annotation path
 
@@ -100,6 +117,17 @@ def data_dims(ds:VLDataset)->tuple[tuple, tuple]:
     r, f = ds.records[0], ds.features
     return (tuple(f.video(t, r['vid'], 1).shape[1] for t in ds.v_feat_types),
             tuple(f.text(t, r['qid'], 1).shape[1] for t in ds.t_feat_types))
+
+def check_widths(ds:VLDataset, cfg, ckpt:str|Path):
+    "A `BadInputError` naming the features and the first source whose width is not the one `ckpt` was trained on."
+    got, want = data_dims(ds), (tuple(cfg.v_feat_dims), tuple(cfg.t_feat_dims))
+    bad = [(t, g, w) for t, g, w in zip(ds.v_feat_types + ds.t_feat_types, got[0] + got[1], want[0] + want[1]) if g != w]
+    if len(got[0]) != len(want[0]) or len(got[1]) != len(want[1]) or bad:
+        t, g, w = bad[0] if bad else ('(sources)', got, want)
+        f = ds.features
+        raise BadInputError(f"features '{t}' are {g} wide, but the checkpoint {ckpt} was trained on {w}-wide ones "
+                            f"({len(bad)} source(s) differ)", file=getattr(f, 'path', None) or getattr(f, 'root', None),
+                            hint='evaluate on features made by the encoders the model was trained with')
 
 # %% ../nbs/11a_runs.ipynb #8880cff8
 METRICS_DATASET = {'hl': 'qvhighlights', 'charadesSTA': 'charades', 'tvsum': 'tvsum'}
@@ -359,10 +387,12 @@ def train_main(argv:list[str]|None=None)->int:
     except RunLockedError as e: print(f"videolights train: error: {e}", file=sys.stderr); return 2
     if a.resume:
         run = Path(a.resume)
+        if not (run/'model_latest.ckpt').exists():
+            raise MissingFileError('not a run folder to resume: no model_latest.ckpt in it', file=run)
         ck = load_checkpoint(run/'model_latest.ckpt')
         opts = _run_options(a, ck.get('options'))
         cfg = VLConfig(**{**_known(ck['config']), **over})
-        info = json.loads((run/'config.json').read_text())
+        info = _run_info(run)
         out, data = run, a.data or info.get('data')
         a.pretrain, a.preset = a.pretrain or info.get('pretrain', False), info.get('preset', a.preset)
         tr_rec, ev_rec = over.get('train_path', info.get('train_records')), over.get('eval_path', info.get('eval_records'))
@@ -379,6 +409,7 @@ def train_main(argv:list[str]|None=None)->int:
         init = None if a.resume else init_checkpoint(cfg, a.init_from)
         _amp_dtype(opts.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))  # e.g. fp16 on a CPU: refused here
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
+    check_data(data)
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec, eval_records=ev_rec,
                                             init_from=init)
     opts = dataclasses.replace(opts, device=a.device, eval_split=ev.split, progress=False if a.no_progress else None,
@@ -422,6 +453,13 @@ def _known(d:dict)->dict:
     names = {f.name for f in dataclasses.fields(VLConfig)}
     return {k: v for k, v in d.items() if k in names}
 
+def _run_info(run:Path)->dict:
+    "The run's `config.json` (what `fit` wrote at the start), with one-line errors when it is missing or damaged."
+    p = run/'config.json'
+    if not p.is_file(): raise MissingFileError('no config.json: not a run folder written by videolights train', file=run)
+    try: return json.loads(p.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e: raise BadInputError(f'not valid JSON ({e})', file=p) from None
+
 # %% ../nbs/11a_runs.ipynb #bf1bf8ac
 def resolve_ckpt(path:str|Path)->Path:
     "A checkpoint file, or a run directory's `model_best.ckpt` (else `model_latest.ckpt`)."
@@ -429,17 +467,23 @@ def resolve_ckpt(path:str|Path)->Path:
     if p.is_dir():
         for n in ('model_best.ckpt', 'model_latest.ckpt'):
             if (p/n).is_file(): return p/n
-        raise FileNotFoundError(f"{p} holds neither model_best.ckpt nor model_latest.ckpt")
+        raise MissingFileError("holds neither model_best.ckpt nor model_latest.ckpt (expected a checkpoint or a run folder)", file=p)
     return p
 
 def load_model(ckpt:str|Path, device:str|torch.device='cpu',
                accelerate:bool=True, # the fast layers of `ops` (`ops.accelerate`); False: the plain model
               )->tuple[nn.Module, VLConfig]:
     "Rebuild the model of a checkpoint written by `fit` and load its weights."
-    ck = load_checkpoint(resolve_ckpt(ckpt))
-    cfg = VLConfig(**_known(ck['config']))
+    path = resolve_ckpt(ckpt)
+    ck = load_checkpoint(path)
+    sd = model_weights(ck, path)
+    if not isinstance(ck.get('config'), dict):
+        raise BadInputError("not a videolights checkpoint: no 'config' entry to rebuild its model from", file=path)
+    try: cfg = VLConfig(**_known(ck['config']))
+    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", file=path) from None
     model = build_model(cfg)
-    model.load_state_dict(ck['model'])
+    check_weights(model, sd, path, what='the model of its config')
+    model.load_state_dict(sd)
     if accelerate: ops.accelerate(model)
     return model.to(device).eval(), cfg
 
@@ -458,6 +502,7 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     model, cfg = load_model(ckpt, dev, accelerate)
     if data is None and (ckpt.parent/'config.json').is_file(): data = json.loads((ckpt.parent/'config.json').read_text()).get('data')
     ds = build_dataset(cfg, data, split, records=records)
+    check_widths(ds, cfg, ckpt)
     k, n = shard or (di.rank, di.world_size)
     part = Subset(ds, batch_shares(len(ds), n, batch_size or hp(cfg, 'eval_bsz'))[k]) if n > 1 else ds
     ev = Evaluator(part, cfg, collate, split=split, batch_size=batch_size)
@@ -466,10 +511,13 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     out = Path(out) if out else ckpt.parent
     path = out/f'hl_{split}_submission.jsonl'
     if shard is not None: path = shard_path(path, *shard)
+    if not sub and shard is None: raise BadInputError(f"nothing to predict on split {split!r}", file=records or data)
     if di.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(sub, path)
-        if metrics is not None: _write_json(metrics, out/f'hl_{split}_submission_metrics.json')
+        with writing(path):
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(sub, path)
+        if metrics is not None:
+            with writing(out/f'hl_{split}_submission_metrics.json'): _write_json(metrics, out/f'hl_{split}_submission_metrics.json')
     if di.enabled: dist.barrier()
     if own_group: dist.destroy_process_group()
     return metrics, sub, path

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
+from .errors import BadInputError, check_input, one_line
 
 # %% auto #0
 __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'RESULT_OPTIONS',
@@ -28,8 +29,8 @@ __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', '
            'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
            'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup',
-           'setup_changes', 'load_weights', 'RunLockedError', 'check_unlocked', 'run_lock', 'run_files', 'holds_run',
-           'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
+           'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'RunLockedError', 'check_unlocked',
+           'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -104,11 +105,23 @@ def save_checkpoint(obj:dict, # tensors and plain Python values only
 
 def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
                     map_location='cpu')->dict:
-    "Load a checkpoint with `weights_only=True`, with a clear error when it is missing or unreadable."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    "Load a checkpoint with `weights_only=True`; a missing, empty, truncated, foreign or unsafe file is a user error naming it."
+    path = check_input(path, 'a checkpoint')
     try: return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    except Exception as e: raise _unreadable_checkpoint(path, e) from e
+
+def _unreadable_checkpoint(path:Path, e:Exception)->BadInputError:
+    "What is wrong with a file `torch.load` refused, from its first bytes: a cut zip archive, an unsafe pickle, or neither."
+    with open(path, 'rb') as f: head = f.read(2)
+    unsafe = 'Weights only load failed' in str(e)
+    if head == b'PK' and not unsafe:    # torch.save writes a zip archive; its directory sits at the end
+        return BadInputError('truncated or damaged checkpoint (its zip archive is incomplete)', file=path,
+                             hint='restore the file, or use another checkpoint of the run')
+    if unsafe and (head == b'PK' or head[:1] == b'\x80'):
+        return BadInputError('refused: the checkpoint holds Python objects other than tensors and plain values, and '
+                             'loading it could run code (it is read with weights_only=True)', file=path,
+                             hint='convert it to a plain state dict where you trust its source')
+    return BadInputError(f'not a PyTorch checkpoint ({type(e).__name__}: {one_line(e)[:80]})', file=path)
 
 def pid_alive(pid:int)->bool:
     "Whether a process `pid` exists on this machine."
@@ -638,10 +651,30 @@ def _restore_dataset_rng(ds:Dataset, s:dict|None):
     if s and 'dataset' in s and isinstance(getattr(ds, 'rng', None), random.Random):
         v, st, g = s['dataset']; ds.rng.setstate((v, tuple(st), g))
 
+def check_weights(model:nn.Module, sd:dict, path:str|Path, strict:bool=True, what:str='the model'):
+    "A `BadInputError` naming `path` and the first parameter whose name or shape does not fit `model`."
+    want = _unwrap(model).state_dict()
+    for k, v in sd.items():
+        if k in want and tuple(v.shape) != tuple(want[k].shape):
+            raise BadInputError(f"weights do not fit {what}: '{k}' has shape {tuple(v.shape)} in the checkpoint, "
+                                f"{what} needs {tuple(want[k].shape)}", file=path)
+    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    if strict and (missing or extra):
+        raise BadInputError(f"weights do not fit {what}: {len(missing)} missing (e.g. {missing[:2]}), "
+                            f"{len(extra)} unexpected (e.g. {extra[:2]})", file=path)
+
+def model_weights(ck, path:str|Path)->dict:
+    "The weights of a loaded checkpoint (its `model` entry, or the checkpoint itself when it is a plain state dict)."
+    sd = ck['model'] if isinstance(ck, dict) and 'model' in ck else ck
+    if not (isinstance(sd, dict) and sd and all(isinstance(v, Tensor) for v in sd.values())):
+        keys = sorted(map(str, ck))[:6] if isinstance(ck, dict) else type(ck).__name__
+        raise BadInputError(f"not a videolights checkpoint: no 'model' weights (it holds {keys})", file=path)
+    return sd
+
 def load_weights(model:nn.Module, path:str|Path, strict:bool=True)->nn.Module:
     "Load only the model weights of a checkpoint (`--init-from`, fine-tuning from pretraining)."
-    ck = load_checkpoint(path)
-    sd = ck['model'] if 'model' in ck else ck
+    sd = model_weights(load_checkpoint(path), path)
+    check_weights(model, sd, path, strict)
     res = _unwrap(model).load_state_dict(sd, strict=strict)
     if not strict and (res.missing_keys or res.unexpected_keys):
         print(f"init-from {path}: missing {res.missing_keys[:5]}..., unexpected {res.unexpected_keys[:5]}...", file=sys.stderr)

@@ -19,7 +19,7 @@ import h5py
 from tqdm.auto import tqdm
 from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
-from .data import stack_sources, keep_freed_memory, index_store
+from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
 from .train import DistInfo, init_distributed, wants_cuda, _gather_list
 
@@ -948,7 +948,9 @@ def write_feature(h5:h5py.File, kind:str, # 'video' or 'text'
                          f"got {arr.shape[1]}-d for '{key}' (mixing encoders of different widths?)")
     g.attrs['dim'] = arr.shape[1]
     if key in g: del g[key]
-    ds = g.create_dataset(key, data=np.asarray(arr, dtype=dtype or np.asarray(arr).dtype))
+    x = np.asarray(arr, dtype=dtype or np.asarray(arr).dtype)
+    ds = g.create_dataset(key, data=x)
+    ds.attrs['stamp'] = feature_stamp(x)   # the index checks it: a rewritten dataset is never read at its old place
     for k, v in attrs.items(): ds.attrs[k] = v
     g.attrs['n'] = len(g)
     return ds
