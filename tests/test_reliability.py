@@ -538,3 +538,79 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(world, tmp_path):
                             '--gt', str(tmp_path/'no.jsonl')], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 2 and 'Traceback' in r.stderr
         assert r.stderr.splitlines()[-1].startswith(f"videolights eval: error: {tmp_path/'no.jsonl'}: no such file")
+
+
+# ---------------------------------------------------------------- stale HDF5 index
+def _store(w, tmp)->Path:
+    p = tmp/'features.h5'
+    shutil.copy(w/'data'/'features.h5', p)
+    return p
+
+
+def test_stale_index_rewritten_dataset_is_read_as_it_is_now(world, tmp_path):
+    "Replaced (moved in the file), changed in place, or resized: every read returns the dataset's current values."
+    from videolights.data import open_features, feature_stamp
+    p, v = _store(world, tmp_path), first_vid(world/'data')
+    old = open_features(p).video('clip_features', v)
+    moved, resized = np.full_like(old, 0.25), np.full((7, old.shape[1]), 0.5, np.float32)
+    h5_rewrite(p, f'video/clip_features/{v}', moved)   # a foreign tool: no stamp (HDF5 may even reuse the offset)
+    with pytest.warns(UserWarning, match=f'/video/clip_features/{v}: rewritten after'):
+        np.testing.assert_array_equal(open_features(p).video('clip_features', v), moved)
+    with h5py.File(p, 'a') as f: f[f'video/clip_features/{v}'][0] = 2.0     # in place: same offset, same stamp
+    got = open_features(p).video('clip_features', v)
+    assert (got[0] == 2.0).all() and (got[1:] == 0.25).all()
+    with h5py.File(p, 'a') as f:                                            # our writer: stamped
+        del f[f'video/clip_features/{v}']
+        f.create_dataset(f'video/clip_features/{v}', data=resized).attrs['stamp'] = feature_stamp(resized)
+    with pytest.warns(UserWarning, match='rewritten after'):
+        np.testing.assert_array_equal(open_features(p).video('clip_features', v), resized)
+    other = json.loads(open(world/'data'/'highlight_val_release.jsonl').readlines()[1])['vid']
+    np.testing.assert_array_equal(open_features(p).video('clip_features', other),
+                                  open_features(world/'data'/'features.h5').video('clip_features', other))
+
+
+def test_stale_index_same_offset_new_stamp_and_swapped_keys(world, tmp_path):
+    "A dataset whose stamp no longer matches the index, and a store whose keys changed at an unchanged count."
+    from videolights.data import open_features, FeatureNotFoundError
+    p, v = _store(world, tmp_path), first_vid(world/'data')
+    with h5py.File(p, 'a') as f:
+        ds = f[f'video/slowfast_features/{v}']
+        ds[...] = 1.5
+        ds.attrs['stamp'] = 12345                                           # rewritten by a stamping writer
+    with pytest.warns(UserWarning, match='rewritten after'):
+        assert (open_features(p).video('slowfast_features', v) == 1.5).all()
+    with h5py.File(p, 'a') as f:                                            # one key removed, another added
+        f.move(f'video/clip_features/{v}', 'video/clip_features/brand_new_0.0_10.0')
+    src = open_features(p)
+    assert src.video('clip_features', 'brand_new_0.0_10.0').shape[1] == 4
+    with pytest.raises(FeatureNotFoundError, match=f"vid '{v}'"): src.video('clip_features', v)
+
+
+def test_stale_index_wrong_width_is_refused_naming_the_dataset(world, tmp_path):
+    from videolights.data import open_features, DataFormatError
+    p, v = _store(world, tmp_path), first_vid(world/'data')
+    h5_rewrite(p, f'video/clip_features/{v}', np.ones((10, 6), np.float32))
+    with pytest.warns(UserWarning), pytest.raises(DataFormatError, match=f'{p}:/video/clip_features/{v}: feature dim mismatch'):
+        open_features(p).video('clip_features', v)
+
+
+def test_stale_index_evaluate_equals_a_fresh_store(world, tmp_path):
+    "evaluate on a store with a rewritten dataset gives the submission of a store converted afresh from the same values."
+    from videolights.cli import main
+    from videolights.data import convert_features
+    v = first_vid(world/'data')
+    d = copy_data(world, tmp_path)
+    x = np.load(d/'features'/'clip_features'/f'{v}.npz')['features']
+    new = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    set_npz(d/'features'/'clip_features'/f'{v}.npz', features=new)
+    (d/'features.h5').unlink()
+    convert_features(d/'features', tmp_path/'fresh.h5', progress=False)
+    stale = _store(world, tmp_path)
+    h5_rewrite(stale, f'video/clip_features/{v}', new)
+    subs = {}
+    for name, store in (('fresh', tmp_path/'fresh.h5'), ('stale', stale)):
+        shutil.copy(store, d/'features.h5')
+        with _quiet(): assert main(['evaluate', '--ckpt', str(world/'run'), '--data', str(d), '--out', str(tmp_path/name)]) == 0
+        subs[name] = (tmp_path/name/'hl_val_submission.jsonl').read_text()
+    assert subs['fresh'] == subs['stale']
+    assert subs['fresh'] != (world/'subs'/'hl_val_submission.jsonl').read_text()    # the change is visible
