@@ -177,7 +177,7 @@ def test_app_command_checks_before_serving(tiny, tmp_path, monkeypatch, capsys):
     for argv, msg in [(['--ckpt', str(tmp_path/'nope')], f"--ckpt: {tmp_path/'nope'} does not exist"),
                       (['--submission', str(tmp_path/'p.jsonl')], '--submission: '),
                       (['--videos', str(tmp_path/'vids')], '--videos: '),
-                      (['--ckpt', str(bad)], 'cannot read the checkpoint'),
+                      (['--ckpt', str(bad)], 'not a PyTorch checkpoint'),
                       (['--ckpt', str(tiny.run), '--clip-model', str(tmp_path/'no_clip')], 'no_clip')]:
         assert A.app_main(argv) == 2
         err = capsys.readouterr().err

@@ -444,6 +444,19 @@ def convert_npz_object(w, tmp):
                 absent=[tmp/'x.h5'])
 
 
+# --- predict and extract (their own readers: checkpoints, video folders)
+@case('predict')
+def predict_ckpt_truncated(w, tmp):
+    ck = truncate(w/'run'/'model_best.ckpt', tmp/'t.ckpt')
+    return dict(argv=['predict', tmp/'clip.mp4', '-q', 'a dog', '--ckpt', ck], expect=[str(ck), 'truncated'])
+@case('predict')
+def predict_ckpt_missing(w, tmp):
+    return dict(argv=['predict', tmp/'clip.mp4', '-q', 'a dog', '--ckpt', tmp/'no.ckpt'], expect=[str(tmp/'no.ckpt')])
+@case('extract')
+def extract_src_missing(w, tmp):
+    return dict(argv=['extract', tmp/'no_videos', '--out', tmp/'f.h5'], expect=[str(tmp/'no_videos')], absent=[tmp/'f.h5'])
+
+
 # --- writes refused by the system: a full disk, no permission
 @case('evaluate', process=True)
 def evaluate_disk_full(w, tmp):

@@ -21,7 +21,7 @@ from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
 from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
-from .train import DistInfo, init_distributed, wants_cuda, _gather_list
+from .train import DistInfo, init_distributed, wants_cuda, _gather_list, _unreadable_checkpoint
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
@@ -1309,7 +1309,7 @@ def _read_checkpoint(path:Path)->dict:
         try:
             from videolights.convert import read_official_checkpoint
             ck = read_official_checkpoint(path)
-        except Exception: raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+        except Exception: raise _unreadable_checkpoint(path, e) from e   # cut short, not a checkpoint, unsafe
     if not isinstance(ck, dict) or 'model' not in ck or not ({'config', 'opt'} & set(ck)):
         raise ValueError(f"{path}: not a videolights checkpoint (needs 'model' and 'config' entries, "
                          "or 'model' and 'opt' for an official one)")
