@@ -531,11 +531,17 @@ class H5Features(FeatureSource):
         if (kind, ftype, key) in self._ok: return True
         if (kind, ftype, key) in self._stale: return False
         table, dt = self._idx[(kind, ftype)]
-        ds = self.h5.get(f'{kind}/{ftype}/{key}')
-        if key not in table or ds is None: return False      # added or removed since the index was written: h5py decides
+        if key not in table: return False                    # added since the index was written: h5py decides
+        try: d = h5py.h5d.open(self.h5.id, f'{kind}/{ftype}/{key}'.encode())   # the low-level calls: ~4x faster
+        except KeyError: return False                        # removed since: h5py names it missing
         off, rows, cols, stamp = table[key]
-        ok = (ds.id.get_offset() == off and ds.shape == (rows, cols) and ds.dtype == dt and ds.chunks is None
-              and ds.compression is None and (stamp < 0 or int(ds.attrs.get('stamp', -1)) == stamp))
+        ok = d.get_offset() == off and d.shape == (rows, cols) and d.dtype == dt   # an offset: contiguous, unfiltered
+        if ok and stamp >= 0:
+            try:
+                a = h5py.h5a.open(d, b'stamp')
+                got = np.empty(a.shape, a.dtype); a.read(got)
+                ok = int(got) == stamp
+            except KeyError: ok = False                      # rewritten by a tool that writes no stamp
         (self._ok if ok else self._stale).add((kind, ftype, key))
         if not ok and len(self._stale) == 1:
             warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such datasets "
