@@ -141,7 +141,7 @@ class Attention(nn.Module):
         s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
         if key_pad is not None: s = s.masked_fill(key_pad[:, None, None, :], float('-inf'))
         if attn_mask is not None: s = s.masked_fill(attn_mask, float('-inf'))
-        wts = s.softmax(-1, dtype=torch.float32)  # (B, H, Lq, Lk)
+        wts = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (B, H, Lq, Lk); float64 stays
         o = F.dropout(wts, self.p, self.training).to(v.dtype) @ v  # (B, H, Lq, Ev/H)
         return self.out_proj(o.transpose(1, 2).flatten(2)), (wts if need_weights else None)  # (B, Lq, Ev)
 

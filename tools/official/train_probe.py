@@ -13,7 +13,8 @@ Run as a script, it trains the official loop (`video_lights.train.start_training
   torch.Generator().manual_seed(seed + epoch)), the order our loop uses;
 * the k-th training item the dataset builds seeds Python's `random` with `item_seed + k` first (the official
   dataset draws its random saliency pairs and window subsets from `random`; ours seeds its own `rng` the same way);
-* with `float64`, the default dtype is float64 and every batch is cast to it;
+* with `float64`, the default dtype is float64, every batch is cast to it and the official GIoU runs in float64
+  (it casts to float32; `_giou_in_input_dtype`);
 * with `dropout_off`, every dropout probability of the built model is set to 0 (FRA's 0.1 is hard-coded);
 * `setup_model` saves the initial weights (`init.pt`) that ours starts from;
 * `eval_epoch`, `calculate_stop_score` and `torch.save` are wrapped to record the metrics, the selection score and
@@ -153,12 +154,27 @@ def _no_pandas(off):
         if hasattr(m, 'dict_to_markdown'): m.dict_to_markdown = md
 
 
+def _giou_in_input_dtype(off):
+    """Float64 runs only: the official GIoU (loss and matcher) in the dtype of its inputs. It casts to float32
+    (video_lights/span_utils.py, `generalized_temporal_iou`), an island that float64 parity cannot pass through;
+    ours computes it in the input dtype. The same formula, only the cast left out."""
+    su = off.span_utils
+    def giou(spans1, spans2):
+        iou, union = su.temporal_iou(spans1, spans2)
+        left = torch.min(spans1[:, None, 0], spans2[:, 0])
+        right = torch.max(spans1[:, None, 1], spans2[:, 1])
+        hull = (right - left).clamp(min=0)
+        return iou - (hull - union) / hull
+    for m in (su, off.model, off.matcher): m.generalized_temporal_iou = giou
+
+
 def _official_train(cfg: dict, H, out: Path):
     dtype = torch.float64 if cfg['float64'] else torch.float32
     torch.set_default_dtype(dtype)
     off = H.load(cfg['official'], extra=('video_lights.train', 'video_lights.inference'))
     T, I, D = off.train, off.inference, off.dataset
     _no_pandas(off)
+    if cfg['float64']: _giou_in_input_dtype(off)
     rec = Recorder(cfg['snapshot_epochs'])
     train_path = cfg['train_path']
 
@@ -227,6 +243,7 @@ def _official_infer(cfg: dict, H, out: Path):
     off = H.load(cfg['official'], extra=('video_lights.train', 'video_lights.inference'))
     I = off.inference
     _no_pandas(off)
+    if cfg['float64']: _giou_in_input_dtype(off)
     got, real_eval, real_setup = {}, I.eval_epoch, I.setup_model
     def setup(opt):
         m, c, o, s = real_setup(opt)
