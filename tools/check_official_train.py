@@ -123,7 +123,7 @@ def write_data(recipe: Recipe, root: Path, seed: int = 0) -> dict:
             if r.get('domain') != 'BK': continue
             for part in ('rgb', 'opt'):
                 np.save(feats / 'video_features' / f"{r['vid']}_{part}.npy",
-                        rng.standard_normal((len(r['label']), 4), dtype=np.float32))
+                        rng.standard_normal((len(r['label']), recipe.v_dirs['video_features'] // 2), dtype=np.float32))
             np.savez(feats / 'query_features' / f"{r['qid']}.npz", token=rng.standard_normal((6, 8), dtype=np.float32))
     return dict(train=root / 'tvsum_train.jsonl', val=root / 'tvsum_val.jsonl', feats=feats)
 
@@ -133,7 +133,7 @@ def official_flags(recipe: Recipe, paths: dict, results: Path, dropout_off: bool
     f = ['--dset_name', recipe.dset, '--ctx_mode', 'video_tef', '--clip_length', str(recipe.clip_len),
          '--v_feat_dirs', *[str(paths['feats'] / d) for d in recipe.v_dirs],
          '--t_feat_dirs', *[str(paths['feats'] / d) for d in recipe.t_dirs],
-         '--v_feat_dim', str(sum(recipe.v_dirs.values()) * (2 if recipe.dset == 'tvsum' else 1)),
+         '--v_feat_dim', str(sum(recipe.v_dirs.values())),
          '--t_feat_dim', str(sum(recipe.t_dirs.values())),
          '--train_path', str(paths['train']), '--eval_path', str(paths['val']), '--eval_split_name', 'val',
          '--results_root', str(results), '--exp_id', 'parity', '--device', '-1', '--num_workers', '0', '--no_pin_memory']
@@ -148,7 +148,7 @@ def official_flags(recipe: Recipe, paths: dict, results: Path, dropout_off: bool
 
 def our_config(recipe: Recipe, dropout_off: bool):
     from videolights.config import get_preset
-    v = tuple(recipe.v_dirs.values()) if recipe.dset != 'tvsum' else (2 * recipe.v_dirs['video_features'],)
+    v = tuple(recipe.v_dirs.values())
     over = dict(SMALL, v_feat_dims=v, t_feat_dims=tuple(recipe.t_dirs.values()), clip_len=float(recipe.clip_len),
                 **recipe.over)
     if dropout_off: over.update(dropout=0., input_dropout=0., fra_dropout=0.)
