@@ -208,9 +208,9 @@ def run_ours(recipe: Recipe, paths: dict, out: Path, dtype, dropout_off: bool, i
                               score=selection_score(brief, dset, weights), improved=bool(improved)))
         return improved
 
-    def save(obj, path):
+    def save(obj, path, *a, **k):
         rec.saves.append(dict(name=Path(path).name, state=dict(obj.get('state') or {}), keys=sorted(obj)))
-        return real_save(obj, path)
+        return real_save(obj, path, *a, **k)
     VT._record_eval, VT.save_checkpoint = record_eval, save
     opts = RunOptions(device='cpu', tensorboard=False, progress=False, curves=False, console=False)
     try:
