@@ -205,12 +205,11 @@ def _train(job:Job, i:int, setup:Setup, recs:dict):
                                             verbose=False, train_records=recs['train'], eval_records=recs['eval'],
                                             init_from=init)
     resume = (d/'model_latest.ckpt').is_file()
-    if not resume: (d/'log.jsonl').unlink(missing_ok=True)   # a crashed first epoch leaves no checkpoint to continue
     info = dict(job=job.name, preset=job.preset, data=str(setup.data), init_from=str(init) if init else None,
                 pretrain=job.dataset == 'pretrain', train_records=str(recs['train']), eval_records=str(recs['eval']),
                 recipe=recipe(job, i, setup))
-    st = fit(model, crit, tr_ds, cfg, d, setup.opts, collate, ev,
-             resume=resume, run_info=info)
+    st = fit(model, crit, tr_ds, cfg, d, setup.opts, collate, ev,   # a crashed first epoch: its files go to previous/
+             resume=resume, run_info=info, overwrite=not resume)
     return cfg, st, d
 
 # %% ../nbs/16_reproduce.ipynb #3eef56fc
