@@ -105,7 +105,7 @@ def test_a_run_directory_has_one_process(data, tmp_path):
         while not ((out/'log.jsonl').exists() and (out/'log.jsonl').read_text().count('"train"') >= 1):
             assert p.poll() is None and time.time() - t0 < 300, p.stderr.read() if p.poll() is not None else 'timeout'
             time.sleep(0.2)
-        want = f'is in use by process {p.pid} on {socket.gethostname()}'
+        want = f'{out}: in use by process {p.pid} on {socket.gethostname()}'
         for args in ([*ARGS, '--data', data, '--out', out, '--overwrite'], ['--resume', out, '--no-progress']):
             r = train(*args, timeout=120)
             assert r.returncode == 2, r.stderr

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
-from .errors import BadInputError, check_input, one_line
+from .errors import UserError, BadInputError, check_input, one_line
 
 # %% auto #0
 __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'RESULT_OPTIONS',
@@ -680,10 +680,52 @@ def load_weights(model:nn.Module, path:str|Path, strict:bool=True)->nn.Module:
         print(f"init-from {path}: missing {res.missing_keys[:5]}..., unexpected {res.unexpected_keys[:5]}...", file=sys.stderr)
     return model
 
-# %% ../nbs/11_train.ipynb #201866e9
+# %% ../nbs/11_train.ipynb #55914d2e
+def _wrap(model:nn.Module, opts:RunOptions, di:DistInfo, device:torch.device)->nn.Module:
+    net = model
+    if opts.cuda_graphs and device.type == 'cuda':
+        why = [w for w, bad in (('DDP', di.enabled), ('--compile', opts.compile), ('grad_accum > 1', opts.grad_accum > 1)) if bad]
+        if why: warnings.warn(f"cuda_graphs: the training step stays eager with {', '.join(why)}; evaluations use graphs", stacklevel=2)
+        else: net = GraphedTraining(model)
+    if di.enabled:   # find_unused_parameters: the official architecture has parameters that never get a gradient
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                  find_unused_parameters=True)
+    return torch.compile(net) if opts.compile else net
+
+def _train_loader(ds:Dataset, cfg, opts:RunOptions, di:DistInfo, device:torch.device, collate_fn)->DataLoader:
+    bsz, world = hp(cfg, 'bsz'), di.world_size
+    if bsz % world: raise ValueError(f"batch size bsz={bsz} is not divisible by the {world} processes")
+    nw = hp(cfg, 'num_workers') if opts.num_workers is None else opts.num_workers
+    pin = device.type == 'cuda' if opts.pin_memory is None else opts.pin_memory
+    return DataLoader(ds, batch_size=bsz // world, sampler=EpochSampler(len(ds), hp(cfg, 'seed'), True, di.rank, world),
+                      collate_fn=collate_fn, num_workers=nw, pin_memory=pin, generator=torch.Generator(),
+                      worker_init_fn=_seed_worker)
+
+def _seed_worker(worker_id:int):
+    "Seed python, numpy and a dataset's own `rng` in each worker from torch's per-worker seed."
+    s = torch.initial_seed() % 2**32
+    random.seed(s); np.random.seed(s)
+    ds = torch.utils.data.get_worker_info().dataset
+    if isinstance(getattr(ds, 'rng', None), random.Random): ds.rng.seed(s)
+
+def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainState, e:int, log:_Log, dset:str,
+                 weights:dict|None)->bool:
+    "Write the predictions and metrics of an evaluation; update the best score; True if it improved."
+    _write_json(sub, out_dir/f'latest_{sp}_preds.jsonl')
+    if metrics is None: return False
+    brief = metrics.get('brief', metrics)
+    score = selection_score(brief, dset, weights)
+    _write_json(metrics, out_dir/f'latest_{sp}_metrics.json')
+    log('eval', e, {k: v for k, v in brief.items() if isinstance(v, (int, float))}, score=score, split=sp)
+    if score <= state.best_score: return False
+    state.best_score, state.best_epoch = score, e
+    for k in ('preds.jsonl', 'metrics.json'): _write_text(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
+    return True
+
+# %% ../nbs/11_train.ipynb #63636318
 LOCK_NAME = '.train.lock'
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     "The run directory is held by another process."
 
 def _holder(fd:int)->dict:
@@ -697,8 +739,8 @@ def _locked(out_dir:Path, fd:int)->RunLockedError|None:
         if e.errno not in (errno.EACCES, errno.EAGAIN): raise
         h = _holder(fd)
         who = f"process {h['pid']} on {h['host']} (since {h['since']})" if h.get('pid') else 'another process'
-        return RunLockedError(f"{out_dir} is in use by {who}: wait until it ends, or stop it, or choose another "
-                              f"directory (lock file {out_dir/LOCK_NAME})")
+        return RunLockedError(f"in use by {who}", file=out_dir, hint=f"wait until it ends, or stop it, or choose another "
+                              f"directory; lock file {out_dir/LOCK_NAME}")
     return None
 
 def check_unlocked(out_dir:str|Path): # a run directory, if it exists
@@ -786,140 +828,6 @@ def _main_first(fn:Callable, di:DistInfo):
     if err is not None: raise err
     return out
 
-# %% ../nbs/11_train.ipynb #55914d2e
-def _wrap(model:nn.Module, opts:RunOptions, di:DistInfo, device:torch.device)->nn.Module:
-    net = model
-    if opts.cuda_graphs and device.type == 'cuda':
-        why = [w for w, bad in (('DDP', di.enabled), ('--compile', opts.compile), ('grad_accum > 1', opts.grad_accum > 1)) if bad]
-        if why: warnings.warn(f"cuda_graphs: the training step stays eager with {', '.join(why)}; evaluations use graphs", stacklevel=2)
-        else: net = GraphedTraining(model)
-    if di.enabled:   # find_unused_parameters: the official architecture has parameters that never get a gradient
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                  find_unused_parameters=True)
-    return torch.compile(net) if opts.compile else net
-
-def _train_loader(ds:Dataset, cfg, opts:RunOptions, di:DistInfo, device:torch.device, collate_fn)->DataLoader:
-    bsz, world = hp(cfg, 'bsz'), di.world_size
-    if bsz % world: raise ValueError(f"batch size bsz={bsz} is not divisible by the {world} processes")
-    nw = hp(cfg, 'num_workers') if opts.num_workers is None else opts.num_workers
-    pin = device.type == 'cuda' if opts.pin_memory is None else opts.pin_memory
-    return DataLoader(ds, batch_size=bsz // world, sampler=EpochSampler(len(ds), hp(cfg, 'seed'), True, di.rank, world),
-                      collate_fn=collate_fn, num_workers=nw, pin_memory=pin, generator=torch.Generator(),
-                      worker_init_fn=_seed_worker)
-
-def _seed_worker(worker_id:int):
-    "Seed python, numpy and a dataset's own `rng` in each worker from torch's per-worker seed."
-    s = torch.initial_seed() % 2**32
-    random.seed(s); np.random.seed(s)
-    ds = torch.utils.data.get_worker_info().dataset
-    if isinstance(getattr(ds, 'rng', None), random.Random): ds.rng.seed(s)
-
-def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainState, e:int, log:_Log, dset:str,
-                 weights:dict|None)->bool:
-    "Write the predictions and metrics of an evaluation; update the best score; True if it improved."
-    _write_json(sub, out_dir/f'latest_{sp}_preds.jsonl')
-    if metrics is None: return False
-    brief = metrics.get('brief', metrics)
-    score = selection_score(brief, dset, weights)
-    _write_json(metrics, out_dir/f'latest_{sp}_metrics.json')
-    log('eval', e, {k: v for k, v in brief.items() if isinstance(v, (int, float))}, score=score, split=sp)
-    if score <= state.best_score: return False
-    state.best_score, state.best_epoch = score, e
-    for k in ('preds.jsonl', 'metrics.json'): _write_text(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
-    return True
-
-# %% ../nbs/11_train.ipynb #63636318
-LOCK_NAME = '.train.lock'
-
-class RunLockedError(RuntimeError):
-    "The run directory is held by another process."
-
-def _holder(fd:int)->dict:
-    try: return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
-    except (ValueError, UnicodeDecodeError): return {}
-
-@contextmanager
-def run_lock(out_dir:str|Path): # the run directory (created)
-    "Hold RUN_DIR/.train.lock while the block runs; yields the holder it took over from ({} if none)."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir/LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN): raise
-            h = _holder(fd)
-            who = f"process {h['pid']} on {h['host']} (since {h['since']})" if h.get('pid') else 'another process'
-            raise RunLockedError(f"{out_dir} is in use by {who}: wait until it ends, or stop it, or choose another "
-                                 f"directory (lock file {path})") from None
-        left = _holder(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))).encode(), 0)
-        try: yield left
-        finally: os.ftruncate(fd, 0)
-    finally: os.close(fd)
-
-def _took_over(out_dir:Path, h:dict)->str|None:
-    "The warning for a lock whose holder ended without clearing it."
-    if not h.get('pid'): return None
-    gone = 'is no longer running' if h.get('host') == socket.gethostname() and not pid_alive(h['pid']) else 'released it'
-    return f"warning: took over the lock of {out_dir} from process {h['pid']} on {h.get('host')}, which {gone}"
-
-RUN_FILES = ('model_best.ckpt', 'best_*', 'model_e*.ckpt', 'latest_*', 'hl_*_submission*', 'log.jsonl', 'train.log',
-             'training_curves.png', 'tensorboard', 'config.json', 'model_latest.ckpt')   # in the order set aside
-
-def run_files(out_dir:str|Path)->list[Path]:
-    "The files of the run in `out_dir` (and of `evaluate` next to its checkpoints), in `RUN_FILES` order."
-    return list(dict.fromkeys(p for pat in RUN_FILES for p in sorted(Path(out_dir).glob(pat))))
-
-def holds_run(out_dir:str|Path)->list[str]:
-    "Names that show `out_dir` holds (part of) a run a new run must not mix with: checkpoints, results, log.jsonl."
-    return [p.name for p in run_files(out_dir) if p.suffix == '.ckpt' or p.name.startswith(('best_', 'latest_', 'log.'))]
-
-def set_aside(out_dir:str|Path)->tuple[Path, int]:
-    "Move the files of the run in `out_dir` into RUN_DIR/previous/ (deleting an older one); (folder, files moved)."
-    files, prev = run_files(out_dir), Path(out_dir)/'previous'
-    if prev.exists(): shutil.rmtree(prev)
-    prev.mkdir()
-    for p in files: os.replace(p, prev/p.name)
-    return prev, len(files)
-
-def trim_log(path:Path, # a run's log.jsonl
-             epoch:int, # the epoch the run resumes at
-            )->int:     # records dropped
-    "Drop the records of epochs >= `epoch` (their checkpoint was never written) and any cut line."
-    if not path.is_file(): return 0
-    lines, keep = path.read_text().splitlines(), []
-    for l in lines:
-        try: r = json.loads(l)
-        except ValueError: continue
-        if isinstance(r, dict) and r.get('epoch', -1) < epoch: keep.append(l + '\n')
-    if len(keep) < len(lines): _write_text(path, ''.join(keep))
-    return len(lines) - len(keep)
-
-def _prepare_dir(out_dir:Path, resume:bool, overwrite:bool)->list[str]:
-    "Rank 0, holding the lock: remove stale temp files; a new run refuses or sets aside an old one. Notes to log."
-    notes = []
-    if gone := remove_stale_temps(out_dir): notes.append(f"removed {len(gone)} temporary file(s) of killed writes: {', '.join(gone)}")
-    if resume: return notes
-    if (names := holds_run(out_dir)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
-                              "resume it or choose another directory (or overwrite it)")
-    if overwrite and run_files(out_dir):
-        prev, n = set_aside(out_dir)
-        notes.append(f"overwrite: moved the {n} files of the previous run into {prev}")
-    return notes
-
-def _main_first(fn:Callable, di:DistInfo):
-    "`fn()` on rank 0; when it raises, every rank raises it (none is left waiting in a collective)."
-    out, err = None, None
-    if di.is_main:
-        try: out = fn()
-        except Exception as e: err = e
-    if di.enabled:
-        b = [err]; dist.broadcast_object_list(b, 0); err = b[0]
-    if err is not None: raise err
-    return out
 
 # %% ../nbs/11_train.ipynb #178eed9f
 class RunInterrupted(KeyboardInterrupt):
@@ -1049,7 +957,8 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
                      f"{state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else '') +
                      (f"; curves: {curves}" if curves else ''))
         except KeyboardInterrupt as ex:
-            save('model_latest.ckpt', ranks=[(state.rng or snap(), state.sums)])
+            if state.rng is not None:   # None: nothing happened since the epoch's checkpoint was written
+                save('model_latest.ckpt', ranks=[(state.rng, state.sums)])
             if di.is_main:
                 how = resume_cmd or f"videolights train --resume {out_dir}"
                 print(f"\ninterrupted ({signal.Signals(getattr(ex, 'signum', signal.SIGINT)).name}) in epoch {state.epoch} "
