@@ -348,3 +348,34 @@ def test_first_line_decides_what_is_evaluated():
     assert 'HL-min-Fair' not in r and not any(k.startswith('HL') for k in r['brief'])     # official: HD skipped
     with pytest.raises(EvalInputError, match=r"submission\[1\]: has 'pred_saliency_scores' but the first line does not"):
         eval_submission(sub, GT, strict=True)
+
+
+# ---------------------------------------------------------------- memory: packed reading and chunked scoring
+@pytest.mark.parametrize('dataset', ['qvhighlights', 'charades'])
+def test_packed_chunked_identical(tmp_path, val, monkeypatch, dataset):
+    "The `eval` path (packed number lists, queries scored in chunks) gives exactly the plain numbers."
+    import videolights.metrics as M
+    gt = list(val)[:600]
+    sub = make_noisy_submission(gt, seed=3)
+    sub[5]['pred_relevant_windows'] = []                                   # an empty list inside a packed block
+    (tmp_path/'s.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in sub))
+    (tmp_path/'g.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in gt))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        plain = eval_submission(read_jsonl(tmp_path/'s.jsonl'), read_jsonl(tmp_path/'g.jsonl'), dataset)
+        monkeypatch.setattr(M, 'EVAL_CHUNK', 7)
+        packed_s, packed_g = read_jsonl(tmp_path/'s.jsonl', pack=True, block=50), read_jsonl(tmp_path/'g.jsonl', pack=True, block=64)
+        assert type(packed_s[0]['pred_relevant_windows']) is M.Packed and type(packed_g[0]['saliency_scores']) is M.Packed
+        chunked = eval_submission(packed_s, packed_g, dataset)
+    assert json.dumps(chunked, indent=4) == json.dumps(plain, indent=4)
+
+
+def test_packed_keeps_errors(tmp_path):
+    "A block with a bad entry stays plain, so the error names the same line as without packing."
+    lines = [{'qid': i, 'pred_relevant_windows': [[0, 2, .5]]} for i in range(10)]
+    lines[7]['pred_relevant_windows'] = [[0, 'x', .5]]
+    (tmp_path/'s.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in lines))
+    gt = [{'qid': i, 'duration': 10, 'relevant_windows': [[0, 2]]} for i in range(10)]
+    for pack in (False, True):
+        with pytest.raises(EvalInputError, match=r"s.jsonl:8: 'pred_relevant_windows'\[0\]"):
+            eval_submission(read_jsonl(tmp_path/'s.jsonl', pack=pack, block=4), gt)

@@ -12,11 +12,12 @@ import numpy as np
 from .errors import BadInputError, iter_jsonl, write_text_atomic
 
 # %% auto #0
-__all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'VL_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN', 'EVALUATORS',
-           'EvalInputError', 'Records', 'as_records', 'read_jsonl', 'check_qids', 'iou_cross', 'iou_paired_hull',
-           'greedy_match', 'detection_ap', 'saliency_ap', 'eval_moment_retrieval', 'eval_highlight',
-           'eval_qvhighlights', 'eval_charades', 'charades_postprocess', 'tvsum_video_ap', 'eval_tvsum',
-           'eval_moment_detr', 'eval_submission', 'format_table', 'eval_main', 'make_noisy_submission']
+__all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'VL_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN',
+           'PACKED_KEYS', 'EVAL_CHUNK', 'EVALUATORS', 'EvalInputError', 'Records', 'as_records', 'read_jsonl',
+           'check_qids', 'Packed', 'iou_cross', 'iou_paired_hull', 'greedy_match', 'detection_ap', 'saliency_ap',
+           'eval_moment_retrieval', 'eval_highlight', 'eval_qvhighlights', 'eval_charades', 'charades_postprocess',
+           'tvsum_video_ap', 'eval_tvsum', 'eval_moment_detr', 'eval_submission', 'format_table', 'eval_main',
+           'make_noisy_submission']
 
 # %% ../nbs/03_metrics.ipynb #322c4e15
 MR_AP_THDS = [float(f"{e:.2f}") for e in np.linspace(0.5, 0.95, 10)]      # mAP IoU thresholds (QVH and Charades)
@@ -48,11 +49,16 @@ def as_records(x, name:str)->Records:
     "Wrap a list of dicts as `Records` named `name` (a `Records` is returned unchanged)."
     return x if isinstance(x, Records) else Records(list(x), name)
 
-def read_jsonl(path)->Records:
+def read_jsonl(path,
+               pack:bool=False, # keep the metrics' number lists as compact arrays, a block of lines at a time (`Packed`)
+               block:int=4096,  # lines per packed block
+              )->Records:
     "Read a jsonl file of objects; a malformed line raises `EvalInputError` naming `path:line`."
-    items, lines = [], []
+    items, lines, start = [], [], 0
     for n, d in iter_jsonl(path, EvalInputError):
         items.append(d); lines.append(n)
+        if pack and len(items) - start >= block: _pack(items[start:]); start = len(items)
+    if pack: _pack(items[start:])
     return Records(items, str(path), lines, is_file=True)
 
 # %% ../nbs/03_metrics.ipynb #cd8c0338
@@ -94,6 +100,44 @@ def check_qids(sub:Records, gt:Records, strict:bool=False, match_number:bool=Tru
     keep_g = sorted(gfirst[q] for q in sfirst if q in gfirst)
     return sub.subset(keep_s), gt.subset(keep_g)
 
+# %% ../nbs/03_metrics.ipynb #5f1c0a02
+PACKED_KEYS = {'pred_relevant_windows': 3, 'pred_saliency_scores': None,     # key: row width (None: a flat list)
+               'relevant_windows': 2, 'relevant_clip_ids': None, 'saliency_scores': 3}
+
+class Packed:
+    "A record's number list (or list of equal-width rows), kept as rows `i:j` of a block array; reads as a list."
+    __slots__ = ('b', 'i', 'j')
+    def __init__(self, b:np.ndarray, i:int, j:int): self.b, self.i, self.j = b, i, j
+    @property
+    def a(self)->np.ndarray: return self.b[self.i:self.j]
+    def __len__(self): return self.j - self.i
+    def __iter__(self): return iter(self.a.tolist())
+    def __getitem__(self, k): return self.a[k].tolist()
+    def tolist(self)->list: return self.a.tolist()
+    def __eq__(self, o): return self.tolist() == (o.tolist() if isinstance(o, Packed) else o)
+    def __repr__(self): return f"Packed({self.tolist()!r})"
+
+def _pack(items:list[dict], keys:dict=PACKED_KEYS):
+    "Replace, in place, each `keys` list of `items` by a `Packed` slice of one array, where the block is clean."
+    for key, width in keys.items():
+        recs = [d for d in items if type(d.get(key)) is list]
+        if not recs: continue
+        flat = list(chain.from_iterable(d[key] for d in recs))
+        if any(type(x) is bool or (type(x) is list and bool in map(type, x)) for x in flat): continue
+        try: a = np.array(flat) if flat else np.zeros((0, width) if width else 0)
+        except (ValueError, TypeError): continue
+        if a.ndim != (2 if width else 1) or (width and a.shape[1] != width) or a.dtype.kind not in 'if' or not np.isfinite(a).all():
+            continue
+        if a.dtype.kind == 'i' and a.size:                                  # integers: the smallest exact type
+            a = a.astype(np.result_type(np.min_scalar_type(int(a.min())), np.min_scalar_type(int(a.max()))))
+        ends = np.cumsum([len(d[key]) for d in recs]).tolist()
+        for d, i, j in zip(recs, [0] + ends[:-1], ends): d[key] = Packed(a, i, j)
+
+def _unpack(vals:list, ndim:int)->np.ndarray|None:
+    "The concatenation of `vals` when all are `Packed` arrays of `ndim` dimensions, else None."
+    if not vals or not all(type(v) is Packed and v.b.ndim == ndim for v in vals): return None
+    return np.concatenate([v.b[v.i:v.j] for v in vals])
+
 # %% ../nbs/03_metrics.ipynb #b1d3350b
 def _is_num(x)->bool: return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
@@ -107,13 +151,16 @@ def _lists(recs:Records, key:str, what:str)->tuple[list, np.ndarray, list]:
     vals = []
     for i, d in enumerate(recs):
         if key not in d: raise EvalInputError(f"{recs.where(i)}: missing key '{key}'")
-        if not isinstance(d[key], list): raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of {what}, got {type(d[key]).__name__}")
+        if not isinstance(d[key], (list, Packed)): raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of {what}, got {type(d[key]).__name__}")
         vals.append(d[key])
-    return vals, np.array([len(v) for v in vals], dtype=np.int64), list(chain.from_iterable(vals))
+    counts = np.array([len(v) for v in vals], dtype=np.int64)
+    return vals, counts, (None if vals and all(type(v) is Packed for v in vals) else list(chain.from_iterable(vals)))
 
 def _rows(recs:Records, key:str, width:int, what:str)->tuple[np.ndarray, np.ndarray]:
     "The `key` lists of all records as one (N, width) float64 array and the per-record counts (N = sum)."
     vals, counts, flat = _lists(recs, key, what)
+    if (a := _unpack(vals, 2)) is not None and a.shape[1] == width: return a.astype(np.float64), counts
+    flat = list(chain.from_iterable(vals)) if flat is None else flat
     try: a = np.array(flat) if flat else np.zeros((0, width))
     except (ValueError, TypeError): a = None
     if a is None or a.ndim != 2 or a.shape[1] < width or a.dtype.kind not in 'if' or not np.isfinite(a[:, :width]).all():
@@ -126,6 +173,8 @@ def _rows(recs:Records, key:str, width:int, what:str)->tuple[np.ndarray, np.ndar
 def _values(recs:Records, key:str)->tuple[np.ndarray, np.ndarray]:
     "The `key` number lists of all records, flat float64 (N,), and per-record counts."
     vals, counts, flat = _lists(recs, key, 'numbers')
+    if (a := _unpack(vals, 1)) is not None: return a.astype(np.float64), counts
+    flat = list(chain.from_iterable(vals)) if flat is None else flat
     try: a = np.array(flat, dtype=None) if flat else np.zeros(0)
     except (ValueError, TypeError): a = None
     if a is None or a.ndim != 1 or a.dtype.kind not in 'if' or not np.isfinite(a).all():
@@ -225,6 +274,13 @@ def detection_ap(tp:np.ndarray,     # (Q, T, P) true positives of the ranked pre
     return _rowsum(terms[change], change.sum(-1).ravel()).reshape(Q, T)
 
 # %% ../nbs/03_metrics.ipynb #953700b6
+EVAL_CHUNK = 4096  # queries scored at a time: per-query arrays stay small, whatever the number of queries
+
+def _by_chunks(f, Q:int, chunk:int|None=None)->np.ndarray:
+    "`f(slice)` of every run of `chunk` queries, concatenated: per-query results with the memory of one chunk."
+    chunk = chunk or EVAL_CHUNK
+    return np.concatenate([f(slice(s, s + chunk)) for s in range(0, Q, chunk)]) if Q else f(slice(0, 0))
+
 def _pad(vals:np.ndarray, q:np.ndarray, Q:int, fill)->tuple[np.ndarray, np.ndarray]:
     "Scatter rows `vals` (N, ...) grouped by sorted query index `q` into (Q, max count, ...); also the counts."
     n = np.bincount(q, minlength=Q)
@@ -243,9 +299,11 @@ def _mr_bucket(pw:np.ndarray, pq:np.ndarray, r1w:np.ndarray, gw:np.ndarray, gq:n
     key = np.where(np.arange(win.shape[1]) < n_pred[:, None], -win[..., 2], np.inf)
     win = np.take_along_axis(win, np.argsort(key, 1, kind='stable')[..., None], 1)  # score-sorted (Q, P, 3)
     g, n_gt = _pad(gw, remap[gq], Q, 0.)                                      # (Q, G, 2)
-    iou = iou_cross(win[..., :2], g)                                          # (Q, P, G)
-    iou[np.broadcast_to((np.arange(g.shape[1]) >= n_gt[:, None])[:, None, :], iou.shape)] = -np.inf
-    ap = detection_ap(greedy_match(iou, n_pred, n_gt, MR_AP_THDS), n_pred, n_gt)
+    def ap_of(s):                                                             # AP of a chunk of queries (q, T)
+        iou = iou_cross(win[s, :, :2], g[s])                                  # (q, P, G)
+        iou[np.broadcast_to((np.arange(g.shape[1]) >= n_gt[s, None])[:, None, :], iou.shape)] = -np.inf
+        return detection_ap(greedy_match(iou, n_pred[s], n_gt[s], MR_AP_THDS), n_pred[s], n_gt[s])
+    ap = _by_chunks(ap_of, Q)                                                 # (Q, T)
     ap_thds = ap.mean(0)
     res = dict(zip([str(t) for t in MR_AP_THDS], ap_thds)); res['average'] = np.mean(ap_thds)
     out = {'MR-mAP': {k: float(f"{100 * v:.2f}") for k, v in res.items()}}
@@ -376,10 +434,12 @@ def eval_highlight(sal:np.ndarray, sn:np.ndarray, gtm:np.ndarray, n_clips:np.nda
     top = full.argmax(1)                                                        # (Q,) first max
     full = np.pad(full, ((0, 0), (0, max(0, C - full.shape[1]))), constant_values=-np.inf)[:, :C]
     ap_in = np.where(np.isfinite(full), full, 0.)                               # (Q, C) cut or zero-padded
-    labs = np.concatenate([(gtm >= lvl) for lvl in HL_LEVELS.values()], 1).astype(float)  # (Q, 3 levels x 3, C)
-    ap = saliency_ap(ap_in, labs, n_clips)                                      # (Q, 9)
     ok = (sn > 0) & (top < n_clips)
-    hit = np.where(ok[:, None], labs[np.arange(Q), :, np.minimum(top, C - 1)], 0.)  # (Q, 9)
+    def part(s):                                                                # a chunk of queries: AP and Hit1 (q, 18)
+        labs = np.concatenate([(gtm[s] >= lvl) for lvl in HL_LEVELS.values()], 1).astype(float)  # (q, 3 levels x 3, C)
+        hit = np.where(ok[s, None], labs[np.arange(len(labs)), :, np.minimum(top[s], C - 1)], 0.)
+        return np.concatenate([saliency_ap(ap_in[s], labs, n_clips[s]), hit], 1)
+    ah = _by_chunks(part, Q); ap, hit = ah[:, :9], ah[:, 9:]                    # (Q, 9) each
     out = {}
     for i, name in enumerate(HL_LEVELS):
         a = np.ascontiguousarray(ap[:, 3 * i:3 * i + 3]); h = hit[:, 3 * i:3 * i + 3]
@@ -588,7 +648,7 @@ def eval_main(argv:list[str]|None=None)->int:
     p.add_argument('--strict', action='store_true', help='reject inputs where an official quirk would apply')
     p.add_argument('--subset', action='store_true', help='score only the qids present on both sides (match_number=False)')
     a = p.parse_args(argv)
-    m = eval_submission(read_jsonl(a.submission), read_jsonl(a.gt), a.dataset, a.strict, not a.subset)
+    m = eval_submission(read_jsonl(a.submission, pack=True), read_jsonl(a.gt, pack=True), a.dataset, a.strict, not a.subset)
     print(format_table(m))
     if a.out: write_text_atomic(a.out, json.dumps(m, indent=4))
     return 0
