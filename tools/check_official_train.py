@@ -86,6 +86,7 @@ RECIPES = {
                        dict(max_v_l=75), {'slowfast_features': 8, 'clip_features': 4, 'blip_video_features': 4},
                        {'clip_text_features': 8, 'blip_text_features': 8}, clip_len=1),
     'tvsum': Recipe('tvsum', 'tvsum', 'tvsum', QVH_LOSS + ['--hard_pos_neg_loss_coef', '1', '--lr', '1e-3',
+                    '--contrastive_align_loss_coef', '0.8',
                     '--wd', '1e-4', '--grad_clip', '0.1', '--max_v_l', '1000', '--dset_domain', 'BK'],
                     dict(max_v_l=1000, dset_domain='BK', max_es_cnt=-1), {'video_features': 8}, {'query_features': 8}),
 }
