@@ -448,8 +448,9 @@ def test_startup_and_eval_processes():
     "`startup` times `videolights --help`; `eval` times our metrics warm and as a process that imports no torch."
     s = bench.bench_startup(repeats=1)
     assert s['help_s'] > 0 and s['imports_torch'] is False
-    e = bench.bench_eval(repeats=1, official=OFFICIAL)
+    e = bench.bench_eval(repeats=1, official=OFFICIAL, mem_copies=2)
     assert e['n_queries'] == 1550 and e['process']['imports_torch'] is False and e['process']['ours_s'] > 0
+    assert e['memory']['n_queries'] == 3100 and 0 < e['memory']['peak_rss_mib'] < 1500
     if HAVE_OFFICIAL:
         assert e['mismatches'] == [] and e['process']['mismatches'] == [] and e['process']['ratio'] > 0
 

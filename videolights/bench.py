@@ -648,6 +648,27 @@ for i in range(warmup + int(sys.argv[4])):
 print(json.dumps(dict(times=ts, metrics=m)))
 '''
 
+_EVAL_MEM_CHILD = r'''
+import sys
+from videolights.metrics import eval_main
+rc = eval_main(sys.argv[1:])
+print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] if rc == 0 else -1)
+'''
+
+def _eval_memory(sub:list, gt_path:Path, tmp:Path, copies:int)->dict:
+    "Peak RSS of `videolights eval` (a fresh process) on `copies` copies of the val set (qids made unique)."
+    gt = [json.loads(l) for l in open(gt_path) if l.strip()]
+    with open(tmp/'sub_mem.jsonl', 'w') as fs, open(tmp/'gt_mem.jsonl', 'w') as fg:
+        for k in range(copies):
+            for d in sub: fs.write(json.dumps(dict(d, qid=f"{k}_{d['qid']}")) + '\n')
+            for d in gt: fg.write(json.dumps(dict(d, qid=f"{k}_{d['qid']}")) + '\n')
+    r = subprocess.run([sys.executable, '-c', _EVAL_MEM_CHILD, '--submission', str(tmp/'sub_mem.jsonl'), '--gt',
+                        str(tmp/'gt_mem.jsonl')], capture_output=True, text=True)
+    kib = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
+    if kib < 0: return dict(error=f"eval failed: {r.stderr.strip().splitlines()[-1:]}")
+    n = copies * len(gt)
+    return dict(copies=copies, n_queries=n, peak_rss_mib=round(kib / 1024, 1), mib_per_1k_queries=round(kib / 1024 / n * 1e3, 2))
+
 def _imports_torch(cmd:list)->bool:
     "Whether the Python command `cmd` ([python, args...]) imports torch (`-X importtime`)."
     r = subprocess.run([cmd[0], '-X', 'importtime', *cmd[1:]], capture_output=True, text=True)
@@ -656,6 +677,7 @@ def _imports_torch(cmd:list)->bool:
 def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=None, seed:int=0,
                warmup:int=1, # untimed calls first, on both sides (lazy imports, first allocations)
                process:bool=True, # also time both evaluators as whole processes
+               mem_copies:int=20, # peak RSS of `videolights eval` on this many copies of val (0: skip)
                **kw)->dict:
     "The QVHighlights metrics on the full val set, warm in a process and as whole processes, ours vs official."
     from videolights.metrics import eval_submission, make_noisy_submission, read_jsonl, _diff
@@ -699,6 +721,7 @@ def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=N
                          ratio=round(med(procs['official']) / med(procs['ours']), 1),
                          mismatches=_diff(json.loads((tmp/'ours.json').read_text()), json.loads((tmp/'official.json').read_text())))
             res['process'] = p
+        if mem_copies: res['memory'] = _eval_memory(sub, gt_path, tmp, mem_copies)
         return res
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
