@@ -13,12 +13,16 @@ from safetensors.torch import save_file, load_file
 import videolights
 from .config import VLConfig, get_preset, PRESETS
 from .model import VideoLights, build_model
-from .convert import read_official_checkpoint, config_from_opt, map_official_state_dict
+from .convert import (read_official_checkpoint, config_from_opt, map_official_state_dict, OPT_KEYS,
+                                 to_official_state_dict)
+from .errors import MissingFileError, BadInputError, check_input
 
 # %% auto #0
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'config_to_dict', 'config_from_dict', 'model_inputs_info',
-           'save_pretrained', 'is_pretrained', 'read_pretrained_config', 'from_pretrained', 'convert_official',
-           'convert_official_main']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CKPT_FILES', 'config_to_dict', 'config_from_dict',
+           'model_inputs_info', 'save_pretrained', 'is_pretrained', 'read_pretrained_config', 'check_fits',
+           'from_pretrained', 'convert_official', 'official_opt', 'save_official_checkpoint', 'convert_official_main',
+           'read_checkpoint', 'checkpoint_kind', 'ModelSource', 'resolve_model', 'model_config', 'model_weights',
+           'load_any', 'init_weights']
 
 # %% ../nbs/08a_artifacts.ipynb #b3a3c2e0
 FORMAT, FORMAT_VERSION = 'videolights-pretrained', 1
@@ -84,17 +88,21 @@ def read_pretrained_config(path:str|Path)->tuple[VLConfig, dict]: # (config, the
                          f"reads ({FORMAT_VERSION}); upgrade videolights")
     return config_from_dict(info['config'], str(p/CONFIG_FILE)), info
 
+def check_fits(sd:dict, model:nn.Module, what:str):
+    "Raise a one-line ValueError (`what`: missing, unexpected and mis-shaped tensors) unless `sd` fits `model`."
+    ours = model.state_dict()
+    miss, extra = [k for k in ours if k not in sd], [k for k in sd if k not in ours]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape]
+    if miss or extra or bad:
+        raise ValueError(f"{what}: " + '; '.join(f"{n} ({len(l)}): {', '.join(l[:4])}{' ...' if len(l) > 4 else ''}"
+                                               for n, l in (('missing', miss), ('unexpected', extra), ('mis-shaped', bad)) if l))
+
 def from_pretrained(path:str|Path, device:str|torch.device='cpu')->tuple[VideoLights, VLConfig]:
     "The model (eval mode) and config of a pretrained folder."
     cfg, _ = read_pretrained_config(path)
     model = build_model(cfg)
-    sd, ours = load_file(str(Path(path)/WEIGHTS_FILE)), model.state_dict()
-    miss, extra = [k for k in ours if k not in sd], [k for k in sd if k not in ours]
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape]
-    if miss or extra or bad:
-        raise ValueError(f"{Path(path)/WEIGHTS_FILE} does not fit its config: " + '; '.join(
-            f"{n} ({len(l)}): {', '.join(l[:4])}{' ...' if len(l) > 4 else ''}"
-            for n, l in (('missing', miss), ('unexpected', extra), ('mis-shaped', bad)) if l))
+    sd = load_file(str(Path(path)/WEIGHTS_FILE))
+    check_fits(sd, model, f"{Path(path)/WEIGHTS_FILE} does not fit its config")
     model.load_state_dict(sd)
     return model.to(device).eval(), cfg
 
@@ -115,6 +123,24 @@ def convert_official(ckpt:str|Path, out_dir:str|Path,
     except ValueError as e: raise ValueError(f"{ckpt}: {e}") from None
     src = dict(kind='official', checkpoint=str(ckpt), epoch=ck.get('epoch'))
     return save_pretrained(model, cfg, out_dir, source={k: v for k, v in src.items() if v is not None}), cfg
+
+# %% ../nbs/08a_artifacts.ipynb #e6c734ab
+def official_opt(cfg:VLConfig, **kw)->argparse.Namespace:
+    "The options an official run of `cfg`'s shape records (what `config_from_opt` reads back), plus `kw`."
+    o = dict(dset_name=cfg.dset_name, ctx_mode='video_tef' if cfg.use_tef else 'video',
+             v_feat_dim=cfg.v_feat_dim, t_feat_dim=cfg.t_feat_dim, clip_length=cfg.clip_len,
+             v_feat_dirs=[f'features/{t.removesuffix("_features")}_features' for t in cfg.v_feat_types],
+             t_feat_dirs=[f'features/{t.removesuffix("_text_features")}_text_features' for t in cfg.t_feat_types])
+    o.update({k: getattr(cfg, k) for k in OPT_KEYS if hasattr(cfg, k)})
+    if cfg.dset_domain is not None: o['dset_domain'] = cfg.dset_domain
+    return argparse.Namespace(**{**o, **kw})
+
+def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch:int=0, **opt)->Path:
+    "Write `model` as the official `train.py` saves a checkpoint: official names, `opt` Namespace, epoch."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda p: torch.save(dict(model=to_official_state_dict(model), optimizer={}, lr_scheduler={},
+                                            epoch=epoch, opt=official_opt(cfg, **opt)), p))
+    return path
 
 # %% ../nbs/08a_artifacts.ipynb #f1cc9112
 def convert_official_main(argv:list[str]|None=None)->int:
@@ -138,3 +164,85 @@ def convert_official_main(argv:list[str]|None=None)->int:
     print(f"wrote {out/WEIGHTS_FILE} and {out/CONFIG_FILE}: video {dict(zip(cfg.v_feat_types, cfg.v_feat_dims))}, "
           f"text {dict(zip(cfg.t_feat_types, cfg.t_feat_dims))}, clip_len {cfg.clip_len:g} s")
     return 0
+
+# %% ../nbs/08a_artifacts.ipynb #cac1632d
+CKPT_FILES = ('model_best.ckpt', 'model_latest.ckpt')   # what a run folder offers, in order of preference
+
+def read_checkpoint(path:str|Path)->dict:
+    "A checkpoint file, loaded with `weights_only=True` (plus `argparse.Namespace`, the official `opt`)."
+    p = check_input(path, 'a checkpoint')
+    try: ck = read_official_checkpoint(p)
+    except Exception as e:   # what is wrong with it (truncated, unsafe, not torch), as `train.load_checkpoint` says it
+        from videolights.train import _unreadable_checkpoint     # (imported here: `train` imports this module)
+        raise _unreadable_checkpoint(p, e) from None
+    if not isinstance(ck, dict): raise BadInputError(f"not a checkpoint (holds a {type(ck).__name__})", p)
+    return ck
+
+def checkpoint_kind(ck:dict)->str|None:
+    "'videolights' (`model` + `config`), 'official' (`model` + `opt`), or None (something else)."
+    if not isinstance(ck.get('model'), dict): return None
+    return 'videolights' if isinstance(ck.get('config'), dict) else 'official' if 'opt' in ck else None
+
+@dataclasses.dataclass
+class ModelSource:
+    "A model found on disk: the checkpoint file or pretrained folder, its kind, and the loaded checkpoint (files)."
+    path:Path
+    kind:str                # 'videolights' | 'official' | 'pretrained'
+    ckpt:dict|None=None
+    @property
+    def folder(self)->Path: return self.path if self.kind == 'pretrained' else self.path.parent
+    @property
+    def epoch(self): return (self.ckpt or {}).get('epoch')
+
+def resolve_model(path:str|Path)->ModelSource:
+    "What `path` is: our checkpoint or run folder, an official checkpoint, or a pretrained folder."
+    p = Path(path)
+    if not p.exists(): raise MissingFileError('checkpoint not found (no such file, run folder or pretrained folder)', p)
+    if p.is_dir():
+        if is_pretrained(p): return ModelSource(p, 'pretrained')
+        f = next((p/n for n in CKPT_FILES if (p/n).is_file()), None)
+        if f is None: raise MissingFileError(f"no {' or '.join(CKPT_FILES)} (a run folder) and no {CONFIG_FILE} + "
+                                             f"{WEIGHTS_FILE} (a pretrained folder) here", p)
+        p = f
+    ck = read_checkpoint(p)
+    kind = checkpoint_kind(ck)
+    if kind is None:
+        raise BadInputError("not a videolights checkpoint (needs 'model' with 'config' (ours) or 'opt' (official))", p,
+                            hint="for a bare official state dict: videolights convert-official CKPT OUT_DIR --preset NAME")
+    return ModelSource(p, kind, ck)
+
+# %% ../nbs/08a_artifacts.ipynb #23bf114e
+def model_config(src:ModelSource)->VLConfig:
+    "The config of a resolved model (unknown fields of our older or newer checkpoints are left out)."
+    if src.kind == 'pretrained': return read_pretrained_config(src.path)[0]
+    if src.kind == 'official':
+        try: return config_from_opt(src.ckpt['opt'])
+        except (KeyError, ValueError, TypeError) as e:
+            raise BadInputError(f"its 'opt' does not describe a model: {type(e).__name__}: {e}", src.path) from None
+    names = {f.name for f in dataclasses.fields(VLConfig)}
+    try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src.ckpt['config'].items() if k in names})
+    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", src.path) from None
+
+def model_weights(src:ModelSource, model:nn.Module)->dict:
+    "The weights of a resolved model under our names and shapes, checked to fit `model`."
+    try:
+        if src.kind == 'pretrained': sd = load_file(str(src.path/WEIGHTS_FILE))
+        elif src.kind == 'official': sd = map_official_state_dict(src.ckpt['model'], model)
+        else: sd = src.ckpt['model']
+        check_fits(sd, model, 'the weights do not fit the model')
+    except ValueError as e: raise BadInputError(' '.join(str(e).split()), src.path) from None
+    return sd
+
+def load_any(path:str|Path|ModelSource, device:str|torch.device='cpu')->tuple[VideoLights, VLConfig, ModelSource]:
+    "Model (eval mode), config and source of any of the three forms."
+    src = path if isinstance(path, ModelSource) else resolve_model(path)
+    cfg = model_config(src)
+    model = build_model(cfg)
+    model.load_state_dict(model_weights(src, model))
+    return model.to(device).eval(), cfg, src
+
+def init_weights(model:nn.Module, path:str|Path)->ModelSource:
+    "Load the weights of any form into `model`, whose config may differ in anything but the shapes (fine-tuning)."
+    src = resolve_model(path)
+    getattr(model, 'module', model).load_state_dict(model_weights(src, getattr(model, 'module', model)))
+    return src

@@ -12,7 +12,7 @@ from .config import VLConfig, FEAT_DIMS
 from .model import VideoLights, build_model
 
 # %% auto #0
-__all__ = ['RENAMES', 'official_to_ours_key', 'ours_to_official_key', 'map_official_state_dict', 'config_from_opt',
+__all__ = ['RENAMES', 'OPT_KEYS', 'official_to_ours_key', 'ours_to_official_key', 'map_official_state_dict', 'config_from_opt',
            'read_official_checkpoint', 'load_official', 'to_official_state_dict']
 
 # %% ../nbs/08_convert.ipynb #d720fa62
@@ -77,6 +77,15 @@ def _sources(dirs, total:int, default:str)->tuple[tuple, tuple]:
     if names and sum(FEAT_DIMS[n] for n in names) == total: return tuple(names), tuple(FEAT_DIMS[n] for n in names)
     return (default,), (total,)
 
+# the official options that carry over into a VLConfig under the same name
+OPT_KEYS = ['dset_name', 'max_v_l', 'max_q_l', 'max_windows', 'hidden_dim', 'nheads', 'dim_feedforward', 'dropout',
+            'input_dropout', 'n_input_proj', 'bicmf_layers', 'enc_layers', 'dec_layers', 'num_queries', 'use_txt_pos',
+            'contrastive_align_loss', 'contrastive_hdim', 'temperature', 'mr_to_hd_loss', 'hard_pos_neg_loss',
+            'aux_loss', 'lr', 'wd', 'lr_drop', 'bsz', 'eval_bsz', 'n_epoch', 'grad_clip', 'seed', 'span_loss_coef',
+            'giou_loss_coef', 'label_loss_coef', 'eos_coef', 'lw_saliency', 'saliency_margin', 'set_cost_span',
+            'set_cost_giou', 'set_cost_class', 'contrastive_align_loss_coef', 'hard_pos_neg_loss_coef',
+            'cos_sim_loss_coef', 'mr_to_hd_loss_coef']
+
 def config_from_opt(opt:argparse.Namespace|dict, **overrides)->VLConfig:
     "A `VLConfig` matching official options (`opt` of a checkpoint, or its dict)."
     o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt)
@@ -84,18 +93,16 @@ def config_from_opt(opt:argparse.Namespace|dict, **overrides)->VLConfig:
     v_total = o['v_feat_dim'] - (2 if use_tef else 0)  # the official opt already counts the TEF dims
     vt, vd = _sources(o.get('v_feat_dirs'), v_total, 'video')
     tt, td = _sources(o.get('t_feat_dirs'), o['t_feat_dim'], 'text')
-    keys = ['dset_name', 'max_v_l', 'max_q_l', 'max_windows', 'hidden_dim', 'nheads', 'dim_feedforward', 'dropout',
-            'input_dropout', 'n_input_proj', 'bicmf_layers', 'enc_layers', 'dec_layers', 'num_queries', 'use_txt_pos',
-            'contrastive_align_loss', 'contrastive_hdim', 'temperature', 'mr_to_hd_loss', 'hard_pos_neg_loss',
-            'aux_loss', 'lr', 'wd', 'lr_drop', 'bsz', 'eval_bsz', 'n_epoch', 'grad_clip', 'seed', 'span_loss_coef',
-            'giou_loss_coef', 'label_loss_coef', 'eos_coef', 'lw_saliency', 'saliency_margin', 'set_cost_span',
-            'set_cost_giou', 'set_cost_class', 'contrastive_align_loss_coef', 'hard_pos_neg_loss_coef',
-            'cos_sim_loss_coef', 'mr_to_hd_loss_coef']
+    keys = OPT_KEYS
     blip = 'blip' in vt and 'blip' in tt  # the `bf` switch means BLIP-2 on both sides
     if not blip:  # a one-sided BLIP source gets its own name, so that the BLIP sync of VLConfig leaves it alone
         vt = tuple('blip_video' if n == 'blip' else n for n in vt)
         tt = tuple('blip_text' if n == 'blip' else n for n in tt)
     kw = {k: o[k] for k in keys if k in o}
+    if o.get('dset_domain') is not None: kw['dset_domain'] = o['dset_domain']
+    # windows clamped as the official `compute_mr_results` clamps them: [0, 360] for Charades when opt.v_feat_dim is
+    # 4096 (VGG; with the TEF the options hold 4098, so the released VGG run clamps at 150), [0, 150] otherwise
+    kw['max_ts'] = 360. if o.get('dset_name') == 'charadesSTA' and o['v_feat_dim'] == 4096 else 150.
     kw.update(clip_len=float(o.get('clip_length', 2)), use_tef=use_tef, v_feat_types=vt, v_feat_dims=vd,
               t_feat_types=tt, t_feat_dims=td, blip_features=blip,
               use_matcher=o.get('dset_name') not in ('tvsum', 'youtube_uni'))

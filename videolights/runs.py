@@ -21,9 +21,10 @@ from .loss import build_criterion
 from .metrics import eval_submission
 from .errors import BadInputError, MissingFileError, writing
 from .shards import batch_shares, shard_path, parse_shard
-from .train import (set_seed, load_checkpoint, load_weights, Evaluator, RunOptions, NonFiniteLossError, fit,
+from .artifacts import resolve_model, load_any, ModelSource
+from .train import (set_seed, load_checkpoint, load_weights, nms_submission, Evaluator, RunOptions, NonFiniteLossError, fit,
                     wants_cuda, _amp_dtype, _write_json, DistInfo, init_distributed, _gather_list, hp,
-                    holds_run, RunLockedError, check_unlocked, check_weights, model_weights)
+                    holds_run, RunLockedError, check_unlocked)
 
 # %% auto #0
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
@@ -363,7 +364,8 @@ def train_main(argv:list[str]|None=None)->int:
     p.add_argument('--data', help='dataset folder (jsonl + features/ or features.h5) or an .h5 feature store')
     p.add_argument('--out', help='run directory (created)')
     p.add_argument('--resume', metavar='RUN_DIR', help='continue the run in RUN_DIR exactly where it stopped')
-    p.add_argument('--init-from', metavar='CKPT', help='start from the weights of CKPT (fine-tuning)')
+    p.add_argument('--init-from', metavar='CKPT', help='start from the weights of CKPT (fine-tuning): our checkpoint '
+                   'or run folder, an official checkpoint, or a pretrained folder')
     p.add_argument('--pretrain', action='store_true', help='the training data is synthetic pretraining data')
     p.add_argument('--eval-split', default=None, help="split evaluated during training (default cfg.eval_split_name)")
     p.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run (its files '
@@ -446,7 +448,7 @@ def init_checkpoint(cfg, # a VLConfig (reads `pretrained`, `pretrain_ckpt`)
     if cfg.pretrained and not ck:
         raise ValueError("pretrained=true (Table V 'pt') needs the pretraining weights: pass --pretrain_ckpt CKPT "
                          "or --init-from CKPT (train one with --pretrain first)")
-    if ck and not Path(ck).is_file(): raise FileNotFoundError(f"checkpoint to start from not found: {ck}")
+    if ck and not Path(ck).exists(): raise FileNotFoundError(f"checkpoint to start from not found: {ck}")
     return str(ck) if ck else None
 
 def _known(d:dict)->dict:
@@ -462,35 +464,30 @@ def _run_info(run:Path)->dict:
 
 # %% ../nbs/11a_runs.ipynb #bf1bf8ac
 def resolve_ckpt(path:str|Path)->Path:
-    "A checkpoint file, or a run directory's `model_best.ckpt` (else `model_latest.ckpt`)."
-    p = Path(path)
-    if p.is_dir():
-        for n in ('model_best.ckpt', 'model_latest.ckpt'):
-            if (p/n).is_file(): return p/n
-        raise MissingFileError("holds neither model_best.ckpt nor model_latest.ckpt (expected a checkpoint or a run folder)", file=p)
-    return p
+    "The checkpoint file (a run folder's `model_best.ckpt`, else `model_latest.ckpt`) or the pretrained folder."
+    return resolve_model(path).path
 
-def load_model(ckpt:str|Path, device:str|torch.device='cpu',
+def load_model(ckpt:str|Path|ModelSource, # our checkpoint or run folder, an official checkpoint, a pretrained folder
+               device:str|torch.device='cpu',
                accelerate:bool=True, # the fast layers of `ops` (`ops.accelerate`); False: the plain model
               )->tuple[nn.Module, VLConfig]:
-    "Rebuild the model of a checkpoint written by `fit` and load its weights."
-    path = resolve_ckpt(ckpt)
-    ck = load_checkpoint(path)
-    sd = model_weights(ck, path)
-    if not isinstance(ck.get('config'), dict):
-        raise BadInputError("not a videolights checkpoint: no 'config' entry to rebuild its model from", file=path)
-    try: cfg = VLConfig(**_known(ck['config']))
-    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", file=path) from None
-    model = build_model(cfg)
-    check_weights(model, sd, path, what='the model of its config')
-    model.load_state_dict(sd)
+    "The model (eval mode) and config of any of the three forms (`artifacts.load_any`)."
+    model, cfg, _ = load_any(ckpt)
     if accelerate: ops.accelerate(model)
     return model.to(device).eval(), cfg
+
+def _run_data(src:ModelSource):
+    "The data folder a run of ours was trained on (its config.json), if known."
+    f = src.folder/'config.json'
+    if src.kind != 'videolights' or not f.is_file(): return None
+    try: return json.loads(f.read_text()).get('data')
+    except (json.JSONDecodeError, AttributeError): return None
 
 def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|None=None, device:str='auto',
              batch_size:int|None=None, records:str|Path|None=None, progress:bool|None=None,
              cuda_graphs:bool=False, accelerate:bool=True,
              shard:tuple[int,int]|None=None, # (K, N): only share K of N, written as a part (no metrics)
+             nms_thd:float|None=None, # also write the NMS'd submission (official `--nms_thd`); None: the config's
             )->tuple[dict|None, list, Path]:
     "Run `ckpt` on a split; write the submission (and metrics when labelled); return (metrics, submission, path)."
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
@@ -498,9 +495,10 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     if shard is None and int(os.environ.get('WORLD_SIZE', 1)) > 1:   # under torchrun: rank K of N takes share K
         own_group = not dist.is_initialized()
         di, dev = init_distributed(device)
-    ckpt = resolve_ckpt(ckpt)
-    model, cfg = load_model(ckpt, dev, accelerate)
-    if data is None and (ckpt.parent/'config.json').is_file(): data = json.loads((ckpt.parent/'config.json').read_text()).get('data')
+    src = resolve_model(ckpt)
+    ckpt = src.path
+    model, cfg = load_model(src, dev, accelerate)
+    if data is None: data = _run_data(src)
     ds = build_dataset(cfg, data, split, records=records)
     check_widths(ds, cfg, ckpt)
     k, n = shard or (di.rank, di.world_size)
@@ -508,8 +506,9 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     ev = Evaluator(part, cfg, collate, split=split, batch_size=batch_size)
     sub = _gather_list(ev.predict(model, dev, progress=progress, cuda_graphs=cuda_graphs), di)  # rank order
     metrics = official_metrics(sub, ds.records, cfg.dset_name) if ds.load_labels and shard is None else None
-    out = Path(out) if out else ckpt.parent
+    out = Path(out) if out else src.folder
     path = out/f'hl_{split}_submission.jsonl'
+    nms_thd = cfg.nms_thd if nms_thd is None else nms_thd
     if shard is not None: path = shard_path(path, *shard)
     if not sub and shard is None: raise BadInputError(f"nothing to predict on split {split!r}", file=records or data)
     if di.is_main:
@@ -518,6 +517,13 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
             _write_json(sub, path)
         if metrics is not None:
             with writing(out/f'hl_{split}_submission_metrics.json'): _write_json(metrics, out/f'hl_{split}_submission_metrics.json')
+        if nms_thd != -1 and shard is None and 'pred_relevant_windows' in sub[0]:       # the official file names
+            nsub = nms_submission(sub, nms_thd, cfg.max_before_nms, cfg.max_after_nms)
+            npath = out/f'hl_{split}_submission_nms_thd_{nms_thd}.jsonl'
+            with writing(npath): _write_json(nsub, npath)
+            if metrics is not None:
+                mpath = npath.with_name(npath.stem + '_metrics.json')
+                with writing(mpath): _write_json(official_metrics(nsub, ds.records, cfg.dset_name), mpath)
     if di.enabled: dist.barrier()
     if own_group: dist.destroy_process_group()
     return metrics, sub, path
@@ -528,11 +534,14 @@ def evaluate_main(argv:list[str]|None=None)->int:
         description='Run a checkpoint on a split; write hl_{split}_submission.jsonl in the official format and, '
                     'when the split has labels, hl_{split}_submission_metrics.json.',
         epilog="examples:\n  videolights evaluate --ckpt runs/demo/run --data runs/demo/data --split val\n"
+               "  videolights evaluate --ckpt official/model_best.ckpt --data /data/qvh --split val   # official checkpoint\n"
+               "  videolights evaluate --ckpt models/videolights-qvh --data /data/qvh --split test    # pretrained folder\n"
                "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data /data/qvh --split test --out subs/\n"
                "  torchrun --nproc_per_node 4 -m videolights evaluate --ckpt runs/qvh --split val    # 4 GPUs\n"
                "  videolights evaluate --ckpt runs/qvh --split val --out subs/ --shard 2/8   # a job array's task\n"
                "  videolights merge-submissions subs/hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-8.jsonl")
-    p.add_argument('--ckpt', required=True, help='a checkpoint, or a run directory (uses model_best.ckpt)')
+    p.add_argument('--ckpt', required=True, help='our checkpoint or run folder (its model_best.ckpt), an official '
+                   'checkpoint (model_best.ckpt of its train.py), or a pretrained folder (convert-official)')
     p.add_argument('--data', help="dataset folder or .h5 store (default: the run's data)")
     p.add_argument('--split', default='val', help='val | test | train (any split with an annotation file)')
     p.add_argument('--records', help='an explicit annotation jsonl (instead of finding the split under --data)')
@@ -541,6 +550,8 @@ def evaluate_main(argv:list[str]|None=None)->int:
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--cuda-graphs', action='store_true', help='replay the forward from CUDA graphs (CUDA only; fewer launches)')
     p.add_argument('--plain-model', action='store_true', help='the plain model, without the fast layers of 07a_ops')
+    p.add_argument('--nms-thd', type=float, default=None, help='also write hl_{split}_submission_nms_thd_{T}.jsonl '
+                   '(+ metrics) after the official temporal NMS (default: the config\'s nms_thd; -1: none)')
     p.add_argument('--shard', default=None, metavar='K/N', help='only share K of N of the queries, written as '
                    'hl_{split}_submission.shard-K-of-N.jsonl; join the parts with `videolights merge-submissions`')
     a = p.parse_args(argv)
@@ -550,7 +561,7 @@ def evaluate_main(argv:list[str]|None=None)->int:
         p.error('--shard is for separate jobs (a job array); under torchrun each rank takes its share by itself')
     keep_freed_memory()
     metrics, sub, path = evaluate(a.ckpt, a.data, a.split, a.out, a.device, a.batch_size, a.records,
-                                  cuda_graphs=a.cuda_graphs, accelerate=not a.plain_model, shard=shard)
+                                  cuda_graphs=a.cuda_graphs, accelerate=not a.plain_model, shard=shard, nms_thd=a.nms_thd)
     if int(os.environ.get('RANK', 0)) != 0: return 0
     print(f"wrote {len(sub)} predictions to {path}")
     if metrics is not None:

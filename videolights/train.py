@@ -18,16 +18,18 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
+from .artifacts import init_weights
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
 from .errors import UserError, BadInputError, check_input, one_line
 
 # %% auto #0
-__all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'RESULT_OPTIONS',
-           'LOCK_NAME', 'RUN_FILES', 'KILL_ENV', 'set_seed', 'get_rng_state', 'set_rng_state', 'set_deterministic',
-           'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'pid_alive', 'remove_stale_temps', 'DistInfo',
-           'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
-           'decode_predictions', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
+__all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS',
+           'RESULT_OPTIONS', 'LOCK_NAME', 'RUN_FILES', 'KILL_ENV', 'set_seed', 'get_rng_state', 'set_rng_state',
+           'set_deterministic', 'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'pid_alive',
+           'remove_stale_temps', 'DistInfo', 'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw',
+           'build_optimizer', 'selection_score', 'postprocess_windows', 'decode_predictions', 'official_temporal_nms',
+           'nms_submission', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
            'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup',
            'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'RunLockedError', 'check_unlocked',
            'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
@@ -236,6 +238,20 @@ def selection_score(brief:dict, # flat metrics, e.g. the official `brief` dict
     return sum(brief.get(k, 0.) * v for k, v in w.items()) / sum(w.values())
 
 # %% ../nbs/11_train.ipynb #76737509
+NO_SALIENCY = ('charadesSTA', 'tacos', 'nlq')   # datasets whose submission lines drop the saliency (official)
+
+def _r4(x:float)->float: return float(f"{x:.4f}")
+
+def postprocess_windows(rows:list[list[float]], # [[start, end, score]] in the order to keep, 4-decimal values
+                        clip_len:float=2.,      # seconds per clip
+                        max_ts:float|None=150., # clamp the timestamps to [0, max_ts]; None: no clamp
+                       )->list[list[float]]:    # the same rows, timestamps clamped and on the clip grid
+    "The official `PostProcessorDETR` ('clip_ts', 'round_multiple'): float32 clamp, round to clip multiples."
+    t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 3)
+    w = t[:, :2] if max_ts is None else torch.clamp(t[:, :2], min=0, max=max_ts)
+    w = torch.round(w / clip_len) * clip_len
+    return [r[:2] + [_r4(r[2])] for r in torch.cat([w, t[:, 2:3]], 1).tolist()]
+
 def decode_predictions(outputs:dict, # model outputs: pred_logits (B,Nq,2), pred_spans (B,Nq,2), saliency_scores (B,Lv)
                        metas:list[dict], # one record per sample (qid, query, vid, duration)
                        vid_mask:Tensor, # (B, Lv) 1 = valid clip
@@ -254,16 +270,36 @@ def decode_predictions(outputs:dict, # model outputs: pred_logits (B,Nq,2), pred
     for j, m in enumerate(metas):
         line = dict(qid=m['qid'], query=m.get('query', ''), vid=m['vid'])
         if has_mr:
-            win = (xx[j] * float(m['duration'])).round(decimals=4)                     # (Nq, 2) seconds
-            win = win.clamp(0, float(m['duration']) if max_ts is None else max_ts)
-            win = torch.round(win / clip_len) * clip_len
-            sc = prob[j].round(decimals=4)
-            order = torch.argsort(sc, descending=True, stable=True)
-            line['pred_relevant_windows'] = [[float(a), float(b), float(f'{float(s):.4f}')]
-                                             for (a, b), s in zip(win[order].tolist(), sc[order].tolist())]
-        if dset_name != 'charadesSTA': line['pred_saliency_scores'] = sal[j, :n_valid[j]].tolist()
+            rows = torch.cat([xx[j] * float(m['duration']), prob[j][:, None]], 1).tolist()  # (Nq, 3) seconds, p
+            rows = sorted(rows, key=lambda r: r[2], reverse=True)                    # on the raw p, stable
+            line['pred_relevant_windows'] = postprocess_windows([[_r4(e) for e in r] for r in rows], clip_len,
+                                                                float(m['duration']) if max_ts is None else max_ts)
+        if dset_name not in NO_SALIENCY: line['pred_saliency_scores'] = sal[j, :n_valid[j]].tolist()
         lines.append(line)
     return lines
+
+# %% ../nbs/11_train.ipynb #63d53104
+def official_temporal_nms(rows:list[list[float]], # [[start, end, score]]
+                          nms_thd:float,          # drop a window whose hull overlap with a kept one is > nms_thd
+                          max_after_nms:int=100,
+                         )->list[list[float]]:    # kept rows, best first
+    "Temporal NMS exactly as the official `utils/temporal_nms.py` (hull IoU, strict threshold, its loop)."
+    if len(rows) == 1: return rows
+    rows = sorted(rows, key=lambda r: r[2], reverse=True)
+    def hull_iou(a, b):
+        inter, hull = max(0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
+        return 0 if hull == 0 else 1.0 * inter / hull
+    left, kept = list(rows), []
+    while len(left) > 1 and len(kept) < max_after_nms:
+        left = [left[0]] + [r for r in left[1:] if not hull_iou(left[0][:2], r[:2]) > nms_thd]
+        kept.append(left.pop(0))
+    if len(kept) < max_after_nms and len(left) >= 1: kept.append(left.pop(0))
+    return [[st, ed, s] for st, ed, s in kept]
+
+def nms_submission(lines:list[dict], nms_thd:float, max_before_nms:int=10, max_after_nms:int=10)->list[dict]:
+    "Copies of submission lines with NMS applied to their windows (official `post_processing_mr_nms`)."
+    return [dict(l, pred_relevant_windows=official_temporal_nms(l['pred_relevant_windows'][:max_before_nms], nms_thd,
+                                                                max_after_nms)) for l in lines]
 
 # %% ../nbs/11_train.ipynb #671cf439
 class NonFiniteLossError(RuntimeError):
@@ -671,13 +707,11 @@ def model_weights(ck, path:str|Path)->dict:
         raise BadInputError(f"not a videolights checkpoint: no 'model' weights (it holds {keys})", file=path)
     return sd
 
-def load_weights(model:nn.Module, path:str|Path, strict:bool=True)->nn.Module:
-    "Load only the model weights of a checkpoint (`--init-from`, fine-tuning from pretraining)."
-    sd = model_weights(load_checkpoint(path), path)
-    check_weights(model, sd, path, strict)
-    res = _unwrap(model).load_state_dict(sd, strict=strict)
-    if not strict and (res.missing_keys or res.unexpected_keys):
-        print(f"init-from {path}: missing {res.missing_keys[:5]}..., unexpected {res.unexpected_keys[:5]}...", file=sys.stderr)
+def load_weights(model:nn.Module, # the model to fill (its shapes must match)
+                 path:str|Path,   # our checkpoint or run folder, an official checkpoint, or a pretrained folder
+                )->nn.Module:
+    "Load only the model weights, of any of the three forms (`--init-from`, fine-tuning from pretraining)."
+    init_weights(_unwrap(model), path)
     return model
 
 # %% ../nbs/11_train.ipynb #55914d2e
