@@ -1244,15 +1244,6 @@ def _encoder_name(ft:str)->str|None:
     "The encoder that makes feature type `ft` ('clip', 'clip_features', 'blip_aug_text_features_openai', ...)."
     return ft if ft in ENCODERS else next((n for n in ENCODERS if ft.startswith(n + '_')), None)
 
-def _resolve_ckpt(path)->Path:
-    p = Path(path)
-    if p.is_dir():
-        for n in ('model_best.ckpt', 'model_latest.ckpt'):
-            if (p/n).is_file(): return p/n
-        raise FileNotFoundError(f"{p}: no model_best.ckpt or model_latest.ckpt in this run folder")
-    if not p.is_file(): raise FileNotFoundError(f"checkpoint not found: {p}")
-    return p
-
 # %% ../nbs/13_video.ipynb #b61cd03e
 class VideoLightsPredictor:
     "Raw video + text queries → ranked moments (seconds) and per-clip saliency, with a trained VideoLights model."
@@ -1298,43 +1289,14 @@ class VideoLightsPredictor:
                 f"clip_len={self.cfg.clip_len}, window={self.cfg.max_v_l} clips, overlap={self.overlap})")
 
 # %% ../nbs/13_video.ipynb #82de9bf0
-def _load_config(d:dict):
-    from videolights.config import VLConfig
-    names = {f.name for f in dataclasses.fields(VLConfig)}
-    return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
-def _read_checkpoint(path:Path)->dict:
-    try: ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # official checkpoints pickle an argparse.Namespace: allow exactly that
-        try:
-            from videolights.convert import read_official_checkpoint
-            ck = read_official_checkpoint(path)
-        except Exception: raise _unreadable_checkpoint(path, e) from e   # cut short, not a checkpoint, unsafe
-    if not isinstance(ck, dict) or 'model' not in ck or not ({'config', 'opt'} & set(ck)):
-        raise ValueError(f"{path}: not a videolights checkpoint (needs 'model' and 'config' entries, "
-                         "or 'model' and 'opt' for an official one)")
-    return ck
-
-def _load_model(ck:dict, path:Path):
-    "Model and config of one of our checkpoints ('config') or of an official one ('opt', through `convert`)."
-    from videolights.model import build_model
-    if 'config' in ck:
-        cfg = _load_config(ck['config']); model = build_model(cfg)
-        try: model.load_state_dict(ck['model'])
-        except RuntimeError as e: raise ValueError(f"{path}: weights do not fit its own config: {e}") from e
-        return model, cfg
-    from videolights.convert import config_from_opt, load_official
-    cfg = config_from_opt(ck['opt'])
-    return load_official(ck, cfg), cfg
-
 @patch_to(VideoLightsPredictor, cls_method=True)
-def from_pretrained(cls, run_dir_or_ckpt:str|Path, # a run folder (model_best.ckpt), our checkpoint, or an official one
+def from_pretrained(cls, run_dir_or_ckpt:str|Path, # our run folder or checkpoint, an official one, a pretrained folder
                     encoders:dict|str|None=None, # loaded encoders, or names ('clip,blip'); default: what the config needs
                     sources:dict|None=None,      # encoder name -> local dir / hub id / weights file
                     device:str='cpu', **kwargs):
-    "Build a predictor from a training checkpoint and the encoders its features need."
-    path = _resolve_ckpt(run_dir_or_ckpt)
-    model, cfg = _load_model(_read_checkpoint(path), path)
+    "Build a predictor from a model in any of the three forms (`artifacts.load_any`) and the encoders it needs."
+    from videolights.artifacts import load_any
+    model, cfg, _ = load_any(run_dir_or_ckpt)
     if not isinstance(encoders, dict):
         names = encoders or list(dict.fromkeys(n for ft in (*cfg.v_feat_types, *cfg.t_feat_types)
                                                if (n := _encoder_name(ft))))
