@@ -13,6 +13,7 @@ import torch
 
 from videolights import visualize as viz
 from videolights import experiments as exps
+from videolights.errors import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 GT = ROOT/'data/qvhighlights/highlight_val_release.jsonl'
@@ -137,10 +138,14 @@ def test_ablate_cli_plot_only_and_errors(tmp_path, capsys):
                       (['--data', str(tmp_path), '--skip', ''], '--pretrain-ckpt')]:     # pt applied, no checkpoint
         with pytest.raises(SystemExit) as e: exps.ablate_main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
-    (tmp_path/'ann').mkdir()                                                               # no annotations there
-    assert exps.ablate_main(['--data', str(tmp_path/'ann'), '--rows', '1', '--epochs', '1', '--out', str(tmp_path/'o')]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith('videolights ablate: error: ') and 'annotations' in err and 'Traceback' not in err
+    (tmp_path/'ann').mkdir()
+    argv = ['--data', str(tmp_path/'ann'), '--rows', '1', '--epochs', '1', '--out', str(tmp_path/'o')]
+    for extra, msg in [(None, 'is an empty folder'), ('notes.txt', 'annotations')]:     # empty; no annotations there
+        if extra: (tmp_path/'ann'/extra).write_text('x')
+        assert run_command('videolights ablate', exps.ablate_main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('videolights ablate: error: ') and msg in err and 'Traceback' not in err
+        assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match='needs pretraining'):
         exps.train_ablation_row(dict(pretrained=True), 0, tmp_path/'r', 'x')
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from .spans import window_to_clip_ids
 from .config import VLConfig, get_preset
-from .data import collate, load_jsonl, keep_freed_memory, DataFormatError
+from .data import collate, load_jsonl, keep_freed_memory
 from .train import RunOptions, fit, load_weights, config_dict, bars_on, _write_json
 from .runs import build_run, synth_config, official_metrics, evaluate, parse_overrides
 from .synth import synth
@@ -290,9 +290,7 @@ row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +-
         label = f"{a.label or ('synthetic proxy' if proxy else str(a.data))}, {a.epochs} ep, {a.seeds} seed(s)"
         fn = lambda over, seed, out: train_ablation_row(over, seed, out, a.data, a.preset, a.epochs,
                                                         pretrain_ckpt=a.pretrain_ckpt)
-        try: res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)
-        except (FileNotFoundError, DataFormatError) as e:     # missing annotations/features, bad data: one line
-            print(f'videolights ablate: error: {e}', file=sys.stderr); return 1
+        res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)   # bad data: the CLI's one-line error, exit 2
     Path(a.figdir).mkdir(parents=True, exist_ok=True)
     fig = plot_ablation(res, paper, rows=list(dict.fromkeys(res.row)))
     fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight'); plt.close(fig)
