@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from videolights.cli import COMMANDS
 from videolights.synth import synth
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -489,11 +490,47 @@ def convert_disk_full(w, tmp):
                 fault=(tmp/'o', errno.ENOSPC), absent=[tmp/'o'/'x.h5'])
 
 
+# --- bad command lines: argparse's own errors are one line too, ending with where to look
+def _usage(cmd, argv, *expect, prog=None):
+    prog = prog or cmd
+    return dict(argv=[*cmd.split(), *argv], expect=[*expect, f'(see videolights {prog} --help)'], only_line=True)
+
+@case('train', process=True)
+def usage_train_bad_int(w, tmp): return _usage('train', ['--epochs', 'x', '--data', w/'data'], "'x'", 'int')
+@case('train')
+def usage_train_no_out(w, tmp): return _usage('train', ['--data', w/'data'], '--out RUN_DIR is required')
+@case('train')
+def usage_train_out_holds_a_run(w, tmp):
+    return {**_usage('train', [*TRAIN, '--data', w/'data', '--out', w/'run'], str(w/'run'), 'already holds a run'),
+            'protect': [w/'run'], 'only_line': False}    # a note on the data's widths comes first
+@case('evaluate')
+def usage_evaluate_no_ckpt(w, tmp): return _usage('evaluate', ['--data', w/'data'], 'required: --ckpt')
+@case('eval')
+def usage_eval_bad_dataset(w, tmp):
+    return _usage('eval', ['--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', w/'data'/'highlight_val_release.jsonl',
+                           '--dataset', 'nope'], "--dataset: invalid choice: 'nope'")
+@case('predict')
+def usage_predict_no_query(w, tmp): return _usage('predict', [tmp/'clip.mp4', '--ckpt', w/'run'], '-q/--query')
+@case('merge-submissions')
+def usage_merge_gt_and_queries(w, tmp):
+    s = w/'subs'/'hl_val_submission.jsonl'
+    return _usage('merge-submissions', [tmp/'m.jsonl', s, '--gt', s, '--queries', s], 'not both')
+@case('synth')
+def usage_synth_bad_dims(w, tmp): return _usage('synth', ['--out', tmp/'y', '--v-dims', '8,x'], '--v-dims')
+@case('features check')
+def usage_features_sub_command(w, tmp): return _usage('features check', [], 'required: data')
+@case('reproduce')
+def usage_reproduce_no_data(w, tmp): return _usage('reproduce', ['--out', tmp/'r'], '--data DIR is required')
+@case('ablate')
+def usage_ablate_no_data(w, tmp): return _usage('ablate', ['--out', tmp/'a'], '--data is required')
+
+
 # ---------------------------------------------------------------- running a case
 def run_inproc(argv, fault, capfd):
     from videolights.cli import main
     real = _faults.install(*fault) if fault else None
     try: rc = main([str(a) for a in argv])
+    except SystemExit as e: rc = e.code      # argparse exits by itself
     finally:
         if real: _faults.uninstall(real)
     return rc, capfd.readouterr().err
@@ -514,6 +551,7 @@ def check(c:Case, spec:dict, rc:int, err:str):
     assert err.rstrip('\n').splitlines()[-1] == line, f'the error line is not the last line:\n{err}'
     assert line.startswith(f'videolights {c.cmd}: error: '), line
     for s in spec['expect']: assert s in line, f'{s!r} not in: {line}'
+    if spec.get('only_line'): assert err.count('\n') == 1, f'more than the error line:\n{err}'
     assert rc == 2, (rc, err)
 
 
@@ -536,6 +574,17 @@ def test_broken_input_as_a_process(c, world, tmp_path):
     check(c, spec, rc, err)
     assert digest(spec.get('protect', [])) == before, 'an existing output changed'
     for p in spec.get('absent', []): assert not Path(p).exists(), f'{p} was written'
+
+
+@pytest.mark.parametrize('cmd', sorted(COMMANDS))
+def test_every_command_bad_option_one_line(cmd, capfd):
+    "Every sub-command's parser: a bad command line (here an unknown option) is one line with where to look, status 2."
+    from videolights.cli import main
+    with pytest.raises(SystemExit) as e: main([cmd, '--no-such-option', '1'])
+    err = capfd.readouterr().err
+    assert e.value.code == 2
+    assert err.count('\n') == 1 and err.startswith(f'videolights {cmd}: error: '), err
+    assert err.endswith(f'(see videolights {cmd} --help)\n'), err
 
 
 def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(world, tmp_path):

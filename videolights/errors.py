@@ -4,14 +4,15 @@
 
 # %% ../nbs/00a_errors.ipynb #a6f13113
 from __future__ import annotations
-import os, re, sys, json, errno, traceback
+import os, re, sys, json, errno, argparse, traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError',
-           'OutputExistsError', 'os_user_error', 'writing', 'write_text_atomic', 'check_input', 'iter_jsonl',
-           'split_debug', 'one_line', 'run_command']
+           'OutputExistsError', 'os_user_error', 'writing', 'temp_path', 'pid_alive', 'remove_stale_temps',
+           'atomic_output', 'write_text_atomic', 'write_figure', 'check_input', 'iter_jsonl', 'split_debug', 'one_line',
+           'one_line_usage', 'run_command']
 
 # %% ../nbs/00a_errors.ipynb #9a557aa9
 class UserError(Exception):
@@ -70,19 +71,69 @@ def writing(path:str|Path): # the destination the user knows
         raise u from e
 
 # %% ../nbs/00a_errors.ipynb #0db48b86
+_TEMP = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')    # `.NAME.PID.tmp`, as `temp_path` names them
+
+def temp_path(path:str|Path)->Path:
+    "The temporary file `.NAME.PID.tmp` beside `path` that this process writes before renaming it onto `path`."
+    path = Path(path)
+    return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+
+def pid_alive(pid:int)->bool:
+    "Whether a process `pid` exists on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True      # it exists, owned by someone else
+    return True
+
+def remove_stale_temps(folder:str|Path,     # e.g. a run directory, or the folder of one output
+                       name:str|None=None,  # only the temporary files of this destination (default: all)
+                      )->list[str]:         # the names removed
+    "Remove the temporary files `.NAME.PID.tmp` in `folder` left by killed writes (their writer no longer runs)."
+    gone, folder = [], Path(folder)
+    if not folder.is_dir(): return gone
+    for p in sorted(folder.glob('.*.tmp')):
+        m = _TEMP.match(p.name)
+        if not m or (name is not None and m['name'] != name) or p.is_dir(): continue
+        if int(m['pid']) == os.getpid() or not pid_alive(int(m['pid'])):
+            p.unlink(missing_ok=True); gone.append(p.name)
+    return gone
+
+def _fsync(path:Path):
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+@contextmanager
+def atomic_output(path:str|Path, # the destination; its folder is created
+                  fsync:bool=True, # flush the file to disk before the rename (a power cut keeps old or new)
+                 ):                # yields the temporary path to write
+    "Write `path` through a temporary file: yields `.NAME.PID.tmp`, renamed onto `path` only if the block succeeds."
+    path = Path(path)
+    tmp = temp_path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent, path.name)
+        try:
+            yield tmp
+            if fsync: _fsync(tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.is_file() or tmp.is_symlink(): tmp.unlink()
+
 def write_text_atomic(path:str|Path, # the destination; its folder is created
                       text:str,      # the whole content
                      )->Path:
     "Write `text` to `path` through a temporary file and `os.replace`; disk full / permission errors name `path`."
+    with atomic_output(path) as tmp: tmp.write_text(text, encoding='utf-8')
+    return Path(path)
+
+def write_figure(fig,               # a matplotlib figure
+                 path:str|Path,     # the image file; its suffix gives the format (.png, .pdf, .svg)
+                 **kw,              # passed to `fig.savefig` (dpi, bbox_inches, ...)
+                )->Path:
+    "Save a figure atomically, as `write_text_atomic` writes text."
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, 'w', encoding='utf-8') as f: f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists(): tmp.unlink()
+    with atomic_output(path) as tmp: fig.savefig(tmp, format=kw.pop('format', None) or path.suffix[1:] or 'png', **kw)
     return path
 
 # %% ../nbs/00a_errors.ipynb #92633027
@@ -140,13 +191,25 @@ def one_line(e:BaseException)->str:
         s = last.split(': ', 1)[1] if re.match(r'[\w.]+: ', last) else last
     return ' '.join(s.split())
 
+@contextmanager
+def one_line_usage(prog:str): # e.g. 'videolights train'
+    "While the block runs, an `argparse` error prints one line, `prog: error: ... (see prog --help)`, and exits 2."
+    real = argparse.ArgumentParser.error
+    def error(parser, message):
+        name = parser.prog if parser.prog.startswith(prog) else prog     # a sub-parser (`videolights features check`)
+        parser.exit(2, f"{name}: error: {' '.join(str(message).split())} (see {name} --help)\n")
+    argparse.ArgumentParser.error = error
+    try: yield
+    finally: argparse.ArgumentParser.error = real
+
 def run_command(prog:str,           # e.g. 'videolights train'
                 fn,                 # the sub-command: fn(argv) -> exit status
                 argv:list[str],     # its arguments
                 debug:bool=False,   # also print the traceback of user errors
                )->int:              # exit status
-    "Run a sub-command; a user error prints `prog: error: ...` on one line of stderr and returns 2."
-    try: return int(fn(argv) or 0)
+    "Run a sub-command; a user error (or a bad command line) prints `prog: error: ...` on one line of stderr, status 2."
+    try:
+        with one_line_usage(prog): return int(fn(argv) or 0)
     except (UserError, OSError) as e:
         u = os_user_error(e)
         if u is None: raise
