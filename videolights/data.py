@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
-from .errors import (BadInputError, MissingFileError, OutputExistsError, UserError, check_input, iter_jsonl,
-                                one_line, write_text_atomic)
+from .errors import (BadInputError, MissingFileError, OutputExistsError, Records, UserError, check_input,
+                                iter_jsonl, one_line, write_text_atomic)
 from fastcore.basics import patch
 from .spans import span_xx_to_cxw, temporal_endpoint_feature
 
 # %% auto #0
 __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
-           'DataFormatError', 'load_jsonl', 'DataReport', 'Records', 'read_qvhighlights', 'read_charades', 'read_tvsum',
+           'DataFormatError', 'load_jsonl', 'DataReport', 'read_qvhighlights', 'read_charades', 'read_tvsum',
            'guess_dset_name', 'read_records', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource', 'DirFeatures',
            'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'feature_stamp',
            'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
@@ -36,9 +36,9 @@ def _iter_jsonl(path): # yields (line_no, record)
     return iter_jsonl(path, DataFormatError, 'an annotation file (JSON Lines)')
 
 def load_jsonl(path:str|Path, # a .jsonl file
-              )->list[dict]:   # one dict per non-empty line
+              )->Records:      # one dict per non-empty line, each with its line number
     "Read a JSON Lines file; a malformed line raises `DataFormatError` naming `file:line`."
-    return [rec for _, rec in _iter_jsonl(path)]
+    return Records.from_jsonl(path, DataFormatError, 'an annotation file (JSON Lines)')
 
 # %% ../nbs/01_data.ipynb #1da6ed88
 @dataclass
@@ -51,11 +51,6 @@ class DataReport:
     def counts(self)->dict: return {k: len(v) for k, v in self.issues.items()}
     def __bool__(self): return bool(self.issues)
     def __repr__(self): return f"DataReport({Path(self.path).name}: {self.n_records} records, issues={self.counts()})"
-
-class Records(list):
-    "A list of record dicts that also carries the reader's `report` and `dset_name`."
-    def __init__(self, recs, report:DataReport, dset_name:str):
-        super().__init__(recs); self.report, self.dset_name = report, dset_name
 
 # %% ../nbs/01_data.ipynb #fce83fe0
 def _need(rec, keys, path, line):
@@ -92,7 +87,10 @@ def _fix_windows(wins, duration, report, line, strict):
 # %% ../nbs/01_data.ipynb #d67ed00b
 _QVH_LABELS = ('relevant_windows', 'relevant_clip_ids', 'saliency_scores')
 
-def _finish(recs, report, dset_name):
+def _finish(seen, report, dset_name):
+    "The kept `(line, record)` pairs as `Records` carrying `report` and `dset_name`, after the file-level checks."
+    _count_dup_qids(seen, report)
+    recs = [r for _, r in seen]
     report.n_records = len(recs)
     dropped = report.issues.get('record_dropped', [])
     if not recs and dropped:
@@ -104,7 +102,7 @@ def _finish(recs, report, dset_name):
         lines = dropped[:5] + [l for k, v in report.issues.items() if k != 'record_dropped' for l in v][:max(0, 5 - len(dropped))]
         more = sum(map(len, report.issues.values())) - len(lines)
         warnings.warn(f"{report!r}: " + '; '.join(lines) + (f"; {more} more in .report.issues" if more > 0 else ''))
-    return Records(recs, report, dset_name)
+    return Records(recs, report.path, [line for line, _ in seen], is_file=True, report=report, dset_name=dset_name)
 
 def _count_dup_qids(recs_lines, report):
     "Refuse a qid used twice: qids name the query features and the predictions, so one of the two would be lost."
@@ -137,7 +135,7 @@ def read_qvhighlights(path:str|Path,      # a QVHighlights jsonl (train/val/test
                       clip_len:float=2.,   # seconds per clip, to range-check clip ids
                      )->Records:           # validated records (+ `.report`)
     "Read and validate QVHighlights annotations."
-    report, out, seen = DataReport(str(path)), [], []
+    report, seen = DataReport(str(path)), []
     for line, rec in _iter_jsonl(path):
         _check_common(rec, path, line)
         if labels is None: labels = 'relevant_windows' in rec
@@ -147,29 +145,27 @@ def read_qvhighlights(path:str|Path,      # a QVHighlights jsonl (train/val/test
             _fix_clip_ids(rec, report, line, strict, clip_len)
             if not rec['relevant_windows'] or not rec['relevant_clip_ids']:
                 report.add('record_dropped', line, f"qid {rec['qid']} has no valid window or clip id left"); continue
-        seen.append((line, rec)); out.append(rec)
-    _count_dup_qids(seen, report)
-    return _finish(out, report, 'hl')
+        seen.append((line, rec))
+    return _finish(seen, report, 'hl')
 
 # %% ../nbs/01_data.ipynb #829f954f
 def read_charades(path:str|Path, strict:bool=False)->Records:
     "Read and validate Charades-STA annotations in the tvr jsonl format."
-    report, out, seen = DataReport(str(path)), [], []
+    report, seen = DataReport(str(path)), []
     for line, rec in _iter_jsonl(path):
         _check_common(rec, path, line)
         _need(rec, ('relevant_windows',), path, line)
         rec['relevant_windows'] = _fix_windows(rec['relevant_windows'], rec['duration'], report, line, strict)
         if not rec['relevant_windows']:
             report.add('record_dropped', line, f"qid {rec['qid']} has no valid window left"); continue
-        seen.append((line, rec)); out.append(rec)
-    _count_dup_qids(seen, report)
-    return _finish(out, report, 'charadesSTA')
+        seen.append((line, rec))
+    return _finish(seen, report, 'charadesSTA')
 
 TVSUM_DOMAINS = ('BK', 'BT', 'DS', 'FM', 'GA', 'MS', 'PK', 'PR', 'VT', 'VU')
 
 def read_tvsum(path:str|Path, strict:bool=False)->Records:
     "Read and validate TVSum annotations (per-clip `label` of 20 annotators, `domain`)."
-    report, out, seen = DataReport(str(path)), [], []
+    report, seen = DataReport(str(path)), []
     for line, rec in _iter_jsonl(path):
         _check_common(rec, path, line)
         _need(rec, ('label', 'domain'), path, line)
@@ -181,9 +177,8 @@ def read_tvsum(path:str|Path, strict:bool=False)->Records:
         if rec['domain'] not in TVSUM_DOMAINS:
             if strict: raise DataFormatError(f"{path}:{line}: key 'domain': unknown domain {rec['domain']!r}")
             report.add('unknown_domain', line, f"domain {rec['domain']!r}")
-        seen.append((line, rec)); out.append(rec)
-    _count_dup_qids(seen, report)
-    return _finish(out, report, 'tvsum')
+        seen.append((line, rec))
+    return _finish(seen, report, 'tvsum')
 
 # %% ../nbs/01_data.ipynb #0da40785
 READERS = {'hl': read_qvhighlights, 'charadesSTA': read_charades, 'tvsum': read_tvsum}

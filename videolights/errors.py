@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError',
            'OutputExistsError', 'os_user_error', 'writing', 'temp_path', 'pid_alive', 'remove_stale_temps',
-           'atomic_output', 'write_text_atomic', 'write_figure', 'check_input', 'iter_jsonl', 'split_debug', 'one_line',
-           'one_line_usage', 'run_command']
+           'atomic_output', 'write_text_atomic', 'write_figure', 'check_input', 'iter_jsonl', 'Records', 'split_debug',
+           'one_line', 'one_line_usage', 'run_command']
 
 # %% ../nbs/00a_errors.ipynb #9a557aa9
 class UserError(Exception):
@@ -171,6 +171,45 @@ def iter_jsonl(path:str|Path,        # a JSON Lines file
                             hint='the file ends inside this line: truncated?' if cut else None) from None
             if not isinstance(rec, dict): raise error(f"expected a JSON object, got {type(rec).__name__}", file=p, line=n)
             yield n, rec
+
+# %% ../nbs/00a_errors.ipynb #0e865113
+class Records(list):
+    "A list of record dicts that remembers where each came from (`file:line` or `name[index]`), for error messages."
+    def __init__(self, items=(),
+                 path:str|Path='records', # the file read, or a name for a list built in Python
+                 lines=None,              # each record's line (default: its index)
+                 is_file:bool=False,      # locations read `path:line` (else `path[index]`)
+                 **info):                 # what else the reader knows, kept as attributes (`report`, `dset_name`)
+        super().__init__(items)
+        self.path, self.is_file, self._info = str(path), is_file, info
+        self.lines = list(range(len(self))) if lines is None else list(lines)
+        self.__dict__.update(info)
+
+    def where(self, i:int)->str:
+        "`path:line` (a file) or `name[index]` (a Python list) of record `i`."
+        return f"{self.path}:{self.lines[i]}" if self.is_file else f"{self.path}[{self.lines[i]}]"
+
+    def subset(self, idx)->Records:
+        "The records at positions `idx`, keeping their locations."
+        return Records([self[i] for i in idx], self.path, [self.lines[i] for i in idx], self.is_file, **self._info)
+
+    @classmethod
+    def from_jsonl(cls, path:str|Path,          # a JSON Lines file
+                   error:type=BadInputError,     # the `UserError` subclass a bad line raises
+                   what:str='a JSON Lines file',
+                   each_block=None,              # called with each run of `block` records as they are read
+                   block:int=4096,
+                  )->Records:
+        "The records of a JSON Lines file with their line numbers (read by `iter_jsonl`)."
+        items, lines, start = [], [], 0
+        for n, rec in iter_jsonl(path, error, what):
+            items.append(rec)
+            lines.append(n)
+            if each_block is not None and len(items) - start >= block:
+                each_block(items[start:])
+                start = len(items)
+        if each_block is not None: each_block(items[start:])
+        return cls(items, path, lines, is_file=True)
 
 # %% ../nbs/00a_errors.ipynb #08dd73f4
 DEBUG_ENV = 'VIDEOLIGHTS_DEBUG'

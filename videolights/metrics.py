@@ -9,12 +9,12 @@ from collections import OrderedDict
 from itertools import chain
 from pathlib import Path
 import numpy as np
-from .errors import BadInputError, iter_jsonl, write_text_atomic
+from .errors import BadInputError, Records, write_text_atomic
 
 # %% auto #0
 __all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'VL_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN',
-           'PACKED_KEYS', 'EVAL_CHUNK', 'EVALUATORS', 'EvalInputError', 'Records', 'as_records', 'read_jsonl',
-           'check_qids', 'Packed', 'iou_cross', 'iou_paired_hull', 'greedy_match', 'detection_ap', 'saliency_ap',
+           'PACKED_KEYS', 'EVAL_CHUNK', 'EVALUATORS', 'EvalInputError', 'as_records', 'read_jsonl', 'check_qids',
+           'Packed', 'iou_cross', 'iou_paired_hull', 'greedy_match', 'detection_ap', 'saliency_ap',
            'eval_moment_retrieval', 'eval_highlight', 'eval_qvhighlights', 'eval_charades', 'charades_postprocess',
            'tvsum_video_ap', 'eval_tvsum', 'eval_moment_detr', 'eval_submission', 'format_table', 'eval_main',
            'make_noisy_submission']
@@ -32,19 +32,6 @@ CLIP_LEN = 2                                                               # sec
 class EvalInputError(BadInputError):
     "A bad submission or ground truth; the message names the file (or list) and line at fault."
 
-class Records(list):
-    "A list of jsonl records that remembers where each came from, for error messages."
-    def __init__(self, items=(), path:str='records', lines=None, is_file:bool=False):
-        super().__init__(items)
-        self.path, self.is_file = path, is_file
-        self.lines = list(range(len(self))) if lines is None else list(lines)
-    def where(self, i:int)->str:
-        "`path:line` (a file) or `name[index]` (a Python list) of record `i`."
-        return f"{self.path}:{self.lines[i]}" if self.is_file else f"{self.path}[{self.lines[i]}]"
-    def subset(self, idx)->Records:
-        "The records at positions `idx`, keeping their locations."
-        return Records([self[i] for i in idx], self.path, [self.lines[i] for i in idx], self.is_file)
-
 def as_records(x, name:str)->Records:
     "Wrap a list of dicts as `Records` named `name` (a `Records` is returned unchanged)."
     return x if isinstance(x, Records) else Records(list(x), name)
@@ -54,12 +41,7 @@ def read_jsonl(path,
                block:int=4096,  # lines per packed block
               )->Records:
     "Read a jsonl file of objects; a malformed line raises `EvalInputError` naming `path:line`."
-    items, lines, start = [], [], 0
-    for n, d in iter_jsonl(path, EvalInputError):
-        items.append(d); lines.append(n)
-        if pack and len(items) - start >= block: _pack(items[start:]); start = len(items)
-    if pack: _pack(items[start:])
-    return Records(items, str(path), lines, is_file=True)
+    return Records.from_jsonl(path, EvalInputError, 'a JSON Lines file', _pack if pack else None, block)
 
 # %% ../nbs/03_metrics.ipynb #cd8c0338
 def _qid(recs:Records, i:int):

@@ -11,6 +11,7 @@ import numpy as np
 import h5py
 from .data import index_store
 from .metrics import eval_submission, format_table, read_jsonl, EVALUATORS
+from .errors import BadInputError, iter_jsonl
 
 # %% auto #0
 __all__ = ['parse_shard', 'share_by_duration', 'batch_shares', 'shard_path', 'shard_of', 'check_shards', 'open_shard_store',
@@ -181,10 +182,7 @@ def merge_submissions(parts:Sequence[str|Path], # partial submission files (json
     sub, where = [], {}
     for p in parts:
         if not p.is_file(): raise FileNotFoundError(f"{p}: no such part file")
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip(): continue
-            try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e})") from e
+        for i, r in iter_jsonl(p, BadInputError, 'a partial submission (JSON Lines)'):
             if 'qid' not in r: raise ValueError(f"{p}:{i}: a prediction without 'qid'")
             if r['qid'] in where: raise ValueError(f"qid {r['qid']!r} appears twice: {where[r['qid']]} and {p}:{i}")
             where[r['qid']] = f'{p}:{i}'

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from .spans import temporal_iou
+from .errors import BadInputError, Records
 
 # %% auto #0
 __all__ = ['QVH_COUNTS', 'STOP_WORDS', 'SIZES', 'default_ann_dir', 'read_qvh_split', 'query_words', 'content_words',
@@ -36,15 +37,10 @@ def read_qvh_split(split:str, # 'train' or 'val'
                   )->list[dict]: # the records, in file order
     "Read one real QVHighlights split (json only), naming file:line on a bad line."
     path = Path(ann_dir or default_ann_dir())/f'highlight_{split}_release.jsonl'
-    recs = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            missing = {'qid', 'query', 'vid', 'duration', 'relevant_windows', 'relevant_clip_ids', 'saliency_scores'} - set(r)
-            if missing: raise ValueError(f"{path}:{i}: record lacks keys {sorted(missing)}")
-            recs.append(r)
+    recs = Records.from_jsonl(path, BadInputError, 'a QVHighlights annotation file')
+    for i, r in enumerate(recs):
+        missing = {'qid', 'query', 'vid', 'duration', 'relevant_windows', 'relevant_clip_ids', 'saliency_scores'} - set(r)
+        if missing: raise BadInputError(f"{recs.where(i)}: record lacks keys {sorted(missing)}")
     return recs
 
 # %% ../nbs/02_synth.ipynb #18c3e9cb

@@ -22,6 +22,7 @@ from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
 from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
 from .train import DistInfo, init_distributed, wants_cuda, _gather_list, _unreadable_checkpoint
+from .errors import BadInputError, Records
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
@@ -971,20 +972,22 @@ def list_videos(src:str|Path)->list[Path]:
     if not vids: raise FileNotFoundError(f"{p}: no video files ({', '.join(VIDEO_EXTS)})")
     return vids
 
+def _read_queries(path, keys:tuple=('qid', 'vid'))->Records:
+    "The records of a queries jsonl, each with `keys` and a non-empty 'query'; a bad line is named `file:line`."
+    recs = Records.from_jsonl(path, BadInputError, 'a queries file (JSON Lines)')
+    for i, r in enumerate(recs):
+        if not all(k in r for k in keys) or not str(r.get('query', '')).strip():
+            raise BadInputError(f"a record needs {', '.join(map(repr, keys))} and a non-empty 'query'",
+                                file=path, line=recs.lines[i])
+    return recs
+
 def extract_queries(queries_jsonl:str|Path, encoders:dict[str,VideoEncoder], h5:h5py.File,
                     batch_size:int=64, overwrite:bool=False, dtype:str|None=None, # default: each encoder's
                     groups:dict|None=None, # encoder name -> text group (default: its `text_feature_type`)
                     into:h5py.File|None=None, # write here instead (`h5` is then only read: the queries already there)
                    )->int:
     "Encode the `query` of every jsonl record into `text/{feature_type}/{qid}`; returns how many were written."
-    recs = []
-    for i, line in enumerate(Path(queries_jsonl).read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{queries_jsonl}:{i}: not valid JSON ({e})") from e
-        if 'qid' not in r or not str(r.get('query', '')).strip():
-            raise ValueError(f"{queries_jsonl}:{i}: a record needs a 'qid' and a non-empty 'query'")
-        recs.append(r)
+    recs = _read_queries(queries_jsonl, ('qid',))
     encs = [e for e in encoders.values() if e.text_dim is not None]
     fts = [(groups or {}).get(e.name, e.text_feature_type) for e in encs]
     todo = [r for r in recs if overwrite or not has_features(h5, 'text', fts, str(r['qid']))]
@@ -1441,17 +1444,6 @@ def _predict(a)->int:
         import matplotlib.pyplot as plt
         fig = plot_predictions(preds, a.top_k); fig.savefig(a.plot, dpi=100); plt.close(fig); print(f'wrote {a.plot}')
     return 0
-
-def _read_queries(path)->list[dict]:
-    recs = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
-        if not all(k in r for k in ('qid', 'query', 'vid')):
-            raise ValueError(f"{path}:{i}: a record needs 'qid', 'query' and 'vid'")
-        recs.append(r)
-    return recs
 
 def _predict_many(a)->int:
     "Every query of a jsonl on its video (share K of N of the videos with --shard or under torchrun): one jsonl."

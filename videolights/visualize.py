@@ -18,6 +18,7 @@ from .matcher import HungarianMatcher, match_cost, pad_target_spans
 from .data import collate
 from .train import _to
 from .runs import build_dataset, load_model
+from .errors import MissingFileError, Records
 
 # %% auto #0
 __all__ = ['METRICS', 'SWITCHES', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency', 'top_clips',
@@ -29,20 +30,15 @@ __all__ = ['METRICS', 'SWITCHES', 'load_jsonl_records', 'by_qid', 'best_iou', 'p
 
 # %% ../nbs/12_visualize.ipynb #2aceae8c
 def load_jsonl_records(src, # a `.jsonl` path, a run folder holding `best_val_preds.jsonl`, or a list of dicts
-                      )->list[dict]:
+                      )->list[dict]: # `Records` (each with its line) when read from a file
     "Records from a jsonl file, a run folder (its `best_val_preds.jsonl`) or a list of dicts."
     if isinstance(src, (list, tuple)): return list(src)
     p = Path(src)
     if p.is_dir():
         cands = [p/'best_val_preds.jsonl', *sorted(p.glob('*preds*.jsonl'))]
         p = next((c for c in cands if c.exists()), None)
-        if p is None: raise FileNotFoundError(f"{src}: no best_val_preds.jsonl (or *preds*.jsonl) in this folder")
-    recs = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: recs.append(json.loads(line))
-        except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-    return recs
+        if p is None: raise MissingFileError("no best_val_preds.jsonl (or *preds*.jsonl) in this folder", file=src)
+    return Records.from_jsonl(p)
 
 def by_qid(records:list[dict])->dict: # qid -> record
     "Index records by `qid`."
