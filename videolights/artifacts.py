@@ -125,21 +125,31 @@ def convert_official(ckpt:str|Path, out_dir:str|Path,
     return save_pretrained(model, cfg, out_dir, source={k: v for k, v in src.items() if v is not None}), cfg
 
 # %% ../nbs/08a_artifacts.ipynb #e6c734ab
-def official_opt(cfg:VLConfig, **kw)->argparse.Namespace:
+def official_opt(cfg:VLConfig,
+                 feat_root:str='features', # the folder holding the feature folders (`v_feat_dirs`, `t_feat_dirs`)
+                 **kw)->argparse.Namespace:
     "The options an official run of `cfg`'s shape records (what `config_from_opt` reads back), plus `kw`."
+    from videolights.runs import feature_dirs   # the official folder names (imported here: `runs` imports this module)
+    v_dirs, t_dirs = feature_dirs(cfg)
     o = dict(dset_name=cfg.dset_name, ctx_mode='video_tef' if cfg.use_tef else 'video',
              v_feat_dim=cfg.v_feat_dim, t_feat_dim=cfg.t_feat_dim, clip_length=cfg.clip_len,
-             v_feat_dirs=[f'features/{t.removesuffix("_features")}_features' for t in cfg.v_feat_types],
-             t_feat_dirs=[f'features/{t.removesuffix("_text_features")}_text_features' for t in cfg.t_feat_types])
+             v_feat_dirs=[f'{feat_root}/{d}' for d in v_dirs], t_feat_dirs=[f'{feat_root}/{d}' for d in t_dirs])
     o.update({k: getattr(cfg, k) for k in OPT_KEYS if hasattr(cfg, k)})
     if cfg.dset_domain is not None: o['dset_domain'] = cfg.dset_domain
     return argparse.Namespace(**{**o, **kw})
 
-def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch:int=0, **opt)->Path:
-    "Write `model` as the official `train.py` saves a checkpoint: official names, `opt` Namespace, epoch."
+def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch:int=0,
+                             opt_json:bool=True, # also write opt.json beside it (what the official inference reads)
+                             **opt)->Path:
+    "Write `model` as the official `train.py` leaves it: the checkpoint (official names, `opt` Namespace, epoch), opt.json."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    o = official_opt(cfg, **opt)
     _atomic(path, lambda p: torch.save(dict(model=to_official_state_dict(model), optimizer={}, lr_scheduler={},
-                                            epoch=epoch, opt=official_opt(cfg, **opt)), p))
+                                            epoch=epoch, opt=o), p))
+    if opt_json:
+        j = dict(vars(o), results_dir=str(path.parent.resolve()))
+        if cfg.use_tef: j['v_feat_dim'] -= 2     # written before the parser adds the TEF dims (config.py, `parse`)
+        _atomic(path.parent/'opt.json', lambda p: p.write_text(json.dumps(j, indent=4)))
     return path
 
 # %% ../nbs/08a_artifacts.ipynb #f1cc9112

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from .config import VLConfig, FEAT_DIMS
+from .data import FEATURE_DIRS
 from .model import VideoLights, build_model
 
 # %% auto #0
@@ -72,10 +73,19 @@ def map_official_state_dict(sd:dict, # official `model` state dict
     return out
 
 # %% ../nbs/08_convert.ipynb #5158c771
-def _sources(dirs, total:int, default:str)->tuple[tuple, tuple]:
-    names = list(dict.fromkeys(n for d in (dirs or []) for n in FEAT_DIMS if n in str(d).lower()))  # in dir order
+def _sources(dirs, total:int, default:str, folders:dict|None=None, # official folder name -> source
+            )->tuple[tuple, tuple]:
+    "The sources named by feature folders: a dataset's official folder name, else the known sources the path names."
+    def names_of(d):
+        base = Path(str(d).rstrip('/')).name
+        return [folders[base]] if base in (folders or {}) else [n for n in FEAT_DIMS if n in str(d).lower()]
+    names = list(dict.fromkeys(n for d in (dirs or []) for n in names_of(d)))  # in dir order
     if names and sum(FEAT_DIMS[n] for n in names) == total: return tuple(names), tuple(FEAT_DIMS[n] for n in names)
     return (default,), (total,)
+
+def _official_folders(dset_name:str|None, side:str)->dict:
+    "Official feature folder name -> source for `side` ('video' | 'text') of a dataset (`data.FEATURE_DIRS`)."
+    return {folder: src for src, folder in FEATURE_DIRS.get(dset_name, {}).get(side, {}).items()}
 
 # the official options that carry over into a VLConfig under the same name
 OPT_KEYS = ['dset_name', 'max_v_l', 'max_q_l', 'max_windows', 'hidden_dim', 'nheads', 'dim_feedforward', 'dropout',
@@ -91,8 +101,8 @@ def config_from_opt(opt:argparse.Namespace|dict, **overrides)->VLConfig:
     o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt)
     use_tef = 'tef' in o.get('ctx_mode', 'video_tef')
     v_total = o['v_feat_dim'] - (2 if use_tef else 0)  # the official opt already counts the TEF dims
-    vt, vd = _sources(o.get('v_feat_dirs'), v_total, 'video')
-    tt, td = _sources(o.get('t_feat_dirs'), o['t_feat_dim'], 'text')
+    vt, vd = _sources(o.get('v_feat_dirs'), v_total, 'video', _official_folders(o.get('dset_name'), 'video'))
+    tt, td = _sources(o.get('t_feat_dirs'), o['t_feat_dim'], 'text', _official_folders(o.get('dset_name'), 'text'))
     keys = OPT_KEYS
     blip = 'blip' in vt and 'blip' in tt  # the `bf` switch means BLIP-2 on both sides
     if not blip:  # a one-sided BLIP source gets its own name, so that the BLIP sync of VLConfig leaves it alone

@@ -131,7 +131,9 @@ def check_widths(ds:VLDataset, cfg, ckpt:str|Path):
                             hint='evaluate on features made by the encoders the model was trained with')
 
 # %% ../nbs/11a_runs.ipynb #8880cff8
-METRICS_DATASET = {'hl': 'qvhighlights', 'charadesSTA': 'charades', 'tvsum': 'tvsum'}
+# the evaluator the official train.py/inference.py score each dataset with: Charades-STA by the QVHighlights one as it
+# is (standalone_eval/eval.py `eval_submission`), so without the R5 that `eval --dataset charades` adds
+METRICS_DATASET = {'hl': 'qvhighlights', 'charadesSTA': 'qvhighlights', 'tvsum': 'tvsum'}
 
 def official_metrics(submission:list[dict], gt:list[dict], dset_name:str='hl')->dict:
     "The official metrics of a submission (the layout of the official evaluator: `brief` + details)."

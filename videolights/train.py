@@ -261,7 +261,8 @@ def decode_predictions(outputs:dict, # model outputs: pred_logits (B,Nq,2), pred
                       )->list[dict]: # official submission lines
     "Turn a batch of outputs into official submission lines (official `inference.py`, `compute_mr_results`)."
     n_valid = vid_mask.sum(1).long().tolist()
-    sal = outputs['saliency_scores'].detach().float().cpu().half()
+    sal = outputs['saliency_scores'].detach().float().cpu()
+    if dset_name != 'tvsum': sal = sal.half()     # TVSum: ranked on float32 (official `compute_hl_results`)
     has_mr = dset_name != 'tvsum' and 'pred_logits' in outputs
     if has_mr:
         prob = outputs['pred_logits'].detach().float().softmax(-1)[..., 0].cpu()       # (B, Nq)
