@@ -66,7 +66,8 @@ def window_outputs(predictor:VideoLightsPredictor, query:str,
     "Model outputs with attention maps for one query on the window that holds `clip`."
     starts, wins = predictor._video_windows(ev)
     i = max(j for j, s in enumerate(starts) if s <= clip)
-    st, stm = _pad(predictor._text_inputs([query])); sv, svm = _pad([wins[i]])  # (1, Lq, Dt), (1, W, Dv)
+    st, stm = _pad(predictor._text_inputs([query]))
+    sv, svm = _pad([wins[i]])  # (1, Lq, Dt), (1, W, Dv)
     dev = predictor.device
     with torch.no_grad():
         out = predictor.model(src_txt=st.to(dev), src_txt_mask=stm.to(dev), src_vid=sv.to(dev),
@@ -89,7 +90,10 @@ def detail_figure(pred:Prediction, video:str|Path,
     top = top_clips(pred.saliency, n_thumbs)
     thumbs = frames_at(video, (top + 0.5) * pred.clip_len, size=112)  # (n, 112, 112, 3)
     for j, (c, im) in enumerate(zip(top, thumbs)):
-        ta = fig.add_subplot(gs[1, j]); ta.imshow(im); ta.set_xticks([]); ta.set_yticks([])
+        ta = fig.add_subplot(gs[1, j])
+        ta.imshow(im)
+        ta.set_xticks([])
+        ta.set_yticks([])
         ta.set_title(f'#{j + 1} clip {c}: {c * pred.clip_len:.0f}–{(c + 1) * pred.clip_len:.0f} s', fontsize=7)
     if draw_attn: draw_attn(fig.add_subplot(gs[2, :]))
     return fig
@@ -234,7 +238,9 @@ def widget(self):
     def upload(ch):
         for f in ch['new']:
             try: p = self.save_upload(f['name'], f['content'])
-            except (ValueError, OSError) as e: c['status'].value = html.escape(f'error: {e}'); continue
+            except (ValueError, OSError) as e:
+                c['status'].value = html.escape(f'error: {e}')
+                continue
             c['video'].options, c['video'].value = self.videos(), str(p)
             c['status'].value = html.escape(f'uploaded {p.name}')
     c['go'].on_click(run)
@@ -277,8 +283,10 @@ def submission_page(submission:str|None=None, # predictions jsonl or run folder 
         c['body'].children, c['status'].value = [ui], f"{len(ui.explorer.preds)} queries"
     def upload(ch):
         for f in ch['new']:
-            c['submission'].value = str(save_upload(upload_dir, f['name'], f['content'])); open_(None)
-    c['open'].on_click(open_); c['upload'].observe(upload, 'value')
+            c['submission'].value = str(save_upload(upload_dir, f['name'], f['content']))
+            open_(None)
+    c['open'].on_click(open_)
+    c['upload'].observe(upload, 'value')
     if submission: open_(None)
     ui = W.VBox([c['submission'], W.HBox([c['gt'], c['upload']]), W.HBox([c['open'], c['status']]), c['body']])
     ui.controls = c
@@ -345,7 +353,9 @@ def app_main(argv:list[str]|None=None)->int:
     _model_args(p)
     a = p.parse_args(argv)
     try: require_app()
-    except ImportError as e: print(f'videolights app: error: {e}', file=sys.stderr); return 1
+    except ImportError as e:
+        print(f'videolights app: error: {e}', file=sys.stderr)
+        return 1
     return _user_errors('videolights app', _serve, a)
 
 # %% ../nbs/17_app.ipynb #f1087342

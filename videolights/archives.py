@@ -111,7 +111,9 @@ def find_archives(data:str|Path)->dict[str, Path]:
     out = {}
     for a, arch in ARCHIVES.items():
         for c in [data/r for r in arch.roots] + [data/f'{a}.h5']:
-            if c.exists() and identify(c) == a: out[a] = c; break
+            if c.exists() and identify(c) == a:
+                out[a] = c
+                break
     return out
 
 # %% ../nbs/15_archives.ipynb #2ab95892
@@ -246,9 +248,14 @@ def _read_folder(src:FeatureSource, kind:str, folder:str, keys:list, progress:bo
     for k in tqdm(keys, desc=f'check {folder}', unit='file', leave=False, disable=not progress):
         try: x, where = src._read(kind, folder, k, None)
         except Exception as e:  # any reader failure is a finding
-            bad.append(f"{folder}/ {'vid' if kind == 'video' else 'qid'} {k}: {type(e).__name__}: {e}"); continue
-        if x.ndim != 2 or len(x) == 0: bad.append(f'{where}: shape {x.shape}'); continue
-        widths.setdefault(int(x.shape[1]), []).append(k); dtypes.add(str(x.dtype)); rows[k] = len(x)
+            bad.append(f"{folder}/ {'vid' if kind == 'video' else 'qid'} {k}: {type(e).__name__}: {e}")
+            continue
+        if x.ndim != 2 or len(x) == 0:
+            bad.append(f'{where}: shape {x.shape}')
+            continue
+        widths.setdefault(int(x.shape[1]), []).append(k)
+        dtypes.add(str(x.dtype))
+        rows[k] = len(x)
         if not np.isfinite(x).all(): nan.append(where)
     return dict(widths=widths, dtypes=sorted(dtypes), rows=rows, nan=nan, bad=bad)
 
@@ -266,7 +273,8 @@ def check_archive(archive:str, path:str|Path, data:str|Path|None=None, # data fo
     for f, official in arch.widths.items():
         if f not in have:
             sets = ', '.join(s for s, fs in FEATURE_SETS[archive].items() if f in fs)
-            rep.errors.append((f, f"missing folder {f}/ (feature sets {sets})")); continue
+            rep.errors.append((f, f"missing folder {f}/ (feature sets {sets})"))
+            continue
         keys[f] = _scan_folder(src, path, arch.kind(f), f)
         ks = sorted(keys[f])
         if sample and len(ks) > sample: ks = ks[::max(1, len(ks) // sample)][:sample]
@@ -407,7 +415,9 @@ def copy_annotations(archive:str, path:str|Path, out:str|Path)->list[Path]:
     path, dst = Path(path), Path(out)/Path(ARCHIVES[archive].splits['train']).parent
     names = {Path(f).name for f in ARCHIVES[archive].splits.values()} | set(EXTRA_ANNOTATIONS.get(archive, ()))
     src = [d/n for d in dict.fromkeys([path.parent, path]) for n in sorted(names) if (d/n).is_file()]
-    for p in src: dst.mkdir(parents=True, exist_ok=True); shutil.copyfile(p, dst/p.name)
+    for p in src:
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dst/p.name)
     return [dst/p.name for p in src]
 
 # %% ../nbs/15_archives.ipynb #907934aa

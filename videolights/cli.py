@@ -12,24 +12,33 @@ __all__ = ['COMMANDS', 'resolve', 'main']
 
 # %% ../nbs/95_cli.ipynb #c1c7a8d8
 COMMANDS = {
-    'demo':             ('videolights.experiments:demo_main',      'the main job: synth data → train → evaluate → figures'),
-    'synth':            ('videolights.synth:synth_main',           'write a synthetic dataset (official layout + HDF5)'),
+    'demo':             ('videolights.experiments:demo_main',
+                         'the main job: synth data → train → evaluate → figures'),
+    'synth':            ('videolights.synth:synth_main',
+                         'write a synthetic dataset (official layout + HDF5)'),
     'convert-features': ('videolights.data:convert_features_main', 'pack a feature folder into one HDF5 store'),
     'inspect':          ('videolights.data:inspect_main',          'summarise a dataset and plot its distributions'),
     'eval':             ('videolights.metrics:eval_main',          'score a submission file with the official metrics'),
     'train':            ('videolights.runs:train_main',            'train a model'),
-    'evaluate':         ('videolights.runs:evaluate_main',         'run a checkpoint on a split, write a submission (+ metrics)'),
-    'convert-official': ('videolights.artifacts:convert_official_main', 'an official checkpoint -> a pretrained folder (safetensors)'),
-    'pretrain-data':    ('videolights.experiments:pretrain_data_main','build synthetic pretraining data from per-clip captions'),
+    'evaluate':         ('videolights.runs:evaluate_main',
+                         'run a checkpoint on a split, write a submission (+ metrics)'),
+    'convert-official': ('videolights.artifacts:convert_official_main',
+                         'an official checkpoint -> a pretrained folder (safetensors)'),
+    'pretrain-data':    ('videolights.experiments:pretrain_data_main',
+                         'build synthetic pretraining data from per-clip captions'),
     'extract':          ('videolights.video:extract_main',         'extract features from your own videos'),
     'predict':          ('videolights.video:predict_main',         'find moments for text queries in a video'),
-    'merge-features':   ('videolights.shards:merge_features_main', 'merge the shard stores of extract --shard K/N into one store'),
-    'merge-submissions':('videolights.shards:merge_submissions_main', 'merge partial submissions (--shard K/N), each qid once (+ metrics)'),
+    'merge-features':   ('videolights.shards:merge_features_main',
+                         'merge the shard stores of extract --shard K/N into one store'),
+    'merge-submissions':('videolights.shards:merge_submissions_main',
+                         'merge partial submissions (--shard K/N), each qid once (+ metrics)'),
     'ablate':           ('videolights.experiments:ablate_main',    'train and evaluate the paper\'s ablation rows'),
     'features':         ('videolights.archives:features_main',     'check or convert the official feature archives'),
-    'reproduce':        ('videolights.reproduce:reproduce_main',   'the paper\'s tables from the official features (--plan, --smoke)'),
+    'reproduce':        ('videolights.reproduce:reproduce_main',
+                         'the paper\'s tables from the official features (--plan, --smoke)'),
     'bench':            ('videolights.bench:main',                 'benchmarks, side by side with the official code'),
-    'app':              ('videolights.app:app_main',               'web page: predictions on your videos, the explorer'),
+    'app':              ('videolights.app:app_main',
+                         'web page: predictions on your videos, the explorer'),
 }
 
 def _usage()->str:
@@ -57,7 +66,9 @@ def main(argv:list[str]|None=None, # arguments after the program name; default `
     "Entry point of the `videolights` command."
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ('-h', '--help', 'help'):
-        print(_usage()); return 0
+        print(_usage())
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"videolights: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr); return 2
+        print(f"videolights: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
+        return 2
     return run_command(f'videolights {argv[0]}', resolve(argv[0]), argv[1:], debug)

@@ -136,7 +136,8 @@ class VLConfig:
     @property
     def t_feat_dim(self)->int: return sum(self.t_feat_dims)
     @property
-    def fixes(self)->dict: return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith('fix_')}
+    def fixes(self)->dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith('fix_')}
 
 # %% ../nbs/04_config.ipynb #9a9b271d
 BEST_WEIGHTS_HL = {'MR-full-R1@0.3': 0.3, 'MR-full-R1@0.5': 0.5, 'MR-full-R1@0.7': 0.7, 'MR-full-mAP@0.5': 0.5,
@@ -150,9 +151,15 @@ def _sync_blip(cfg:VLConfig):
     for types, dims in (('v_feat_types', 'v_feat_dims'), ('t_feat_types', 't_feat_dims')):
         ts, ds = list(getattr(cfg, types)), list(getattr(cfg, dims))
         if len(ts) != len(ds): raise ValueError(f"VLConfig.{types}={tuple(ts)} and {dims}={tuple(ds)} differ in length")
-        if cfg.blip_features and 'blip' not in ts: ts.append('blip'); ds.append(cfg.blip_dim)
-        if not cfg.blip_features and 'blip' in ts: i = ts.index('blip'); ts.pop(i); ds.pop(i)
-        setattr(cfg, types, tuple(ts)); setattr(cfg, dims, tuple(ds))
+        if cfg.blip_features and 'blip' not in ts:
+            ts.append('blip')
+            ds.append(cfg.blip_dim)
+        if not cfg.blip_features and 'blip' in ts:
+            i = ts.index('blip')
+            ts.pop(i)
+            ds.pop(i)
+        setattr(cfg, types, tuple(ts))
+        setattr(cfg, dims, tuple(ds))
 
 _FOLLOW_LOSS_MASKING = ('fix_loss_sample_min', 'fix_loss_batch_mean', 'fix_loss_text_masking')
 
@@ -169,8 +176,10 @@ def _post_init(self:VLConfig):
     if self.span_loss_type != 'l1': raise ValueError(f"VLConfig.span_loss_type={self.span_loss_type!r}: only 'l1'")
     if self.query_scale_type != 'cond_elewise': raise ValueError("VLConfig.query_scale_type: only 'cond_elewise'")
     if self.dec_layers < 1 or self.n_input_proj not in (1, 2, 3):
-        raise ValueError(f"VLConfig: dec_layers={self.dec_layers} must be >= 1, n_input_proj={self.n_input_proj} in 1..3")
-    if self.input_proj_kernel % 2 == 0: raise ValueError(f"VLConfig.input_proj_kernel={self.input_proj_kernel} must be odd")
+        raise ValueError(f"VLConfig: dec_layers={self.dec_layers} must be >= 1, n_input_proj={self.n_input_proj} in "
+                         "1..3")
+    if self.input_proj_kernel % 2 == 0:
+        raise ValueError(f"VLConfig.input_proj_kernel={self.input_proj_kernel} must be odd")
 
 # %% ../nbs/04_config.ipynb #7b6c7f20
 _PAPER = dict(hidden_dim=256, nheads=8, dim_feedforward=1024, bicmf_layers=1, enc_layers=3, dec_layers=3,

@@ -68,18 +68,22 @@ def _check_common(rec, path, line):
 # %% ../nbs/01_data.ipynb #73021b52
 def _fix_windows(wins, duration, report, line, strict):
     "Drop reversed/empty windows, clip the rest to [0, duration]; returns the surviving windows."
-    if not isinstance(wins, list): raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows' must be a list, got {wins!r}")
+    if not isinstance(wins, list):
+        raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows' must be a list, got {wins!r}")
     out = []
     for w in wins:
         if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, (int, float)) for x in w)):
-            raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': bad window {w!r} (want [start, end] in seconds)")
+            raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': bad window {w!r} (want [start, end] "
+                                  "in seconds)")
         st, ed = w
         kind = 'reversed_window' if ed < st else 'empty_window' if ed == st else None
         if kind is None and (st < 0 or ed > duration):
             kind, (st, ed) = 'clipped_window', (max(st, 0), min(ed, duration))
             if ed <= st: kind = 'outside_window'
         if kind is not None:
-            if strict: raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': {kind.replace('_', ' ')} {w} (duration {duration})")
+            if strict:
+                raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': {kind.replace('_', ' ')} {w} "
+                                      f"(duration {duration})")
             report.add(kind, line, f"{w} (duration {duration})")
         if kind in (None, 'clipped_window'): out.append([st, ed])
     return out
@@ -116,7 +120,8 @@ def _count_dup_qids(recs_lines, report):
 def _fix_clip_ids(rec, report, line, strict, clip_len):
     ids, sal = rec['relevant_clip_ids'], rec['saliency_scores']
     if not isinstance(ids, list) or not isinstance(sal, list) or len(ids) != len(sal):
-        raise DataFormatError(f"{report.path}:{line}: keys 'relevant_clip_ids'/'saliency_scores' must be lists of equal length")
+        raise DataFormatError(f"{report.path}:{line}: keys 'relevant_clip_ids'/'saliency_scores' must be lists of "
+                              "equal length")
     for s in sal:
         if not (isinstance(s, list) and len(s) > 0 and all(isinstance(x, (int, float)) for x in s)):
             raise DataFormatError(f"{report.path}:{line}: key 'saliency_scores': bad entry {s!r} (want [a1, a2, a3])")
@@ -144,7 +149,8 @@ def read_qvhighlights(path:str|Path,      # a QVHighlights jsonl (train/val/test
             rec['relevant_windows'] = _fix_windows(rec['relevant_windows'], rec['duration'], report, line, strict)
             _fix_clip_ids(rec, report, line, strict, clip_len)
             if not rec['relevant_windows'] or not rec['relevant_clip_ids']:
-                report.add('record_dropped', line, f"qid {rec['qid']} has no valid window or clip id left"); continue
+                report.add('record_dropped', line, f"qid {rec['qid']} has no valid window or clip id left")
+                continue
         seen.append((line, rec))
     return _finish(seen, report, 'hl')
 
@@ -157,7 +163,8 @@ def read_charades(path:str|Path, strict:bool=False)->Records:
         _need(rec, ('relevant_windows',), path, line)
         rec['relevant_windows'] = _fix_windows(rec['relevant_windows'], rec['duration'], report, line, strict)
         if not rec['relevant_windows']:
-            report.add('record_dropped', line, f"qid {rec['qid']} has no valid window left"); continue
+            report.add('record_dropped', line, f"qid {rec['qid']} has no valid window left")
+            continue
         seen.append((line, rec))
     return _finish(seen, report, 'charadesSTA')
 
@@ -241,22 +248,27 @@ class FeatureSource:
     def _get(self, kind, ftype, key, max_len=None, reuse=False):
         "Rows `[:max_len]` with rank and width checked; `reuse`: may be a view of a buffer reused by the next read."
         x, where = self._read(kind, ftype, key, max_len if max_len and max_len > 0 else None, reuse)
-        if x.ndim != 2 or len(x) == 0: raise DataFormatError(f"{where}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
+        if x.ndim != 2 or len(x) == 0:
+            raise DataFormatError(f"{where}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
         dims = self.__dict__.setdefault('_dims', {})
         if (kind, ftype) not in dims: dims[(kind, ftype)] = self._ref_dim(kind, ftype) or (x.shape[1], where)
         d, ref = dims[(kind, ftype)]
-        if x.shape[1] != d: raise DataFormatError(f"{where}: feature dim mismatch in '{ftype}': expected {d} (as {ref}), got {x.shape[1]}")
+        if x.shape[1] != d:
+            raise DataFormatError(f"{where}: feature dim mismatch in '{ftype}': expected {d} (as {ref}), got "
+                                  f"{x.shape[1]}")
         return x, where
     def read(self, kind:str, ftype:str, key, max_len:int|None=None)->np.ndarray:
         "Read rows `[:max_len]` of one feature file, checking rank, width and finiteness."
         x, where = self._get(kind, ftype, key, max_len)
         if self.check_finite: _check_finite(x, where)
         return x.astype(np.float32, copy=False)
-    def video(self, ftype:str, vid:str, max_len:int|None=None)->np.ndarray: return self.read('video', ftype, vid, max_len)
+    def video(self, ftype:str, vid:str, max_len:int|None=None)->np.ndarray:
+        return self.read('video', ftype, vid, max_len)
     def text(self, ftype:str, qid, max_len:int|None=None)->np.ndarray: return self.read('text', ftype, qid, max_len)
 
 def _check_finite(x, where):
-    if not np.isfinite(x).all(): raise DataFormatError(f"{where}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
+    if not np.isfinite(x).all():
+        raise DataFormatError(f"{where}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
 
 # %% ../nbs/01_data.ipynb #259f8e21
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -272,12 +284,14 @@ def _load_array(path:Path, keys=None)->np.ndarray:
                 x = z[k]
     except DataFormatError: raise
     except ValueError as e:
-        if 'allow_pickle' not in str(e): raise DataFormatError(f"{path}: unreadable feature file ({one_line(e)[:100]})") from None
+        if 'allow_pickle' not in str(e):
+            raise DataFormatError(f"{path}: unreadable feature file ({one_line(e)[:100]})") from None
         raise DataFormatError(f"{path}: holds Python objects (object dtype), expected a numeric (L, D) array") from None
     except _UNREADABLE as e:
         raise DataFormatError(f"{path}: unreadable feature file, truncated or damaged ({type(e).__name__}: {one_line(e)[:80]})",
                               hint='extract or copy it again') from None
-    if x.dtype.kind not in 'fiu': raise DataFormatError(f"{path}: holds {x.dtype} values, expected a numeric (L, D) array")
+    if x.dtype.kind not in 'fiu':
+        raise DataFormatError(f"{path}: holds {x.dtype} values, expected a numeric (L, D) array")
     return x
 
 def _npz_key(path, keys): return _load_array(path, keys)
@@ -299,14 +313,17 @@ class DirFeatures(FeatureSource):
         if (p := d/f'{vid}_rgb.npy').exists() and (po := d/f'{vid}_opt.npy').exists():
             a, b = _load_array(p), _load_array(po)
             return np.concatenate([a[:len(b)], b[:len(a)]], axis=-1), p  # I3D rgb + flow = one source
-        raise FeatureNotFoundError(f"no '{d.name}' video features for vid {vid!r}: tried {d}/{vid}.npz, {vid}.npy, {vid}_rgb.npy+_opt.npy")
+        raise FeatureNotFoundError(f"no '{d.name}' video features for vid {vid!r}: tried {d}/{vid}.npz, {vid}.npy, "
+                                   f"{vid}_rgb.npy+_opt.npy")
     def _text(self, d, qid):
         for p in (d/f'qid{qid}.npz', d/f'{qid}.npz'):
             if p.exists(): return _npz_key(p, ('last_hidden_state', 'token')), p
-        raise FeatureNotFoundError(f"no '{d.name}' text features for qid {qid!r}: tried {d}/qid{qid}.npz and {d}/{qid}.npz")
+        raise FeatureNotFoundError(f"no '{d.name}' text features for qid {qid!r}: tried {d}/qid{qid}.npz and "
+                                   f"{d}/{qid}.npz")
     def _read(self, kind, ftype, key, max_len, reuse=False):
         d = self.root/ftype
-        if not d.is_dir(): raise FeatureNotFoundError(f"feature type folder {d} does not exist (have {self.feature_types(kind)})")
+        if not d.is_dir():
+            raise FeatureNotFoundError(f"feature type folder {d} does not exist (have {self.feature_types(kind)})")
         x, p = self._video(d, key) if kind == 'video' else self._text(d, key)
         return x[:max_len], str(p)
     def feature_types(self, kind:str)->list[str]:
@@ -344,7 +361,8 @@ def write_fake_features(root:str|Path,       # feature root; one sub-folder per 
         L = max(1, int(r['duration'] // clip_len))
         if max_clips: L = min(L, max_clips)
         for t, d in v_dims.items():
-            if not (p := root/t/f"{r['vid']}.npz").exists(): save(p, features=rng.standard_normal((L, d), dtype=np.float32))
+            if not (p := root/t/f"{r['vid']}.npz").exists():
+                save(p, features=rng.standard_normal((L, d), dtype=np.float32))
         lq = len(r['query'].split()) + 2
         for t, d in t_dims.items():
             save(root/t/f"qid{r['qid']}.npz", last_hidden_state=rng.standard_normal((lq, d), dtype=np.float32),
@@ -370,7 +388,8 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
             if not np.isfinite(nrm).all(): _check_finite(x, wheres[i] if wheres else f'source {i}')
             np.divide(x, (nrm + L2_EPS)[:, None], out=out[:, a:b])
         else:
-            _check_finite(x, wheres[i] if wheres else f'source {i}'); out[:, a:b] = x
+            _check_finite(x, wheres[i] if wheres else f'source {i}')
+            out[:, a:b] = x
         a = b
     out[:, a:] = 0
     return out
@@ -441,7 +460,8 @@ def convert_features(src_dir:str|Path,     # feature root with one sub-folder pe
                     )->dict:               # summary: per type kind/n/dim, bytes, seconds
     "Pack every `.npz`/`.npy` of the feature-type folders of `src_dir` into one HDF5 store."
     src_dir, dst_h5, t0 = check_input(src_dir, 'a feature folder', folder=True), Path(dst_h5), time.time()
-    if dst_h5.exists() and not overwrite: raise OutputExistsError("exists", file=dst_h5, hint='pass overwrite=True (--overwrite)')
+    if dst_h5.exists() and not overwrite:
+        raise OutputExistsError("exists", file=dst_h5, hint='pass overwrite=True (--overwrite)')
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     jobs = _scan_features(src_dir, feat_types)
     if not jobs: raise DataFormatError(f"{src_dir}: no .npz/.npy feature files in its sub-folders")
@@ -449,7 +469,8 @@ def convert_features(src_dir:str|Path,     # feature root with one sub-folder pe
     dst_h5.parent.mkdir(parents=True, exist_ok=True)
     try: _convert(jobs, part, dtype, dims, counts, src_dir, progress)
     except BaseException:
-        part.unlink(missing_ok=True); raise
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, dst_h5)
     types = {ftype: dict(kind=kind, n=counts[(kind, ftype)], dim=d) for (kind, ftype), d in dims.items()}
     return dict(path=str(dst_h5), types=types, bytes=dst_h5.stat().st_size, seconds=round(time.time() - t0, 3))
@@ -459,11 +480,16 @@ def _convert(jobs, part, dtype, dims, counts, src_dir, progress):
         f.attrs['videolights_features'] = 1
         for kind, ftype, key, path in tqdm(jobs, desc=f'convert {src_dir.name}', unit='file', disable=not progress):
             x = _load_feature_file(kind, path)
-            if x.ndim != 2 or len(x) == 0: raise DataFormatError(f"{path}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
+            if x.ndim != 2 or len(x) == 0:
+                raise DataFormatError(f"{path}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
             d = dims.setdefault((kind, ftype), x.shape[1])
-            if x.shape[1] != d: raise DataFormatError(f"{path}: feature dim mismatch in '{ftype}': expected {d}, got {x.shape[1]}")
-            if not np.isfinite(x).all(): raise DataFormatError(f"{path}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
-            if dtype == 'float16' and np.abs(x).max() > 65000: raise DataFormatError(f"{path}: values up to {np.abs(x).max():.3g} overflow float16; use dtype='float32'")
+            if x.shape[1] != d:
+                raise DataFormatError(f"{path}: feature dim mismatch in '{ftype}': expected {d}, got {x.shape[1]}")
+            if not np.isfinite(x).all():
+                raise DataFormatError(f"{path}: {int((~np.isfinite(x)).sum())} NaN/inf values in the features")
+            if dtype == 'float16' and np.abs(x).max() > 65000:
+                raise DataFormatError(f"{path}: values up to {np.abs(x).max():.3g} overflow float16; use "
+                                      "dtype='float32'")
             x = x.astype(dtype)
             f.create_dataset(f'{kind}/{ftype}/{key}', data=x).attrs['stamp'] = feature_stamp(x)
             counts[(kind, ftype)] = counts.get((kind, ftype), 0) + 1
@@ -514,12 +540,14 @@ class H5Features(FeatureSource):
                     self._idx[(kind, t)] = (dict(zip(keys, rows)), np.dtype(g.attrs['dtype']))
     def _read(self, kind, ftype, key, max_len, reuse=False):
         h5 = self.h5
-        if (kind, ftype) in self._idx and self._indexed(kind, ftype, str(key)): return self._pread(kind, ftype, key, max_len, reuse)
+        if (kind, ftype) in self._idx and self._indexed(kind, ftype, str(key)):
+            return self._pread(kind, ftype, key, max_len, reuse)
         name = f'{kind}/{ftype}/{key}'
         if name not in h5: self._missing(kind, ftype, key)
         ds = h5[name]
         try: x = ds[:max_len] if max_len else ds[()]
-        except OSError as e: raise DataFormatError(f"{self.path}:/{name}: unreadable dataset ({one_line(e)[:100]})") from None
+        except OSError as e:
+            raise DataFormatError(f"{self.path}:/{name}: unreadable dataset ({one_line(e)[:100]})") from None
         return x, f"{self.path}:/{name}"
     def _indexed(self, kind, ftype, key)->bool:
         "Whether the index still describes dataset `key` (checked once per process): same place, shape, dtype, stamp."
@@ -534,7 +562,8 @@ class H5Features(FeatureSource):
         if ok and stamp >= 0:
             try:
                 a = h5py.h5a.open(d, b'stamp')
-                got = np.empty(a.shape, a.dtype); a.read(got)
+                got = np.empty(a.shape, a.dtype)
+                a.read(got)
                 ok = int(got) == stamp
             except KeyError: ok = False                      # rewritten by a tool that writes no stamp
         (self._ok if ok else self._stale).add((kind, ftype, key))
@@ -548,16 +577,20 @@ class H5Features(FeatureSource):
         r = min(rows, max_len) if max_len else rows
         if reuse:  # one growing buffer per type, overwritten by the next read of that type
             buf = self._bufs.get((kind, ftype))
-            if buf is None or buf.size < r * cols: buf = self._bufs[(kind, ftype)] = np.empty(max(r * cols, 75 * cols), dt)
+            if buf is None or buf.size < r * cols:
+                buf = self._bufs[(kind, ftype)] = np.empty(max(r * cols, 75 * cols), dt)
             x = buf[:r * cols].reshape(r, cols)
         else: x = np.empty((r, cols), dt)
         n = os.preadv(self._fd, [memoryview(x).cast('B')], off)
-        if n != x.nbytes: raise DataFormatError(f"{self.path}:/{kind}/{ftype}/{key}: truncated store ({n} of {x.nbytes} bytes)")
+        if n != x.nbytes:
+            raise DataFormatError(f"{self.path}:/{kind}/{ftype}/{key}: truncated store ({n} of {x.nbytes} bytes)")
         return x, f"{self.path}:/{kind}/{ftype}/{key}"
     def _missing(self, kind, ftype, key):
         if ftype not in self.h5.get(kind, {}):
-            raise FeatureNotFoundError(f"{self.path}: no {kind} feature type '{ftype}' (have {self.feature_types(kind)})")
-        raise FeatureNotFoundError(f"{self.path}: no '{ftype}' {kind} features for {'vid' if kind == 'video' else 'qid'} {key!r} (dataset /{kind}/{ftype}/{key})")
+            raise FeatureNotFoundError(f"{self.path}: no {kind} feature type '{ftype}' (have "
+                                       f"{self.feature_types(kind)})")
+        raise FeatureNotFoundError(f"{self.path}: no '{ftype}' {kind} features for "
+                                   f"{'vid' if kind == 'video' else 'qid'} {key!r} (dataset /{kind}/{ftype}/{key})")
     def feature_types(self, kind:str)->list[str]: return sorted(self.h5[kind]) if kind in self.h5 else []
     def _ref_dim(self, kind, ftype):
         d = self.h5[f'{kind}/{ftype}'].attrs.get('dim')
@@ -590,7 +623,8 @@ def span_labels_cxw(windows:list,      # GT windows [[st, ed], ...] in seconds
     "Normalised (center, width) span targets, as the official dataset builds them."
     windows = list(windows)
     if len(windows) > max_windows:
-        rng.shuffle(windows); windows = windows[:max_windows]
+        rng.shuffle(windows)
+        windows = windows[:max_windows]
     return span_xx_to_cxw(torch.tensor(windows, dtype=torch.float32) / (n_clips * clip_len))
 
 # %% ../nbs/01_data.ipynb #4cf7bc37
@@ -662,9 +696,11 @@ class VLDataset(Dataset):
                  domain:str|None=None,              # TVSum: keep only this domain
                  seed:int=0,                        # seed of the random pair/window choices
                 ):
-        if dset_name not in DATASET_DEFAULTS: raise ValueError(f"unknown dset_name {dset_name!r}; choose from {list(DATASET_DEFAULTS)}")
+        if dset_name not in DATASET_DEFAULTS:
+            raise ValueError(f"unknown dset_name {dset_name!r}; choose from {list(DATASET_DEFAULTS)}")
         dd = DATASET_DEFAULTS[dset_name]
-        if pretrain is None: pretrain = isinstance(records, (str, Path)) and any(s in str(records) for s in ('pre_train', 'subs_train'))
+        if pretrain is None:
+            pretrain = isinstance(records, (str, Path)) and any(s in str(records) for s in ('pre_train', 'subs_train'))
         if isinstance(records, (str, Path)): records = read_records(records, dset_name)
         if domain is not None: records = [r for r in records if r.get('domain') == domain]
         self.records, self.features, self.dset_name, self.pretrain = list(records), open_features(features), dset_name, pretrain
@@ -680,14 +716,16 @@ class VLDataset(Dataset):
 # %% ../nbs/01_data.ipynb #45120ce1
 def _label_keys(self:VLDataset):
     if self.dset_name == 'tvsum': return ('label',)
-    return ('relevant_windows',) if self.pretrain or self.dset_name != 'hl' else ('relevant_windows', 'relevant_clip_ids', 'saliency_scores')
+    return ('relevant_windows',) if self.pretrain or self.dset_name != 'hl' else ('relevant_windows',
+                                                                                  'relevant_clip_ids', 'saliency_scores')
 
 @patch
 def _check_labels(self:VLDataset):
     keys = _label_keys(self)
     for r in self.records:
         if any(not r.get(k) for k in keys):  # absent, None or empty
-            raise DataFormatError(f"record qid {r.get('qid')!r} lacks labels {keys}; pass load_labels=False for unlabelled splits")
+            raise DataFormatError(f"record qid {r.get('qid')!r} lacks labels {keys}; pass load_labels=False for "
+                                  "unlabelled splits")
 
 @patch
 def targets(self:VLDataset, rec:dict, n_clips:int)->dict:
@@ -701,14 +739,17 @@ def targets(self:VLDataset, rec:dict, n_clips:int)->dict:
         spans = span_labels_cxw(wins[:self.max_windows], n_clips, self.clip_len, self.max_windows, self.rng)
         if self.pretrain or self.dset_name != 'hl':  # binary rules use the first window *after* the shuffle
             pos, neg, sal, pidx = saliency_labels_binary(wins[0], rec['duration'], n_clips, self.rng)
-        else: pos, neg, sal, pidx = saliency_labels_qvh(rec['relevant_clip_ids'], rec['saliency_scores'], n_clips, self.rng)
+        else:
+            pos, neg, sal, pidx = saliency_labels_qvh(rec['relevant_clip_ids'], rec['saliency_scores'], n_clips,
+                                                      self.rng)
     return dict(span_labels=dict(spans=spans), saliency_pos_labels=pos, saliency_neg_labels=neg,
                 saliency_all_labels=torch.from_numpy(sal), saliency_pos_index=torch.from_numpy(pidx))
 
 @patch
 def __getitem__(self:VLDataset, i:int)->dict:
     rec = self.records[i]
-    q = torch.from_numpy(load_query_feats(self.features, rec['qid'], self.t_feat_types, self.max_q_l, self.normalize_t))  # (Lq, Dt)
+    q = torch.from_numpy(load_query_feats(self.features, rec['qid'], self.t_feat_types, self.max_q_l,
+                                          self.normalize_t))  # (Lq, Dt)
     v = _gather(self.features, 'video', rec['vid'], self.v_feat_types, self.max_v_l, self.normalize_v, 2 * self.use_tef)
     L = len(v)
     v = torch.from_numpy(v)  # (Lv, Dv [+ 2])
@@ -734,8 +775,10 @@ def collate(items:list[dict])->tuple[dict,dict,list]: # (model_inputs, targets, 
     targets = {}
     if 'span_labels' in mis[0]: targets['span_labels'] = [dict(spans=m['span_labels']['spans']) for m in mis]
     if 'saliency_pos_labels' in mis[0]:
-        for k in ('saliency_pos_labels', 'saliency_neg_labels'): targets[k] = torch.tensor([m[k] for m in mis], dtype=torch.long)  # (B, P)
-        for k in ('saliency_pos_index', 'saliency_all_labels'): targets[k] = pad_sequences([m[k] for m in mis])[0]  # (B, Lv)
+        for k in ('saliency_pos_labels', 'saliency_neg_labels'):
+            targets[k] = torch.tensor([m[k] for m in mis], dtype=torch.long)  # (B, P)
+        for k in ('saliency_pos_index', 'saliency_all_labels'):
+            targets[k] = pad_sequences([m[k] for m in mis])[0]  # (B, Lv)
     return model_inputs, targets, [it['meta'] for it in items]
 
 # %% ../nbs/01_data.ipynb #377d5e60
@@ -751,7 +794,8 @@ def move_batch(batch:tuple, # (model_inputs, targets, metas) from `collate`
 # %% ../nbs/01_data.ipynb #91f2f297
 def _seed_worker(worker_id:int):
     s = torch.initial_seed() % 2**32
-    random.seed(s); np.random.seed(s)
+    random.seed(s)
+    np.random.seed(s)
     ds = torch.utils.data.get_worker_info().dataset
     if hasattr(ds, 'rng'): ds.rng.seed(s)
 
@@ -760,13 +804,15 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
                 seed:int=0,            # seeds shuffling and the worker RNGs
                 drop_last:bool=False, persistent_workers:bool=False)->DataLoader:
     "A DataLoader with `collate` and deterministic shuffling / worker seeding."
-    if sampler is not None and shuffle: raise ValueError("make_loader: pass shuffle=False with a sampler (the sampler shuffles)")
+    if sampler is not None and shuffle:
+        raise ValueError("make_loader: pass shuffle=False with a sampler (the sampler shuffles)")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0)
 
 # %% ../nbs/01_data.ipynb #cf9ba626
-KEEP_MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**40))  # the same policy for a child process
+KEEP_MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(2**30),
+                       MALLOC_TRIM_THRESHOLD_=str(2**40))  # the same policy for a child process
 
 def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment says VIDEOLIGHTS_KEEP_MEMORY=0
                       mmap_threshold:int=int(KEEP_MEMORY_ENV['MALLOC_MMAP_THRESHOLD_']), # blocks up to this size come from the heap
@@ -789,17 +835,21 @@ def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment 
 def _stats(xs, name)->dict:
     xs = np.asarray(xs, dtype=np.float64)
     if not len(xs): return {}
-    return {f'{name}_mean': round(float(xs.mean()), 4), f'{name}_min': round(float(xs.min()), 4), f'{name}_max': round(float(xs.max()), 4)}
+    return {f'{name}_mean': round(float(xs.mean()), 4), f'{name}_min': round(float(xs.min()), 4),
+            f'{name}_max': round(float(xs.max()), 4)}
 
 def summarize(records:list[dict], max_windows:int=5)->dict:
     "Counts and distribution statistics of a list of records (any supported dataset)."
     recs = list(records)
-    out = dict(dset_name=getattr(records, 'dset_name', None), n_queries=len(recs), n_videos=len({r['vid'] for r in recs}))
-    out |= _stats([r['duration'] for r in recs], 'duration') | _stats([len(r['query'].split()) for r in recs], 'query_words')
+    out = dict(dset_name=getattr(records, 'dset_name', None), n_queries=len(recs),
+               n_videos=len({r['vid'] for r in recs}))
+    out |= _stats([r['duration'] for r in recs], 'duration') | _stats([len(r['query'].split()) for r in recs],
+                                                                      'query_words')
     wins = [r['relevant_windows'] for r in recs if r.get('relevant_windows')]
     if wins:
         lens = [ed - st for w in wins for st, ed in w]
-        out |= dict(n_labelled=len(wins), n_windows=len(lens), n_queries_over_max_windows=sum(len(w) > max_windows for w in wins))
+        out |= dict(n_labelled=len(wins), n_windows=len(lens),
+                    n_queries_over_max_windows=sum(len(w) > max_windows for w in wins))
         out |= _stats([len(w) for w in wins], 'windows_per_query') | _stats(lens, 'window_len')
         out |= _stats([sum(ed - st for st, ed in r['relevant_windows']) / r['duration'] for r in recs if r.get('relevant_windows')], 'coverage')
     sal = [np.asarray(r['saliency_scores'], np.float64).sum(1) for r in recs if r.get('saliency_scores')]
@@ -809,7 +859,8 @@ def summarize(records:list[dict], max_windows:int=5)->dict:
         out['saliency_sum_hist'] = np.bincount(allsal.astype(int), minlength=13).tolist()
     labs = [np.asarray(r['label'], np.float64) for r in recs if r.get('label') is not None]
     if labs:
-        out |= _stats([len(l) for l in labs], 'label_clips') | _stats(np.concatenate([l.mean(1) for l in labs]), 'label_clip_mean')
+        out |= _stats([len(l) for l in labs], 'label_clips') | _stats(np.concatenate([l.mean(1) for l in labs]),
+                                                                      'label_clip_mean')
         out['n_annotators'] = int(labs[0].shape[1])
         out['domains'] = {d: sum(r.get('domain') == d for r in recs) for d in sorted({r.get('domain') for r in recs})}
     return out
@@ -844,8 +895,12 @@ def check_features(src:str|Path|FeatureSource, # a feature folder or store
             keys, widths = _keys(src, kind, t), {}
             for k in keys:
                 try: x, where = src._read(kind, t, k, None)
-                except UserError as e: out.append(one_line(e)); continue
-                if x.ndim != 2 or not len(x): out.append(f"{where}: shape {x.shape}, expected a non-empty (L, D) array"); continue
+                except UserError as e:
+                    out.append(one_line(e))
+                    continue
+                if x.ndim != 2 or not len(x):
+                    out.append(f"{where}: shape {x.shape}, expected a non-empty (L, D) array")
+                    continue
                 widths.setdefault(x.shape[1], []).append(where)
                 if not np.isfinite(x).all(): out.append(f"{where}: {int((~np.isfinite(x)).sum())} NaN/inf values")
             if len(widths) > 1:
@@ -863,18 +918,24 @@ def plot_summary(records:list[dict], title:str=''):
     "Histograms of durations, windows per query, window lengths and saliency of `records`."
     import matplotlib.pyplot as plt  # lazy: keeps `import videolights.data` light in DataLoader workers
     fig, axs = plt.subplots(1, 4, figsize=(11, 2.4))
-    axs[0].hist([r['duration'] for r in records], bins=30); axs[0].set(title='duration (s)')
+    axs[0].hist([r['duration'] for r in records], bins=30)
+    axs[0].set(title='duration (s)')
     wins = [r['relevant_windows'] for r in records if r.get('relevant_windows')]
     if wins:
         n = [len(w) for w in wins]
-        axs[1].hist(n, bins=np.arange(1, max(n) + 2) - 0.5); axs[1].set(title='windows per query')
-        axs[2].hist([ed - st for w in wins for st, ed in w], bins=30); axs[2].set(title='window length (s)')
+        axs[1].hist(n, bins=np.arange(1, max(n) + 2) - 0.5)
+        axs[1].set(title='windows per query')
+        axs[2].hist([ed - st for w in wins for st, ed in w], bins=30)
+        axs[2].set(title='window length (s)')
     if any(r.get('saliency_scores') for r in records):
         s = np.concatenate([np.asarray(r['saliency_scores']).sum(1) for r in records if r.get('saliency_scores')])
-        axs[3].hist(s, bins=np.arange(14) - 0.5); axs[3].set(title='summed saliency (rel. clips)')
+        axs[3].hist(s, bins=np.arange(14) - 0.5)
+        axs[3].set(title='summed saliency (rel. clips)')
     elif any(r.get('label') is not None for r in records):
-        axs[3].hist(np.concatenate([np.asarray(r['label']).mean(1) for r in records]), bins=30); axs[3].set(title='mean label per clip')
-    fig.suptitle(title, fontsize=9); fig.tight_layout()
+        axs[3].hist(np.concatenate([np.asarray(r['label']).mean(1) for r in records]), bins=30)
+        axs[3].set(title='mean label per clip')
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/01_data.ipynb #d266b5a3
@@ -911,20 +972,28 @@ def _inspect(files:list[Path], feats:list[Path], a)->int:
         recs = read_records(f, a.dset)
         every += recs
         s = out['annotations'][f.name] = summarize(recs)
-        print(f'== {f}  ({s["dset_name"]})'); print('\n'.join(f'  {k:<28} {v}' for k, v in s.items() if k != 'dset_name'))
+        print(f'== {f}  ({s["dset_name"]})')
+        print('\n'.join(f'  {k:<28} {v}' for k, v in s.items() if k != 'dset_name'))
         if not a.no_plots:
             Path(a.figdir).mkdir(parents=True, exist_ok=True)
-            import matplotlib; matplotlib.use('Agg')
-            fig = plot_summary(recs, f.name); fig.savefig(fp := Path(a.figdir)/f'inspect_{f.stem}.png', dpi=80)
-            import matplotlib.pyplot as plt; plt.close(fig); print(f'  figure: {fp}')
+            import matplotlib
+            matplotlib.use('Agg')
+            fig = plot_summary(recs, f.name)
+            fig.savefig(fp := Path(a.figdir)/f'inspect_{f.stem}.png', dpi=80)
+            import matplotlib.pyplot as plt
+            plt.close(fig)
+            print(f'  figure: {fp}')
     for src in feats:
         fs = out['features'][str(src)] = feature_summary(src)
-        print(f'== features {src}'); print('\n'.join(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}' for t, v in fs.items()))
+        print(f'== features {src}')
+        print('\n'.join(f'  {t:<32} {v["kind"]:<5} dim {v["dim"]:<6} files {v["n"]}' for t, v in fs.items()))
         if not a.no_check: out['problems'] += check_features(src, every)
     if a.json: write_text_atomic(a.json, json.dumps(out, indent=1))
     if out['problems']:
-        print(f"== {len(out['problems'])} problem(s)"); print('\n'.join(f'  {l}' for l in out['problems'][:20]))
-        if len(out['problems']) > 20: print(f"  ... {len(out['problems']) - 20} more" + (' (see --json)' if not a.json else ''))
+        print(f"== {len(out['problems'])} problem(s)")
+        print('\n'.join(f'  {l}' for l in out['problems'][:20]))
+        if len(out['problems']) > 20:
+            print(f"  ... {len(out['problems']) - 20} more" + (' (see --json)' if not a.json else ''))
     return 1 if out['problems'] else 0
 
 # %% ../nbs/01_data.ipynb #d059b666

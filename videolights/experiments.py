@@ -47,9 +47,11 @@ def captions_to_pretrain(captions:list[dict], # {vid, timestamp, caption[, score
     for vid, cs in by_vid.items():
         i0, c0 = cs[0]
         dur = (durations or {}).get(vid, c0.get('duration'))
-        if dur is None: raise ValueError(f"{where}:{i0 + 1}: no duration for video {vid!r} (add 'duration' or pass durations)")
+        if dur is None:
+            raise ValueError(f"{where}:{i0 + 1}: no duration for video {vid!r} (add 'duration' or pass durations)")
         if max_duration and dur > max_duration: continue
-        dur = int(math.floor(dur)); n_clips = math.ceil(dur / clip_len)
+        dur = int(math.floor(dur))
+        n_clips = math.ceil(dur / clip_len)
         wlen = window or dur / len(cs)
         for i, c in sorted(cs, key=lambda x: float(x[1]['timestamp'])):
             st = float(c['timestamp'])
@@ -100,8 +102,10 @@ def random_submission(gt:list[dict], seed:int=0, clip_len:float=2., n_windows:in
     out = []
     for g in gt:
         d = float(g['duration'])
-        st = rng.uniform(0, d, n_windows); ed = st + rng.uniform(0, 1, n_windows) * (d - st)
-        sc = rng.uniform(0, 1, n_windows); o = np.argsort(-sc)
+        st = rng.uniform(0, d, n_windows)
+        ed = st + rng.uniform(0, 1, n_windows) * (d - st)
+        sc = rng.uniform(0, 1, n_windows)
+        o = np.argsort(-sc)
         win = np.round(np.clip(np.stack([st, ed], 1), 0, 150) / clip_len) * clip_len
         out.append(dict(qid=g['qid'], query=g.get('query', ''), vid=g['vid'],
                         pred_relevant_windows=[[float(a), float(b), round(float(s), 4)] for (a, b), s in zip(win[o], sc[o])],
@@ -169,7 +173,8 @@ def demo_main(argv:list[str]|None=None)->int:
         epilog='examples:\n  videolights demo --out runs/demo\n  videolights demo --out runs/demo2 --epochs 60 --lr 2e-3')
     p.add_argument('--out', default='runs/demo', help='output folder (data/, run/, figures/, metrics_table.md)')
     p.add_argument('--no-progress', action='store_true')
-    p.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16'], help='train in bf16 autocast (CPUs with AVX512-BF16/AMX)')
+    p.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16'],
+                   help='train in bf16 autocast (CPUs with AVX512-BF16/AMX)')
     a, rest = p.parse_known_args(argv)
     try: over = parse_overrides(rest)
     except ValueError as e: p.error(str(e))
@@ -196,10 +201,14 @@ def ablation_overrides(switches:dict, # paper switches of one row, e.g. {'fra': 
     "`VLConfig` overrides for one ablation row, and notes on the switches that were not applied."
     over, notes, fields = {}, [], {f.name for f in dataclasses.fields(VLConfig)}
     for k, v in switches.items():
-        if k not in ABLATION_FIELDS: notes.append(f'{k}={v} unknown switch'); continue
+        if k not in ABLATION_FIELDS:
+            notes.append(f'{k}={v} unknown switch')
+            continue
         f, fn = ABLATION_FIELDS[k]
         if f not in fields: raise KeyError(f"ABLATION_FIELDS[{k!r}] names {f!r}, which VLConfig does not have")
-        if k in skip: notes.append(f'{k}={v} not applied'); continue
+        if k in skip:
+            notes.append(f'{k}={v} not applied')
+            continue
         over[f] = fn(v)
     return over, notes
 
@@ -228,7 +237,9 @@ def ablate(train_fn, # (overrides:dict, seed:int, out_dir:Path) -> dict of metri
             recs += [dict(table=table, row=r, switches=sw[r], metric=k, value=float(m[k]), seed=s, data=data_label,
                           note='; '.join(notes)) for k in METRICS if k in m]
     df = pd.DataFrame(recs)
-    if out is not None: out.mkdir(parents=True, exist_ok=True); df.to_csv(out/'results.csv', index=False)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out/'results.csv', index=False)
     return df
 
 # %% ../nbs/14_experiments.ipynb #b12a135b
@@ -260,7 +271,8 @@ Rows are Table V of the paper (data/paper_ablations.csv). Switches named in --sk
 recorded in the CSV's note column: on the synthetic proxy there are no BLIP-2 features (bf) and no pretraining
 checkpoint (pt). Outputs: OUT/results.csv (table,row,switches,metric,value,seed,data,note), one run folder per
 row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +- std over seeds).''')
-    ap.add_argument('--data', help='dataset folder (jsonl + features.h5 or features/): synthetic proxy or real features')
+    ap.add_argument('--data',
+                    help='dataset folder (jsonl + features.h5 or features/): synthetic proxy or real features')
     ap.add_argument('--rows', default='all', help="Table V rows: 'all' or a comma list, e.g. 1,6,13 (default all)")
     ap.add_argument('--epochs', type=int, default=3, help='training epochs per run (default 3)')
     ap.add_argument('--seeds', type=int, default=1, help='seeds per row, 0..K-1 (default 1)')
@@ -293,7 +305,9 @@ row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +-
         res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)   # bad data: the CLI's one-line error, exit 2
     Path(a.figdir).mkdir(parents=True, exist_ok=True)
     fig = plot_ablation(res, paper, rows=list(dict.fromkeys(res.row)))
-    fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight'); plt.close(fig)
+    fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight')
+    plt.close(fig)
     print(res.pivot_table(index='row', columns='metric', values='value', aggfunc='mean').round(2).to_string())
-    print(f"results: {Path(a.out)/'results.csv' if not a.plot_only else a.plot_only}; figure: {Path(a.figdir)/'ablation_table_V.png'}")
+    print(f"results: {Path(a.out)/'results.csv' if not a.plot_only else a.plot_only}; figure: "
+          f"{Path(a.figdir)/'ablation_table_V.png'}")
     return 0

@@ -39,9 +39,12 @@ def loss_spans(outputs:dict, # pred_spans (B, Nq, 2) cxw
                **kwargs)->dict: # loss_span, loss_giou
     "L1 and 1 − GIoU between matched predicted and target spans."
     src = outputs['pred_spans'][src_permutation_idx(indices)]  # (N, 2)
-    if len(src) == 0: zero = outputs['pred_spans'].sum() * 0; return dict(loss_span=zero, loss_giou=zero)
+    if len(src) == 0:
+        zero = outputs['pred_spans'].sum() * 0
+        return dict(loss_span=zero, loss_giou=zero)
     tgt = matched_target_spans(targets['span_labels'], indices).to(src)  # (N, 2)
-    giou = batched_temporal_iou(span_cxw_to_xx(src)[:, None], span_cxw_to_xx(tgt)[:, None], generalized=True)  # (N, 1, 1)
+    giou = batched_temporal_iou(span_cxw_to_xx(src)[:, None], span_cxw_to_xx(tgt)[:, None],
+                                generalized=True)  # (N, 1, 1)
     return dict(loss_span=F.l1_loss(src, tgt), loss_giou=(1 - giou).mean())
 
 # %% ../nbs/10_loss.ipynb #812bfa0c
@@ -55,7 +58,8 @@ def loss_labels(outputs:dict, # pred_logits (B, Nq, 2), 0 = foreground
     idx = src_permutation_idx(indices)
     tgt = torch.ones(logits.shape[:2], dtype=torch.int64, device=logits.device)  # (B, Nq) background
     tgt[idx] = 0
-    ce = F.cross_entropy(logits.transpose(1, 2), tgt, weight=logits.new_tensor([1., eos_coef]), reduction='none')  # (B, Nq)
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, weight=logits.new_tensor([1., eos_coef]),
+                         reduction='none')  # (B, Nq)
     err = 100 - 100 * (logits[idx].argmax(-1) == 0).float().mean() if len(idx[0]) else logits.new_zeros(())
     return dict(loss_label=ce.mean(), class_error=err.detach())
 

@@ -22,7 +22,8 @@ def pad_target_spans(span_labels:list[dict], # B dicts with 'spans' (n_b, 2) cxw
     for b, t in enumerate(span_labels):
         if 'spans' not in t: raise KeyError(f"span_labels[{b}] has no 'spans' key (keys: {list(t)})")
         s = t['spans']
-        if s.dim() != 2 or s.shape[-1] != 2: raise ValueError(f"span_labels[{b}]['spans'] must be (n, 2), got {tuple(s.shape)}")
+        if s.dim() != 2 or s.shape[-1] != 2:
+            raise ValueError(f"span_labels[{b}]['spans'] must be (n, 2), got {tuple(s.shape)}")
     sizes = [len(t['spans']) for t in span_labels]
     M, ref = max(sizes, default=0), span_labels[0]['spans']
     spans = ref.new_tensor(pad_span).repeat(len(sizes), M, 1)  # (B, M, 2)
@@ -71,7 +72,8 @@ class HungarianMatcher(nn.Module):
     "One-to-one assignment of predictions to target windows, per sample, minimising `match_cost`."
     def __init__(self, cost_class:float=4., cost_span:float=10., cost_giou:float=1.):
         super().__init__()
-        if cost_class == 0 and cost_span == 0 and cost_giou == 0: raise ValueError("HungarianMatcher: all cost weights are 0")
+        if cost_class == 0 and cost_span == 0 and cost_giou == 0:
+            raise ValueError("HungarianMatcher: all cost weights are 0")
         self.cost_class, self.cost_span, self.cost_giou = cost_class, cost_span, cost_giou
 
     @torch.no_grad()
@@ -80,17 +82,21 @@ class HungarianMatcher(nn.Module):
                )->MatchIndices: # B pairs of int64 (pred_idx, tgt_idx), a list
         span_labels = targets['span_labels'] if isinstance(targets, dict) else targets
         B = outputs['pred_spans'].shape[0]
-        if len(span_labels) != B: raise ValueError(f"HungarianMatcher: {len(span_labels)} span_labels for a batch of {B}")
+        if len(span_labels) != B:
+            raise ValueError(f"HungarianMatcher: {len(span_labels)} span_labels for a batch of {B}")
         tgt_spans, _ = pad_target_spans(span_labels)  # (B, M, 2)
         C = match_cost(outputs['pred_logits'], outputs['pred_spans'], tgt_spans,
                        self.cost_class, self.cost_span, self.cost_giou).cpu()  # (B, Nq, M), the one device-to-host copy
         sizes = [len(t['spans']) for t in span_labels]
         valid = torch.arange(C.shape[2])[None] < torch.tensor(sizes)[:, None]  # (B, M), on the host
         bad = (~torch.isfinite(C) & valid[:, None]).flatten(1).any(1).nonzero().flatten().tolist()
-        if bad: raise ValueError(f"HungarianMatcher: non-finite matching cost for sample(s) {bad} (NaN/inf in pred_logits or pred_spans)")
+        if bad:
+            raise ValueError(f"HungarianMatcher: non-finite matching cost for sample(s) {bad} (NaN/inf in pred_logits "
+                             "or pred_spans)")
         pairs = [linear_sum_assignment(C[b, :, :n]) for b, n in enumerate(sizes)]
         out = MatchIndices(tuple(torch.as_tensor(x, dtype=torch.int64) for x in p) for p in pairs)
-        flat = np.concatenate([np.stack([np.full(len(r), b), r, c]) for b, (r, c) in enumerate(pairs)], axis=1)  # (3, N)
+        flat = np.concatenate([np.stack([np.full(len(r), b), r, c]) for b, (r, c) in enumerate(pairs)],
+                              axis=1)  # (3, N)
         out.batch_idx, out.src_idx, out.tgt_idx = torch.from_numpy(flat.astype(np.int64)).to(outputs['pred_spans'].device)
         out.tgt_spans = tgt_spans
         return out
@@ -98,6 +104,7 @@ class HungarianMatcher(nn.Module):
 # %% ../nbs/09_matcher.ipynb #a3af0bb7
 def build_matcher(cfg)->HungarianMatcher:
     "The matcher with the cost weights of a `VLConfig` (or any object with `set_cost_*` fields)."
-    if getattr(cfg, 'span_loss_type', 'l1') != 'l1': raise ValueError(f"build_matcher: span_loss_type {cfg.span_loss_type!r} is not supported (only 'l1')")
+    if getattr(cfg, 'span_loss_type', 'l1') != 'l1':
+        raise ValueError(f"build_matcher: span_loss_type {cfg.span_loss_type!r} is not supported (only 'l1')")
     return HungarianMatcher(cost_class=getattr(cfg, 'set_cost_class', 4.), cost_span=getattr(cfg, 'set_cost_span', 10.),
                             cost_giou=getattr(cfg, 'set_cost_giou', 1.))

@@ -57,7 +57,9 @@ def check_qids(sub:Records, gt:Records, strict:bool=False, match_number:bool=Tru
     gfirst = {}
     for i in range(len(gt)):
         q = _qid(gt, i)
-        if q in gfirst: raise EvalInputError(f"{gt.where(i)}: duplicate qid {q!r} in the ground truth (first at {gt.where(gfirst[q])})")
+        if q in gfirst:
+            raise EvalInputError(f"{gt.where(i)}: duplicate qid {q!r} in the ground truth (first at "
+                                 f"{gt.where(gfirst[q])})")
         gfirst[q] = i
     sq = [_qid(sub, i) for i in range(len(sub))]
     sfirst, dups = {}, []
@@ -68,15 +70,19 @@ def check_qids(sub:Records, gt:Records, strict:bool=False, match_number:bool=Tru
         i = dups[0]
         msg = f"{sub.where(i)}: duplicate qid {sq[i]!r} (first at {sub.where(sfirst[sq[i]])}); {len(dups)} duplicate line(s)"
         if strict: raise EvalInputError(msg)
-        warnings.warn(msg + "; scored as the official evaluator does (MR-mAP pools the first 10 windows of each copy, R1/HD use the last copy)")
+        warnings.warn(msg + "; scored as the official evaluator does (MR-mAP pools the first 10 windows of each copy, "
+                            "R1/HD use the last copy)")
     unknown = [i for i, q in enumerate(sq) if q not in gfirst]
     missing = [q for q in gfirst if q not in sfirst]
     if match_number and unknown:
-        i = unknown[0]; hint = ' (the ground truth has it with another type)' if str(sq[i]) in map(str, gfirst) else ''
-        raise EvalInputError(f"{sub.where(i)}: qid {sq[i]!r} is not in the ground truth {gt.path}{hint}; {len(unknown)} such line(s)")
+        i = unknown[0]
+        hint = ' (the ground truth has it with another type)' if str(sq[i]) in map(str, gfirst) else ''
+        raise EvalInputError(f"{sub.where(i)}: qid {sq[i]!r} is not in the ground truth {gt.path}{hint}; "
+                             f"{len(unknown)} such line(s)")
     if match_number and missing:
         q = missing[0]
-        raise EvalInputError(f"{sub.path}: no prediction for qid {q!r} ({gt.where(gfirst[q])}); {len(missing)} ground-truth qid(s) missing (match_number=False, or --subset, scores the shared qids only)")
+        raise EvalInputError(f"{sub.path}: no prediction for qid {q!r} ({gt.where(gfirst[q])}); {len(missing)} "
+                             "ground-truth qid(s) missing (match_number=False, or --subset, scores the shared qids only)")
     if not len(sub): raise EvalInputError(f"{sub.path}: no records to evaluate")
     keep_s = [i for i, q in enumerate(sq) if q in gfirst]
     keep_g = sorted(gfirst[q] for q in sfirst if q in gfirst)
@@ -133,7 +139,8 @@ def _lists(recs:Records, key:str, what:str)->tuple[list, np.ndarray, list]:
     vals = []
     for i, d in enumerate(recs):
         if key not in d: raise EvalInputError(f"{recs.where(i)}: missing key '{key}'")
-        if not isinstance(d[key], (list, Packed)): raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of {what}, got {type(d[key]).__name__}")
+        if not isinstance(d[key], (list, Packed)):
+            raise EvalInputError(f"{recs.where(i)}: '{key}' must be a list of {what}, got {type(d[key]).__name__}")
         vals.append(d[key])
     counts = np.array([len(v) for v in vals], dtype=np.int64)
     return vals, counts, (None if vals and all(type(v) is Packed for v in vals) else list(chain.from_iterable(vals)))
@@ -162,7 +169,8 @@ def _values(recs:Records, key:str)->tuple[np.ndarray, np.ndarray]:
     if a is None or a.ndim != 1 or a.dtype.kind not in 'if' or not np.isfinite(a).all():
         for i, v in enumerate(vals):
             for j, x in enumerate(v):
-                if not _is_num(x): raise EvalInputError(f"{recs.where(i)}: '{key}'[{j}]: expected a finite number, got {x!r}")
+                if not _is_num(x):
+                    raise EvalInputError(f"{recs.where(i)}: '{key}'[{j}]: expected a finite number, got {x!r}")
         a = np.array(flat, dtype=np.float64)
     return a.astype(np.float64), counts
 
@@ -274,8 +282,10 @@ def _pad(vals:np.ndarray, q:np.ndarray, Q:int, fill)->tuple[np.ndarray, np.ndarr
 def _mr_bucket(pw:np.ndarray, pq:np.ndarray, r1w:np.ndarray, gw:np.ndarray, gq:np.ndarray,
                r1_thds:list[float], miou:bool=False)->dict:
     "MR-mAP and MR-R1 (and MR-mIoU) of one bucket; pw (N,3)/pq and gw (M,2)/gq are grouped by query index."
-    qs = np.unique(gq); Q = len(qs)
-    remap = np.full(max(int(pq.max(initial=-1)), int(gq.max(initial=-1))) + 1, -1); remap[qs] = np.arange(Q)
+    qs = np.unique(gq)
+    Q = len(qs)
+    remap = np.full(max(int(pq.max(initial=-1)), int(gq.max(initial=-1))) + 1, -1)
+    remap[qs] = np.arange(Q)
     keep = remap[pq] >= 0
     win, n_pred = _pad(pw[keep], remap[pq[keep]], Q, 0.)                      # (Q, P, 3)
     key = np.where(np.arange(win.shape[1]) < n_pred[:, None], -win[..., 2], np.inf)
@@ -287,9 +297,11 @@ def _mr_bucket(pw:np.ndarray, pq:np.ndarray, r1w:np.ndarray, gw:np.ndarray, gq:n
         return detection_ap(greedy_match(iou, n_pred[s], n_gt[s], MR_AP_THDS), n_pred[s], n_gt[s])
     ap = _by_chunks(ap_of, Q)                                                 # (Q, T)
     ap_thds = ap.mean(0)
-    res = dict(zip([str(t) for t in MR_AP_THDS], ap_thds)); res['average'] = np.mean(ap_thds)
+    res = dict(zip([str(t) for t in MR_AP_THDS], ap_thds))
+    res['average'] = np.mean(ap_thds)
     out = {'MR-mAP': {k: float(f"{100 * v:.2f}") for k, v in res.items()}}
-    r1 = r1w[qs]; ok = np.isfinite(r1).all(1)                                # (Q, 2); empty lists are misses
+    r1 = r1w[qs]
+    ok = np.isfinite(r1).all(1)  # (Q, 2); empty lists are misses
     cross = iou_cross(np.nan_to_num(r1)[:, None], g)[:, 0]                   # (Q, G)
     cross[np.arange(g.shape[1]) >= n_gt[:, None]] = -np.inf
     best = g[np.arange(Q), cross.argmax(1)]                                   # (Q, 2)
@@ -312,7 +324,8 @@ def saliency_ap(scores:np.ndarray,  # (Q, C) predicted saliency; padding beyond 
     it = np.int16 if C < 2**15 else np.int64                                    # counts of at most C: exact, and less to move
     y = np.take_along_axis(labels.astype(it), o[:, None, :], 2)                 # (Q, A, C) ranked 0/1 labels
     end = (valid & ((k == n_clips[:, None] - 1) | (s != np.roll(s, -1, 1))))[:, None, :]  # last of each tie run
-    tps = np.cumsum(y, 2, dtype=it); prec = tps / (k + 1.)                      # (Q, A, C); prec in float64
+    tps = np.cumsum(y, 2, dtype=it)
+    prec = tps / (k + 1.)  # (Q, A, C); prec in float64
     interp = np.maximum.accumulate(np.where(end, prec, -np.inf)[..., ::-1], 2)  # reversed: low thresholds first
     prev = np.maximum.accumulate(np.where(end, tps, it(0)), 2)                  # tps at the last run end so far
     inc = (end & (tps != np.concatenate([np.zeros((Q, A, 1), it), prev[..., :-1]], 2)))[..., ::-1]
@@ -327,7 +340,9 @@ def _strict_checks(sub:Records, gt:Records, pw:np.ndarray, pn:np.ndarray, has_mr
     for key in ('pred_relevant_windows', 'pred_saliency_scores'):
         if key not in sub[0]:
             for i, d in enumerate(sub):
-                if key in d: raise EvalInputError(f"{sub.where(i)}: has '{key}' but the first line does not (the official evaluator ignores it)")
+                if key in d:
+                    raise EvalInputError(f"{sub.where(i)}: has '{key}' but the first line does not (the official "
+                                         "evaluator ignores it)")
     dur = np.array([float(d.get('duration', np.inf)) for d in gt])
     gidx = {d['qid']: j for j, d in enumerate(gt)}
     if has_mr:
@@ -335,37 +350,51 @@ def _strict_checks(sub:Records, gt:Records, pw:np.ndarray, pn:np.ndarray, has_mr
         for i, d in enumerate(sub):
             ws = d['pred_relevant_windows']
             if not ws: raise EvalInputError(f"{sub.where(i)}: empty 'pred_relevant_windows'")
-            if len(ws) > 10: raise EvalInputError(f"{sub.where(i)}: {len(ws)} windows; the official evaluator ignores all after the 10th")
-            if any(len(w) != 3 for w in ws): raise EvalInputError(f"{sub.where(i)}: every window must be [start, end, score]")
-        sc = pw[:, 2]; same = rec[1:] == rec[:-1]
+            if len(ws) > 10:
+                raise EvalInputError(f"{sub.where(i)}: {len(ws)} windows; the official evaluator ignores all after the "
+                                     "10th")
+            if any(len(w) != 3 for w in ws):
+                raise EvalInputError(f"{sub.where(i)}: every window must be [start, end, score]")
+        sc = pw[:, 2]
+        same = rec[1:] == rec[:-1]
         bad = np.flatnonzero(same & (sc[1:] > sc[:-1]))
-        if len(bad): raise EvalInputError(f"{sub.where(rec[bad[0]])}: windows are not sorted by score (R1 scores the first listed window)")
+        if len(bad):
+            raise EvalInputError(f"{sub.where(rec[bad[0]])}: windows are not sorted by score (R1 scores the first "
+                                 "listed window)")
         d_of = dur[[gidx[sub[i]['qid']] for i in rec]] if len(rec) else np.zeros(0)
         bad = np.flatnonzero((pw[:, 0] > pw[:, 1]) | (pw[:, 0] < 0) | (pw[:, 1] > d_of))
-        if len(bad): raise EvalInputError(f"{sub.where(rec[bad[0]])}: window {pw[bad[0], :2].tolist()} is reversed or outside [0, duration={d_of[bad[0]]}]")
+        if len(bad):
+            raise EvalInputError(f"{sub.where(rec[bad[0]])}: window {pw[bad[0], :2].tolist()} is reversed or outside "
+                                 f"[0, duration={d_of[bad[0]]}]")
     if has_hd:
         for i, d in enumerate(sub):
             c = int(gt[gidx[d['qid']]]['duration'] / CLIP_LEN)
-            if len(d['pred_saliency_scores']) != c: raise EvalInputError(f"{sub.where(i)}: {len(d['pred_saliency_scores'])} saliency scores for {c} clips")
+            if len(d['pred_saliency_scores']) != c:
+                raise EvalInputError(f"{sub.where(i)}: {len(d['pred_saliency_scores'])} saliency scores for {c} clips")
 
 # %% ../nbs/03_metrics.ipynb #5b4c79f6
 def _last_copy(sub:Records)->tuple[list, np.ndarray]:
     "Unique qids in order of first appearance, and for each the index of its last record."
     first, last = {}, {}
-    for i, d in enumerate(sub): first.setdefault(d['qid'], len(first)); last[d['qid']] = i
+    for i, d in enumerate(sub):
+        first.setdefault(d['qid'], len(first))
+        last[d['qid']] = i
     return list(first), np.array([last[q] for q in first], dtype=np.int64)
 
 def _mr_inputs(sub:Records, gt:Records, qids:list, last:np.ndarray):
     "Flat pooled predictions (first 10 of each copy), R1 windows (last copy, first window) and GT windows."
     qi = {q: j for j, q in enumerate(qids)}
     w, n = _rows(sub, 'pred_relevant_windows', 3, '[start, end, score] windows')
-    rec = np.repeat(np.arange(len(sub)), n); rank = np.arange(len(rec)) - np.concatenate([[0], np.cumsum(n)[:-1]])[rec]
+    rec = np.repeat(np.arange(len(sub)), n)
+    rank = np.arange(len(rec)) - np.concatenate([[0], np.cumsum(n)[:-1]])[rec]
     pq = np.array([qi[d['qid']] for d in sub], dtype=np.int64)[rec]
     keep = rank < 10
-    o = np.argsort(pq[keep], kind='stable'); pw, pq = w[keep][o], pq[keep][o]
+    o = np.argsort(pq[keep], kind='stable')
+    pw, pq = w[keep][o], pq[keep][o]
     first = np.concatenate([[0], np.cumsum(n)[:-1]])
     r1w = np.full((len(qids), 2), np.nan)
-    has = n[last] > 0; r1w[has] = w[first[last[has]], :2]
+    has = n[last] > 0
+    r1w[has] = w[first[last[has]], :2]
     gw, gn = _rows(gt, 'relevant_windows', 2, '[start, end] windows')
     for i in np.flatnonzero(gn == 0): raise EvalInputError(f"{gt.where(i)}: empty 'relevant_windows'")
     gq = np.repeat(np.array([qi[d['qid']] for d in gt], dtype=np.int64), gn)
@@ -384,7 +413,8 @@ def eval_moment_retrieval(pw, pq, r1w, gw, gq, r1_thds:list[float]=QVH_R1_THDS, 
             out[name] = {'MR-mAP': dummy, 'MR-R1': dummy}
         else:
             warnings.warn(f"no ground-truth window in bucket '{name}' ({lo}, {hi}]: reported as zeros")
-            out[name] = {'MR-mAP': {str(t): 0. for t in MR_AP_THDS} | {'average': 0.}, 'MR-R1': {str(t): 0. for t in r1_thds}}
+            out[name] = {'MR-mAP': {str(t): 0. for t in MR_AP_THDS} | {'average': 0.},
+                         'MR-R1': {str(t): 0. for t in r1_thds}}
             if miou: out[name] = {'MR-mIoU': 0.} | out[name]
     return out
 
@@ -395,16 +425,22 @@ def _gt_saliency(gt:Records, qids:list)->tuple[np.ndarray, np.ndarray]:
     g = gt.subset([rows[q] for q in qids])
     for i, d in enumerate(g):
         for key in ('duration', 'relevant_clip_ids', 'saliency_scores'):
-            if d.get(key) is None: raise EvalInputError(f"{g.where(i)}: missing key '{key}' (needed for highlight detection)")
+            if d.get(key) is None:
+                raise EvalInputError(f"{g.where(i)}: missing key '{key}' (needed for highlight detection)")
         if not _is_num(d['duration']) or int(d['duration'] / CLIP_LEN) < 1:
-            raise EvalInputError(f"{g.where(i)}: 'duration' must be a number of seconds >= {CLIP_LEN}, got {d['duration']!r}")
+            raise EvalInputError(f"{g.where(i)}: 'duration' must be a number of seconds >= {CLIP_LEN}, got "
+                                 f"{d['duration']!r}")
     n_clips = np.array([int(d['duration'] / CLIP_LEN) for d in g], dtype=np.int64)
     ids, n = _values(g, 'relevant_clip_ids')
     sc, m = _rows(g, 'saliency_scores', 3, 'lists of 3 annotator scores')
     rec = np.repeat(np.arange(len(g)), n)
     bad = np.flatnonzero((ids != np.round(ids)) | (ids < 0) | (ids >= n_clips[rec]))
-    if len(bad): raise EvalInputError(f"{g.where(rec[bad[0]])}: clip id {ids[bad[0]]} is not an integer in [0, {n_clips[rec[bad[0]]]})")
-    if (m != n).any(): i = int(np.flatnonzero(m != n)[0]); raise EvalInputError(f"{g.where(i)}: {n[i]} relevant_clip_ids but {m[i]} saliency_scores")
+    if len(bad):
+        raise EvalInputError(f"{g.where(rec[bad[0]])}: clip id {ids[bad[0]]} is not an integer in [0, "
+                             f"{n_clips[rec[bad[0]]]})")
+    if (m != n).any():
+        i = int(np.flatnonzero(m != n)[0])
+        raise EvalInputError(f"{g.where(i)}: {n[i]} relevant_clip_ids but {m[i]} saliency_scores")
     out = np.zeros((len(g), int(n_clips.max()), 3))
     out[rec, ids.astype(np.int64)] = sc                                          # later duplicates win, as numpy does
     return out.transpose(0, 2, 1), n_clips
@@ -421,10 +457,12 @@ def eval_highlight(sal:np.ndarray, sn:np.ndarray, gtm:np.ndarray, n_clips:np.nda
         labs = np.concatenate([(gtm[s] >= lvl) for lvl in HL_LEVELS.values()], 1).astype(float)  # (q, 3 levels x 3, C)
         hit = np.where(ok[s, None], labs[np.arange(len(labs)), :, np.minimum(top[s], C - 1)], 0.)
         return np.concatenate([saliency_ap(ap_in[s], labs, n_clips[s]), hit], 1)
-    ah = _by_chunks(part, Q); ap, hit = ah[:, :9], ah[:, 9:]                    # (Q, 9) each
+    ah = _by_chunks(part, Q)
+    ap, hit = ah[:, :9], ah[:, 9:]  # (Q, 9) each
     out = {}
     for i, name in enumerate(HL_LEVELS):
-        a = np.ascontiguousarray(ap[:, 3 * i:3 * i + 3]); h = hit[:, 3 * i:3 * i + 3]
+        a = np.ascontiguousarray(ap[:, 3 * i:3 * i + 3])
+        h = hit[:, 3 * i:3 * i + 3]
         out[f"HL-min-{name}"] = {'HL-mAP': float(f"{100 * np.mean(a):.2f}"),
                                  'HL-Hit1': float(f"{100 * np.mean(np.max(h, 1)):.2f}")}
     return out
@@ -462,9 +500,12 @@ def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:
     if evaluator not in ('videolights', 'moment_detr'):
         raise ValueError(f"evaluator={evaluator!r}: choose 'videolights' or 'moment_detr'")
     vl = evaluator == 'videolights'
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict, match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
+                         match_number)
     has_mr, has_hd = 'pred_relevant_windows' in sub[0], 'pred_saliency_scores' in sub[0]
-    if not (has_mr or has_hd): raise EvalInputError(f"{sub.where(0)}: neither 'pred_relevant_windows' nor 'pred_saliency_scores' (the first line decides what is evaluated)")
+    if not (has_mr or has_hd):
+        raise EvalInputError(f"{sub.where(0)}: neither 'pred_relevant_windows' nor 'pred_saliency_scores' (the first "
+                             "line decides what is evaluated)")
     qids, last = _last_copy(sub)
     res, mr, hl = {}, None, None
     if has_mr:
@@ -478,7 +519,8 @@ def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:
         sal, sn = _values(lsub, 'pred_saliency_scores')
         if strict: _strict_checks(sub, gt, None, None, False, True)
         gtm, n_clips = _gt_saliency(gt, qids)
-        hl = eval_highlight(sal, sn, gtm, n_clips); res.update(hl)
+        hl = eval_highlight(sal, sn, gtm, n_clips)
+        res.update(hl)
     if strict and not has_hd: _strict_checks(sub, gt, None, None, False, False)
     out = OrderedDict(brief=_brief(mr, hl, videolights=vl))
     out.update(sorted(res.items()))
@@ -489,8 +531,10 @@ def _r5(sub:Records, gt:Records, qids:list, last:np.ndarray)->np.ndarray:
     "Best hull IoU (Q,) of the first 5 listed windows (last copy) with any GT window of the query (R5 is `best >= t`)."
     lsub = sub.subset(last)
     w, n = _rows(lsub, 'pred_relevant_windows', 3, 'windows')
-    rec = np.repeat(np.arange(len(lsub)), n); rank = np.arange(len(rec)) - np.concatenate([[0], np.cumsum(n)[:-1]])[rec]
-    gw, gn = _rows(gt.subset([{d['qid']: i for i, d in enumerate(gt)}[q] for q in qids]), 'relevant_windows', 2, 'windows')
+    rec = np.repeat(np.arange(len(lsub)), n)
+    rank = np.arange(len(rec)) - np.concatenate([[0], np.cumsum(n)[:-1]])[rec]
+    gw, gn = _rows(gt.subset([{d['qid']: i for i, d in enumerate(gt)}[q] for q in qids]), 'relevant_windows', 2,
+                   'windows')
     gq = np.repeat(np.arange(len(qids)), gn)
     p, _ = _pad(w[rank < 5, :2], rec[rank < 5], len(qids), np.nan)            # (Q, 5, 2)
     g, _ = _pad(gw, gq, len(qids), np.nan)                                     # (Q, G, 2)
@@ -499,7 +543,8 @@ def _r5(sub:Records, gt:Records, qids:list, last:np.ndarray)->np.ndarray:
 
 def eval_charades(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
     "Charades-STA metrics: the VideoLights evaluator (R1@0.3…0.95, mIoU, mAP, buckets) plus our R5."
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict, match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
+                         match_number)
     if 'pred_relevant_windows' not in sub[0]: raise EvalInputError(f"{sub.where(0)}: no 'pred_relevant_windows'")
     qids, last = _last_copy(sub)
     pw, pq, r1w, gw, gq, pn = _mr_inputs(sub, gt, qids, last)
@@ -531,10 +576,13 @@ def _ap_ranked(lab:list[float])->float:
     "The UMT/VideoLights AP of a ranked 0/1 label list, in Python floats as the official loop."
     n = sum(lab)
     if n == 0: return 0
-    hits = ap = rec = 0; prc = 1
+    hits = ap = rec = 0
+    prc = 1
     for j, g in enumerate(lab):
-        hits += g; _rec, _prc = hits / n, hits / (j + 1)
-        ap += (_rec - rec) * (prc + _prc) / 2; rec, prc = _rec, _prc
+        hits += g
+        _rec, _prc = hits / n, hits / (j + 1)
+        ap += (_rec - rec) * (prc + _prc) / 2
+        rec, prc = _rec, _prc
     return ap
 
 def tvsum_video_ap(pred, label, topk:int=5)->list[float]|None:
@@ -549,24 +597,29 @@ def tvsum_video_ap(pred, label, topk:int=5)->list[float]|None:
         return None if sum(y) == 0 else [float(_ap_ranked(y))]
     out = []
     for i in range(lab.shape[1]):
-        col = lab[:, i]; b = torch.where(col > col.median(), 1.0, .0)
+        col = lab[:, i]
+        b = torch.where(col > col.median(), 1.0, .0)
         out.append(_ap_ranked(b[inds].tolist()[:topk]))
     return out
 
 # %% ../nbs/03_metrics.ipynb #0b87b8c1
 def eval_tvsum(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
     "TVSum top-5 mAP per domain and their mean (fractions, as the official code); YouTube-HL style for 1-column labels."
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict, match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
+                         match_number)
     qids, last = _last_copy(sub)
     sal, sn = _values(sub.subset(last), 'pred_saliency_scores')
     starts = np.concatenate([[0], np.cumsum(sn)])
     rows = {d['qid']: i for i, d in enumerate(gt)}
     per_dom = OrderedDict()
     for j, q in enumerate(qids):
-        i = rows[q]; d = gt[i]
+        i = rows[q]
+        d = gt[i]
         try: lab = np.asarray(d['label'], dtype=np.float64)
-        except (KeyError, TypeError, ValueError): raise EvalInputError(f"{gt.where(i)}: 'label' must be a (clips, annotators) number matrix") from None
-        if lab.ndim not in (1, 2) or len(lab) == 0: raise EvalInputError(f"{gt.where(i)}: 'label' must be a (clips, annotators) number matrix")
+        except (KeyError, TypeError, ValueError):
+            raise EvalInputError(f"{gt.where(i)}: 'label' must be a (clips, annotators) number matrix") from None
+        if lab.ndim not in (1, 2) or len(lab) == 0:
+            raise EvalInputError(f"{gt.where(i)}: 'label' must be a (clips, annotators) number matrix")
         pred = sal[starts[j]:starts[j + 1]]
         if len(pred) == 0 or (strict and len(pred) != len(lab)):
             raise EvalInputError(f"{sub.where(int(last[j]))}: {len(pred)} saliency scores for {len(lab)} clips")
@@ -575,7 +628,8 @@ def eval_tvsum(submission, ground_truth, strict:bool=False, match_number:bool=Tr
     means = {k: np.mean(v) for k, v in per_dom.items()}
     brief = OrderedDict(mAP=float(np.round(np.mean(list(means.values())), 5)))
     brief.update((k, float(np.round(m, 5))) for k, m in sorted(means.items()))
-    return OrderedDict(brief=brief, domains={k: {'mAP': brief[k], 'n_videos': len(per_dom[k])} for k in sorted(per_dom)})
+    return OrderedDict(brief=brief,
+                       domains={k: {'mAP': brief[k], 'n_videos': len(per_dom[k])} for k in sorted(per_dom)})
 
 # %% ../nbs/03_metrics.ipynb #30f9196b
 def eval_moment_detr(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
@@ -603,16 +657,19 @@ def _restrict(a, like):
 # %% ../nbs/03_metrics.ipynb #931d9665
 def format_table(metrics:dict)->str:
     "A readable table of the `brief` block, plus the per-bucket MR numbers when present."
-    b = metrics['brief']; w = max(map(len, b)) if b else 10
+    b = metrics['brief']
+    w = max(map(len, b)) if b else 10
     pct = any(k.startswith(('MR', 'HL')) for k in b)                         # QVH/Charades: percentages; TVSum: fractions
-    lines = [f"{'metric':<{w}}  value", '-' * (w + 9)] + [f"{k:<{w}}  {v:7.2f}" if pct else f"{k:<{w}}  {v:.5f}" for k, v in b.items()]
+    lines = [f"{'metric':<{w}}  value",
+             '-' * (w + 9)] + [f"{k:<{w}}  {v:7.2f}" if pct else f"{k:<{w}}  {v:.5f}" for k, v in b.items()]
     if 'full' in metrics and 'MR-mAP' in metrics['full']:
         cols = ['R1@0.5', 'R1@0.7', 'mAP@0.5', 'mAP@0.75', 'mAP']
         lines += ['', f"{'bucket':<8}" + ''.join(f"{c:>10}" for c in cols)]
         for name in ('full', 'short', 'middle', 'long'):
             m = metrics.get(name)
             if not m: continue
-            vals = [m['MR-R1'].get('0.5', 0.), m['MR-R1'].get('0.7', 0.), m['MR-mAP'].get('0.5', 0.), m['MR-mAP'].get('0.75', 0.), m['MR-mAP']['average']]
+            vals = [m['MR-R1'].get('0.5', 0.), m['MR-R1'].get('0.7', 0.), m['MR-mAP'].get('0.5', 0.),
+                    m['MR-mAP'].get('0.75', 0.), m['MR-mAP']['average']]
             lines.append(f"{name:<8}" + ''.join(f"{v:>10.2f}" for v in vals))
     return '\n'.join(lines)
 
@@ -623,14 +680,17 @@ def eval_main(argv:list[str]|None=None)->int:
                '  videolights eval --submission charades_preds.jsonl --gt data/charades_sta/charades_sta_test_tvr_format.jsonl --dataset charades\n'
                '  videolights eval --submission tvsum_preds.jsonl --gt data/tvsum/tvsum_val.jsonl --dataset tvsum',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--submission', required=True, help='prediction jsonl (qid, pred_relevant_windows, pred_saliency_scores)')
+    p.add_argument('--submission', required=True,
+                   help='prediction jsonl (qid, pred_relevant_windows, pred_saliency_scores)')
     p.add_argument('--gt', required=True, help='ground-truth jsonl')
     p.add_argument('--dataset', default='qvhighlights', choices=list(EVALUATORS))
     p.add_argument('--out', default=None, help='write the metrics JSON here')
     p.add_argument('--strict', action='store_true', help='reject inputs where an official quirk would apply')
-    p.add_argument('--subset', action='store_true', help='score only the qids present on both sides (match_number=False)')
+    p.add_argument('--subset', action='store_true',
+                   help='score only the qids present on both sides (match_number=False)')
     a = p.parse_args(argv)
-    m = eval_submission(read_jsonl(a.submission, pack=True), read_jsonl(a.gt, pack=True), a.dataset, a.strict, not a.subset)
+    m = eval_submission(read_jsonl(a.submission, pack=True), read_jsonl(a.gt, pack=True), a.dataset, a.strict,
+                        not a.subset)
     print(format_table(m))
     if a.out: write_text_atomic(a.out, json.dumps(m, indent=4))
     return 0
@@ -640,7 +700,8 @@ def make_noisy_submission(gt:list[dict], seed:int=0, n_windows:int=10)->list[dic
     "Realistic predictions for `gt`: jittered GT windows and random ones on the 2-s grid, noisy saliency."
     rng, out = np.random.default_rng(seed), []
     for d in gt:
-        dur = float(d['duration']); gws = d.get('relevant_windows') or [[0, dur]]
+        dur = float(d['duration'])
+        gws = d.get('relevant_windows') or [[0, dur]]
         w = np.array([gws[i % len(gws)] for i in range(n_windows)], float) + rng.normal(0, 4, (n_windows, 2))
         rand = rng.random(n_windows) < 0.4
         w[rand] = np.sort(rng.uniform(0, dur, (int(rand.sum()), 2)), 1)

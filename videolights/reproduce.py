@@ -379,7 +379,8 @@ def plot_reproduction(cmp:pd.DataFrame, title:str=''):
     ax.fill_between([lo, 100], [lo - TOLERANCE, 100 - TOLERANCE], [lo + TOLERANCE, 100 + TOLERANCE], color='0.9')
     ax.set(xlabel='paper', ylabel='ours (mean over seeds)', xlim=(lo, 100), ylim=(lo, 100))
     ax.set_title(title or f"{len(done)} of {len(cmp)} published numbers run", fontsize=9)
-    ax.legend(fontsize=7, loc='upper left'); fig.tight_layout()
+    ax.legend(fontsize=7, loc='upper left')
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/16_reproduce.ipynb #7b060f40
@@ -390,7 +391,9 @@ def _run_all(jobs:list[Job], setup:Setup, log)->tuple[list[dict], dict]:
         for i in range(setup.n_runs(j)):
             tag = f"{j.name} seed {seed_of(i)}"
             if j.init in failed:
-                failed[f'{j.name}#{i}'] = f"skipped: {j.init} failed"; log(f"skip  {tag}: {j.init} failed"); continue
+                failed[f'{j.name}#{i}'] = f"skipped: {j.init} failed"
+                log(f"skip  {tag}: {j.init} failed")
+                continue
             done = (setup.run_dir(j, i)/'result.json').is_file()
             log(f"{'done ' if done else 'run  '} {tag}")
             try: results.append(run_job(j, i, setup))
@@ -406,11 +409,17 @@ def _ablations(spec:str, setup:Setup, log)->tuple[pd.DataFrame, dict]:
     picked = ablation_jobs(spec, paper)
     every = [j for _, _, j in picked if j] + [pretrain_job(f) for f in ('SF+CLIP', 'SF+CLIP+BLIP-2', 'ASR')]
     for table, row, job in picked:
-        if job is None: log(f"not reproducible here: Table {table} row {row} (another method)"); continue
+        if job is None:
+            log(f"not reproducible here: Table {table} row {row} (another method)")
+            continue
         if miss := [m for p in needed([job], every) for m in missing(p, setup)]:
-            log(f"skip  Table {table} row {row}: needs {', '.join(dict.fromkeys(miss))}"); continue
+            log(f"skip  Table {table} row {row}: needs {', '.join(dict.fromkeys(miss))}")
+            continue
         _, f = _run_all([p for p in needed([job], every) if p.once], setup, log)
-        if f: failed.update(f); log(f"skip  Table {table} row {row}: its pretraining failed"); continue
+        if f:
+            failed.update(f)
+            log(f"skip  Table {table} row {row}: its pretraining failed")
+            continue
         def fn(over, s, _, job=job, table=table, row=row):
             done = (setup.run_dir(job, s)/'result.json').is_file()
             log(f"{'done ' if done else 'run  '} Table {table} row {row} ({job.name}) seed {seed_of(s)}")
@@ -418,7 +427,8 @@ def _ablations(spec:str, setup:Setup, log)->tuple[pd.DataFrame, dict]:
         label = 'stand-in archives' if setup.proxy else str(setup.data)
         try: frames.append(ablate(fn, [row], paper, setup.seeds, None, label, table, skip=()))
         except Exception as e:
-            failed[f'{table}:{row}'] = msg = f"{type(e).__name__}: {e}"; log(f"FAILED Table {table} row {row}: {msg}")
+            failed[f'{table}:{row}'] = msg = f"{type(e).__name__}: {e}"
+            log(f"FAILED Table {table} row {row}: {msg}")
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), failed
 
 # %% ../nbs/16_reproduce.ipynb #964fd306
@@ -454,7 +464,8 @@ def _merge_ablations(new:pd.DataFrame, path:Path)->pd.DataFrame:
 def write_outputs(setup:Setup, jobs:list[Job], ab:pd.DataFrame, failed:dict)->dict:
     "Compare every finished run of OUT (and the selected rows) with the paper; write reproduction.md/.csv/.png."
     import matplotlib.pyplot as plt
-    out, every = setup.out, main_jobs(); out.mkdir(parents=True, exist_ok=True)
+    out, every = setup.out, main_jobs()
+    out.mkdir(parents=True, exist_ok=True)
     results = _finished(every, setup)
     have = {(r['dataset'], r['model']) for r in results if r['model']}
     have |= {(j.dataset, j.model) for j in jobs if not j.once}
@@ -471,11 +482,14 @@ def write_outputs(setup:Setup, jobs:list[Job], ab:pd.DataFrame, failed:dict)->di
     figs = {}
     if len(cmp):
         fig = plot_reproduction(cmp, 'stand-in data (not comparable)' if setup.proxy else '')
-        fig.savefig(out/'reproduction.png', dpi=110); plt.close(fig); figs['main'] = out/'reproduction.png'
+        fig.savefig(out/'reproduction.png', dpi=110)
+        plt.close(fig)
+        figs['main'] = out/'reproduction.png'
     for t in dict.fromkeys(ab.table) if len(ab) else []:
         fig = plot_ablation(ab, table=t, rows=list(dict.fromkeys(ab[ab.table == t].row)))
         figs[t] = out/f'reproduction_ablation_{t}.png'
-        fig.savefig(figs[t], dpi=110, bbox_inches='tight'); plt.close(fig)
+        fig.savefig(figs[t], dpi=110, bbox_inches='tight')
+        plt.close(fig)
     return dict(comparison=cmp, ablations=summ, failed=failed, report=out/'reproduction.md', figures=figs)
 
 # %% ../nbs/16_reproduce.ipynb #a248580b
@@ -611,7 +625,8 @@ SMOKE_RUN = dict(n_epoch=1, eval_every=1, num_workers=0)
 def smoke_setup(out:str|Path, n:int|None=None, seeds:int=1, epochs:int=1, paper_model:bool=False,
                 opts:RunOptions|None=None, overrides:dict|None=None, progress:bool=False)->Setup:
     "The stand-in archives under OUT/proxy (built once) and a `Setup` for a short run on them."
-    out = Path(out); data = out/'proxy'
+    out = Path(out)
+    data = out/'proxy'
     if not (data/'complete').is_file():
         shutil.rmtree(data, ignore_errors=True)
         fake_archives(data, n=n, progress=progress)
@@ -703,7 +718,8 @@ def _plan_cmd(a, setup:Setup, jobs:list[Job], abl:list)->int:
     if a.measure:
         measured = {**(measured or {}), **measure_steps(alljobs, setup, setup.opts.device if setup.opts.device != 'auto'
                                                           else ('cuda' if torch.cuda.is_available() else 'cpu'))}
-        mpath.parent.mkdir(parents=True, exist_ok=True); _write_json(measured, mpath)
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(measured, mpath)
     df, disk = plan(alljobs, setup, measured)
     print(format_plan(df, disk, setup))
     for t, r, j in abl:

@@ -204,7 +204,8 @@ def merge_submissions(parts:Sequence[str|Path], # partial submission files (json
 def _errors(prog:str, fn, *args)->int:
     try: return fn(*args)
     except (OSError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr); return 2
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 def merge_features_main(argv:list[str]|None=None)->int:
     "`videolights merge-features OUT.h5 SHARD...`: shard stores of `extract --shard K/N` -> one store."

@@ -39,7 +39,8 @@ def read_qvh_split(split:str, # 'train' or 'val'
     path = Path(ann_dir or default_ann_dir())/f'highlight_{split}_release.jsonl'
     recs = Records.from_jsonl(path, BadInputError, 'a QVHighlights annotation file')
     for i, r in enumerate(recs):
-        missing = {'qid', 'query', 'vid', 'duration', 'relevant_windows', 'relevant_clip_ids', 'saliency_scores'} - set(r)
+        missing = {'qid', 'query', 'vid', 'duration', 'relevant_windows', 'relevant_clip_ids',
+                   'saliency_scores'} - set(r)
         if missing: raise BadInputError(f"{recs.where(i)}: record lacks keys {sorted(missing)}")
     return recs
 
@@ -74,7 +75,8 @@ def word_vector(word:str, # any token string
                )->np.ndarray: # (Dc,) unit vector (read-only), fixed by (word, dim, seed)
     "The concept vector of a word: a seeded hash, identical across runs and machines."
     v = np.random.default_rng([seed, zlib.crc32(word.encode()), dim]).standard_normal(dim)
-    v /= np.linalg.norm(v); v.flags.writeable = False
+    v /= np.linalg.norm(v)
+    v.flags.writeable = False
     return v
 
 def synthetic_query(real_query:str, # a real QVHighlights query (its shape is kept)
@@ -204,7 +206,8 @@ def save_npz(path:str|Path, **arrays):
         for k, a in arrays.items():
             info = zipfile.ZipInfo(f'{k}.npy', date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
-            with zf.open(info, 'w', force_zip64=True) as f: np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
+            with zf.open(info, 'w', force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 def write_jsonl(path:str|Path, records:list[dict]):
     "One JSON object per line (newline-terminated)."
@@ -247,12 +250,14 @@ def synth_records(size:str, seed:int, ann_dir=None, n_train:int|None=None, n_val
         if n[s] and n[s] > len(real[s]): raise ValueError(f"n_{s}={n[s]} exceeds the {len(real[s])} real {s} records")
     if size == 'qvh': return {s: real[s][:n[s]] if n[s] else real[s] for s in real}
     rng = np.random.default_rng([seed, 2])
-    vocab = pseudo_words(vocab_size, rng); probs = zipf_probs(len(vocab))
+    vocab = pseudo_words(vocab_size, rng)
+    probs = zipf_probs(len(vocab))
     out, qid = {}, 0
     for s in ('train', 'val'):
         out[s] = []
         for i in rng.choice(len(real[s]), n[s], replace=False):
-            r = real[s][i]; qid += 1
+            r = real[s][i]
+            qid += 1
             out[s].append(dict(qid=qid, query=synthetic_query(r['query'], vocab, probs, rng), duration=r['duration'],
                                vid=_new_vid(rng, r['duration']), relevant_clip_ids=r['relevant_clip_ids'],
                                saliency_scores=r['saliency_scores'], relevant_windows=r['relevant_windows']))
@@ -280,7 +285,8 @@ def _prepare_out(out:Path, overwrite:bool):
     "Refuse to mix with an earlier dataset's features unless `overwrite`, then clear what `synth` writes."
     fdir = out/'features'
     if fdir.exists() and any(fdir.iterdir()):
-        if not overwrite: raise FileExistsError(f"{fdir} already holds features; pass overwrite=True (--overwrite) to replace them")
+        if not overwrite:
+            raise FileExistsError(f"{fdir} already holds features; pass overwrite=True (--overwrite) to replace them")
         shutil.rmtree(fdir)
     (out/'features.h5').unlink(missing_ok=True)
 
@@ -301,7 +307,8 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
          )->dict:            # summary: counts, dims, paths, seconds
     "Write a synthetic QVHighlights-format dataset (a stand-in for real video features) to `out_dir`."
     if size not in SIZES: raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-    if dims not in (None, 'tiny', 'small', 'real'): raise ValueError(f"dims must be 'tiny', 'small' or 'real', got {dims!r}")
+    if dims not in (None, 'tiny', 'small', 'real'):
+        raise ValueError(f"dims must be 'tiny', 'small' or 'real', got {dims!r}")
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     t0, p = time.time(), params or SynthParams()
     dims = dims or {'tiny': 'tiny', 'small': 'small', 'qvh': 'real'}[size]
@@ -324,11 +331,13 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     for i, (vid, qs) in enumerate(tqdm(by_vid.items(), desc='synth videos', disable=not progress, leave=False)):
         rng = np.random.default_rng([seed, 3, i])
         sig, _ = video_signal(_n_clips(qs[0]['duration']), qs, words, dc, seed, rng, p)
-        for k, x in video_features(sig, vmaps, vmeans, rng, p).items(): save_npz(fdir/k/f'{vid}.npz', features=x.astype(dtype))
+        for k, x in video_features(sig, vmaps, vmeans, rng, p).items():
+            save_npz(fdir/k/f'{vid}.npz', features=x.astype(dtype))
         for q in qs:
             toks = query_concepts(q['query'], dc, seed, np.random.default_rng([seed, 4, q['qid']]), p)
             for k, x in query_features(toks, tmaps, tmeans).items():
-                x = x.astype(dtype); save_npz(fdir/k/f"qid{q['qid']}.npz", last_hidden_state=x, pooler_output=x[-1])
+                x = x.astype(dtype)
+                save_npz(fdir/k/f"qid{q['qid']}.npz", last_hidden_state=x, pooler_output=x[-1])
     info = dict(seed=seed, size=size, dims=dims, dtype=dtype, clip_len=2.0, concept_dim=dc,
                 v_feat_types=vdims, t_feat_types=tdims, n_train=len(recs['train']), n_val=len(recs['val']),
                 n_videos=len(by_vid), params=asdict(p))
@@ -438,7 +447,8 @@ The features are a synthetic stand-in for real video features (see nbs/02_synth.
 
 def _int_tuple(s:str)->tuple:
     try: return tuple(int(x) for x in s.split(','))
-    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {s!r}") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {s!r}") from None
 
 def synth_main(argv:list[str]|None=None)->int:
     "CLI: `videolights synth --out DIR --seed N [--size tiny|small|qvh] [--dims tiny|small|real] ...`."
@@ -448,9 +458,11 @@ def synth_main(argv:list[str]|None=None)->int:
     ap.add_argument('--seed', type=int, default=0, help='same seed and options → byte-identical jsonl and npz files')
     ap.add_argument('--size', choices=list(SIZES), default='small',
                     help='tiny 12/6, small 400/100 resampled queries; qvh = the real 7218/1550 records (default: small)')
-    ap.add_argument('--dims', choices=['tiny', 'small', 'real'], default=None, help="feature widths: tiny (8,4)/8, small (32,16)/16, real (2304,512)/512; default by size")
+    ap.add_argument('--dims', choices=['tiny', 'small', 'real'], default=None,
+                    help="feature widths: tiny (8,4)/8, small (32,16)/16, real (2304,512)/512; default by size")
     ap.add_argument('--blip', action='store_true', help='also write BLIP video/text sources')
-    ap.add_argument('--v-dims', type=_int_tuple, default=None, help='explicit video widths, e.g. 64,32 (48,24,24 with --blip)')
+    ap.add_argument('--v-dims', type=_int_tuple, default=None,
+                    help='explicit video widths, e.g. 64,32 (48,24,24 with --blip)')
     ap.add_argument('--t-dims', type=_int_tuple, default=None, help='explicit text widths, e.g. 32 (32,32 with --blip)')
     ap.add_argument('--n-train', type=int, default=None, help='train queries (qvh: the first N real records)')
     ap.add_argument('--n-val', type=int, default=None, help='val queries (qvh: the first N real records)')
@@ -462,7 +474,8 @@ def synth_main(argv:list[str]|None=None)->int:
     try: s = synth(a.out, a.seed, a.size, a.dims, a.blip, a.v_dims, a.t_dims, a.n_train, a.n_val, a.dtype, not a.no_h5,
                    a.overwrite, ann_dir=a.ann_dir)
     except (FileExistsError, FileNotFoundError, ValueError) as e:   # user errors: one line, no traceback
-        print(f'videolights synth: error: {e}', file=sys.stderr); return 1
+        print(f'videolights synth: error: {e}', file=sys.stderr)
+        return 1
     print(f"synthetic dataset (stand-in features) in {s['out_dir']}  [{s['seconds']} s]")
     print(f"  queries: train {s['n_train']}, val {s['n_val']}; videos {s['n_videos']}; dtype {s['dtype']}")
     print(f"  video dims {s['v_feat_types']}; text dims {s['t_feat_types']}")

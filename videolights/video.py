@@ -84,7 +84,12 @@ class VideoError(ValueError):
 
 @dataclass
 class VideoInfo:
-    path:str; duration:float; fps:float; width:int; height:int; n_frames:int
+    path:str
+    duration:float
+    fps:float
+    width:int
+    height:int
+    n_frames:int
     stream_duration:float = -1.  # the video stream's own duration (ffprobe's `duration`), -1 when it has none
 
 def _open(path):
@@ -97,7 +102,8 @@ def _open(path):
     except av.error.FFmpegError as e: raise VideoError(f"{p}: unreadable as a video ({e})") from e
     if not c.streams.video:
         kinds = ', '.join(s.type for s in c.streams) or 'none'
-        c.close(); raise VideoError(f"{p}: has no video stream (streams: {kinds})")
+        c.close()
+        raise VideoError(f"{p}: has no video stream (streams: {kinds})")
     return c
 
 def probe_video(path:str|Path)->VideoInfo:
@@ -121,9 +127,14 @@ class FrameResizer:
         nw, nh = (s, int(h * s / w)) if h >= w else (int(w * s / h), s)  # long side truncated, as the extractors
         g = av.filter.Graph()
         src = g.add_buffer(width=w, height=h, format=fmt, time_base=Fraction(1, 1000))
-        scale, crop = g.add('scale', f'{nw}:{nh}:flags=bicubic'), g.add('crop', f'{s}:{s}:{(nw - s) // 2}:{(nh - s) // 2}')
+        scale, crop = g.add('scale', f'{nw}:{nh}:flags=bicubic'), g.add('crop',
+                                                                        f'{s}:{s}:{(nw - s) // 2}:{(nh - s) // 2}')
         rgb, sink = g.add('format', 'rgb24'), g.add('buffersink')  # RGB inside the graph, as the ffmpeg CLI
-        src.link_to(scale); scale.link_to(crop); crop.link_to(rgb); rgb.link_to(sink); g.configure()
+        src.link_to(scale)
+        scale.link_to(crop)
+        crop.link_to(rgb)
+        rgb.link_to(sink)
+        g.configure()
         self.graph, self.key = g, (w, h, fmt)
 
     def __call__(self, frame)->np.ndarray: # an `av.VideoFrame` -> (size, size, 3) uint8 RGB
@@ -174,17 +185,22 @@ def fps_frames(path:str|Path, # video file
     "Stream a video once and yield the frames FFmpeg's `fps=rate` filter outputs, resized and centre-cropped."
     cache, resize, m, prev, end = {}, FrameResizer(size), 0, None, 0.
     def rgb(t, fr):  # convert each selected frame once, even if several slots pick it
-        if id(fr) not in cache: cache.clear(); cache[id(fr)] = (fr, resize(fr))
+        if id(fr) not in cache:
+            cache.clear()
+            cache[id(fr)] = (fr, resize(fr))
         return t, cache[id(fr)][1]
     with _open(path) as c:
         for t, dur, fr in _decoded(c):
             end = max(end, t + dur)
             while float(Fraction(2 * m + 1) / (2 * rate)) <= t:  # slot m closes: it gets the last frame before it
-                yield rgb(*(prev or (t, fr))); m += 1
+                yield rgb(*(prev or (t, fr)))
+                m += 1
             prev = (t, fr)
         if prev is None: raise VideoError(f"{path}: the video stream has no decodable frames")
         total = n_slots(end) if n_slots else max(1, math.floor(end * rate + 0.5 + 1e-9))
-        while m < total: yield rgb(*prev); m += 1  # slots after the last frame repeat it
+        while m < total:
+            yield rgb(*prev)
+            m += 1  # slots after the last frame repeat it
 
 def sample_clip_frames(path:str|Path,   # video file
                        clip_len:float=2., # seconds per clip
@@ -227,8 +243,14 @@ def hero_clip_frames(path:str|Path, clip_len:float=2., size:int=224, rate:int=30
     idx = hero_frame_index(info.fps, clip_len, rate, n_frames, sampling_rate)
     def padded():
         last, n = deque(maxlen=rate), 0
-        for item in fps_frames(path, Fraction(rate), size): last.append(item); n += 1; yield item
-        while n % rate: last.append(last[-1]); n += 1; yield last[-1]  # whole seconds: repeat the last frame
+        for item in fps_frames(path, Fraction(rate), size):
+            last.append(item)
+            n += 1
+            yield item
+        while n % rate:
+            last.append(last[-1])
+            n += 1
+            yield last[-1]  # whole seconds: repeat the last frame
         for _ in range(-(n // rate) % cl.numerator): yield from list(last)  # whole clips: repeat the last second
     buf, i = [], 0
     for item in padded():
@@ -244,10 +266,17 @@ _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 
 class VideoEncoder:
     "Interface of a frame/text encoder; subclasses set the attributes and implement the two methods."
-    name:str = ''; video_feature_type:str|None = None; text_feature_type:str|None = None
-    video_dim:int|None = None; text_dim:int|None = None
-    sampler:str = 'fps'; frames_per_clip:int = 1; frame_size:int = 224
-    mean:tuple = _CLIP_MEAN; std:tuple = _CLIP_STD; std_eps:float = 0.
+    name:str = ''
+    video_feature_type:str|None = None
+    text_feature_type:str|None = None
+    video_dim:int|None = None
+    text_dim:int|None = None
+    sampler:str = 'fps'
+    frames_per_clip:int = 1
+    frame_size:int = 224
+    mean:tuple = _CLIP_MEAN
+    std:tuple = _CLIP_STD
+    std_eps:float = 0.
     dtype:str = 'float32'  # storage precision of the official features
     device:str = 'cpu'
 
@@ -306,7 +335,8 @@ class ClipBPE:
             lines = (p/'merges.txt').read_text(encoding='utf-8').split('\n')
             return cls(_bpe_merges(lines), json.loads((p/'vocab.json').read_text(encoding='utf-8')))
         if p.is_dir(): p = p/'bpe_simple_vocab_16e6.txt.gz'
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no CLIP BPE vocabulary (OpenAI's bpe_simple_vocab_16e6.txt.gz)")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no CLIP BPE vocabulary (OpenAI's bpe_simple_vocab_16e6.txt.gz)")
         return cls(_bpe_merges(gzip.open(p).read().decode('utf-8').split('\n')))
 
 def _bpe_merges(lines): return [tuple(l.split()) for l in lines[1:49152 - 256 - 2 + 1] if l.strip()]  # as OpenAI
@@ -322,8 +352,12 @@ def bpe(self, token:str)->list[str]:
         if best not in self.ranks: break
         out, i = [], 0
         while i < len(word):
-            if i < len(word) - 1 and (word[i], word[i + 1]) == best: out.append(word[i] + word[i + 1]); i += 2
-            else: out.append(word[i]); i += 1
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                out.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                out.append(word[i])
+                i += 1
         word = out
     self.cache[token] = word
     return word
@@ -370,7 +404,8 @@ def openai_clip_to_hf(sd:dict):
     for a, b in [('visual.ln_pre', 'vision_model.pre_layrnorm'), ('visual.ln_post', 'vision_model.post_layernorm'),
                  ('ln_final', 'text_model.final_layer_norm')]:
         out[b + '.weight'], out[b + '.bias'] = sd[a + '.weight'], sd[a + '.bias']
-    for src, dst in [('visual.transformer.resblocks', 'vision_model.encoder.layers'), ('transformer.resblocks', 'text_model.encoder.layers')]:
+    for src, dst in [('visual.transformer.resblocks', 'vision_model.encoder.layers'),
+                     ('transformer.resblocks', 'text_model.encoder.layers')]:
         for i in range(n_layers(src + '.')):
             s, d = f'{src}.{i}', f'{dst}.{i}'
             out.update(_split_qkv(sd, s + '.attn', d + '.self_attn'))
@@ -542,7 +577,8 @@ def _lavis_blip2_model(d:Path):
     "Model and tokenizer from LAVIS' files, as `load_model_and_preprocess('blip2_feature_extractor')` builds them."
     tr = require('transformers', 'the BLIP-2 encoder')
     cfg, sd, bert = read_lavis_blip2(d)
-    model, info = tr.Blip2ForImageTextRetrieval.from_pretrained(None, config=cfg, state_dict=sd, output_loading_info=True)
+    model, info = tr.Blip2ForImageTextRetrieval.from_pretrained(None, config=cfg, state_dict=sd,
+                                                                output_loading_info=True)
     if info['missing_keys'] or info['unexpected_keys']:  # (from_pretrained: no random initialisation first)
         raise ValueError(f"{d}: the LAVIS weights do not fit BLIP-2: missing {info['missing_keys'][:3]}, "
                          f"unexpected {info['unexpected_keys'][:3]}")
@@ -593,15 +629,18 @@ class _Stem(nn.Module):
     "One pathway's stem: kt×7×7 convolution (spatial stride 2), BN, ReLU, 1×3×3 max-pool (stride 2)."
     def __init__(self, cin, cout, kt):
         super().__init__()
-        self.conv, self.bn = nn.Conv3d(cin, cout, (kt, 7, 7), (1, 2, 2), (kt // 2, 3, 3), bias=False), nn.BatchNorm3d(cout)
+        self.conv, self.bn = nn.Conv3d(cin, cout, (kt, 7, 7), (1, 2, 2), (kt // 2, 3, 3),
+                                       bias=False), nn.BatchNorm3d(cout)
     def forward(self, x): return nn.functional.max_pool3d(self.bn(self.conv(x)).relu(), (1, 3, 3), (1, 2, 2), (0, 1, 1))
 
 class _Bottleneck(nn.Module):
     "kt×1×1 → 1×3×3 (spatial stride) → 1×1×1 convolutions, each followed by BN (ReLU after the first two)."
     def __init__(self, cin, cout, inner, kt, stride):
         super().__init__()
-        self.a, self.a_bn = nn.Conv3d(cin, inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False), nn.BatchNorm3d(inner)
-        self.b, self.b_bn = nn.Conv3d(inner, inner, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False), nn.BatchNorm3d(inner)
+        self.a, self.a_bn = nn.Conv3d(cin, inner, (kt, 1, 1), padding=(kt // 2, 0, 0),
+                                      bias=False), nn.BatchNorm3d(inner)
+        self.b, self.b_bn = nn.Conv3d(inner, inner, (1, 3, 3), (1, stride, stride), (0, 1, 1),
+                                      bias=False), nn.BatchNorm3d(inner)
         self.c, self.c_bn = nn.Conv3d(inner, cout, 1, bias=False), nn.BatchNorm3d(cout)
     def forward(self, x): return self.c_bn(self.c(self.b_bn(self.b(self.a_bn(self.a(x)).relu())).relu()))
 
@@ -610,7 +649,8 @@ class _ResBlock(nn.Module):
     def __init__(self, cin, cout, inner, kt, stride):
         super().__init__()
         if cin != cout or stride != 1:
-            self.branch1, self.branch1_bn = nn.Conv3d(cin, cout, 1, (1, stride, stride), bias=False), nn.BatchNorm3d(cout)
+            self.branch1, self.branch1_bn = nn.Conv3d(cin, cout, 1, (1, stride, stride),
+                                                      bias=False), nn.BatchNorm3d(cout)
         self.branch2 = _Bottleneck(cin, cout, inner, kt, stride)
     def forward(self, x):
         return ((self.branch1_bn(self.branch1(x)) if hasattr(self, 'branch1') else x) + self.branch2(x)).relu()
@@ -666,13 +706,15 @@ _C2_PARAM = {'w': 'weight', 'b': 'bias', 's': 'weight', 'rm': 'running_mean', 'r
 _C2_RULES = [  # Caffe2 blob name -> our parameter name; t_ = the fast pathway (pathway1)
     (r'(?P<t>t_)?conv1_(?P<x>w)', 's1.pathway{p}_stem.conv.{x}'),
     (r'(?P<t>t_)?res_conv1_bn_(?P<x>s|b|rm|riv)', 's1.pathway{p}_stem.bn.{x}'),
-    (r't_pool1_subsample_(?P<x>w)', 's1_fuse.conv_f2s.{x}'), (r't_pool1_subsample_bn_(?P<x>s|b|rm|riv)', 's1_fuse.bn.{x}'),
+    (r't_pool1_subsample_(?P<x>w)', 's1_fuse.conv_f2s.{x}'), (r't_pool1_subsample_bn_(?P<x>s|b|rm|riv)',
+                                                              's1_fuse.bn.{x}'),
     (r't_res(?P<s>\d+)_\d+_branch2c_bn_subsample_(?P<x>w)', 's{s}_fuse.conv_f2s.{x}'),
     (r't_res(?P<s>\d+)_\d+_branch2c_bn_subsample_bn_(?P<x>s|b|rm|riv)', 's{s}_fuse.bn.{x}'),
     (r'(?P<t>t_)?res(?P<s>\d+)_(?P<i>\d+)_branch1_(?P<x>w)', 's{s}.pathway{p}_res{i}.branch1.{x}'),
     (r'(?P<t>t_)?res(?P<s>\d+)_(?P<i>\d+)_branch1_bn_(?P<x>s|b|rm|riv)', 's{s}.pathway{p}_res{i}.branch1_bn.{x}'),
     (r'(?P<t>t_)?res(?P<s>\d+)_(?P<i>\d+)_branch2(?P<l>[abc])_(?P<x>w)', 's{s}.pathway{p}_res{i}.branch2.{l}.{x}'),
-    (r'(?P<t>t_)?res(?P<s>\d+)_(?P<i>\d+)_branch2(?P<l>[abc])_bn_(?P<x>s|b|rm|riv)', 's{s}.pathway{p}_res{i}.branch2.{l}_bn.{x}'),
+    (r'(?P<t>t_)?res(?P<s>\d+)_(?P<i>\d+)_branch2(?P<l>[abc])_bn_(?P<x>s|b|rm|riv)',
+     's{s}.pathway{p}_res{i}.branch2.{l}_bn.{x}'),
     (r'pred_(?P<x>w|b)', 'head.projection.{x}')]
 
 def caffe2_to_key(name:str)->str|None:
@@ -717,7 +759,8 @@ def read_caffe2_pkl(path)->dict:
     "The `blobs` (name -> numpy array) of a Caffe2 `.pkl` checkpoint, read without running pickled code."
     try:
         with open(path, 'rb') as f: ck = _BlobUnpickler(f, encoding='latin1').load()
-    except (pickle.UnpicklingError, EOFError) as e: raise ValueError(f"{path}: not a readable Caffe2 checkpoint ({e})") from e
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable Caffe2 checkpoint ({e})") from e
     if not isinstance(ck, dict) or not isinstance(ck.get('blobs'), dict):
         raise ValueError(f"{path}: not a Caffe2 checkpoint (expected a dict with 'blobs')")
     return ck['blobs']
@@ -748,7 +791,8 @@ def slowfast_state_dict(path)->tuple[dict,dict]: # (state dict, SlowFast kwargs:
         if k not in want: raise ValueError(f"{p}: unexpected parameter {k}")
         if tuple(v.shape) != tuple(want[k].shape):
             raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, the architecture needs {tuple(want[k].shape)}")
-    missing = [k for k in want if k not in sd and not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    missing = [k for k in want if k not in sd and not k.endswith(('running_mean', 'running_var',
+                                                                  'num_batches_tracked'))]
     if missing: raise ValueError(f"{p}: missing {len(missing)} SlowFast weights, e.g. {missing[:3]}")
     return {**want, **{k: v.float() for k, v in sd.items()}}, kw
 
@@ -771,7 +815,8 @@ class SlowFastEncoder(VideoEncoder):
     def encode_frames(self, frames): # (N, 32, S, S, 3) uint8 -> (N, 2304)
         N, k = frames.shape[:2]
         x = self.pixels(frames).reshape(N, k, 3, *frames.shape[-3:-1]).transpose(1, 2)  # (N, 3, k, S, S)
-        slow = x.index_select(2, torch.linspace(0, k - 1, k // self.model.alpha).long().to(x.device))  # (N, 3, k/4, S, S)
+        slow = x.index_select(2,
+                              torch.linspace(0, k - 1, k // self.model.alpha).long().to(x.device))  # (N, 3, k/4, S, S)
         return self.rounded(self.model(slow, x))
 
 # %% ../nbs/13_video.ipynb #2dd0722d
@@ -782,7 +827,8 @@ def make_tiny_clip(out_dir:str|Path, # directory to write
     "Save a randomly initialised toy CLIP model + BPE tokenizer + image processor config to `out_dir`."
     tr = require('transformers', 'make_tiny_clip')
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     bu = list(bytes_to_unicode().values())
     merges = [('t', 'h'), ('th', 'e</w>'), ('a', 'n'), ('an', 'd</w>'), ('i', 'n'), ('in', 'g</w>')]
     vocab = bu + [b + '</w>' for b in bu] + [a + b for a, b in merges] + ['<|startoftext|>', '<|endoftext|>']
@@ -797,15 +843,18 @@ def make_tiny_clip(out_dir:str|Path, # directory to write
         vision_config=dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1, num_attention_heads=2,
                            image_size=image_size, patch_size=32))
     torch.manual_seed(seed)
-    tr.CLIPModel(cfg).save_pretrained(out); tok.save_pretrained(out)
+    tr.CLIPModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
     tr.CLIPImageProcessor(size={'shortest_edge': image_size}, crop_size=image_size).save_pretrained(out)
     return out
 
 def make_tiny_blip2(out_dir:str|Path, dim:int=24, image_size:int=224, seed:int=0)->Path:
     "Save a randomly initialised toy BLIP-2 retrieval model + WordPiece tokenizer to `out_dir`."
     tr = require('transformers', 'make_tiny_blip2')
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + 'a the dog cat man woman car runs jumps and in on of'.split()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]',
+             '[MASK]'] + 'a the dog cat man woman car runs jumps and in on of'.split()
     (out/'vocab.txt').write_text('\n'.join(words) + '\n')
     tok = tr.BertTokenizer(str(out/'vocab.txt'))
     cfg = tr.Blip2Config(num_query_tokens=4, image_text_hidden_size=8,
@@ -815,7 +864,8 @@ def make_tiny_blip2(out_dir:str|Path, dim:int=24, image_size:int=224, seed:int=0
                             intermediate_size=2 * dim, encoder_hidden_size=16, max_position_embeddings=64,
                             use_qformer_text_input=True))
     torch.manual_seed(seed)
-    tr.Blip2ForImageTextRetrieval(cfg).save_pretrained(out); tok.save_pretrained(out)
+    tr.Blip2ForImageTextRetrieval(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 _TINY_MERGES = [('t', 'h'), ('th', 'e</w>'), ('a', 'n'), ('an', 'd</w>'), ('i', 'n'), ('in', 'g</w>'), ('o', 'g</w>')]
@@ -823,7 +873,8 @@ _TINY_MERGES = [('t', 'h'), ('th', 'e</w>'), ('a', 'n'), ('an', 'd</w>'), ('i', 
 def make_tiny_openai_clip(out_dir:str|Path, width:int=64, # OpenAI CLIP has 64-wide heads: width 64 = one head
                           layers:int=1, embed:int=32, image_size:int=224, patch:int=32, seed:int=0)->Path:
     "A random CLIP ViT in OpenAI's release layout (float16 `model.pt`) with a tiny `bpe_simple_vocab_16e6.txt.gz`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with gzip.open(out/'bpe_simple_vocab_16e6.txt.gz', 'wt', encoding='utf-8') as f:  # first line: a header
         f.write('\n'.join(['"bpe_simple_vocab_16e6.txt#version: 0.2'] + [f'{a} {b}' for a, b in _TINY_MERGES]))
     V, g = 512 + len(_TINY_MERGES) + 2, torch.Generator().manual_seed(seed)
@@ -831,8 +882,10 @@ def make_tiny_openai_clip(out_dir:str|Path, width:int=64, # OpenAI CLIP has 64-w
     sd = {'positional_embedding': r(77, width), 'text_projection': r(width, embed), 'logit_scale': torch.tensor(4.6052),
           'token_embedding.weight': r(V, width), 'visual.class_embedding': r(width), 'visual.proj': r(width, embed),
           'visual.positional_embedding': r((image_size // patch) ** 2 + 1, width), 'visual.conv1.weight': r(width, 3, patch, patch)}
-    for n in ['ln_final', 'visual.ln_pre', 'visual.ln_post']: sd[n + '.weight'], sd[n + '.bias'] = 1 + r(width), r(width)
-    for p in [f'{pre}.{i}.' for pre in ['transformer.resblocks', 'visual.transformer.resblocks'] for i in range(layers)]:
+    for n in ['ln_final', 'visual.ln_pre', 'visual.ln_post']:
+        sd[n + '.weight'], sd[n + '.bias'] = 1 + r(width), r(width)
+    for p in [f'{pre}.{i}.' for pre in ['transformer.resblocks',
+                                        'visual.transformer.resblocks'] for i in range(layers)]:
         sd.update({p + 'attn.in_proj_weight': r(3 * width, width), p + 'attn.in_proj_bias': r(3 * width),
                    p + 'attn.out_proj.weight': r(width, width), p + 'attn.out_proj.bias': r(width),
                    p + 'mlp.c_fc.weight': r(4 * width, width), p + 'mlp.c_fc.bias': r(4 * width),
@@ -849,7 +902,9 @@ def make_tiny_slowfast(path:str|Path, width:int=8, depths:tuple=(1, 1, 1, 1), se
     net = SlowFast(width, depths)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.1); m.running_var.uniform_(0.5, 1.5); m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
     return write_caffe2_pkl(net.state_dict(), path, depths)
 
 # %% ../nbs/13_video.ipynb #c38464c4
@@ -859,7 +914,9 @@ def make_tiny_lavis_blip2(out_dir:str|Path, vit_width:int=176, # EVA ViT-g's hea
                           vit_depth:int=2, dim:int=64, layers:int=2, heads:int=2, n_query:int=32, embed:int=256,
                           image_size:int=224, patch:int=14, seed:int=0)->Path:
     "A random BLIP-2 feature extractor in LAVIS' layout: blip2_pretrained.pth, eva_vit_g.pth, bert-base-uncased/."
-    out = Path(out_dir); bert = out/'bert-base-uncased'; bert.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    bert = out/'bert-base-uncased'
+    bert.mkdir(parents=True, exist_ok=True)
     words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '##s', '##ed', '##ing', '##es'] + _TINY_WORDS.split()
     (bert/'vocab.txt').write_text('\n'.join(words) + '\n')
     (bert/'tokenizer_config.json').write_text(json.dumps(dict(do_lower_case=True, model_max_length=512)))
@@ -892,7 +949,8 @@ def make_tiny_lavis_blip2(out_dir:str|Path, vit_width:int=176, # EVA ViT-g's hea
         for s in ['', '_query']:  # the text FFN and the query FFN
             sd.update({**lin(p + f'intermediate{s}.dense', I, dim), **lin(p + f'output{s}.dense', dim, I),
                        **ln(p + f'output{s}.LayerNorm', dim)})
-    torch.save(vit, out/'eva_vit_g.pth'); torch.save({'model': sd}, out/'blip2_pretrained.pth')
+    torch.save(vit, out/'eva_vit_g.pth')
+    torch.save({'model': sd}, out/'blip2_pretrained.pth')
     return out
 
 # %% ../nbs/13_video.ipynb #76eff01c
@@ -928,7 +986,8 @@ def extract_video(path:str|Path, # video file
             buf.clear()
         if sampler == 'hero': clips = hero_clip_frames(path, clip_len, size)
         else:
-            rate = official_frame_rate(probe_video(path).stream_duration, clip_len) if k == 1 else 1 / Fraction(clip_len)
+            rate = official_frame_rate(probe_video(path).stream_duration,
+                                       clip_len) if k == 1 else 1 / Fraction(clip_len)
             clips = sample_clip_frames(path, float(1 / rate), k, size)
         for cf in clips:
             buf.append(cf.frames)
@@ -1015,7 +1074,8 @@ def _user_errors(prog:str, fn, a)->int:
     "Run a CLI body; bad input (video, file, package, width mismatch) becomes one `prog: error: ...` line, status 2."
     try: return fn(a)
     except (VideoError, ImportError, OSError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr); return 2
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 def extract_main(argv:list[str]|None=None)->int:
     "`videolights extract`: encode videos (and queries) into an HDF5 feature store."
@@ -1177,7 +1237,8 @@ def temporal_nms(windows:np.ndarray, # (N, 3) [start, end, score]
     keep, dead = [], np.zeros(len(w), bool)
     for i in range(len(w)):
         if dead[i]: continue
-        keep.append(i); dead |= iou[i] >= thd
+        keep.append(i)
+        dead |= iou[i] >= thd
     return w[keep]
 
 def merge_windows(spans:list[np.ndarray],  # per window (Nq, 2) predicted cxw, normalised to the window
@@ -1195,7 +1256,9 @@ def merge_windows(spans:list[np.ndarray],  # per window (Nq, 2) predicted cxw, n
     allw = np.concatenate(wins)
     merged = temporal_nms(allw, nms_thd) if len(starts) > 1 else allw[np.argsort(-allw[:, 2], kind='stable')]
     tot, cnt = np.zeros(n_clips), np.zeros(n_clips)
-    for st, sal in zip(starts, saliency): tot[st:st + len(sal)] += sal; cnt[st:st + len(sal)] += 1
+    for st, sal in zip(starts, saliency):
+        tot[st:st + len(sal)] += sal
+        cnt[st:st + len(sal)] += 1
     return merged[:top_k], tot / np.maximum(cnt, 1)
 
 # %% ../nbs/13_video.ipynb #07d5ce44
@@ -1236,7 +1299,9 @@ class Prediction:
 @dataclass
 class EncodedVideo:
     "Clip features of one video, per feature type, before normalisation."
-    path:str; duration:float; clip_len:float
+    path:str
+    duration:float
+    clip_len:float
     feats:dict               # feature type -> (L, D) float32
     @property
     def n_clips(self)->int: return min(len(v) for v in self.feats.values())
@@ -1354,7 +1419,8 @@ def _forward(self, txt:list[Tensor], vid:list[Tensor])->tuple: # per pair: spans
     for idx in groups.values():
         for c in range(0, len(idx), self.max_batch):
             ii = idx[c:c + self.max_batch]
-            st, stm = _pad([txt[i] for i in ii]); sv, svm = _pad([vid[i] for i in ii])
+            st, stm = _pad([txt[i] for i in ii])
+            sv, svm = _pad([vid[i] for i in ii])
             out = self.model(src_txt=st.to(self.device), src_txt_mask=stm.to(self.device),
                              src_vid=sv.to(self.device), src_vid_mask=svm.to(self.device))
             prob = out['pred_logits'].float().softmax(-1)[..., 0].cpu()  # (B, Nq)
@@ -1423,7 +1489,8 @@ def predict_main(argv:list[str]|None=None)->int:
                    'the videos (balanced by duration), into JSON.shard-K-of-N.jsonl (`videolights merge-submissions`)')
     p.add_argument('--ckpt', required=True, help='a run folder (model_best.ckpt) or a checkpoint file')
     p.add_argument('--top-k', type=int, default=5, help='moments to print per query (default 5; the json keeps 10)')
-    p.add_argument('--overlap', type=int, default=None, help='clips shared by consecutive windows (default max_v_l // 3)')
+    p.add_argument('--overlap', type=int, default=None,
+                   help='clips shared by consecutive windows (default max_v_l // 3)')
     p.add_argument('--json', default=None, help='write the predictions (one jsonl record per query)')
     p.add_argument('--plot', default=None, help='write a figure (png/pdf/svg)')
     _model_args(p)
@@ -1439,10 +1506,14 @@ def _predict(a)->int:
     preds = pr.predict(a.query, a.video)
     print('\n\n'.join(_table(x, a.top_k) for x in preds))
     if a.json:
-        Path(a.json).write_text(''.join(json.dumps(x.to_dict()) + '\n' for x in preds)); print(f'wrote {a.json}')
+        Path(a.json).write_text(''.join(json.dumps(x.to_dict()) + '\n' for x in preds))
+        print(f'wrote {a.json}')
     if a.plot:
         import matplotlib.pyplot as plt
-        fig = plot_predictions(preds, a.top_k); fig.savefig(a.plot, dpi=100); plt.close(fig); print(f'wrote {a.plot}')
+        fig = plot_predictions(preds, a.top_k)
+        fig.savefig(a.plot, dpi=100)
+        plt.close(fig)
+        print(f'wrote {a.plot}')
     return 0
 
 def _predict_many(a)->int:
@@ -1482,13 +1553,15 @@ def _predict_many(a)->int:
 def frames_at(path:str|Path, times:Sequence[float], # seconds, any order
               size:int=96)->np.ndarray:             # (n, size, size, 3) uint8
     "The frames nearest to the given times (one decoding pass), resized and centre-cropped."
-    ts = np.asarray(times, dtype=float); order = np.argsort(ts, kind='stable')
+    ts = np.asarray(times, dtype=float)
+    order = np.argsort(ts, kind='stable')
     out, j, prev, resize = [None] * len(ts), 0, None, FrameResizer(size)
     with _open(path) as c:
         for t, _, fr in _decoded(c):
             while j < len(ts) and ts[order[j]] <= t:
                 pick = prev[1] if prev is not None and ts[order[j]] - prev[0] <= t - ts[order[j]] else fr
-                out[order[j]] = resize(pick); j += 1
+                out[order[j]] = resize(pick)
+                j += 1
             if j == len(ts): break
             prev = (t, fr)
     if prev is None and j < len(ts): raise VideoError(f"{path}: the video stream has no decodable frames")
@@ -1523,15 +1596,20 @@ def figure(self, preds:list[Prediction], video:str|Path, top_k:int=3):
     fig = plt.figure(figsize=(3 + 1.3 * k, 1.6 * n))
     gs = fig.add_gridspec(n, k + 2, width_ratios=[3, 0.05] + [1.2] * k, wspace=0.1, hspace=0.6)
     best = [p.windows[:k] for p in preds]
-    thumbs = frames_at(video, [(s + e) / 2 for b in best for s, e, _ in b], size=96) if any(len(b) for b in best) else []
+    thumbs = frames_at(video, [(s + e) / 2 for b in best for s, e, _ in b],
+                       size=96) if any(len(b) for b in best) else []
     it = iter(thumbs)
     for i, (p, b) in enumerate(zip(preds, best)):
         ax = fig.add_subplot(gs[i, 0])
         ax.plot((np.arange(len(p.saliency)) + 0.5) * p.clip_len, p.saliency, color='tab:purple', lw=1)
         for r, (s, e, sc) in enumerate(b): ax.axvspan(s, e, color='tab:orange', alpha=0.5 - 0.12 * r)
-        ax.set_xlim(0, p.duration); ax.set_title(p.query[:60], fontsize=8, loc='left'); ax.tick_params(labelsize=7)
+        ax.set_xlim(0, p.duration)
+        ax.set_title(p.query[:60], fontsize=8, loc='left')
+        ax.tick_params(labelsize=7)
         for r, (s, e, sc) in enumerate(b):
-            ta = fig.add_subplot(gs[i, 2 + r]); ta.imshow(next(it)); ta.axis('off')
+            ta = fig.add_subplot(gs[i, 2 + r])
+            ta.imshow(next(it))
+            ta.axis('off')
             ta.set_title(f'#{r + 1} {s:.0f}–{e:.0f}s ({sc:.2f})', fontsize=6)
     return fig
 
@@ -1560,6 +1638,8 @@ def widget(self):
         status.value = self.on_click(pick.value, qbox.value)
         with out:
             out.clear_output()
-            if self.last: display(self.last[1]); plt.close(self.last[1])
+            if self.last:
+                display(self.last[1])
+                plt.close(self.last[1])
     btn.on_click(click)
     return W.VBox([pick, qbox, W.HBox([btn, status]), out])

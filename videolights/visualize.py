@@ -82,7 +82,8 @@ def gt_saliency(record:dict, # ground-truth record with `relevant_clip_ids` and 
                 clip_len:float=2.,
                )->np.ndarray: # (Lv, A) annotator scores per clip, 0 outside the relevant clips
     "Per-clip annotator scores of a QVHighlights record (zeros outside `relevant_clip_ids`)."
-    scores = np.asarray(record.get('saliency_scores', []), dtype=float).reshape(len(record.get('relevant_clip_ids', [])), -1)
+    scores = np.asarray(record.get('saliency_scores', []),
+                        dtype=float).reshape(len(record.get('relevant_clip_ids', [])), -1)
     n = n_clips or int(math.ceil(record['duration'] / clip_len))
     out = np.zeros((n, max(scores.shape[1], 1)))  # (Lv, A)
     for cid, s in zip(record.get('relevant_clip_ids', []), scores):
@@ -111,7 +112,8 @@ def plot_saliency(pred_scores, # (Lv,) predicted saliency per clip
     if g is not None:
         ax2 = ax.twinx()
         ax2.fill_between(t[:len(g)], g.sum(1), step='mid', color='tab:green', alpha=0.2)
-        ax2.set_ylabel('annotators', fontsize=7); ax2.set_ylim(0, 4*g.shape[1])
+        ax2.set_ylabel('annotators', fontsize=7)
+        ax2.set_ylim(0, 4*g.shape[1])
     ax.set(xlim=(0, len(p)*clip_len), xlabel='time (s)', ylabel='saliency')
     ax.set_title(title or '', fontsize=9)
     return ax
@@ -187,7 +189,8 @@ def plot_decoder_attention(a, # (Nq, Lv) cross-attention of each moment query ov
                            n_valid:int|None=None, # valid clips (the rest is padding); default Lv
                            title:str|None=None, ax=None):
     "Decoder cross-attention per moment query with each query's predicted span boxed on its row."
-    a = np.asarray(a, dtype=float); nq, lv = a.shape
+    a = np.asarray(a, dtype=float)
+    nq, lv = a.shape
     n_valid = n_valid or lv
     order = np.argsort(-np.asarray(scores), kind='stable') if scores is not None else np.arange(nq)
     xx = span_cxw_to_xx(torch.as_tensor(np.asarray(spans_cxw, dtype=float))).clamp(0, 1).numpy() * n_valid  # (Nq, 2) clips
@@ -238,9 +241,11 @@ def attribute(model, # callable `model(**model_inputs) -> dict` (a `VideoLights`
     alphas = [1.] if method == 'ixg' else [(s + 0.5) / steps for s in range(steps)]  # midpoint rule
     gv, gt_ = torch.zeros_like(v0), torch.zeros_like(t0)
     for al in alphas:
-        v = (v0 + al * (x['src_vid'] - v0)).requires_grad_(); t = (t0 + al * (x['src_txt'] - t0)).requires_grad_()
+        v = (v0 + al * (x['src_vid'] - v0)).requires_grad_()
+        t = (t0 + al * (x['src_txt'] - t0)).requires_grad_()
         dv, dt = torch.autograd.grad(f(model(**{**x, 'src_vid': v, 'src_txt': t})), (v, t), allow_unused=True)
-        gv += 0 if dv is None else dv; gt_ += 0 if dt is None else dt
+        gv += 0 if dv is None else dv
+        gt_ += 0 if dt is None else dt
     with torch.no_grad():
         value, base = float(f(model(**x))), float(f(model(**{**x, 'src_vid': v0, 'src_txt': t0})))
     if was_training: model.train()
@@ -260,11 +265,13 @@ def plot_attribution(attr:dict, # `attribute` output: clips (Lv,), tokens (Lq,)
     fig, (ax, axw) = plt.subplots(2, 1, figsize=(6, 1.6), gridspec_kw=dict(height_ratios=[1, 1]))
     m = max(np.abs(c).max(), 1e-12)
     ax.imshow(c[None], aspect='auto', cmap='bwr', vmin=-m, vmax=m, interpolation='nearest')
-    ax.set(yticks=[]); ax.set_title(title or '', fontsize=9)
+    ax.set(yticks=[])
+    ax.set_title(title or '', fontsize=9)
     if span is not None: ax.add_patch(Rectangle((span[0]-0.5, -0.5), span[1]-span[0], 1, fill=False, lw=1.5))
     mt, cmap, prev = max(np.abs(t).max(), 1e-12), plt.get_cmap('bwr'), None
     for w, v in zip(words, t[:len(words)]):   # each word placed right after the previous one
-        at = dict(xy=(0, 0.5), xycoords='axes fraction', va='center') if prev is None else dict(xy=(1, 0), xycoords=prev, va='bottom')
+        at = dict(xy=(0, 0.5), xycoords='axes fraction',
+                  va='center') if prev is None else dict(xy=(1, 0), xycoords=prev, va='bottom')
         prev = axw.annotate(w, **at, xytext=(4, 0), textcoords='offset points', fontsize=7,
                             bbox=dict(fc=cmap(0.5 + 0.5*v/mt), ec='none', pad=1.2))
     axw.axis('off')
@@ -313,7 +320,8 @@ def read_log(run, # run folder (its `log.jsonl` or `metrics.jsonl`) or a jsonl p
     "A run's metrics log as a flat DataFrame."
     p = Path(run)
     if p.is_dir(): p = next((p/n for n in ('metrics.jsonl', 'log.jsonl') if (p/n).exists()), p/'metrics.jsonl')
-    if not p.exists(): raise FileNotFoundError(f"{p}: no metrics log (expected metrics.jsonl or log.jsonl in the run folder)")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no metrics log (expected metrics.jsonl or log.jsonl in the run folder)")
     return pd.json_normalize(load_jsonl_records(p), sep='/')
 
 # the official `brief` keys of the paper's tables, in their column order
@@ -328,7 +336,8 @@ def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jso
                          title:str|None=None):
     "Loss curves (left) and validation metrics (right) of a run."
     df = log if isinstance(log, pd.DataFrame) else read_log(log)
-    x = _xcol(df); num = [c for c in df.select_dtypes('number').columns if c != x]
+    x = _xcol(df)
+    num = [c for c in df.select_dtypes('number').columns if c != x]
     loss_cols = loss_cols or [c for c in num if 'loss' in c.lower() and not c[-1:].isdigit()][:6]
     metric_cols = metric_cols or ([c for c in num if c.split('/')[-1] in METRICS and 'R1@0.7' not in c
                                    and 'mAP@' not in c] or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
@@ -340,7 +349,8 @@ def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jso
         if cols: ax.legend(fontsize=6)
         ax.set_xlabel(x or 'record')
     if loss_cols: a1.set_yscale('log')
-    a1.set_title('losses', fontsize=9); a2.set_title('validation', fontsize=9)
+    a1.set_title('losses', fontsize=9)
+    a2.set_title('validation', fontsize=9)
     if title: fig.suptitle(title, fontsize=9)
     return fig
 
@@ -452,7 +462,8 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
         if qid not in index: raise KeyError(f"qid {qid} is not in the dataset given to the explorer")
         inputs, _, _ = collate([dataset[index[qid]]])
         model.eval()
-        with torch.no_grad(): return _to(model(**_to(inputs, model_device(model)), return_attn=True), 'cpu')  # plots want CPU
+        with torch.no_grad():
+            return _to(model(**_to(inputs, model_device(model)), return_attn=True), 'cpu')  # plots want CPU
     return fn
 
 def _is_run(p)->bool: return isinstance(p, (str, Path)) and Path(p).is_dir() and any(Path(p).glob('model_*.ckpt'))
@@ -462,7 +473,8 @@ def load_run(run, # run folder written by `videolights.train.fit`
              split:str='val'):
     "The run's best model (eval mode) and a `VLDataset` of `split`, for the explorer."
     model, cfg = load_model(run)
-    if data is None and (Path(run)/'config.json').is_file(): data = json.loads((Path(run)/'config.json').read_text()).get('data')
+    if data is None and (Path(run)/'config.json').is_file():
+        data = json.loads((Path(run)/'config.json').read_text()).get('data')
     return model, build_dataset(cfg, data, split)
 
 def _gt_records(data):
@@ -507,9 +519,11 @@ def explore(run_or_predictions, # run folder, predictions jsonl or list of recor
         an = None if w['attn'].value == '(none)' else w['attn'].value
         fig, m = ex.render(w['select'].value, an, w['layer'].value, None if w['head'].value < 0 else w['head'].value)
         w['info'].value = ' &nbsp; '.join(f'<b>{k}</b> {v:g}' for k, v in m.items())
-        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=fig.dpi)   # a PNG: shows whatever the backend
+        buf = io.BytesIO()
+        fig.savefig(buf, format='png', dpi=fig.dpi)  # a PNG: shows whatever the backend
         with w['out']: display(Image(buf.getvalue()))
-        ex.last_fig = fig; plt.close(fig)
+        ex.last_fig = fig
+        plt.close(fig)
     w['search'].observe(lambda c: setattr(w['select'], 'options', ex.options(c['new'])), 'value')
     for k in ('select', 'attn', 'layer', 'head'): w[k].observe(redraw, 'value')
     if w['select'].options and w['select'].value is None: w['select'].value = w['select'].options[0][1]
@@ -522,7 +536,8 @@ def explore(run_or_predictions, # run folder, predictions jsonl or list of recor
 SWITCHES = ['fra', 'bi', 'bf', 'pt', 'hl', 'tcl', 'scsl', 'al']
 
 def _repo_data(name:str)->Path:
-    for base in (Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd(), Path.cwd(), Path.cwd().parent):
+    for base in (Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd(), Path.cwd(),
+                 Path.cwd().parent):
         if (base/'data'/name).exists(): return base/'data'/name
     raise FileNotFoundError(f"data/{name} not found next to the package or in the working folder")
 
@@ -536,7 +551,8 @@ def parse_switches(s:str)->dict: # 'fra=1;bi=0' -> {'fra': 1, 'bi': 0}
     "Parse a `k=v;k=v` switches string (ints where possible)."
     out = {}
     for kv in filter(None, s.split(';')):
-        k, v = kv.split('=', 1); out[k] = int(v) if v.lstrip('-').isdigit() else v
+        k, v = kv.split('=', 1)
+        out[k] = int(v) if v.lstrip('-').isdigit() else v
     return out
 
 # %% ../nbs/12_visualize.ipynb #a60167e3
@@ -559,8 +575,11 @@ def plot_ablation(ours:pd.DataFrame|None, # tidy: table, row, metric, value, see
             ax.bar(x+0.2, st['mean'].values, 0.4, yerr=st['std'].fillna(0).values, color='tab:blue',
                    capsize=2, label=our_label)
             for r, v in zip(o.row, o.value): ax.plot(rows.index(r)+0.2, v, 'k.', ms=3)
-        ax.set_xticks(x, rows, fontsize=7); ax.set_title(m, fontsize=8); ax.tick_params(axis='y', labelsize=7)
+        ax.set_xticks(x, rows, fontsize=7)
+        ax.set_title(m, fontsize=8)
+        ax.tick_params(axis='y', labelsize=7)
     axs[0][0].set_xlabel(f'Table {table} row', fontsize=7)
-    fig.legend(*axs[0][0].get_legend_handles_labels(), loc='lower center', ncol=2, fontsize=7, bbox_to_anchor=(0.5, -0.12))
+    fig.legend(*axs[0][0].get_legend_handles_labels(), loc='lower center', ncol=2, fontsize=7,
+               bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     return fig
