@@ -54,6 +54,8 @@ def test_tvsum_official_folders_give_our_sources():
     assert feature_dirs(cfg) == (['video_features'], ['query_features'])
     sf = config_from_opt(dict(opt, v_feat_dim=2306, v_feat_dirs=['x/sf_features']))
     assert sf.v_feat_types == ('slowfast',) and feature_dirs(sf)[0] == ['sf_features']
+    bv = config_from_opt(dict(opt, v_feat_dim=770, v_feat_dirs=['x/video_features_blip']))   # BLIP-2 on one side
+    assert bv.v_feat_types == ('blip_video',) and feature_dirs(bv) == (['video_features_blip'], ['query_features'])
 
 
 def _tvsum_data(root: Path, seed: int = 0) -> Path:

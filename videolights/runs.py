@@ -41,11 +41,14 @@ SPLIT_FILES = {'hl': ['highlight_{split}_release.jsonl', 'qvhighlights/highlight
 _VIDEO_DIRS = dict(slowfast='slowfast_features', clip='clip_features', blip='blip_video_features', i3d='video_features')
 _TEXT_DIRS = dict(clip='clip_text_features', blip='blip_aug_text_features_openai')
 
+_ONE_SIDED = {'blip_video': 'blip', 'blip_text': 'blip'}   # `convert.config_from_opt`'s names of a one-sided BLIP-2
+
 def feature_dirs(cfg)->tuple[list[str], list[str]]:
     "The official feature-folder names of the config's video and text sources (per dataset, `data.FEATURE_DIRS`)."
     dirs = FEATURE_DIRS.get(cfg.dset_name, {})
     v_dirs, t_dirs = {**_VIDEO_DIRS, **dirs.get('video', {})}, {**_TEXT_DIRS, **dirs.get('text', {})}
-    return [v_dirs.get(t, t) for t in cfg.v_feat_types], [t_dirs.get(t, t) for t in cfg.t_feat_types]
+    name = lambda d, t: d.get(t, d.get(_ONE_SIDED.get(t), t))
+    return [name(v_dirs, t) for t in cfg.v_feat_types], [name(t_dirs, t) for t in cfg.t_feat_types]
 
 SPLIT_ALIASES = {'charadesSTA': {'val': 'test'}}   # Charades-STA has no val split; the official code selects on test
 

@@ -468,10 +468,10 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
 
 def _is_run(p)->bool: return isinstance(p, (str, Path)) and Path(p).is_dir() and any(Path(p).glob('model_*.ckpt'))
 
-def load_run(run, # run folder written by `videolights.train.fit`
-             data=None, # dataset folder; default: the one recorded in the run's config.json
+def load_run(run, # a run folder (its best checkpoint), our or an official checkpoint, or a pretrained folder
+             data=None, # dataset folder; default: the one recorded in a run folder's config.json
              split:str='val'):
-    "The run's best model (eval mode) and a `VLDataset` of `split`, for the explorer."
+    "The model (eval mode; any of the three forms, `runs.load_model`) and a `VLDataset` of `split`, for the explorer."
     model, cfg = load_model(run)
     if data is None and (Path(run)/'config.json').is_file():
         data = json.loads((Path(run)/'config.json').read_text()).get('data')
