@@ -163,9 +163,10 @@ def _compare(off, ours):
     assert [m['qid'] for m in metas] == off['qids']
     for k in ('src_txt', 'src_txt_mask', 'src_vid', 'src_vid_mask'):
         assert mi[k].shape == off['model_inputs'][k].shape, k
-        torch.testing.assert_close(mi[k], off['model_inputs'][k].float(), rtol=0, atol=1e-6, msg=k)
+        # bit for bit: the same float32 normalisation (np.linalg.norm), TEF and masks as the official loader
+        assert torch.equal(mi[k], off['model_inputs'][k].float()), k
     for a, b in zip(tg['span_labels'], off['targets']['span_labels']):
-        torch.testing.assert_close(a['spans'], b['spans'].float(), rtol=0, atol=1e-7)
+        assert torch.equal(a['spans'], b['spans'].float())
     for k in ('saliency_pos_labels', 'saliency_neg_labels'):
         assert tg[k].tolist() == off['targets'][k].tolist(), k
     for k in ('saliency_all_labels', 'saliency_pos_index'):

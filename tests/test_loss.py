@@ -315,6 +315,32 @@ def test_rank_contrastive_brute_force():
     assert close(got, ref), (float(got), ref)
 
 
+def bf_rank_eps(s, sn, y, m, tau=0.5):
+    "The official formula with its two 1e-6 terms, in Python floats (float64)."
+    B, L = len(s), len(s[0])
+    total = 0.
+    for r in range(1, 12):
+        if not any(y[b][t] >= r for b in range(B) for t in range(L)): continue
+        acc = 0.
+        for b in range(B):
+            row = [(x[b][t] if m[b][t] else -1e3) / tau for x in (s, sn) for t in range(L)]
+            z = [v - max(row) for v in row]
+            lse = math.log(sum(math.exp(v) for v in z) + 1e-6)
+            pos = [t for t in range(L) if y[b][t] >= r]
+            acc += -sum((z[t] - lse) * m[b][t] for t in pos) / (len(pos) + 1e-6)
+        total += acc / B
+    return total / 12
+
+
+def test_rank_contrastive_float64_has_no_float32_step():
+    "Float64 scores stay float64 throughout (the positive counts + 1e-6 too): equal to the float64 formula to 1e-13."
+    out, t = tiny(9)
+    s, sn, y = (x.double() for x in (out['saliency_scores'], out['saliency_scores_neg'], t['saliency_all_labels']))
+    got = rank_contrastive_loss(s, sn, y, out['video_mask'])
+    ref = bf_rank_eps(L(s), L(sn), L(y), L(out['video_mask']))
+    assert got.dtype == torch.float64 and abs(float(got) - ref) <= 1e-13 * abs(ref), (float(got), ref)
+
+
 def test_neg_pair_brute_force():
     out, _ = tiny(10)
     assert close(neg_pair_loss(out['saliency_scores_neg'], out['video_mask']),

@@ -90,6 +90,66 @@ def test_live_official_equivalence(variant, fast):
         assert max(chk.check_export(vo, off, variant, B=3, seed=2, fast=fast)['export_diffs'].values()) <= TOL
 
 
+def test_float64_plain_and_fast_agree():
+    """Float64 runs stay float64: the sine positions (float32, as officially) are widened before use and every
+    softmax keeps the input dtype, so the plain and the fast model agree to rounding (a float32 step would leave ~1e-7)."""
+    cfg = get_preset('qvhighlights', v_feat_dims=(6, 4, 4), t_feat_dims=(5, 3), max_v_l=12, max_q_l=6, dim_feedforward=32,
+                     enc_layers=1, dec_layers=2, dropout=0., input_dropout=0., fra_dropout=0.)
+    torch.manual_seed(0)
+    plain = build_model(cfg).double().train()
+    fast = accelerate(build_model(cfg).double().train())
+    fast.load_state_dict(plain.state_dict())
+    x = {k: v if k.endswith('_mask') else v.double() for k, v in random_inputs(cfg, B=3, seed=1).items()}
+    a, b = plain(**x), fast(**x)
+    valid = x['src_vid_mask'].bool()   # per-clip outputs: padded clips are not masked (official), not compared
+    for k in ('pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_neg', 'proj_queries'):
+        assert a[k].dtype == b[k].dtype == torch.float64
+        p, q = (a[k], b[k]) if k.startswith(('pred', 'proj')) else (a[k][valid], b[k][valid])
+        assert _maxdiff(p, q) <= 1e-12 * max(1., float(p.abs().max())), k
+
+
+@pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
+@BOTH
+def test_live_official_equivalence_float64(fast):
+    """Float64 (train mode, dropout off, float32 masks as the official collate makes them): outputs at the valid
+    positions and every loss within 1e-12 of the official model and criterion."""
+    from videolights.loss import build_criterion
+    sys.path.insert(0, str(REPO / 'tools' / 'official'))
+    import train_probe as P
+    chk = _checker()
+    vo, off = chk.official_lib()
+    flags = ['--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '2', '--num_queries', '10', '--dropout', '0',
+             '--input_dropout', '0', '--mr_to_hd_loss', '--hard_pos_neg_loss', '--contrastive_align_loss']
+    opt = vo.make_opt(off, 'sf_clip_blip', flags)
+    inputs, targets, _ = vo.synth_batch(off, opt, 'sf_clip_blip', 4, 0)
+    inputs, targets = P.to_dtype(inputs, torch.float64), P.to_dtype(targets, torch.float64)
+    dt, giou = torch.get_default_dtype(), [(m, m.generalized_temporal_iou) for m in (off.span_utils, off.model, off.matcher)]
+    torch.set_default_dtype(torch.float64)
+    P._giou_in_input_dtype(off)   # the official GIoU casts to float32 (video_lights/span_utils.py); ours keeps float64
+    try:
+        vo.set_seed(1)
+        m_off, crit_off, _ = vo.build(off, opt)
+        m_off.double().train()
+        cfg = get_preset('qvhighlights', dim_feedforward=64, enc_layers=1, dec_layers=2, num_queries=10, dropout=0.,
+                         input_dropout=0., fra_dropout=0.)
+        m_us = _build_from(load_official(m_off.state_dict(), cfg).double().train(), fast)
+        for m in (m_off, m_us): P.no_dropout(m)
+        a, b = m_off(**inputs), m_us(**inputs)
+        lo, lu = crit_off(a, targets, 0), build_criterion(cfg).double()(b, targets, 0)
+    finally:
+        torch.set_default_dtype(dt)
+        for m, f in giou: m.generalized_temporal_iou = f
+    diffs = chk.compare_outputs({k: v.detach() for k, v in a.items() if torch.is_tensor(v)},
+                                {k: v.detach() for k, v in b.items() if torch.is_tensor(v)}, inputs)
+    assert max(diffs.values()) <= 1e-12, diffs
+    rel = {k: abs(float(lo[k]) - float(lu[k])) / max(1., abs(float(lo[k]))) for k in lo if k.startswith('loss')}
+    assert rel and max(rel.values()) <= 1e-12, rel
+
+
+def _build_from(model, fast: bool):
+    return accelerate(model) if fast else model
+
+
 # parameter counts of the official model (commit 76308bb, random init), as measured by tools/check_official_model.py
 OFFICIAL_PARAMS = {'qvhighlights': 10_796_263, 'qvhighlights_sf_clip': 10_399_975}
 

@@ -384,7 +384,7 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
         if x.dtype != np.float32:  # float16 stores: torch converts ~15x faster than numpy's astype
             x = torch.from_numpy(np.ascontiguousarray(x)).float().numpy() if x.dtype == np.float16 else x.astype(np.float32)
         if normalize:
-            nrm = np.sqrt(np.einsum('ij,ij->i', x, x))  # (L,) row norms; NaN/inf in a row makes its norm non-finite
+            nrm = np.linalg.norm(x, axis=-1)  # (L,) the official loader's float32 sum, bit for bit; NaN/inf: non-finite
             if not np.isfinite(nrm).all(): _check_finite(x, wheres[i] if wheres else f'source {i}')
             np.divide(x, (nrm + L2_EPS)[:, None], out=out[:, a:b])
         else:

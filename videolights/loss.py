@@ -86,7 +86,8 @@ def rank_contrastive_loss(scores:Tensor,     # (B, Lv) saliency scores
     y = torch.cat([labels, torch.zeros_like(labels)], 1)  # (B, 2Lv)
     z = s - s.max(1, keepdim=True).values
     log_p = z - torch.log(z.exp().sum(1, keepdim=True) + 1e-6)  # (B, 2Lv)
-    pos = (y[None] >= torch.arange(1, n_ranks + 1, device=y.device)[:, None, None]).float()  # (R, B, 2Lv)
+    # (R, B, 2Lv) in the scores' dtype: the official count + 1e-6 follows the default dtype (float32; float64 stays)
+    pos = (y[None] >= torch.arange(1, n_ranks + 1, device=y.device)[:, None, None]).to(log_p.dtype)
     mean_log_p = (pos * log_p * m).sum(-1) / (pos.sum(-1) + 1e-6)  # (R, B)
     return -(mean_log_p * (pos.sum(-1) > 0)).mean(1).sum() / divisor
 

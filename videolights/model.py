@@ -112,7 +112,8 @@ def positions(self:VideoLights, vmask:Tensor, # (B, Lv) 1 = valid
              )->tuple[Tensor, Tensor|None]:    # clip positions (B, Lv, D); text positions (B, Lq, D) or None
     "Sine positions of the valid clips; text positions only with `use_txt_pos`."
     pos_t = self.txt_position_embed(txt) if self.cfg.use_txt_pos else None
-    return sine_pos_embed(vmask, self.cfg.hidden_dim), pos_t
+    pos_v = sine_pos_embed(vmask, self.cfg.hidden_dim)  # float32, widened as the official concatenation does
+    return pos_v.to(torch.promote_types(txt.dtype, pos_v.dtype)), pos_t
 
 # %% ../nbs/07_model.ipynb #026bf6cf
 @patch

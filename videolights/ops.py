@@ -241,7 +241,7 @@ class FastDecoderLayer(DecoderLayer):
         ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
         s = torch.bmm(ac, torch.cat([memory, pos], -1).transpose(1, 2)) * (2 * dh) ** -0.5  # (B, H*Nq, Lv)
         s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf'))
-        s = s.softmax(-1, dtype=torch.float32)  # (B, H, Nq, Lv)
+        s = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (B, H, Nq, Lv); float64 stays
         p = self.cross_attn.p if self.training else 0.
         w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
         ctx = torch.bmm(w.flatten(1, 2).to(memory.dtype), memory).view(B, H, Nq, D)  # (B, H, Nq, D)

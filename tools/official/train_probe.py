@@ -13,8 +13,9 @@ Run as a script, it trains the official loop (`video_lights.train.start_training
   torch.Generator().manual_seed(seed + epoch)), the order our loop uses;
 * the k-th training item the dataset builds seeds Python's `random` with `item_seed + k` first (the official
   dataset draws its random saliency pairs and window subsets from `random`; ours seeds its own `rng` the same way);
-* with `float64`, the default dtype is float64, every batch is cast to it and the official GIoU runs in float64
-  (it casts to float32; `_giou_in_input_dtype`);
+* with `float64`, the default dtype is float64 for the model, every batch is cast to it and the official GIoU runs in
+  float64 (it casts to float32; `_giou_in_input_dtype`); the dataset builds its items in float32 as in an official
+  run (`_items_in_float32`);
 * with `dropout_off`, every dropout probability of the built model is set to 0 (FRA's 0.1 is hard-coded);
 * `setup_model` saves the initial weights (`init.pt`) that ours starts from;
 * `eval_epoch`, `calculate_stop_score` and `torch.save` are wrapped to record the metrics, the selection score and
@@ -129,9 +130,12 @@ class OrderSampler(torch.utils.data.Sampler):
 
 
 def to_dtype(x, dtype):
-    "Floating tensors in `x` (nested dicts/lists) cast to `dtype`."
+    """Floating tensors in `x` (nested dicts/lists) cast to `dtype`, except the padding masks (`*_mask`): the official
+    collate makes them float32 and the official model takes their dtype as it comes (FRA's `(video_mask +
+    1e-45).log()` is -103.28 in float32, -103.62 in float64, the value it gives padded clips); ours makes float32
+    masks itself. A float64 run widens the features and targets only."""
     if torch.is_tensor(x): return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, dict): return {k: to_dtype(v, dtype) for k, v in x.items()}
+    if isinstance(x, dict): return {k: v if k.endswith('_mask') else to_dtype(v, dtype) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return type(x)(to_dtype(v, dtype) for v in x)
     return x
 
@@ -168,6 +172,21 @@ def _giou_in_input_dtype(off):
     for m in (su, off.model, off.matcher): m.generalized_temporal_iou = giou
 
 
+def _items_in_float32(D):
+    """The dataset builds its items under the default dtype float32, as in an official run: `torch.Tensor(windows)`
+    and `torch.arange(0, ctx_l, 1.0)` (span labels, TEF; video_lights/start_end_dataset.py) follow the default
+    dtype, which a float64 probe run sets to float64 for the model. The batch is cast afterwards (`prepare_batch_inputs`),
+    so both loops see float32 data widened to float64. Returns the original `__getitem__`."""
+    real = D.StartEndDataset.__getitem__
+    def getitem(self, index):
+        dt = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try: return real(self, index)
+        finally: torch.set_default_dtype(dt)
+    D.StartEndDataset.__getitem__ = getitem
+    return getitem
+
+
 def _official_train(cfg: dict, H, out: Path):
     dtype = torch.float64 if cfg['float64'] else torch.float32
     torch.set_default_dtype(dtype)
@@ -184,7 +203,7 @@ def _official_train(cfg: dict, H, out: Path):
         return real_loader(ds, *a, sampler=OrderSampler(len(ds), cfg['order_seed'], cfg.get('first_epoch', 0)), **k)
     T.DataLoader = loader
 
-    real_get, count = D.StartEndDataset.__getitem__, [0]
+    real_get, count = _items_in_float32(D), [0]
     def getitem(self, index):
         if self.data_path == train_path:
             random.seed(cfg['item_seed'] + count[0]); count[0] += 1
@@ -253,6 +272,7 @@ def _official_infer(cfg: dict, H, out: Path):
         res = real_eval(*a, **k); got['brief'] = {kk: float(v) for kk, v in res[0]['brief'].items()}
         return res
     I.setup_model, I.eval_epoch = setup, eval_epoch
+    _items_in_float32(off.dataset)
     real_prep = off.dataset.prepare_batch_inputs
     I.prepare_batch_inputs = lambda *a, **k: tuple(to_dtype(x, torch.get_default_dtype()) for x in real_prep(*a, **k))
     res = {}
