@@ -52,6 +52,8 @@ def test_train_step_cli_json_has_machine_and_medians(tmp_path):
     assert d == json.loads(stdout)
     m = d['machine']
     assert m['torch'] == torch.__version__ and m['torch_threads'] == 1 and m['cpu_count'] >= 1 and 'processor' in m
+    assert m['cpu_isa'].split(',')[0] == torch.backends.cpu.get_cpu_capability()  # e.g. 'AVX2, family 25 model 1'
+    assert f"({m['cpu_isa']})" in bench.format_targets([], m).splitlines()[0]
     r = d['train-step']
     assert r['preset'] == 'tiny' and len(r['ours']['step_ms_all']) == 2
     assert r['ours']['step_ms'] == pytest.approx(sorted(r['ours']['step_ms_all'])[0] / 2 + sorted(r['ours']['step_ms_all'])[1] / 2, abs=0.02)

@@ -28,6 +28,18 @@ def _cpu_model()->str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+def _cpu_isa()->str:
+    "The CPU's vector ISA as torch's kernels use it, with its family and model (two CPUs may share a model name)."
+    isa = torch.backends.cpu.get_cpu_capability()  # 'AVX2', 'AVX512', 'DEFAULT'...
+    fm = {}
+    try:
+        for line in open('/proc/cpuinfo'):
+            k = line.split(':', 1)[0].strip()
+            if k in ('cpu family', 'model') and k not in fm: fm[k] = line.split(':', 1)[1].strip()
+            if len(fm) == 2: break
+    except OSError: pass
+    return f"{isa}, family {fm['cpu family']} model {fm['model']}" if len(fm) == 2 else isa
+
 def _cpu_bf16()->bool:
     "Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."
     for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private torch.cpu helpers (torch >= 2.3)
@@ -40,7 +52,7 @@ def machine_info(device:str='cpu')->dict:
     "What the numbers were measured on."
     cuda = torch.cuda.is_available()
     return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                processor=_cpu_model(), cpu_count=os.cpu_count(), cpu_bf16=_cpu_bf16(),
+                processor=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(), cpu_bf16=_cpu_bf16(),
                 amx=bool(getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()),
                 torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
                 device=str(device), cuda=torch.cuda.get_device_name(0) if cuda else None,
@@ -972,7 +984,8 @@ def check_targets(out:dict)->list[dict]:
 
 def format_targets(rows:list[dict], machine:dict|None=None)->str:
     "The targets as a markdown table (with the machine's CPU model)."
-    head = f"CPU: {machine['processor']}, {machine['torch_threads']} threads, torch {machine['torch']}\n\n" if machine else ''
+    isa = f" ({machine['cpu_isa']})" if machine and machine.get('cpu_isa') else ''
+    head = f"CPU: {machine['processor']}{isa}, {machine['torch_threads']} threads, torch {machine['torch']}\n\n" if machine else ''
     lines = ['| target | value | goal | met |', '|---|---|---|---|']
     lines += [f"| {r['target']} | {'—' if r['value'] is None else r['value']} | {r['goal']} | "
               f"{'—' if r['met'] is None else 'yes' if r['met'] else 'no'} |" for r in rows]
