@@ -525,6 +525,74 @@ def usage_reproduce_no_data(w, tmp): return _usage('reproduce', ['--out', tmp/'r
 def usage_ablate_no_data(w, tmp): return _usage('ablate', ['--out', tmp/'a'], '--data is required')
 
 
+# --- outputs written whole: a disk that fills up in the middle of a write leaves the earlier output as it was
+#     (and no temporary file: `protect` digests hidden files too)
+def _midway(out, argv):
+    return dict(argv=argv, expect=[str(out), 'no space left'], protect=[out.parent], fault=(out.parent, errno.ENOSPC, 64))
+
+def _old(path, text='OLD\n')->Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return Path(path)
+
+@case('eval', process=True)
+def midway_eval_out(w, tmp):
+    out = _old(tmp/'o'/'m.json')
+    return _midway(out, ['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt',
+                         w/'data'/'highlight_val_release.jsonl', '--out', out])
+@case('evaluate')
+def midway_evaluate_submission(w, tmp):
+    shutil.copytree(w/'subs', tmp/'o')
+    return _midway(tmp/'o'/'hl_val_submission.jsonl', ['evaluate', '--ckpt', w/'run', '--data', w/'data', '--out', tmp/'o'])
+@case('merge-submissions')
+def midway_merge_submissions(w, tmp):
+    out = _old(tmp/'o'/'m.jsonl')
+    return _midway(out, ['merge-submissions', out, w/'subs'/'hl_val_submission.jsonl'])
+@case('inspect')
+def midway_inspect_json(w, tmp):
+    out = _old(tmp/'o'/'i.json')
+    return _midway(out, ['inspect', w/'data'/'highlight_val_release.jsonl', '--no-plots', '--json', out])
+@case('convert-features', process=True)
+def midway_convert_features(w, tmp):
+    (tmp/'o').mkdir()
+    out = Path(shutil.copy(w/'data'/'features.h5', tmp/'o'/'x.h5'))
+    return _midway(out, ['convert-features', w/'data'/'features', out, '--quiet', '--overwrite'])
+@case('ablate')
+def midway_ablate_figure(w, tmp):
+    out = _old(tmp/'o'/'ablation_table_V.png', 'OLD PNG')
+    return _midway(out, ['ablate', '--plot-only', _ablation_csv(tmp), '--figdir', tmp/'o'])
+@case('predict')
+def midway_predict_json(w, tmp):
+    out = _old(tmp/'o'/'p.jsonl')
+    return _midway(out, [*_predict_argv(w), '--json', out])
+
+
+def _ablation_csv(tmp)->Path:
+    import pandas as pd
+    from videolights.visualize import METRICS
+    pd.DataFrame([dict(table='V', row=r, switches='', metric=m, value=v + s, seed=s, data='synthetic', note='')
+                  for r, v in (('1', 20.), ('13', 30.)) for m in METRICS for s in (0, 1)]).to_csv(tmp/'results.csv', index=False)
+    return tmp/'results.csv'
+
+
+def _predict_argv(w)->list:
+    "predict on a 35 s test video with tiny random CLIP and BLIP-2 encoders and an untrained model (built once)."
+    from videolights.video import make_tiny_clip, make_tiny_blip2, make_test_video
+    from videolights.config import get_preset
+    from videolights.model import build_model
+    from videolights.train import save_checkpoint, config_dict
+    d = w/'predict'
+    if not (d/'model.ckpt').exists():
+        make_tiny_clip(d/'clip'); make_tiny_blip2(d/'blip')
+        make_test_video(d/'v.mp4', 70, 1, size=(32, 24))
+        torch.manual_seed(0)
+        cfg = get_preset('tiny', v_feat_types=('clip', 'blip'), v_feat_dims=(8, 24), t_feat_types=('clip', 'blip'),
+                         t_feat_dims=(16, 24), blip_features=True, blip_dim=24, max_v_l=16, max_q_l=32)
+        save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), d/'model.ckpt')
+    return ['predict', d/'v.mp4', '-q', 'a dog runs', '--ckpt', d/'model.ckpt', '--clip-model', d/'clip',
+            '--blip-model', d/'blip', '--device', 'cpu']
+
+
 # ---------------------------------------------------------------- running a case
 def run_inproc(argv, fault, capfd):
     from videolights.cli import main
@@ -537,7 +605,7 @@ def run_inproc(argv, fault, capfd):
 
 
 def run_process(argv, fault):
-    pre = [str(Path(__file__).parent/'_faults.py'), str(fault[0]), str(fault[1]), '--'] if fault else ['-m', 'videolights']
+    pre = [str(Path(__file__).parent/'_faults.py'), *map(str, fault), '--'] if fault else ['-m', 'videolights']
     r = subprocess.run([sys.executable, *pre, *map(str, argv)], capture_output=True, text=True, env=ENV, timeout=600)
     return r.returncode, r.stderr
 
@@ -600,6 +668,67 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(world, tmp_path):
                             '--gt', str(tmp_path/'no.jsonl')], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 2 and 'Traceback' in r.stderr
         assert r.stderr.splitlines()[-1].startswith(f"videolights eval: error: {tmp_path/'no.jsonl'}: no such file")
+
+
+# ---------------------------------------------------------------- temporary files of killed writes
+def _pids():
+    "The PID of a process that has ended (a killed writer) and of one that runs (a writer still at work)."
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    return dead.pid, subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+
+
+WRITERS = {   # a command that writes `out`: (world, tmp) -> (argv, out)
+    'convert-features': lambda w, t: (['convert-features', w/'data'/'features', t/'o'/'x.h5', '--quiet'], t/'o'/'x.h5'),
+    'eval': lambda w, t: (['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt',
+                           w/'data'/'highlight_val_release.jsonl', '--out', t/'o'/'m.json'], t/'o'/'m.json'),
+    'evaluate': lambda w, t: (['evaluate', '--ckpt', w/'run', '--data', w/'data', '--out', t/'o'],
+                              t/'o'/'hl_val_submission.jsonl'),
+    'merge-submissions': lambda w, t: (['merge-submissions', t/'o'/'m.jsonl', w/'subs'/'hl_val_submission.jsonl'],
+                                       t/'o'/'m.jsonl'),
+    'inspect': lambda w, t: (['inspect', w/'data'/'highlight_val_release.jsonl', '--figdir', t/'o'],
+                             t/'o'/'inspect_highlight_val_release.png'),
+    'synth': lambda w, t: (['synth', '--out', t/'o', '--size', 'tiny', '--no-h5', '--n-train', '2', '--n-val', '1'],
+                           t/'o'/'synth_info.json'),
+    'ablate': lambda w, t: (['ablate', '--plot-only', _ablation_csv(t), '--figdir', t/'o'], t/'o'/'ablation_table_V.png'),
+    'predict': lambda w, t: ([*_predict_argv(w), '--json', t/'o'/'p.jsonl'], t/'o'/'p.jsonl'),
+}
+
+
+@pytest.mark.parametrize('cmd', list(WRITERS))
+def test_next_run_removes_stale_temps(cmd, world, tmp_path, capfd):
+    "A killed write leaves `.NAME.PID.tmp`; the next run of the command removes it, and never a live writer's."
+    from videolights.cli import main
+    argv, out = WRITERS[cmd](world, tmp_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dead, live = _pids()
+    try:
+        stale, busy = out.with_name(f'.{out.name}.{dead}.tmp'), out.with_name(f'.{out.name}.{live.pid}.tmp')
+        for p in (stale, busy): p.write_bytes(b'half a file')
+        assert main([str(a) for a in argv]) == 0, capfd.readouterr().err
+        assert out.stat().st_size > 0
+        assert not stale.exists() and busy.read_bytes() == b'half a file'
+        assert sorted(p.name for p in out.parent.glob('.*.tmp')) == [busy.name]
+    finally:
+        live.kill(); live.wait()
+
+
+def test_killed_convert_features_leaves_old_store_and_next_run_cleans(world, tmp_path):
+    "SIGKILL in the middle of writing a store: the old store is intact, its temp file is left, the next run removes it."
+    out = Path(shutil.copy(world/'data'/'features.h5', tmp_path/'x.h5'))
+    before = digest([out])
+    argv = ['convert-features', world/'data'/'features', out, '--quiet', '--overwrite']
+    rc, _ = run_process(argv, (tmp_path, 0, 0))                  # killed at its second dataset
+    assert rc == -9
+    left = list(tmp_path.glob('.x.h5.*.tmp'))
+    assert len(left) == 1 and digest([out]) == before
+    rc, err = run_process(argv, None)
+    assert rc == 0, err
+    assert not list(tmp_path.glob(".*.tmp"))
+    from videolights.data import open_features
+    v = first_vid(world/'data')
+    np.testing.assert_array_equal(open_features(out).video('clip_features', v),
+                                  open_features(world/'data'/'features.h5').video('clip_features', v))
 
 
 # ---------------------------------------------------------------- stale HDF5 index

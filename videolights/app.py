@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from fastcore.basics import patch_to
 from .train import _to
+from .errors import atomic_output
 from .visualize import Explorer, explore, plot_saliency, top_clips, _attn_shape
 from .video import (VideoLightsPredictor, Prediction, EncodedVideo, VideoError, VIDEO_EXTS, frames_at,
                                _pad, _model_args, _sources, _user_errors)
@@ -112,7 +113,7 @@ def save_upload(folder:str|Path|None, # where to write (None: a new temporary fo
         raise ValueError(f"{name}: not a {' '.join(exts)} file")
     d = Path(folder) if folder else Path(tempfile.mkdtemp(prefix='videolights_uploads_'))
     d.mkdir(parents=True, exist_ok=True)
-    (p := d/safe).write_bytes(bytes(content))
+    with atomic_output(p := d/safe, fsync=False) as tmp: tmp.write_bytes(bytes(content))
     return p
 
 # %% ../nbs/17_app.ipynb #d4675aa6
@@ -332,7 +333,7 @@ def app_notebook(kwargs:dict, # `build_app` keyword arguments (JSON-serialisable
     src = f"import json\nfrom videolights.app import build_app\nbuild_app(**json.loads({json.dumps(kwargs)!r}))"
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)], metadata=dict(
         kernelspec=dict(name='python3', display_name='Python 3', language='python')))
-    nbformat.write(nb, str(path))
+    with atomic_output(path) as tmp: nbformat.write(nb, str(tmp))
     return Path(path)
 
 # %% ../nbs/17_app.ipynb #dca0ed4e

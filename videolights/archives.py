@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .data import (FeatureSource, FeatureNotFoundError, DataFormatError, open_features, convert_features,
                               read_records, load_jsonl, write_fake_features, _scan_features, TVSUM_DOMAINS)
 from .synth import synth, save_npz, write_jsonl
+from .errors import atomic_output, write_text_atomic
 
 # %% auto #0
 __all__ = ['ARCHIVES', 'FEATURE_SETS', 'PRETRAIN_TEXT', 'PAPER_MODELS', 'DATASET_MODELS', 'EXTRA_ANNOTATIONS', 'Archive',
@@ -145,7 +146,8 @@ def _link(src:Path, dst:Path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists(): return
     try: os.link(src, dst)
-    except OSError: shutil.copyfile(src, dst)
+    except OSError:
+        with atomic_output(dst, fsync=False) as tmp: shutil.copyfile(src, tmp)   # a killed copy is never taken as done
 
 def _fake_qvh(root:Path, n, scale, seed, progress)->Path:
     v, t = _widths(ARCHIVES['qvhighlights'], scale)
@@ -416,8 +418,7 @@ def copy_annotations(archive:str, path:str|Path, out:str|Path)->list[Path]:
     names = {Path(f).name for f in ARCHIVES[archive].splits.values()} | set(EXTRA_ANNOTATIONS.get(archive, ()))
     src = [d/n for d in dict.fromkeys([path.parent, path]) for n in sorted(names) if (d/n).is_file()]
     for p in src:
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dst/p.name)
+        with atomic_output(dst/p.name) as tmp: shutil.copyfile(p, tmp)
     return [dst/p.name for p in src]
 
 # %% ../nbs/15_archives.ipynb #907934aa
@@ -492,7 +493,7 @@ def _check_cmd(a, p)->int:
     if a.json:
         brief = lambda c: {f: {x: y for x, y in v.items() if x != 'rows'} for f, v in c.folders.items()}
         rep = {k: dict(vars(c), folders=brief(c), ready=c.ready()) for k, c in checks.items()}
-        Path(a.json).write_text(json.dumps(rep, indent=1, default=str))
+        write_text_atomic(a.json, json.dumps(rep, indent=1, default=str))
     return 1 if any(c.errors for c in checks.values()) else 0
 
 def _convert_cmd(a, p)->int:

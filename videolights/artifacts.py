@@ -15,7 +15,7 @@ from .config import VLConfig, get_preset, PRESETS
 from .model import VideoLights, build_model
 from .convert import (read_official_checkpoint, config_from_opt, map_official_state_dict, OPT_KEYS,
                                  to_official_state_dict)
-from .errors import MissingFileError, BadInputError, check_input
+from .errors import MissingFileError, BadInputError, check_input, atomic_output
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CKPT_FILES', 'config_to_dict', 'config_from_dict',
@@ -43,10 +43,7 @@ def config_from_dict(d:dict, # VLConfig fields as JSON values
 
 # %% ../nbs/08a_artifacts.ipynb #bdf81b32
 def _atomic(path:Path, write):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: write(tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    with atomic_output(path) as tmp: write(tmp)
 
 def model_inputs_info(cfg:VLConfig)->dict:
     "What the model eats: feature sources with widths, TEF, clip length and lengths."

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 from .errors import (BadInputError, MissingFileError, OutputExistsError, Records, UserError, check_input,
-                                iter_jsonl, one_line, write_text_atomic)
+                                iter_jsonl, one_line, write_text_atomic, write_figure, atomic_output)
 from fastcore.basics import patch
 from .spans import span_xx_to_cxw, temporal_endpoint_feature
 
@@ -465,13 +465,8 @@ def convert_features(src_dir:str|Path,     # feature root with one sub-folder pe
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     jobs = _scan_features(src_dir, feat_types)
     if not jobs: raise DataFormatError(f"{src_dir}: no .npz/.npy feature files in its sub-folders")
-    dims, counts, part = {}, {}, dst_h5.with_name(dst_h5.name + '.part')
-    dst_h5.parent.mkdir(parents=True, exist_ok=True)
-    try: _convert(jobs, part, dtype, dims, counts, src_dir, progress)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dst_h5)
+    dims, counts = {}, {}
+    with atomic_output(dst_h5) as part: _convert(jobs, part, dtype, dims, counts, src_dir, progress)
     types = {ftype: dict(kind=kind, n=counts[(kind, ftype)], dim=d) for (kind, ftype), d in dims.items()}
     return dict(path=str(dst_h5), types=types, bytes=dst_h5.stat().st_size, seconds=round(time.time() - t0, 3))
 
@@ -979,7 +974,7 @@ def _inspect(files:list[Path], feats:list[Path], a)->int:
             import matplotlib
             matplotlib.use('Agg')
             fig = plot_summary(recs, f.name)
-            fig.savefig(fp := Path(a.figdir)/f'inspect_{f.stem}.png', dpi=80)
+            fp = write_figure(fig, Path(a.figdir)/f'inspect_{f.stem}.png', dpi=80)
             import matplotlib.pyplot as plt
             plt.close(fig)
             print(f'  figure: {fp}')

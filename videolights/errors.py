@@ -106,13 +106,14 @@ def _fsync(path:Path):
 @contextmanager
 def atomic_output(path:str|Path, # the destination; its folder is created
                   fsync:bool=True, # flush the file to disk before the rename (a power cut keeps old or new)
+                  clean:bool=True, # remove the destination's temporary files left by killed writes (lists its folder)
                  ):                # yields the temporary path to write
     "Write `path` through a temporary file: yields `.NAME.PID.tmp`, renamed onto `path` only if the block succeeds."
     path = Path(path)
     tmp = temp_path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path.parent, path.name)
+        if clean: remove_stale_temps(path.parent, path.name)
         try:
             yield tmp
             if fsync: _fsync(tmp)

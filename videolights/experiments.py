@@ -15,6 +15,7 @@ from .data import collate, load_jsonl, keep_freed_memory
 from .train import RunOptions, fit, load_weights, config_dict, bars_on, _write_json
 from .runs import build_run, synth_config, official_metrics, evaluate, parse_overrides
 from .synth import synth
+from .errors import write_text_atomic, write_figure
 from .visualize import (METRICS, plot_training_curves, plot_timeline, plot_saliency, gt_saliency, paper_ablations,
                         parse_switches, plot_ablation)
 
@@ -153,12 +154,12 @@ def demo(out:str|Path='runs/demo', progress:bool|None=None, size:str='small', am
     brief = metrics['brief']
     figs.mkdir(parents=True, exist_ok=True)
     for name, fig in demo_figures(run, sub, gt, cfg.clip_len).items():
-        fig.savefig(figs/f'{name}.png', dpi=100)
+        write_figure(fig, figs/f'{name}.png', dpi=100)
         plt.close(fig)
     rows = [(k, brief[k], rand[k], brief[k] / max(rand[k], 1e-9)) for k in DEMO_KEYS]
     table = '| metric (val) | trained | random | ratio |\n|---|---|---|---|\n' + ''.join(
         f'| {k} | {a:.2f} | {b:.2f} | {r:.1f}x |\n' for k, a, b, r in rows)
-    (out/'metrics_table.md').write_text(table)
+    write_text_atomic(out/'metrics_table.md', table)
     summary = dict(trained=brief, random=rand, ratios={k: r for k, _, _, r in rows}, seconds=round(time.time() - t0, 1),
                    train_seconds=round(t_train, 1), run=str(run), data=str(data), figures=str(figs),
                    submission=str(sub_path), config=config_dict(cfg))
@@ -237,9 +238,7 @@ def ablate(train_fn, # (overrides:dict, seed:int, out_dir:Path) -> dict of metri
             recs += [dict(table=table, row=r, switches=sw[r], metric=k, value=float(m[k]), seed=s, data=data_label,
                           note='; '.join(notes)) for k in METRICS if k in m]
     df = pd.DataFrame(recs)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out/'results.csv', index=False)
+    if out is not None: write_text_atomic(out/'results.csv', df.to_csv(index=False))
     return df
 
 # %% ../nbs/14_experiments.ipynb #b12a135b
@@ -305,7 +304,7 @@ row and seed, and FIGDIR/ablation_table_V.png (paper vs ours per metric, mean +-
         res = ablate(fn, rows, paper, a.seeds, a.out, label, skip=skip)   # bad data: the CLI's one-line error, exit 2
     Path(a.figdir).mkdir(parents=True, exist_ok=True)
     fig = plot_ablation(res, paper, rows=list(dict.fromkeys(res.row)))
-    fig.savefig(Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight')
+    write_figure(fig, Path(a.figdir)/'ablation_table_V.png', dpi=110, bbox_inches='tight')
     plt.close(fig)
     print(res.pivot_table(index='row', columns='metric', values='value', aggfunc='mean').round(2).to_string())
     print(f"results: {Path(a.out)/'results.csv' if not a.plot_only else a.plot_only}; figure: "

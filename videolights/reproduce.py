@@ -15,6 +15,7 @@ from .config import VLConfig, get_preset
 from .data import collate, load_jsonl, open_features, keep_freed_memory, TVSUM_DOMAINS
 from .model import build_model
 from .train import RunOptions, fit, _write_json
+from .errors import atomic_output, write_text_atomic, write_figure
 from .runs import build_run, evaluate, official_metrics, parse_overrides, feature_dirs, _run_args
 from .visualize import METRICS, paper_ablations, parse_switches, plot_ablation, _repo_data
 from .experiments import ablate, ablation_overrides, ABLATION_FIELDS
@@ -221,9 +222,8 @@ def _max_diff(a:dict, b:dict)->float:
 def _submission_zip(d:Path)->Path:
     "CodaLab's upload: both submission files at the top of one zip."
     z = d/'submission.zip'
-    with zipfile.ZipFile(z.with_suffix('.zip.part'), 'w', zipfile.ZIP_DEFLATED) as f:
+    with atomic_output(z) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as f:
         for n in ('hl_val_submission.jsonl', 'hl_test_submission.jsonl'): f.write(d/n, n)
-    os.replace(z.with_suffix('.zip.part'), z)
     return z
 
 def _train_seconds(d:Path)->float:
@@ -472,23 +472,22 @@ def write_outputs(setup:Setup, jobs:list[Job], ab:pd.DataFrame, failed:dict)->di
     cl = claimed_numbers()
     cl = cl[[(d, m) in have for d, m in zip(cl.dataset, cl.model)]]
     cmp = compare(collect(every, setup), cl, setup.proxy, {r['model'] for r in results if r.get('submission')})
-    cmp.to_csv(out/'reproduction.csv', index=False)
+    write_text_atomic(out/'reproduction.csv', cmp.to_csv(index=False))
     ab = _merge_ablations(ab, out/'ablations.csv')
-    if len(ab): ab.to_csv(out/'ablations.csv', index=False)
+    if len(ab): write_text_atomic(out/'ablations.csv', ab.to_csv(index=False))
     summ = ablation_summary(ab)
     report = format_report(cmp, setup, results, summ)
     if failed: report += '\n### Failed runs\n\n' + '\n'.join(f"- {k}: {v}" for k, v in failed.items()) + '\n'
-    (out/'reproduction.md').write_text(report)
+    write_text_atomic(out/'reproduction.md', report)
     figs = {}
     if len(cmp):
         fig = plot_reproduction(cmp, 'stand-in data (not comparable)' if setup.proxy else '')
-        fig.savefig(out/'reproduction.png', dpi=110)
+        figs['main'] = write_figure(fig, out/'reproduction.png', dpi=110)
         plt.close(fig)
-        figs['main'] = out/'reproduction.png'
     for t in dict.fromkeys(ab.table) if len(ab) else []:
         fig = plot_ablation(ab, table=t, rows=list(dict.fromkeys(ab[ab.table == t].row)))
         figs[t] = out/f'reproduction_ablation_{t}.png'
-        fig.savefig(figs[t], dpi=110, bbox_inches='tight')
+        write_figure(fig, figs[t], dpi=110, bbox_inches='tight')
         plt.close(fig)
     return dict(comparison=cmp, ablations=summ, failed=failed, report=out/'reproduction.md', figures=figs)
 
@@ -630,7 +629,7 @@ def smoke_setup(out:str|Path, n:int|None=None, seeds:int=1, epochs:int=1, paper_
     if not (data/'complete').is_file():
         shutil.rmtree(data, ignore_errors=True)
         fake_archives(data, n=n, progress=progress)
-        (data/'complete').write_text(json.dumps(dict(n=n)))
+        write_text_atomic(data/'complete', json.dumps(dict(n=n)))
     over = {**({} if paper_model else SMOKE_MODEL), **SMOKE_RUN, 'n_epoch': epochs, **(overrides or {})}
     return Setup(data, out, seeds, over, opts or RunOptions(device='cpu', save_every=0, tensorboard=False), proxy=True)
 

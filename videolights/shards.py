@@ -11,7 +11,7 @@ import numpy as np
 import h5py
 from .data import index_store
 from .metrics import eval_submission, format_table, read_jsonl, EVALUATORS
-from .errors import BadInputError, iter_jsonl
+from .errors import BadInputError, iter_jsonl, atomic_output, write_text_atomic
 
 # %% auto #0
 __all__ = ['parse_shard', 'share_by_duration', 'batch_shares', 'shard_path', 'shard_of', 'check_shards', 'open_shard_store',
@@ -146,12 +146,9 @@ def merge_features(out:str|Path,              # the final store (created, or ext
             k, n, _ = info[p]
             raise ValueError(f"{p}: shard {k}/{n} is unfinished (its worker stopped before the end); run "
                              f"the same extract with --shard {k}/{n} again to complete it")
-    out = Path(out)
-    part = out.with_name(out.name + '.part')
-    if out.exists(): shutil.copyfile(out, part)
-    elif part.exists(): part.unlink()
-    seen, failed, n_ds = {}, [], 0
-    try:
+    out, seen, failed, n_ds = Path(out), {}, [], 0
+    with atomic_output(out) as part:                 # the old store stays whole until the merged one replaces it
+        if out.exists(): shutil.copyfile(out, part)
         with h5py.File(part, 'a') as dst:
             for p in order:
                 with h5py.File(p, 'r') as src:
@@ -161,9 +158,6 @@ def merge_features(out:str|Path,              # the final store (created, or ext
                     failed += json.loads(src.attrs.get('shard_failed', '[]'))
                     n_ds += _copy_features(src, dst)
         index_store(part)
-        os.replace(part, out)
-    finally:
-        if part.exists(): part.unlink()
     if delete:
         for p in order: p.unlink()
     return dict(out=str(out), shards=len(order), datasets=n_ds, failed=failed)
@@ -247,16 +241,12 @@ def merge_submissions_main(argv:list[str]|None=None)->int:
     def run():
         gt = read_jsonl(a.gt) if a.gt else None
         sub = merge_submissions(a.parts, gt if a.queries is None else read_jsonl(a.queries))
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + '.part')
-        tmp.write_text(''.join(json.dumps(r) + '\n' for r in sub))
-        os.replace(tmp, out)
+        out = write_text_atomic(a.out, ''.join(json.dumps(r) + '\n' for r in sub))
         print(f"wrote {len(sub)} predictions from {len(a.parts)} parts to {out}")
         if gt is not None:
             m = eval_submission(sub, gt, a.dataset)
             mp = out.with_name(out.stem + '_metrics.json')
-            mp.write_text(json.dumps(m, indent=1))   # as `evaluate` writes it
+            write_text_atomic(mp, json.dumps(m, indent=1))   # as `evaluate` writes it
             print(format_table(m))
             print(f"metrics: {mp}")
         return 0

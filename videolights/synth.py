@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from .spans import temporal_iou
-from .errors import BadInputError, Records
+from .errors import BadInputError, Records, atomic_output, write_text_atomic, remove_stale_temps
 
 # %% auto #0
 __all__ = ['QVH_COUNTS', 'STOP_WORDS', 'SIZES', 'default_ann_dir', 'read_qvh_split', 'query_words', 'content_words',
@@ -201,8 +201,8 @@ def video_features(signal:np.ndarray, # (Lv, Dc) concept-space signal
 
 # %% ../nbs/02_synth.ipynb #88c4a2dd
 def save_npz(path:str|Path, **arrays):
-    "Write an uncompressed `.npz` like `np.savez`, with fixed zip timestamps (same arrays → same bytes)."
-    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+    "Write an uncompressed `.npz` like `np.savez`, with fixed zip timestamps (same arrays → same bytes), atomically."
+    with atomic_output(path, fsync=False, clean=False) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as zf:
         for k, a in arrays.items():
             info = zipfile.ZipInfo(f'{k}.npy', date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
@@ -210,9 +210,8 @@ def save_npz(path:str|Path, **arrays):
                 np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 def write_jsonl(path:str|Path, records:list[dict]):
-    "One JSON object per line (newline-terminated)."
-    with open(path, 'w') as f:
-        for r in records: f.write(json.dumps(r) + '\n')
+    "One JSON object per line (newline-terminated), written atomically."
+    write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
 
 # %% ../nbs/02_synth.ipynb #33b56b7d
 SIZES = {'tiny': (12, 6), 'small': (400, 100), 'qvh': (None, None)}  # (n_train, n_val); None = all real records
@@ -318,7 +317,9 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     out, fdir = Path(out_dir), Path(out_dir)/'features'
     _prepare_out(out, overwrite)
     (out/'synth_info.json').unlink(missing_ok=True)
-    for k in [*vdims, *tdims]: (fdir/k).mkdir(parents=True, exist_ok=True)
+    for k in [*vdims, *tdims]:
+        (fdir/k).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(fdir/k)       # of a killed run (its features are written without a per-file clean-up)
     vmaps, tmaps = random_maps(vdims, dc, seed), random_maps(tdims, dc, seed)
     mrng = np.random.default_rng([seed, 5])
     vmeans = {k: _noise(mrng, (d,), p.mean_norm) for k, d in vdims.items()}
@@ -342,7 +343,7 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
                 v_feat_types=vdims, t_feat_types=tdims, n_train=len(recs['train']), n_val=len(recs['val']),
                 n_videos=len(by_vid), params=asdict(p))
     h5_writer = _pack_h5(fdir, out/'features.h5', dtype, progress) if h5 else None
-    (out/'synth_info.json').write_text(json.dumps(info, indent=1) + '\n')   # written last: its presence = complete
+    write_text_atomic(out/'synth_info.json', json.dumps(info, indent=1) + '\n')   # written last: its presence = complete
     return info | dict(out_dir=str(out), features=str(fdir), h5=str(out/'features.h5') if h5 else None, h5_writer=h5_writer,
                        train=str(out/'highlight_train_release.jsonl'), val=str(out/'highlight_val_release.jsonl'),
                        seconds=round(time.time() - t0, 2))

@@ -21,18 +21,19 @@ from .spans import span_cxw_to_xx
 from .artifacts import init_weights
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
-from .errors import UserError, BadInputError, check_input, one_line
+from .errors import (UserError, BadInputError, check_input, one_line, atomic_output, write_text_atomic,
+                                write_figure, pid_alive, remove_stale_temps)
 
 # %% auto #0
 __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS',
            'RESULT_OPTIONS', 'LOCK_NAME', 'RUN_FILES', 'KILL_ENV', 'set_seed', 'get_rng_state', 'set_rng_state',
-           'set_deterministic', 'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'pid_alive',
-           'remove_stale_temps', 'DistInfo', 'wants_cuda', 'init_distributed', 'EpochSampler', 'hp', 'adamw',
-           'build_optimizer', 'selection_score', 'postprocess_windows', 'decode_predictions', 'official_temporal_nms',
-           'nms_submission', 'NonFiniteLossError', 'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on',
-           'train_one_epoch', 'Evaluator', 'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup',
-           'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'RunLockedError', 'check_unlocked',
-           'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
+           'set_deterministic', 'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda',
+           'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
+           'postprocess_windows', 'decode_predictions', 'official_temporal_nms', 'nms_submission', 'NonFiniteLossError',
+           'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on', 'train_one_epoch', 'Evaluator', 'RunOptions',
+           'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup', 'setup_changes', 'check_weights',
+           'model_weights', 'load_weights', 'RunLockedError', 'check_unlocked', 'run_lock', 'run_files', 'holds_run',
+           'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -93,17 +94,13 @@ def save_checkpoint(obj:dict, # tensors and plain Python values only
                     on_written:Callable|None=None, # called between the write and the rename (a test hook)
                    )->Path:
     "`torch.save` to a temp file, fsync, then `os.replace` onto `path`; SIGINT/SIGTERM wait until it is done."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with deferred_signals():
-        try:
-            with open(tmp, 'wb') as f:
-                torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-            if on_written: on_written()
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists(): tmp.unlink()
-    return path
+    with deferred_signals(), atomic_output(path, fsync=False) as tmp:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if on_written: on_written()
+    return Path(path)
 
 def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
                     map_location='cpu')->dict:
@@ -125,24 +122,6 @@ def _unreadable_checkpoint(path:Path, e:Exception)->BadInputError:
                              hint='convert it to a plain state dict where you trust its source')
     return BadInputError(f'not a PyTorch checkpoint ({type(e).__name__}: {one_line(e)[:80]})', file=path)
 
-def pid_alive(pid:int)->bool:
-    "Whether a process `pid` exists on this machine."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True      # it exists, owned by someone else
-    return True
-
-_TEMP = re.compile(r'^\..+\.(\d+)\.tmp$')    # `.NAME.PID.tmp`, as `save_checkpoint` and `_write_json` name them
-
-def remove_stale_temps(folder:str|Path, # e.g. a run directory
-                      )->list[str]:       # the names removed
-    "Remove the temporary files `.NAME.PID.tmp` in `folder` whose writer PID is no longer running (killed writes)."
-    gone = []
-    for p in sorted(Path(folder).glob('.*.tmp')):
-        m = _TEMP.match(p.name)
-        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
-            p.unlink(missing_ok=True); gone.append(p.name)
-    return gone
 
 # %% ../nbs/11_train.ipynb #d9f8389a
 @dataclass
@@ -526,13 +505,7 @@ def config_dict(cfg)->dict:
 
 def _write_text(path:Path, text:str)->Path:
     "Write `text` through `.NAME.PID.tmp` and `os.replace` (a killed write leaves the old file, and a temp file)."
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'w') as f: f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    return write_text_atomic(path, text)
 
 def _write_json(obj, path:Path):
     _write_text(path, ''.join(json.dumps(l) + '\n' for l in obj) if isinstance(obj, list) else json.dumps(obj, indent=1))
@@ -623,7 +596,8 @@ def _write_curves(out_dir:Path, log:_Log)->Path|None:
     try:
         from videolights.visualize import plot_training_curves, plt
         fig = plot_training_curves(out_dir)
-        fig.savefig(out_dir/'training_curves.png', dpi=100); plt.close(fig)
+        write_figure(fig, out_dir/'training_curves.png', dpi=100)
+        plt.close(fig)
         return out_dir/'training_curves.png'
     except Exception as e:
         log.info(f"no training_curves.png: {type(e).__name__}: {e}", logging.WARNING)

@@ -22,7 +22,7 @@ from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
 from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
 from .train import DistInfo, init_distributed, wants_cuda, _gather_list, _unreadable_checkpoint
-from .errors import BadInputError, Records
+from .errors import BadInputError, Records, write_text_atomic, write_figure
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
@@ -1506,12 +1506,12 @@ def _predict(a)->int:
     preds = pr.predict(a.query, a.video)
     print('\n\n'.join(_table(x, a.top_k) for x in preds))
     if a.json:
-        Path(a.json).write_text(''.join(json.dumps(x.to_dict()) + '\n' for x in preds))
+        write_text_atomic(a.json, ''.join(json.dumps(x.to_dict()) + '\n' for x in preds))
         print(f'wrote {a.json}')
     if a.plot:
         import matplotlib.pyplot as plt
         fig = plot_predictions(preds, a.top_k)
-        fig.savefig(a.plot, dpi=100)
+        write_figure(fig, a.plot, dpi=100)
         plt.close(fig)
         print(f'wrote {a.plot}')
     return 0
@@ -1541,9 +1541,7 @@ def _predict_many(a)->int:
     out = [l for _, l in sorted(_gather_list(lines, di), key=lambda p: p[0])]   # the order of the queries file
     path = shard_path(a.json, k, n) if a.shard else Path(a.json)
     if di.is_main:
-        tmp = path.with_name(path.name + '.tmp')
-        tmp.write_text(''.join(json.dumps(l) + '\n' for l in out))
-        os.replace(tmp, path)
+        write_text_atomic(path, ''.join(json.dumps(l) + '\n' for l in out))
         print(f"wrote {len(out)} predictions ({len(mine) if not di.enabled else len(vids)} videos) to {path}")
     if di.enabled: dist.barrier()
     if own_group: dist.destroy_process_group()
