@@ -472,6 +472,9 @@ for _n in ('pandas', 'torchtext', 'torchtext.vocab', 'torch.utils.tensorboard', 
         sys.modules[_n] = _m
 if not torch.cuda.is_available(): torch.Tensor.cuda = lambda self, *a, **k: self
 import video_lights.train as _T, video_lights.inference as _I
+if not hasattr(sys.modules['pandas'], 'DataFrame'):  # the options table needs pandas: a plain listing instead
+    import utils.basic_utils as _U, video_lights.config as _C
+    for _m in (_U, _C, _T): _m.dict_to_markdown = lambda d, max_str_len=None: '\n'.join(f'{k}: {v}' for k, v in d.items())
 _wrap_eval(_T, 'eval_epoch')
 _wrap(_I, 'eval_submission', 'metrics')
 _out, sys.argv = sys.argv[1], ['video_lights/train.py'] + json.loads(sys.argv[2])
