@@ -216,7 +216,8 @@ def test_graphed_training_matches_eager(amp):
     negative pass, the same operators the graph holds; against the packed pass, bf16 rounding differs enough to flip a
     Hungarian match by the third step (H200: an aux contrastive term 2.29 vs 2.19), which is not what this test is about."""
     from videolights.accel import GraphedTraining
-    from videolights.train import adamw, _float_outputs
+    from videolights.train import adamw
+    from videolights.loss import _to_float32 as _float_outputs  # the one half -> float32 upcast
     cfg = get_preset('qvhighlights', **NO_DROP, **({} if amp is None else dict(pack_neg_pass=False)))
     torch.manual_seed(0)
     eager = build_model(cfg).cuda().train()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_archives.ipynb #67380b9e
 from __future__ import annotations
-import os, sys, json, math, shutil, fnmatch, argparse
+import os, json, math, shutil, fnmatch, argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np

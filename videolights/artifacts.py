@@ -8,21 +8,20 @@ import os, sys, json, argparse, dataclasses
 from pathlib import Path
 import torch
 from torch import nn
-from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 import videolights
 from .config import VLConfig, get_preset, PRESETS
 from .model import VideoLights, build_model
 from .convert import (read_official_checkpoint, config_from_opt, map_official_state_dict, OPT_KEYS,
                                  to_official_state_dict)
-from .errors import MissingFileError, BadInputError, check_input, atomic_output
+from .errors import MissingFileError, BadInputError, check_input, one_line, atomic_output
 
 # %% auto #0
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CKPT_FILES', 'config_to_dict', 'config_from_dict',
-           'model_inputs_info', 'save_pretrained', 'is_pretrained', 'read_pretrained_config', 'check_fits',
-           'from_pretrained', 'convert_official', 'official_opt', 'save_official_checkpoint', 'convert_official_main',
-           'read_checkpoint', 'checkpoint_kind', 'ModelSource', 'resolve_model', 'model_config', 'model_weights',
-           'load_any', 'init_weights']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'RETIRED_FIELDS', 'CKPT_FILES', 'config_to_dict',
+           'config_from_dict', 'model_inputs_info', 'save_pretrained', 'is_pretrained', 'read_pretrained_config',
+           'check_fits', 'from_pretrained', 'convert_official', 'official_opt', 'save_official_checkpoint',
+           'convert_official_main', 'read_checkpoint', 'checkpoint_kind', 'ModelSource', 'resolve_model',
+           'model_config', 'model_weights', 'load_any', 'init_weights']
 
 # %% ../nbs/08a_artifacts.ipynb #b3a3c2e0
 FORMAT, FORMAT_VERSION = 'videolights-pretrained', 1
@@ -32,11 +31,14 @@ def config_to_dict(cfg:VLConfig)->dict:
     "Every `VLConfig` field as a JSON value (tuples become lists)."
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
+RETIRED_FIELDS = {'resume_all', 'conf_thd', 'sort_results'}   # official options that no code read: ignored when found
+
 def config_from_dict(d:dict, # VLConfig fields as JSON values
                      where:str='config', # named in errors
                     )->VLConfig:
     "A `VLConfig` from `config_to_dict` output: lists become tuples; unknown fields are an error."
     names = {f.name for f in dataclasses.fields(VLConfig)}
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
     bad = sorted(set(d) - names)
     if bad: raise ValueError(f"{where}: unknown VLConfig field(s) {bad} (written by another videolights version?)")
     return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -175,13 +177,25 @@ def convert_official_main(argv:list[str]|None=None)->int:
 # %% ../nbs/08a_artifacts.ipynb #cac1632d
 CKPT_FILES = ('model_best.ckpt', 'model_latest.ckpt')   # what a run folder offers, in order of preference
 
+def _unreadable_checkpoint(path:Path, e:Exception)->BadInputError:
+    "What is wrong with a checkpoint `torch.load` refused, from its first bytes: a cut zip archive, an unsafe pickle."
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    unsafe = 'Weights only load failed' in str(e)
+    if head == b'PK' and not unsafe:    # torch.save writes a zip archive; its directory sits at the end
+        return BadInputError('truncated or damaged checkpoint (its zip archive is incomplete)', file=path,
+                             hint='restore the file, or use another checkpoint of the run')
+    if unsafe and (head == b'PK' or head[:1] == b'\x80'):
+        return BadInputError('refused: the checkpoint holds Python objects other than tensors and plain values, and '
+                             'loading it could run code (it is read with weights_only=True)', file=path,
+                             hint='convert it to a plain state dict where you trust its source')
+    return BadInputError(f'not a PyTorch checkpoint ({type(e).__name__}: {one_line(e)[:80]})', file=path)
+
 def read_checkpoint(path:str|Path)->dict:
     "A checkpoint file, loaded with `weights_only=True` (plus `argparse.Namespace`, the official `opt`)."
     p = check_input(path, 'a checkpoint')
     try: ck = read_official_checkpoint(p)
-    except Exception as e:   # what is wrong with it (truncated, unsafe, not torch), as `train.load_checkpoint` says it
-        from videolights.train import _unreadable_checkpoint     # (imported here: `train` imports this module)
-        raise _unreadable_checkpoint(p, e) from None
+    except Exception as e: raise _unreadable_checkpoint(p, e) from None   # truncated, unsafe, or not torch
     if not isinstance(ck, dict): raise BadInputError(f"not a checkpoint (holds a {type(ck).__name__})", p)
     return ck
 

@@ -113,8 +113,7 @@ class VLConfig:
     data_ratio: float = 1.                # share of the training data used (debugging)
     results_root: str = 'results'         # official option, unused (runs go to train --out)
     exp_id: str = 'exp'                   # official option, unused
-    resume: str|None = None               # checkpoint to load (weights; + optimizer/epoch with resume_all)
-    resume_all: bool = False              # official option, unused (train --resume restores everything)
+    resume: str|None = None               # checkpoint to load (weights; train --resume restores everything)
     max_es_cnt: int = 200                 # early stop after this many evaluations without a better score (-1: never)
     start_epoch: int|None = None          # official option, unused
     pretrained: bool = False              # ablation 'pt': start from synthetic-pretraining weights
@@ -123,10 +122,8 @@ class VLConfig:
     # --- inference / post-processing ---
     max_before_nms: int = 10              # windows that NMS considers (when nms_thd > -1)
     max_after_nms: int = 10               # windows NMS keeps (when nms_thd > -1)
-    conf_thd: float = 0.                  # official option, unused
     nms_thd: float = -1.                  # NMS IoU threshold of the predicted windows (-1: no NMS, official)
     max_ts: float|None = 150.             # predicted windows are clamped to [0, max_ts] s (official; None: duration)
-    sort_results: bool = True             # rank predicted windows by score (official --no_sort_results turns it off)
     device: str = 'cpu'                   # official option, unused (train --device decides)
 
     def __post_init__(self): _post_init(self)  # defined below: BLIP sync + validation

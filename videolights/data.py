@@ -788,11 +788,12 @@ def move_batch(batch:tuple, # (model_inputs, targets, metas) from `collate`
 
 # %% ../nbs/01_data.ipynb #91f2f297
 def _seed_worker(worker_id:int):
+    "Seed python, numpy and a dataset's own `rng` in each worker from torch's per-worker seed."
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
     ds = torch.utils.data.get_worker_info().dataset
-    if hasattr(ds, 'rng'): ds.rng.seed(s)
+    if isinstance(getattr(ds, 'rng', None), random.Random): ds.rng.seed(s)
 
 def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_workers:int=0, pin_memory:bool=False,
                 sampler=None,          # e.g. a DistributedSampler (then shuffle must be False)

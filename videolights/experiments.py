@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_experiments.ipynb #02062ac9
 from __future__ import annotations
-import sys, json, math, time, argparse, dataclasses
+import json, math, time, argparse, dataclasses
 from pathlib import Path
 import numpy as np
 import pandas as pd

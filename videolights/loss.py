@@ -229,7 +229,7 @@ def loss_contrastive_align(outputs:dict, # proj_queries, proj_txt_mem (+ src_txt
 def _to_float32(o):
     "Half-precision outputs (autocast) upcast to float32, so the loss math runs in full precision."
     if isinstance(o, dict): return {k: _to_float32(v) for k, v in o.items()}
-    if isinstance(o, list): return [_to_float32(v) for v in o]
+    if isinstance(o, (list, tuple)): return type(o)(_to_float32(v) for v in o)
     return o.float() if torch.is_tensor(o) and o.dtype in (torch.float16, torch.bfloat16) else o
 
 LOSS_MAP = dict(spans=loss_spans, labels=loss_labels, saliency=loss_saliency, contrastive_align=loss_contrastive_align)

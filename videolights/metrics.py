@@ -4,10 +4,9 @@
 
 # %% ../nbs/03_metrics.ipynb #bd943f63
 from __future__ import annotations
-import json, sys, argparse, warnings
+import json, argparse, warnings
 from collections import OrderedDict
 from itertools import chain
-from pathlib import Path
 import numpy as np
 from .errors import BadInputError, Records, write_text_atomic
 

@@ -17,9 +17,9 @@ from .model import build_model
 from .train import RunOptions, fit, _write_json
 from .errors import atomic_output, write_text_atomic, write_figure
 from .runs import build_run, evaluate, official_metrics, parse_overrides, feature_dirs, _run_args
-from .visualize import METRICS, paper_ablations, parse_switches, plot_ablation, _repo_data
+from .visualize import paper_ablations, parse_switches, plot_ablation, _repo_data
 from .experiments import ablate, ablation_overrides, ABLATION_FIELDS
-from .archives import (ARCHIVES, FEATURE_SETS, PAPER_MODELS, DATASET_MODELS, PRETRAIN_TEXT, FeatureChain,
+from .archives import (ARCHIVES, PAPER_MODELS, DATASET_MODELS, PRETRAIN_TEXT, FeatureChain,
                                   find_archives, find_annotations, model_features, select_rows, check_data,
                                   suggest_command, fake_archives)
 

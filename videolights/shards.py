@@ -7,7 +7,6 @@ from __future__ import annotations
 import os, re, sys, json, shutil, argparse
 from pathlib import Path
 from typing import Sequence
-import numpy as np
 import h5py
 from .data import index_store
 from .metrics import eval_submission, format_table, read_jsonl, EVALUATORS

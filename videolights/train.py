@@ -18,10 +18,12 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
-from .artifacts import init_weights
+from .data import _seed_worker
+from .loss import _to_float32
+from .artifacts import init_weights, _unreadable_checkpoint
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
-from .errors import (UserError, BadInputError, check_input, one_line, atomic_output, write_text_atomic,
+from .errors import (UserError, BadInputError, check_input, atomic_output, write_text_atomic,
                                 write_figure, pid_alive, remove_stale_temps)
 
 # %% auto #0
@@ -108,20 +110,6 @@ def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
     path = check_input(path, 'a checkpoint')
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise _unreadable_checkpoint(path, e) from e
-
-def _unreadable_checkpoint(path:Path, e:Exception)->BadInputError:
-    "What is wrong with a file `torch.load` refused, from its first bytes: a cut zip archive, an unsafe pickle, or neither."
-    with open(path, 'rb') as f: head = f.read(2)
-    unsafe = 'Weights only load failed' in str(e)
-    if head == b'PK' and not unsafe:    # torch.save writes a zip archive; its directory sits at the end
-        return BadInputError('truncated or damaged checkpoint (its zip archive is incomplete)', file=path,
-                             hint='restore the file, or use another checkpoint of the run')
-    if unsafe and (head == b'PK' or head[:1] == b'\x80'):
-        return BadInputError('refused: the checkpoint holds Python objects other than tensors and plain values, and '
-                             'loading it could run code (it is read with weights_only=True)', file=path,
-                             hint='convert it to a plain state dict where you trust its source')
-    return BadInputError(f'not a PyTorch checkpoint ({type(e).__name__}: {one_line(e)[:80]})', file=path)
-
 
 # %% ../nbs/11_train.ipynb #d9f8389a
 @dataclass
@@ -294,12 +282,6 @@ class TrainState:
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
     sums:dict|None=None     # this rank's loss sums over the micro-batches of `epoch` applied so far ('_n': how many)
 
-def _float_outputs(o):
-    if isinstance(o, Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o  # float64 stays
-    if isinstance(o, dict): return {k: _float_outputs(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return type(o)(_float_outputs(v) for v in o)
-    return o
-
 def _to(x, device, non_blocking=False):
     if isinstance(x, Tensor): return x.to(device, non_blocking=non_blocking)
     if isinstance(x, dict): return {k: _to(v, device, non_blocking) for k, v in x.items()}
@@ -372,7 +354,7 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(**inputs)
-            loss_dict = _global_span_norm(criterion(_float_outputs(outputs), targets, state.epoch), targets, di)
+            loss_dict = _global_span_norm(criterion(_to_float32(outputs), targets, state.epoch), targets, di)
             loss = sum(loss_dict[k] * wd[k] for k in loss_dict if k in wd)
             ok = torch.isfinite(loss.detach()).float()
             if di.enabled: dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -709,13 +691,6 @@ def _train_loader(ds:Dataset, cfg, opts:RunOptions, di:DistInfo, device:torch.de
     return DataLoader(ds, batch_size=bsz // world, sampler=EpochSampler(len(ds), hp(cfg, 'seed'), True, di.rank, world),
                       collate_fn=collate_fn, num_workers=nw, pin_memory=pin, generator=torch.Generator(),
                       worker_init_fn=_seed_worker)
-
-def _seed_worker(worker_id:int):
-    "Seed python, numpy and a dataset's own `rng` in each worker from torch's per-worker seed."
-    s = torch.initial_seed() % 2**32
-    random.seed(s); np.random.seed(s)
-    ds = torch.utils.data.get_worker_info().dataset
-    if isinstance(getattr(ds, 'rng', None), random.Random): ds.rng.seed(s)
 
 def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainState, e:int, log:_Log, dset:str,
                  weights:dict|None)->bool:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_video.ipynb #09cff2b4
 from __future__ import annotations
-import os, sys, re, json, math, html, gzip, pickle, zipfile, argparse, dataclasses, importlib
+import os, sys, re, json, math, html, gzip, pickle, zipfile, argparse, importlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
 from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
-from .train import DistInfo, init_distributed, wants_cuda, _gather_list, _unreadable_checkpoint
+from .train import DistInfo, init_distributed, wants_cuda, _gather_list
 from .errors import BadInputError, Records, write_text_atomic, write_figure
 
 # %% auto #0
