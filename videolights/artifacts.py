@@ -159,7 +159,7 @@ def convert_official_main(argv:list[str]|None=None)->int:
                     'that evaluate, predict, train --init-from and the explorer accept, and that needs no pickle to read.',
         epilog='examples:\n  videolights convert-official qvhighlights_videolights/model_best.ckpt models/videolights-qvh\n'
                '  videolights convert-official weights_only.pt models/x --preset qvhighlights_sf_clip   # a bare state dict\n'
-               '  videolights evaluate --ckpt models/videolights-qvh --data /data/qvh --split val')
+               '  videolights evaluate --ckpt models/videolights-qvh --data feats/qvh --split val')
     p.add_argument('ckpt', help='an official model_best.ckpt (or a bare state dict with --preset)')
     p.add_argument('out_dir', help='the folder to write (created; its two files are replaced)')
     p.add_argument('--preset', help=f'the shape of a bare state dict (no opt): one of {sorted(PRESETS)}')

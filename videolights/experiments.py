@@ -262,7 +262,7 @@ def ablate_main(argv:list[str]|None=None)->int:
     ap = argparse.ArgumentParser(prog='videolights ablate', description=ablate_main.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog='''examples:
   videolights ablate --data runs/demo/data --rows 1,3,5,6,7 --epochs 6 --seeds 2 --out runs/ablate
-  videolights ablate --data /data/qvh --preset qvhighlights --rows all --epochs 200 --seeds 3 \\
+  videolights ablate --data feats/qvh --preset qvhighlights --rows all --epochs 200 --seeds 3 \\
       --skip '' --pretrain-ckpt runs/pt/model_best.ckpt --label "QVHighlights val"
   videolights ablate --plot-only runs/ablate/results.csv    # redraw the figure from an earlier run
 

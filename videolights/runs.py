@@ -314,15 +314,15 @@ def read_config(path:str|Path)->tuple[str|None, dict]: # (the preset it names, t
 # %% ../nbs/11a_runs.ipynb #1ea6de8f
 _TRAIN_EPILOG = """examples:
   videolights train --preset tiny --data runs/demo/data --out runs/tiny           # CPU recipe: learns in minutes
-  videolights train --preset qvhighlights --data /data/qvh --out runs/qvh          # paper recipe (200 epochs)
+  videolights train --preset qvhighlights --data feats/qvh --out runs/qvh          # paper recipe (200 epochs)
   videolights train --resume runs/qvh                                             # continue an interrupted run
   videolights train --preset tiny --data runs/demo/data --out runs/tiny --overwrite   # old run -> runs/tiny/previous/
-  videolights train --preset qvhighlights --data /data/pretrain --pretrain --out runs/pt --epochs 50 --bsz 256
-  videolights train --preset qvhighlights --data /data/qvh --init-from runs/pt/model_best.ckpt --out runs/ft
-  torchrun --nproc_per_node 4 -m videolights train --preset qvhighlights --data /data/qvh --out runs/ddp
+  videolights train --preset qvhighlights --data feats/pretrain --pretrain --out runs/pt --epochs 50 --bsz 256
+  videolights train --preset qvhighlights --data feats/qvh --init-from runs/pt/model_best.ckpt --out runs/ft
+  torchrun --nproc_per_node 4 -m videolights train --preset qvhighlights --data feats/qvh --out runs/ddp
   videolights train --preset tiny --data runs/demo/data --out runs/es --epochs 100 --eval_every 1 --max_es_cnt 5
   videolights train --preset qvhighlights --print-config > qvh.yaml                 # a recipe file to edit
-  videolights train --config qvh.yaml --data /data/qvh --out runs/mine --lr 2e-4   # flags override the file
+  videolights train --config qvh.yaml --data feats/qvh --out runs/mine --lr 2e-4   # flags override the file
 Any VLConfig field is an option: --lr 2e-4 --epochs 10 --bsz 64 --hard_pos_neg_loss false ... (--help-config lists them)
 Early stopping: --max_es_cnt N stops after N+1 evaluations in a row without a better score (official default 200,
 -1 never stops). Periodic copies: --save-every N.
@@ -539,9 +539,9 @@ def evaluate_main(argv:list[str]|None=None)->int:
         description='Run a checkpoint on a split; write hl_{split}_submission.jsonl in the official format and, '
                     'when the split has labels, hl_{split}_submission_metrics.json.',
         epilog="examples:\n  videolights evaluate --ckpt runs/demo/run --data runs/demo/data --split val\n"
-               "  videolights evaluate --ckpt official/model_best.ckpt --data /data/qvh --split val   # official checkpoint\n"
-               "  videolights evaluate --ckpt models/videolights-qvh --data /data/qvh --split test    # pretrained folder\n"
-               "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data /data/qvh --split test --out subs/\n"
+               "  videolights evaluate --ckpt official/model_best.ckpt --data feats/qvh --split val   # official checkpoint\n"
+               "  videolights evaluate --ckpt models/videolights-qvh --data feats/qvh --split test    # pretrained folder\n"
+               "  videolights evaluate --ckpt runs/qvh/model_best.ckpt --data feats/qvh --split test --out subs/\n"
                "  torchrun --nproc_per_node 4 -m videolights evaluate --ckpt runs/qvh --split val    # 4 GPUs\n"
                "  videolights evaluate --ckpt runs/qvh --split val --out subs/ --shard 2/8   # a job array's task\n"
                "  videolights merge-submissions subs/hl_val_submission.jsonl subs/hl_val_submission.shard-*-of-8.jsonl")
