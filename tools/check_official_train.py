@@ -496,12 +496,9 @@ def main(argv=None) -> int:
     ap.add_argument('--workdir', default=None, help='keep the runs here (default: a temporary folder, removed)')
     a = ap.parse_args(argv)
     try:
-        official = str(H.require_checkout(a.official))
+        official, py = H.require_environment(a.official, a.official_python)
     except FileNotFoundError as e:
         print(f"check_official_train: {e}", file=sys.stderr); return 2
-    py = H.python(a.official_python, official)
-    if py is None:
-        print(f"check_official_train: no interpreter for the official code; {H.SETUP_HINT}", file=sys.stderr); return 2
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix='vl_train_parity_'))
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     try:

@@ -77,6 +77,15 @@ def python(path: str | os.PathLike | None = None, official: str | os.PathLike | 
     return str(guess) if guess.exists() else None
 
 
+def require_environment(official: str | os.PathLike | None = None,
+                        official_python: str | os.PathLike | None = None) -> tuple[str, str]:
+    "The official checkout and its interpreter, or a FileNotFoundError that says what is missing and how to make it."
+    co = str(require_checkout(official))
+    py = python(official_python, co)
+    if py is None: raise FileNotFoundError(f"no interpreter for the official code; {SETUP_HINT}")
+    return co, py
+
+
 def missing(need_python: bool = False) -> str | None:
     "Why a check that needs the official code cannot run here (None when it can): the reason for `pytest.skip`."
     if checkout() is None:
