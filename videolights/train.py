@@ -485,12 +485,9 @@ def config_dict(cfg)->dict:
     d = asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
-def _write_text(path:Path, text:str)->Path:
-    "Write `text` through `.NAME.PID.tmp` and `os.replace` (a killed write leaves the old file, and a temp file)."
-    return write_text_atomic(path, text)
-
 def _write_json(obj, path:Path):
-    _write_text(path, ''.join(json.dumps(l) + '\n' for l in obj) if isinstance(obj, list) else json.dumps(obj, indent=1))
+    text = ''.join(json.dumps(l) + '\n' for l in obj) if isinstance(obj, list) else json.dumps(obj, indent=1)
+    write_text_atomic(path, text)
 
 # %% ../nbs/11_train.ipynb #c4a39880
 LOG = logging.getLogger('videolights.train')   # the run's text report; configure it like any logger
@@ -703,7 +700,8 @@ def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainS
     log('eval', e, {k: v for k, v in brief.items() if isinstance(v, (int, float))}, score=score, split=sp)
     if score <= state.best_score: return False
     state.best_score, state.best_epoch = score, e
-    for k in ('preds.jsonl', 'metrics.json'): _write_text(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
+    for k in ('preds.jsonl', 'metrics.json'):
+        write_text_atomic(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
     return True
 
 # %% ../nbs/11_train.ipynb #63636318
@@ -785,7 +783,7 @@ def trim_log(path:Path, # a run's log.jsonl
         try: r = json.loads(l)
         except ValueError: continue
         if isinstance(r, dict) and r.get('epoch', -1) < epoch: keep.append(l + '\n')
-    if len(keep) < len(lines): _write_text(path, ''.join(keep))
+    if len(keep) < len(lines): write_text_atomic(path, ''.join(keep))
     return len(lines) - len(keep)
 
 def _prepare_dir(out_dir:Path, resume:bool, overwrite:bool)->list[str]:
