@@ -58,9 +58,11 @@ def save_pretrained(model:nn.Module, cfg:VLConfig, out_dir:str|Path,
                     dtype:torch.dtype=torch.float32, # dtype of the floating tensors in the file
                    )->Path:
     "Write `model`'s weights as `model.safetensors` and `cfg` as `config.json` into `out_dir`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model = getattr(model, 'module', getattr(model, '_orig_mod', model))       # DDP / compile wrappers
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
     meta = dict(format=FORMAT, format_version=str(FORMAT_VERSION))
     _atomic(out/WEIGHTS_FILE, lambda p: save_file(sd, str(p), metadata=meta))
     info = dict(format=FORMAT, format_version=FORMAT_VERSION, architecture='VideoLights', config=config_to_dict(cfg),
@@ -77,7 +79,8 @@ def is_pretrained(path:str|Path)->bool:
 def read_pretrained_config(path:str|Path)->tuple[VLConfig, dict]: # (config, the whole config.json)
     "The `VLConfig` of a pretrained folder, checking that the folder is one."
     p = Path(path)
-    if not is_pretrained(p): raise FileNotFoundError(f"{p}: not a pretrained folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    if not is_pretrained(p): raise FileNotFoundError(f"{p}: not a pretrained folder (needs {CONFIG_FILE} and "
+                                                     f"{WEIGHTS_FILE})")
     try: info = json.loads((p/CONFIG_FILE).read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{p/CONFIG_FILE}:{e.lineno}: not valid JSON: {e.msg}") from None
     if info.get('format') != FORMAT or not isinstance(info.get('config'), dict):
@@ -91,10 +94,12 @@ def check_fits(sd:dict, model:nn.Module, what:str):
     "Raise a one-line ValueError (`what`: missing, unexpected and mis-shaped tensors) unless `sd` fits `model`."
     ours = model.state_dict()
     miss, extra = [k for k in ours if k not in sd], [k for k in sd if k not in ours]
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+           if k in sd and sd[k].shape != v.shape]
     if miss or extra or bad:
         raise ValueError(f"{what}: " + '; '.join(f"{n} ({len(l)}): {', '.join(l[:4])}{' ...' if len(l) > 4 else ''}"
-                                               for n, l in (('missing', miss), ('unexpected', extra), ('mis-shaped', bad)) if l))
+                                               for n, l in (('missing', miss), ('unexpected', extra),
+                                                            ('mis-shaped', bad)) if l))
 
 def from_pretrained(path:str|Path, device:str|torch.device='cpu')->tuple[VideoLights, VLConfig]:
     "The model (eval mode) and config of a pretrained folder."
@@ -140,8 +145,9 @@ def official_opt(cfg:VLConfig,
 def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch:int=0,
                              opt_json:bool=True, # also write opt.json beside it (what the official inference reads)
                              **opt)->Path:
-    "Write `model` as the official `train.py` leaves it: the checkpoint (official names, `opt` Namespace, epoch), opt.json."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    "Write `model` as the official `train.py` leaves it: checkpoint (official names, `opt` Namespace, epoch), opt.json."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     o = official_opt(cfg, **opt)
     _atomic(path, lambda p: torch.save(dict(model=to_official_state_dict(model), optimizer={}, lr_scheduler={},
                                             epoch=epoch, opt=o), p))
@@ -154,11 +160,15 @@ def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch
 # %% ../nbs/08a_artifacts.ipynb #f1cc9112
 def convert_official_main(argv:list[str]|None=None)->int:
     "`videolights convert-official CKPT OUT_DIR`: an official checkpoint → a pretrained folder."
-    p = argparse.ArgumentParser(prog='videolights convert-official', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog='videolights convert-official',
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Write an official VideoLights checkpoint as a pretrained folder (config.json + model.safetensors) '
-                    'that evaluate, predict, train --init-from and the explorer accept, and that needs no pickle to read.',
-        epilog='examples:\n  videolights convert-official qvhighlights_videolights/model_best.ckpt models/videolights-qvh\n'
-               '  videolights convert-official weights_only.pt models/x --preset qvhighlights_sf_clip   # a bare state dict\n'
+                    'that evaluate, predict, train --init-from and the explorer accept, '
+                    'and that needs no pickle to read.',
+        epilog='examples:\n  videolights convert-official qvhighlights_videolights/model_best.ckpt '
+               'models/videolights-qvh\n'
+               '  videolights convert-official weights_only.pt models/x --preset qvhighlights_sf_clip   '
+               '# a bare state dict\n'
                '  videolights evaluate --ckpt models/videolights-qvh --data feats/qvh --split val')
     p.add_argument('ckpt', help='an official model_best.ckpt (or a bare state dict with --preset)')
     p.add_argument('out_dir', help='the folder to write (created; its two files are replaced)')
@@ -169,7 +179,8 @@ def convert_official_main(argv:list[str]|None=None)->int:
         if not Path(a.ckpt).is_file(): raise FileNotFoundError(f"{a.ckpt}: no such checkpoint file")
         out, cfg = convert_official(a.ckpt, a.out_dir, cfg)
     except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"videolights convert-official: error: {str(e).strip()}", file=sys.stderr); return 2
+        print(f"videolights convert-official: error: {str(e).strip()}", file=sys.stderr)
+        return 2
     print(f"wrote {out/WEIGHTS_FILE} and {out/CONFIG_FILE}: video {dict(zip(cfg.v_feat_types, cfg.v_feat_dims))}, "
           f"text {dict(zip(cfg.t_feat_types, cfg.t_feat_dims))}, clip_len {cfg.clip_len:g} s")
     return 0
@@ -229,7 +240,8 @@ def resolve_model(path:str|Path)->ModelSource:
     kind = checkpoint_kind(ck)
     if kind is None:
         raise BadInputError("not a videolights checkpoint (needs 'model' with 'config' (ours) or 'opt' (official))", p,
-                            hint="for a bare official state dict: videolights convert-official CKPT OUT_DIR --preset NAME")
+                            hint="for a bare official state dict: "
+                                 "videolights convert-official CKPT OUT_DIR --preset NAME")
     return ModelSource(p, kind, ck)
 
 # %% ../nbs/08a_artifacts.ipynb #23bf114e
@@ -241,8 +253,10 @@ def model_config(src:ModelSource)->VLConfig:
         except (KeyError, ValueError, TypeError) as e:
             raise BadInputError(f"its 'opt' does not describe a model: {type(e).__name__}: {e}", src.path) from None
     names = {f.name for f in dataclasses.fields(VLConfig)}
-    try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src.ckpt['config'].items() if k in names})
-    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", src.path) from None
+    try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src.ckpt['config'].items()
+                            if k in names})
+    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})",
+                                                             src.path) from None
 
 def model_weights(src:ModelSource, model:nn.Module)->dict:
     "The weights of a resolved model under our names and shapes, checked to fit `model`."

@@ -73,7 +73,7 @@ def med(xs)->float:
 def ms(x:float)->float: return round(1e3 * x, 2)
 
 def peak_rss_mib()->float:
-    "Peak resident set size of this process so far, MiB (`VmHWM`; `ru_maxrss` elsewhere, which Linux carries over exec)."
+    "Peak resident set size of this process so far, MiB (`VmHWM`; else `ru_maxrss`, which Linux carries over exec)."
     try:
         for line in open('/proc/self/status'):
             if line.startswith('VmHWM:'): return round(int(line.split()[1]) / 1024, 1)
@@ -83,8 +83,13 @@ def peak_rss_mib()->float:
 class Timer:
     "Context manager: wall seconds of the block in `.s`, synchronising `device` on entry and exit."
     def __init__(self, device='cpu'): self.device = device
-    def __enter__(self): sync(self.device); self.t0 = time.perf_counter(); return self
-    def __exit__(self, *a): sync(self.device); self.s = time.perf_counter() - self.t0
+    def __enter__(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+    def __exit__(self, *a):
+        sync(self.device)
+        self.s = time.perf_counter() - self.t0
 
 # %% ../nbs/90_bench.ipynb #3d8594a4
 def _synth_windows(rng, n_clips:int, clip_len:float)->dict:
@@ -93,9 +98,11 @@ def _synth_windows(rng, n_clips:int, clip_len:float)->dict:
     max_len = max(1, min(15, n_clips // (n_w + 1)))
     for _ in range(200):
         if len(wins) == n_w: break
-        ln = int(rng.integers(1, max_len + 1)); st = int(rng.integers(0, n_clips - ln + 1))
+        ln = int(rng.integers(1, max_len + 1))
+        st = int(rng.integers(0, n_clips - ln + 1))
         if taken[max(0, st - 1):st + ln + 1].any(): continue
-        taken[st:st + ln] = True; wins.append((st, st + ln - 1))
+        taken[st:st + ln] = True
+        wins.append((st, st + ln - 1))
     wins.sort()
     rel = [c for st, ed in wins for c in range(st, ed + 1)]
     return dict(duration=n_clips * clip_len, relevant_windows=[[st * clip_len, (ed + 1) * clip_len] for st, ed in wins],
@@ -113,7 +120,8 @@ def synth_batch(cfg,                    # a `VLConfig` (feature widths, clip_len
     v_range = (min(v_range[0], cfg.max_v_l), min(v_range[1], cfg.max_v_l))  # never longer than the config allows
     q_range = (min(q_range[0], cfg.max_q_l), min(q_range[1], cfg.max_q_l))
     if lengths is None:
-        lengths = [(int(rng.integers(v_range[0], v_range[1] + 1)), int(rng.integers(q_range[0], q_range[1] + 1))) for _ in range(B)]
+        lengths = [(int(rng.integers(v_range[0], v_range[1] + 1)), int(rng.integers(q_range[0], q_range[1] + 1)))
+                   for _ in range(B)]
     items = []
     for i, (lv, lq) in enumerate(lengths):
         v = np.concatenate([l2_normalize(rng.standard_normal((lv, d), dtype=np.float32)) for d in cfg.v_feat_dims], 1)
@@ -136,11 +144,13 @@ def _stub_modules(names:list[str])->list[str]:
     for name in names:
         try: importlib.import_module(name)
         except Exception:
-            m = types.ModuleType(name); m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            m = types.ModuleType(name)
+            m.__spec__ = importlib.machinery.ModuleSpec(name, None)
             m.SummaryWriter = m.FlopCountAnalysis = None
             parent, _, child = name.rpartition('.')
             if parent in sys.modules: setattr(sys.modules[parent], child, m)
-            sys.modules[name] = m; added.append(name)
+            sys.modules[name] = m
+            added.append(name)
     return added
 
 def load_official(path:str|Path)->SimpleNamespace:
@@ -152,7 +162,8 @@ def load_official(path:str|Path)->SimpleNamespace:
     added = _stub_modules(['pandas', 'torchtext', 'torchtext.vocab', 'fvcore', 'fvcore.nn', 'torch.utils.tensorboard'])
     if str(path) not in sys.path: sys.path.insert(0, str(path))
     try:
-        mods = {k: importlib.import_module(f'video_lights.{k}') for k in ('model', 'matcher', 'config', 'start_end_dataset')}
+        mods = {k: importlib.import_module(f'video_lights.{k}')
+                for k in ('model', 'matcher', 'config', 'start_end_dataset')}
     finally:
         for n in added: sys.modules.pop(n, None)
     commit = (path/'OFFICIAL_COMMIT').read_text().strip() if (path/'OFFICIAL_COMMIT').exists() else None
@@ -166,12 +177,15 @@ def official_flags(cfg)->list[str]:
              '--bicmf_layers', str(cfg.bicmf_layers), '--hidden_dim', str(cfg.hidden_dim), '--nheads', str(cfg.nheads),
              '--dim_feedforward', str(cfg.dim_feedforward), '--num_queries', str(cfg.num_queries),
              '--max_v_l', str(cfg.max_v_l), '--max_q_l', str(cfg.max_q_l),
-             '--contrastive_align_loss_coef', str(cfg.contrastive_align_loss_coef), '--seed', str(cfg.seed), '--device', '-1']
-    return flags + [f'--{k}' for k in ('mr_to_hd_loss', 'hard_pos_neg_loss', 'contrastive_align_loss') if getattr(cfg, k)]
+             '--contrastive_align_loss_coef', str(cfg.contrastive_align_loss_coef), '--seed', str(cfg.seed), '--device',
+             '-1']
+    return flags + [f'--{k}' for k in ('mr_to_hd_loss', 'hard_pos_neg_loss', 'contrastive_align_loss')
+                    if getattr(cfg, k)]
 
 def official_opt(off:SimpleNamespace, cfg, device='cpu'):
     "Official options for our `cfg`: its parser's defaults plus the qvhl/train.sh flags, post-processed as its `parse`."
-    bo = off.config.BaseOptions(); bo.initialize()
+    bo = off.config.BaseOptions()
+    bo.initialize()
     opt = bo.parser.parse_args(official_flags(cfg))
     opt.device, opt.pin_memory = torch.device(device), not opt.no_pin_memory
     opt.use_tef, opt.use_video = 'tef' in opt.ctx_mode, 'video' in opt.ctx_mode
@@ -198,7 +212,8 @@ def build_official(off:SimpleNamespace, cfg, device='cpu')->tuple:
     "Official (model, criterion, AdamW) for our `cfg`, as its `setup_model` builds them."
     opt = official_opt(off, cfg, device)
     model, criterion = off.model.build_model(opt)
-    model.to(device); criterion.to(device)
+    model.to(device)
+    criterion.to(device)
     if torch.device(device).type == 'cpu': _forward_on_cpu(model)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr, weight_decay=opt.wd)
     return model, criterion, optim, opt
@@ -228,21 +243,28 @@ def _autocast(device, amp:str|None):
 def train_step(model, crit, optim, mi:dict, tg:dict, grad_clip:float=0.1, amp:str|None=None, scaler=None,
                device='cpu', epoch:int=0)->dict:
     "One official-recipe training step; wall seconds of its phases (fwd, crit, bwd, opt, step) and the loss."
-    sync(device); t0 = time.perf_counter()
+    sync(device)
+    t0 = time.perf_counter()
     with _autocast(device, amp): out = model(**mi)
-    sync(device); t1 = time.perf_counter()
+    sync(device)
+    t1 = time.perf_counter()
     with _autocast(device, amp):
         ld = crit(out, tg, epoch)
         loss = sum(ld[k] * crit.weight_dict[k] for k in ld if k in crit.weight_dict)
-    sync(device); t2 = time.perf_counter()
+    sync(device)
+    t2 = time.perf_counter()
     optim.zero_grad()
     (scaler.scale(loss) if scaler else loss).backward()
-    sync(device); t3 = time.perf_counter()
+    sync(device)
+    t3 = time.perf_counter()
     if scaler: scaler.unscale_(optim)
     if grad_clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler: scaler.step(optim); scaler.update()
+    if scaler:
+        scaler.step(optim)
+        scaler.update()
     else: optim.step()
-    sync(device); t4 = time.perf_counter()
+    sync(device)
+    t4 = time.perf_counter()
     return dict(fwd=t1 - t0, crit=t2 - t1, bwd=t3 - t2, opt=t4 - t3, step=t4 - t0, loss=float(loss.detach()))
 
 # %% ../nbs/90_bench.ipynb #72801dc1
@@ -256,9 +278,11 @@ def _order(sides:list, i:int)->list:
 
 def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmup:int=1, official:str|None=None,
                      device:str='cpu', amp:str|None=None, compile:bool=False, threads:int|None=None, seed:int=0,
-                     memory:bool=True, v_range:tuple=(20, 75), # clips per video, U[lo, hi] (QVHighlights itself: 97 % are 75)
-                     cuda_graphs:bool=False, # ours: forward/backward from CUDA graphs (`accel.GraphedTraining`); the batches
-                                             # then take turns between 2 shapes (new data each step), both captured in warm-up
+                     memory:bool=True,
+                     v_range:tuple=(20, 75), # clips per video, U[lo, hi] (QVHighlights itself: 97 % are 75)
+                     cuda_graphs:bool=False, # ours: forward/backward from CUDA graphs (`accel.GraphedTraining`); the
+                                             # batches then take turns between 2 shapes (new data each step), both
+                                             # captured in warm-up
                      accelerate:bool=True,   # ours with the fast layers of `ops`; False: the plain model
                      also_bf16:bool=False,   # also time our model under bf16 autocast (side `ours_bf16`)
                      **cfg_overrides)->dict:
@@ -272,19 +296,25 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     shapes = [None]
     if cuda_graphs:  # as in real training, shapes repeat: QVHighlights' batches of 32 have Lv = 75 and a few Lq
         from videolights.accel import GraphedTraining
-        for k in sides: m, c, o = sides[k]; sides[k] = (GraphedTraining(m), c, o)
+        for k in sides:
+            m, c, o = sides[k]
+            sides[k] = (GraphedTraining(m), c, o)
         masks = [synth_batch(cfg, batch, seed=seed * 1000 + 900 + k, v_range=tuple(v_range))[0] for k in range(2)]
-        shapes = [list(zip(mi['src_vid_mask'].sum(1).int().tolist(), mi['src_txt_mask'].sum(1).int().tolist())) for mi in masks]
+        shapes = [list(zip(mi['src_vid_mask'].sum(1).int().tolist(), mi['src_txt_mask'].sum(1).int().tolist()))
+                  for mi in masks]
         warmup = max(warmup, len(shapes))
     scalers = {k: torch.amp.GradScaler(device) if a == 'fp16' else None for k, a in amps.items()}
     if official:
-        off = load_official(official); om, oc, oo, _ = build_official(off, cfg, device); sides['official'] = (om, oc, oo)
+        off = load_official(official)
+        om, oc, oo, _ = build_official(off, cfg, device)
+        sides['official'] = (om, oc, oo)
         amps['official'], scalers['official'] = None, None  # float32, as it ships
     for m, *_ in sides.values(): m.train()
     cuda, peaks = device.startswith('cuda'), {}
     rows, first = {k: [] for k in sides}, {}
     for i in range(warmup + steps):
-        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i, v_range=tuple(v_range), lengths=shapes[i % len(shapes)])
+        mi, tg, _ = synth_batch(cfg, batch, seed=seed * 1000 + i, v_range=tuple(v_range),
+                                lengths=shapes[i % len(shapes)])
         if device != 'cpu':
             from videolights.data import move_batch
             mi, tg, _ = move_batch((mi, tg, []), device)
@@ -306,7 +336,8 @@ def bench_train_step(preset:str='qvhighlights', batch:int=32, steps:int=5, warmu
     if official: res['ratio'] = round(res['official']['step_ms'] / res['ours']['step_ms'], 2)
     if official and also_bf16: res['ratio_bf16'] = round(res['official']['step_ms'] / res['ours_bf16']['step_ms'], 2)
     if also_bf16: res['bf16_speedup'] = round(res['ours']['step_ms'] / res['ours_bf16']['step_ms'], 2)
-    if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}  # allocator peak during each side's steps
+    if cuda: res['peak_cuda_mib'] = {k: round(v, 1)
+                                     for k, v in peaks.items()}  # allocator peak during each side's steps
     if memory and device == 'cpu':
         res['peak_rss_mib'] = {k: peak_rss_child('official' if k == 'official' else 'ours', 'train', preset, batch,
                                                  official, threads, amps[k]) for k in sides}
@@ -338,7 +369,8 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
             m = GraphedInference(m, amp_dtype=_AMP[a])
         sides[k] = m
     if official:
-        off = load_official(official); sides['official'] = build_official(off, cfg, device)[0].eval()
+        off = load_official(official)
+        sides['official'] = build_official(off, cfg, device)[0].eval()
         amps['official'] = None
     res = dict(preset=preset, device=device, amp=amp, compile=compile, cuda_graphs=cuda_graphs, runs=runs,
                v_range=list(v_range), accelerate=accelerate)
@@ -356,7 +388,8 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
                 if cuda: peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated() / 2**20)
                 if i >= warmup: ts[k].append(t.s)
                 elif i == 0: first[k] = t.s  # includes torch.compile's compile time (and recompiles for a new B)
-        r = {k: dict(ms=ms(med(v)), ms_all=[ms(x) for x in v]) | ({'first_call_s': round(first[k], 2)} if k in first else {})
+        r = {k: dict(ms=ms(med(v)), ms_all=[ms(x) for x in v]) | ({'first_call_s': round(first[k], 2)}
+                                                                  if k in first else {})
              for k, v in ts.items()}
         if official: r['ratio'] = round(med(ts['official']) / med(ts['ours']), 2)
         if official and also_bf16: r['ratio_bf16'] = round(med(ts['official']) / med(ts['ours_bf16']), 2)
@@ -364,15 +397,16 @@ def bench_infer(preset:str='qvhighlights', batches:tuple=(1, 32), runs:int=8, wa
         res[f'b{B}'] = r
     if cuda: res['peak_cuda_mib'] = {k: round(v, 1) for k, v in peaks.items()}
     if memory and device == 'cpu':
-        res['peak_rss_mib'] = {k: peak_rss_child('official' if k == 'official' else 'ours', 'infer', preset, max(batches),
-                                                 official, threads, amps[k]) for k in sides}
+        res['peak_rss_mib'] = {k: peak_rss_child('official' if k == 'official' else 'ours', 'infer', preset,
+                                                 max(batches), official, threads, amps[k]) for k in sides}
     return res
 
 # %% ../nbs/90_bench.ipynb #dbdc7747
 def peak_rss_child(side:str, kind:str, preset:str, batch:int, official:str|None, threads:int|None,
                    amp:str|None=None)->float|None:
     "Peak RSS (MiB) of `kind` ('train'|'infer') for one side (under `amp` autocast), measured in a fresh child process."
-    cmd = [sys.executable, '-m', 'videolights.bench', '_peak', '--peak-side', side, '--peak-kind', kind, '--peak-preset', preset,
+    cmd = [sys.executable, '-m', 'videolights.bench', '_peak', '--peak-side', side, '--peak-kind', kind,
+           '--peak-preset', preset,
            '--peak-batch', str(batch)] + (['--compare-official', official] if official else []) + \
           (['--threads', str(threads)] if threads else []) + (['--amp', amp] if amp else [])
     try:
@@ -387,7 +421,9 @@ def _peak_main(a)->dict:
     else: m, c, o, _ = build_official(load_official(a.compare_official), cfg)
     for i in range(2):
         mi, tg, _ = synth_batch(cfg, int(a.peak_batch), seed=i)
-        if a.peak_kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip, a.amp)
+        if a.peak_kind == 'train':
+            m.train()
+            train_step(m, c, o, mi, tg, cfg.grad_clip, a.amp)
         else:
             m.eval()
             with torch.no_grad(), _autocast('cpu', a.amp): m(**mi)
@@ -424,7 +460,8 @@ def _pre(m, a):
     _st['depth'] += 1
 def _post(m, a, o):
     _st['depth'] -= 1
-    if _st['depth'] == 0: _add('losses' if 'Criterion' in type(m).__name__ else 'forward', time.perf_counter() - _st['t'])
+    if _st['depth'] == 0: _add('losses' if 'Criterion' in type(m).__name__ else 'forward',
+                               time.perf_counter() - _st['t'])
 def _opre(o, a, k): _st['opt'] = time.perf_counter()
 def _opost(o, a, k): _add('optimiser', time.perf_counter() - _st['opt'])
 _wrap(_dl._BaseDataLoaderIter, '__next__', 'loading')
@@ -474,7 +511,8 @@ if not torch.cuda.is_available(): torch.Tensor.cuda = lambda self, *a, **k: self
 import video_lights.train as _T, video_lights.inference as _I
 if not hasattr(sys.modules['pandas'], 'DataFrame'):  # the options table needs pandas: a plain listing instead
     import utils.basic_utils as _U, video_lights.config as _C
-    for _m in (_U, _C, _T): _m.dict_to_markdown = lambda d, max_str_len=None: '\n'.join(f'{k}: {v}' for k, v in d.items())
+    for _m in (_U, _C, _T):
+        _m.dict_to_markdown = lambda d, max_str_len=None: '\n'.join(f'{k}: {v}' for k, v in d.items())
 _wrap_eval(_T, 'eval_epoch')
 _wrap(_I, 'eval_submission', 'metrics')
 _out, sys.argv = sys.argv[1], ['video_lights/train.py'] + json.loads(sys.argv[2])
@@ -498,7 +536,8 @@ def _brief(folder:Path)->dict|None:
     "The `brief` metrics of the newest `*metrics*.json` under `folder` (the run's own evaluation), if any."
     files = sorted(folder.rglob('*metrics*.json'), key=lambda p: p.stat().st_mtime)
     for f in reversed(files):
-        try: return {k: v for k, v in json.loads(f.read_text())['brief'].items() if k in ('MR-full-mAP', 'HL-min-VeryGood-mAP')}
+        try: return {k: v for k, v in json.loads(f.read_text())['brief'].items()
+                     if k in ('MR-full-mAP', 'HL-min-VeryGood-mAP')}
         except (ValueError, KeyError, TypeError): continue
     return None
 
@@ -515,7 +554,8 @@ def _timed_process(cmd:list, log:Path, cwd=None, env=None)->float:
     t0 = time.perf_counter()
     with open(log, 'w') as f: rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env).returncode
     wall = time.perf_counter() - t0
-    if rc: raise RuntimeError(f"{cmd[0]} ... exited with {rc}: " + ' | '.join(log.read_text().strip().splitlines()[-3:]))
+    if rc: raise RuntimeError(f"{cmd[0]} ... exited with {rc}: "
+                              + ' | '.join(log.read_text().strip().splitlines()[-3:]))
     return wall
 
 def _epoch_commands(side:str, data:Path, run:Path, out_json:Path, cfg, workers:int, device:str, amp:str|None,
@@ -528,13 +568,15 @@ def _epoch_commands(side:str, data:Path, run:Path, out_json:Path, cfg, workers:i
     from videolights.runs import feature_dirs
     vd, td = feature_dirs(cfg)
     flags = official_flags(cfg) + [
-        '--train_path', str(data/'highlight_train_release.jsonl'), '--eval_path', str(data/'highlight_val_release.jsonl'),
+        '--train_path', str(data/'highlight_train_release.jsonl'), '--eval_path',
+    str(data/'highlight_val_release.jsonl'),
         '--eval_split_name', 'val', '--v_feat_dirs', *[str(data/'features'/d) for d in vd],
         '--t_feat_dirs', *[str(data/'features'/d) for d in td], '--results_root', str(run), '--exp_id', 'bench',
         '--n_epoch', '5', '--start_epoch', '4', '--num_workers', str(workers)]
     if device.startswith('cuda'): flags[flags.index('--device') + 1] = '0'
     root = str(Path(official).resolve())
-    return [_official_python(official, official_python), '-c', _OFFICIAL_EPOCH, str(out_json), json.dumps(flags), root], root
+    return ([_official_python(official, official_python), '-c', _OFFICIAL_EPOCH, str(out_json), json.dumps(flags),
+             root], root)
 
 def bench_epoch(n_train:int=7218, n_val:int=1550, # queries (QVHighlights: 7218 train, 1550 val)
                 official:str|None=None, official_python:str|None=None,
@@ -550,7 +592,8 @@ def bench_epoch(n_train:int=7218, n_val:int=1550, # queries (QVHighlights: 7218 
     try:
         from videolights.synth import synth
         t0 = time.perf_counter()
-        info = synth(tmp/'data', seed=seed, size='qvh', dims='real', blip=True, n_train=n_train, n_val=n_val, progress=False)
+        info = synth(tmp/'data', seed=seed, size='qvh', dims='real', blip=True, n_train=n_train, n_val=n_val,
+                     progress=False)
         res = dict(n_train=info['n_train'], n_val=info['n_val'], n_videos=info['n_videos'], batch=cfg.bsz,
                    steps=math.ceil(info['n_train'] / cfg.bsz), workers=workers, threads=threads, device=device, amp=amp,
                    repeats=repeats, generate_s=round(time.perf_counter() - t0, 1),
@@ -608,7 +651,9 @@ def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=3, off
     src = _find_repo_file('data/qvhighlights/highlight_train_release.jsonl')
     recs, seen = [], set()
     for r in read_records(src, 'hl'):
-        if r['vid'] not in seen: seen.add(r['vid']); recs.append(r)
+        if r['vid'] not in seen:
+            seen.add(r['vid'])
+            recs.append(r)
         if len(recs) == n_videos: break
     tmp = Path(tempfile.mkdtemp(prefix='vl_bench_load_', dir=workdir))
     try:
@@ -619,24 +664,29 @@ def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=3, off
                             {t: QVH_FEATURE_DIMS[t] for t in dd['t_feat_types']}, seed=seed, compressed=True)
         gen_s = time.perf_counter() - t0
         conv = convert_features(tmp/'feats', tmp/'feats.h5', dtype=dtype, progress=False)
-        loaders = dict(ours_h5=lambda: make_loader(VLDataset(recs, tmp/'feats.h5', 'hl', seed=seed), batch, True, workers, pin_memory, seed=seed),
-                       ours_npz=lambda: make_loader(VLDataset(recs, tmp/'feats', 'hl', seed=seed), batch, True, workers, pin_memory, seed=seed))
+        loaders = dict(ours_h5=lambda: make_loader(VLDataset(recs, tmp/'feats.h5', 'hl', seed=seed), batch, True,
+                                                   workers, pin_memory, seed=seed),
+                       ours_npz=lambda: make_loader(VLDataset(recs, tmp/'feats', 'hl', seed=seed), batch, True, workers,
+                                                    pin_memory, seed=seed))
         prep = {}
         if official:
             off = load_official(official)
             ods = _official_dataset(off, tmp/'feats', ann, cfg)
             loaders['official_npz'] = lambda: DataLoader(ods, batch_size=batch, shuffle=True, num_workers=workers,
-                                                         collate_fn=off.dataset.start_end_collate, pin_memory=pin_memory,
+                                                         collate_fn=off.dataset.start_end_collate,
+                                                         pin_memory=pin_memory,
                                                          generator=torch.Generator().manual_seed(seed))
             prep['official_npz'] = lambda b: off.dataset.prepare_batch_inputs(b[1], torch.device('cpu'))
         ts = {k: [] for k in loaders}
         for i in range(repeats):
             for k in _order(list(loaders), i): ts[k].append(_epoch(loaders[k](), prep.get(k)))
         nb = math.ceil(len(recs) / batch)
-        res = dict(n_videos=len(recs), batch=batch, workers=workers, repeats=repeats, dtype=dtype, generate_s=round(gen_s, 1),
+        res = dict(n_videos=len(recs), batch=batch, workers=workers, repeats=repeats, dtype=dtype,
+                   generate_s=round(gen_s, 1),
                    npz_mib=round(sum(p.stat().st_size for p in (tmp/'feats').rglob('*.npz')) / 2**20, 1),
                    h5_mib=round(conv['bytes'] / 2**20, 1))
-        for k, v in ts.items(): res[k] = dict(epoch_s=round(med(v), 3), ms_per_batch=ms(med(v) / nb), all_s=[round(x, 3) for x in v])
+        for k, v in ts.items(): res[k] = dict(epoch_s=round(med(v), 3), ms_per_batch=ms(med(v) / nb),
+                                              all_s=[round(x, 3) for x in v])
         res['ratio_npz_vs_h5_ours'] = round(med(ts['ours_npz']) / med(ts['ours_h5']), 2)
         if official: res['ratio'] = round(med(ts['official_npz']) / med(ts['ours_h5']), 2)
         return res
@@ -682,7 +732,8 @@ def _eval_memory(sub:list, gt_path:Path, tmp:Path, copies:int)->dict:
     kib = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
     if kib < 0: return dict(error=f"eval failed: {r.stderr.strip().splitlines()[-1:]}")
     n = copies * len(gt)
-    return dict(copies=copies, n_queries=n, peak_rss_mib=round(kib / 1024, 1), mib_per_1k_queries=round(kib / 1024 / n * 1e3, 2))
+    return dict(copies=copies, n_queries=n, peak_rss_mib=round(kib / 1024, 1),
+                mib_per_1k_queries=round(kib / 1024 / n * 1e3, 2))
 
 def _imports_torch(cmd:list)->bool:
     "Whether the Python command `cmd` ([python, args...]) imports torch (`-X importtime`)."
@@ -706,7 +757,8 @@ def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=N
     cmds = dict(ours=[sys.executable, '-m', 'videolights', 'eval', '--submission', str(tmp/'sub.jsonl'),
                       '--gt', str(gt_path), '--out', str(tmp/'ours.json')])
     if official: cmds['official'] = [py, '-m', 'standalone_eval.eval', '--submission_path', str(tmp/'sub.jsonl'),
-                                     '--gt_path', str(gt_path), '--save_path', str(tmp/'official.json'), '--not_verbose']
+                                     '--gt_path', str(gt_path), '--save_path', str(tmp/'official.json'),
+                                     '--not_verbose']
     cwd = str(Path(official).resolve()) if official else None
     try:
         (tmp/'sub.jsonl').write_text(''.join(json.dumps(s) + '\n' for s in sub))
@@ -732,9 +784,11 @@ def bench_eval(repeats:int=3, official:str|None=None, official_python:str|None=N
             p = dict(ours_s=round(med(procs['ours']), 3), ours_all_s=[round(t, 3) for t in procs['ours']],
                      imports_torch=_imports_torch(cmds['ours']))
             if official:
-                p.update(official_s=round(med(procs['official']), 3), official_all_s=[round(t, 3) for t in procs['official']],
+                p.update(official_s=round(med(procs['official']), 3),
+                         official_all_s=[round(t, 3) for t in procs['official']],
                          ratio=round(med(procs['official']) / med(procs['ours']), 1),
-                         mismatches=_diff(json.loads((tmp/'ours.json').read_text()), json.loads((tmp/'official.json').read_text())))
+                         mismatches=_diff(json.loads((tmp/'ours.json').read_text()),
+                                          json.loads((tmp/'official.json').read_text())))
             res['process'] = p
         if mem_copies: res['memory'] = _eval_memory(sub, gt_path, tmp, mem_copies)
         return res
@@ -750,7 +804,8 @@ def bench_startup(repeats:int=5, **kw)->dict:
         for i in range(repeats):
             for k in _order(list(cmds), i): ts[k].append(_timed_process(cmds[k], Path(d)/'log.txt'))
     return dict(repeats=repeats, help_s=round(med(ts['help']), 3), help_all_s=[round(t, 3) for t in ts['help']],
-                python_s=round(med(ts['python']), 3), imports_torch=_imports_torch([sys.executable, '-m', 'videolights', '--help']))
+                python_s=round(med(ts['python']), 3),
+                imports_torch=_imports_torch([sys.executable, '-m', 'videolights', '--help']))
 
 # %% ../nbs/90_bench.ipynb #1ea21ec7
 def bench_predict(duration:float=600., # seconds of synthetic video
@@ -903,7 +958,9 @@ def profile_step(kind:str='train', preset:str='qvhighlights', batch:int=32, seed
     cuda = torch.device(device).type == 'cuda'
     if device != 'cpu': mi, tg, _ = move_batch((mi, tg, []), device)
     def run():
-        if kind == 'train': m.train(); train_step(m, c, o, mi, tg, cfg.grad_clip, amp, None, device)
+        if kind == 'train':
+            m.train()
+            train_step(m, c, o, mi, tg, cfg.grad_clip, amp, None, device)
         else:
             m.eval()
             with torch.no_grad(), _autocast(device, amp): m(**mi)
@@ -914,11 +971,13 @@ def profile_step(kind:str='train', preset:str='qvhighlights', batch:int=32, seed
     ev = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or _self_device_us(e) > 0]
     total, gpu_total = sum(e.self_cpu_time_total for e in ev), sum(_self_device_us(e) for e in ev)
     ops = sorted(({'op': e.key, 'self_ms': round(e.self_cpu_time_total / 1e3, 1), 'calls': e.count,
-                   'pct': round(100 * e.self_cpu_time_total / total, 1)} | ({'self_gpu_ms': round(_self_device_us(e) / 1e3, 2)} if cuda else {})
+                   'pct': round(100 * e.self_cpu_time_total / total,
+                                1)} | ({'self_gpu_ms': round(_self_device_us(e) / 1e3, 2)} if cuda else {})
                   for e in ev), key=lambda r: -r['self_ms'])
     fam = {}  # from the unrounded times (many small operators round to 0.0 ms)
     for e in ev: fam[op_family(e.key)] = fam.get(op_family(e.key), 0) + e.self_cpu_time_total / 1e3
-    fam = {k: dict(ms=round(v, 1), pct=round(100 * v / (total / 1e3), 1)) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
+    fam = {k: dict(ms=round(v, 1), pct=round(100 * v / (total / 1e3), 1))
+           for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
     mm = [e for e in ev if op_family(e.key).startswith('matmul')]
     flop, mm_us = sum(e.flops or 0 for e in mm), sum(e.self_cpu_time_total for e in mm)
     res = dict(kind=kind, preset=preset, batch=batch, device=device, amp=amp,
@@ -927,7 +986,8 @@ def profile_step(kind:str='train', preset:str='qvhighlights', batch:int=32, seed
                matmul_gflops_per_s=round(flop / 1e3 / mm_us, 1) if mm_us else None,
                top_ops=ops[:top], families=fam, threads=torch.get_num_threads())
     if peak and not cuda:
-        res['peak_gflops'] = dict(float32=peak_gflops(torch.float32)) | (dict(bf16=peak_gflops(torch.bfloat16)) if _cpu_bf16() else {})
+        res['peak_gflops'] = dict(float32=peak_gflops(torch.float32)) | (dict(bf16=peak_gflops(torch.bfloat16))
+                if _cpu_bf16() else {})
     if cuda: res.update(total_gpu_ms=round(gpu_total / 1e3, 2),
                         top_gpu_ops=sorted(ops, key=lambda r: -r['self_gpu_ms'])[:min(top, 10)])
     return res
@@ -988,7 +1048,8 @@ def check_targets(out:dict)->list[dict]:
 def format_targets(rows:list[dict], machine:dict|None=None)->str:
     "The targets as a markdown table (with the machine's CPU model)."
     isa = f" ({machine['cpu_isa']})" if machine and machine.get('cpu_isa') else ''
-    head = f"CPU: {machine['processor']}{isa}, {machine['torch_threads']} threads, torch {machine['torch']}\n\n" if machine else ''
+    head = (f"CPU: {machine['processor']}{isa}, {machine['torch_threads']} threads, torch {machine['torch']}\n\n"
+            if machine else '')
     lines = ['| target | value | goal | met |', '|---|---|---|---|']
     lines += [f"| {r['target']} | {'—' if r['value'] is None else r['value']} | {r['goal']} | "
               f"{'—' if r['met'] is None else 'yes' if r['met'] else 'no'} |" for r in rows]
@@ -1050,13 +1111,17 @@ def main(argv:list[str]|None=None)->int:
     p = argparse.ArgumentParser(prog='python -m videolights.bench',
         description='Benchmarks that print JSON; with --compare-official, side by side with the official code. '
                     'Extra --key value pairs are passed to the benchmark function.',
-        epilog='examples:\n  python -m videolights.bench all --compare-official $VIDEOLIGHTS_OFFICIAL --threads 2 --json bench.json\n'
-               '  python -m videolights.bench train-step --compare-official $VIDEOLIGHTS_OFFICIAL --steps 3 --also-bf16\n'
-               '  python -m videolights.bench epoch --compare-official $VIDEOLIGHTS_OFFICIAL --n_train 7218 --n_val 1550\n'
+        epilog='examples:\n  python -m videolights.bench all --compare-official $VIDEOLIGHTS_OFFICIAL --threads 2 '
+               '--json bench.json\n'
+               '  python -m videolights.bench train-step --compare-official $VIDEOLIGHTS_OFFICIAL --steps 3 '
+               '--also-bf16\n'
+               '  python -m videolights.bench epoch --compare-official $VIDEOLIGHTS_OFFICIAL --n_train 7218 --n_val '
+               '1550\n'
                '  python -m videolights.bench infer --device cuda --amp bf16 --compile\n'
                '  python -m videolights.bench load --n_videos 2000 --workers 2\n'
                '  python -m videolights.bench extract --n_videos 16 --procs [1,2]   # 1 process vs torchrun with 2\n'
-               '  python -m videolights.bench profile --kind infer --batch 32 --amp bf16   # top operators and families',
+               '  python -m videolights.bench profile --kind infer --batch 32 --amp bf16   '
+               '# top operators and families',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', choices=list(BENCHES) + ['all', 'profile', '_peak'])
     p.add_argument('--json', default=None, help='also write the JSON to this file')
@@ -1064,30 +1129,39 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--compare-official', default=None, metavar='PATH', help='a checkout of github dpaul06/VideoLights')
     p.add_argument('--official-python', default=None, help='interpreter of the official environment (its evaluator '
                    'needs scikit-learn; default $VIDEOLIGHTS_OFFICIAL_PY or a venv beside the checkout)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'], help='autocast dtype for our side (CUDA; bf16 also on '
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'],
+                   help='autocast dtype for our side (CUDA; bf16 also on '
                    'CPUs with AVX512-BF16/AMX). The official code stays float32: it fails under autocast')
     p.add_argument('--also-bf16', action='store_true', help='train-step and infer: also time our model under bf16 '
                    'autocast, interleaved with the float32 sides (on by itself in `all` where bf16 is native)')
-    p.add_argument('--compile', action='store_true', help='torch.compile our model (inductor; infer: accel.compile_inference, with '
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile our model (inductor; infer: accel.compile_inference, with '
                    'freezing; the first call, reported as first_step_s / first_call_s, compiles: minutes on a CPU)')
-    p.add_argument('--cuda-graphs', action='store_true', help='replay our model from CUDA graphs: infer, accel.GraphedInference '
-                   '(inputs padded to the preset\'s max lengths); train-step, accel.GraphedTraining (exact shapes; the batches '
-                   'take turns between 2 shapes, captured during warm-up)')
+    p.add_argument('--cuda-graphs', action='store_true',
+                   help='replay our model from CUDA graphs: infer, accel.GraphedInference '
+                   '(inputs padded to the preset\'s max lengths); train-step, accel.GraphedTraining (exact shapes; the '
+                   'batches take turns between 2 shapes, captured during warm-up)')
     p.add_argument('--plain-model', action='store_true', help='our plain model of 07_model, without the fast layers of '
                    '07a_ops (ops.accelerate)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the child-process peak-RSS measurements')
-    p.add_argument('--keep-memory', action='store_true', help='keep freed memory in the process (data.keep_freed_memory), '
+    p.add_argument('--keep-memory', action='store_true',
+                   help='keep freed memory in the process (data.keep_freed_memory), '
                    'for both sides and child processes alike (default: the allocator as both programs ship)')
-    for k, d in (('side', 'ours'), ('kind', 'train'), ('preset', 'qvhighlights'), ('batch', '32')):  # `_peak` child only
+    for k, d in (('side', 'ours'), ('kind', 'train'), ('preset', 'qvhighlights'),
+                 ('batch', '32')):  # `_peak` child only
         p.add_argument(f'--peak-{k}', dest=f'peak_{k}', default=d, help=argparse.SUPPRESS)
     a, rest = p.parse_known_args(argv)
     kept = False
     if a.keep_memory:
         from videolights.data import keep_freed_memory, KEEP_MEMORY_ENV
         if kept := keep_freed_memory(): os.environ.update(KEEP_MEMORY_ENV)  # the same policy for child processes
-    if a.name == '_peak': print(json.dumps(_peak_main(a))); return 0
-    def error(msg): print(f'python -m videolights.bench: error: {msg}', file=sys.stderr); return 2
+    if a.name == '_peak':
+        print(json.dumps(_peak_main(a)))
+        return 0
+    def error(msg):
+        print(f'python -m videolights.bench: error: {msg}', file=sys.stderr)
+        return 2
     if a.device.startswith('cuda') and not torch.cuda.is_available():
         return error('--device cuda but torch.cuda.is_available() is False')
     if a.cuda_graphs and not a.device.startswith('cuda'): return error('--cuda-graphs needs --device cuda')

@@ -70,8 +70,10 @@ class VLConfig:
     fix_mr_slice: bool = False            # MR->HD slice per sample's own length, GRU stops at its end
     fix_loss_masking: bool = False        # (loss) saliency cos / task-coupled / align / hard losses mask padding
     fix_loss_sample_min: bool|None = None # (loss) per-sample min-shift, not batch-global (None: = fix_loss_masking)
-    fix_loss_batch_mean: bool|None = None # (loss) cosine terms averaged over the batch, not summed (None: = fix_loss_masking)
-    fix_loss_text_masking: bool|None = None # (loss) NCE and sentence pooling skip padded tokens (None: = fix_loss_masking)
+    fix_loss_batch_mean: bool|None = None # (loss) cosine terms averaged over the batch, not summed
+                                          # (None: = fix_loss_masking)
+    fix_loss_text_masking: bool|None = None # (loss) NCE and sentence pooling skip padded tokens
+                                            # (None: = fix_loss_masking)
     fix_hard_loss_ramp: bool = False      # (loss) bounded hard pos/neg weight instead of (epoch+1)*coef
     hard_loss_ramp_max: int = 10          # (loss) with fix_hard_loss_ramp: weight min(epoch+1, this) * coef
     # --- losses ---

@@ -103,7 +103,8 @@ def _finish(seen, report, dset_name):
                               hint='nothing is left to train or evaluate on')
     if not recs: raise DataFormatError(f"{report.path}: no records (an empty file)")
     if report:
-        lines = dropped[:5] + [l for k, v in report.issues.items() if k != 'record_dropped' for l in v][:max(0, 5 - len(dropped))]
+        lines = dropped[:5] + [l for k, v in report.issues.items() if k != 'record_dropped'
+                               for l in v][:max(0, 5 - len(dropped))]
         more = sum(map(len, report.issues.values())) - len(lines)
         warnings.warn(f"{report!r}: " + '; '.join(lines) + (f"; {more} more in .report.issues" if more > 0 else ''))
     return Records(recs, report.path, [line for line, _ in seen], is_file=True, report=report, dset_name=dset_name)
@@ -113,8 +114,8 @@ def _count_dup_qids(recs_lines, report):
     seen = {}
     for line, r in recs_lines:
         q = r['qid']
-        if q in seen: raise DataFormatError(f"duplicate qid {q!r} (also at line {seen[q]})", file=report.path, line=line,
-                                            key='qid', hint='give every record its own qid')
+        if q in seen: raise DataFormatError(f"duplicate qid {q!r} (also at line {seen[q]})", file=report.path,
+                                            line=line, key='qid', hint='give every record its own qid')
         seen[q] = line
 
 def _fix_clip_ids(rec, report, line, strict, clip_len):
@@ -223,7 +224,8 @@ FEATURE_DIRS = {
                         text=dict(clip='clip_text_features', blip='blip_aug_text_features_openai')),
     'charadesSTA': dict(video=dict(slowfast='slowfast_features', clip='clip_features', blip='blip_video_features'),
                         text=dict(clip='clip_text_features', blip='blip_text_features')),
-    'tvsum':       dict(video=dict(i3d='video_features', slowfast='sf_features', clip='clip_features', blip='video_features_blip'),
+    'tvsum':       dict(video=dict(i3d='video_features', slowfast='sf_features', clip='clip_features',
+                                   blip='video_features_blip'),
                         text=dict(clip='query_features', blip='query_features_blip')),
 }
 
@@ -288,7 +290,8 @@ def _load_array(path:Path, keys=None)->np.ndarray:
             raise DataFormatError(f"{path}: unreadable feature file ({one_line(e)[:100]})") from None
         raise DataFormatError(f"{path}: holds Python objects (object dtype), expected a numeric (L, D) array") from None
     except _UNREADABLE as e:
-        raise DataFormatError(f"{path}: unreadable feature file, truncated or damaged ({type(e).__name__}: {one_line(e)[:80]})",
+        raise DataFormatError(f"{path}: unreadable feature file, truncated or damaged ({type(e).__name__}: "
+                              f"{one_line(e)[:80]})",
                               hint='extract or copy it again') from None
     if x.dtype.kind not in 'fiu':
         raise DataFormatError(f"{path}: holds {x.dtype} values, expected a numeric (L, D) array")
@@ -329,7 +332,8 @@ class DirFeatures(FeatureSource):
     def feature_types(self, kind:str)->list[str]:
         return [d.name for d in sorted(self.root.iterdir()) if d.is_dir() and _dir_kind(d) == kind]
     def _ref_dim(self, kind, ftype):
-        p = min((p for p in (self.root/ftype).iterdir() if p.suffix in ('.npz', '.npy') and not p.name.endswith('_opt.npy')), default=None)
+        p = min((p for p in (self.root/ftype).iterdir()
+                 if p.suffix in ('.npz', '.npy') and not p.name.endswith('_opt.npy')), default=None)
         return None if p is None else (_load_feature_file(kind, p).shape[-1], str(p))
 
 def _dir_kind(d:Path)->str|None:
@@ -382,7 +386,8 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
     for i, x in enumerate(xs):
         x, b = x[:L], a + x.shape[1]
         if x.dtype != np.float32:  # float16 stores: torch converts ~15x faster than numpy's astype
-            x = torch.from_numpy(np.ascontiguousarray(x)).float().numpy() if x.dtype == np.float16 else x.astype(np.float32)
+            x = (torch.from_numpy(np.ascontiguousarray(x)).float().numpy() if x.dtype == np.float16
+                 else x.astype(np.float32))
         if normalize:
             nrm = np.linalg.norm(x, axis=-1)  # (L,) the official loader's float32 sum, bit for bit; NaN/inf: non-finite
             if not np.isfinite(nrm).all(): _check_finite(x, wheres[i] if wheres else f'source {i}')
@@ -429,7 +434,7 @@ def _scan_features(src_dir:Path, feat_types=None)->list[tuple]:
 
 # %% ../nbs/01_data.ipynb #8f0fc620
 def feature_stamp(x:np.ndarray)->int:
-    "The stamp of a feature array: CRC-32 of its dtype, shape and bytes; written with its dataset, recorded in the index."
+    "The stamp of a feature array: CRC-32 of its dtype, shape and bytes; stored with its dataset and in the index."
     x = np.ascontiguousarray(x)
     return zlib.crc32(memoryview(x).cast('B'), zlib.crc32(f'{x.dtype.str}{x.shape}'.encode()))
 
@@ -523,7 +528,8 @@ class H5Features(FeatureSource):
             if getattr(e, 'errno', None) is not None: raise
             raise DataFormatError(f"not a readable HDF5 feature store ({one_line(e)[:100]})", file=self.path,
                                   hint='truncated or damaged? convert or extract it again') from None
-        self._f, self._pid, self._bufs, self._fd, self._idx, self._ok, self._stale = f, os.getpid(), {}, None, {}, set(), set()
+        self._f, self._pid, self._bufs, self._fd, self._idx, self._ok, self._stale = (f, os.getpid(), {}, None, {},
+                set(), set())
         if self.use_index and 'index' in self._f:
             self._fd = os.open(self.path, os.O_RDONLY)
             for kind in self._f['index']:
@@ -563,8 +569,8 @@ class H5Features(FeatureSource):
             except KeyError: ok = False                      # rewritten by a tool that writes no stamp
         (self._ok if ok else self._stale).add((kind, ftype, key))
         if not ok and len(self._stale) == 1:
-            warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such datasets "
-                          f"are read through h5py (index_store rebuilds the index)", stacklevel=2)
+            warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such "
+                          f"datasets are read through h5py (index_store rebuilds the index)", stacklevel=2)
         return ok
     def _pread(self, kind, ftype, key, max_len, reuse):
         table, dt = self._idx[(kind, ftype)]
@@ -640,7 +646,8 @@ def saliency_labels_qvh(rel_clip_ids:list[int], # relevant clip ids
     sal = np.zeros(n_clips, np.float32)
     for c, s in zip(rel_clip_ids, agg):
         if c < n_clips: sal[c] = s
-    return [int(i) for i in hard_pos + easy_pos], [int(i) for i in hard_neg + easy_neg], sal, (sal > 0).astype(np.float32)
+    return ([int(i) for i in hard_pos + easy_pos], [int(i) for i in hard_neg + easy_neg], sal,
+            (sal > 0).astype(np.float32))
 
 # %% ../nbs/01_data.ipynb #7507fc87
 def saliency_labels_binary(window:list,  # [st, ed] in seconds (the first GT window)
@@ -698,21 +705,25 @@ class VLDataset(Dataset):
             pretrain = isinstance(records, (str, Path)) and any(s in str(records) for s in ('pre_train', 'subs_train'))
         if isinstance(records, (str, Path)): records = read_records(records, dset_name)
         if domain is not None: records = [r for r in records if r.get('domain') == domain]
-        self.records, self.features, self.dset_name, self.pretrain = list(records), open_features(features), dset_name, pretrain
-        self.v_feat_types, self.t_feat_types = list(v_feat_types or dd['v_feat_types']), list(t_feat_types or dd['t_feat_types'])
-        self.clip_len, self.max_v_l, self.max_q_l = clip_len or dd['clip_len'], max_v_l or dd['max_v_l'], max_q_l or dd['max_q_l']
+        self.records, self.features, self.dset_name, self.pretrain = (list(records), open_features(features), dset_name,
+                                                                      pretrain)
+        self.v_feat_types, self.t_feat_types = (list(v_feat_types or dd['v_feat_types']),
+                                                list(t_feat_types or dd['t_feat_types']))
+        self.clip_len, self.max_v_l, self.max_q_l = (clip_len or dd['clip_len'], max_v_l or dd['max_v_l'],
+                                                     max_q_l or dd['max_q_l'])
         self.max_windows, self.use_tef, self.load_labels = max_windows, use_tef, load_labels
         self.normalize_v, self.normalize_t, self.rng = normalize_v, normalize_t, random.Random(seed)
         if load_labels: self._check_labels()
     def __len__(self): return len(self.records)
-    def __repr__(self): return (f"VLDataset({self.dset_name}, {len(self)} records, video {self.v_feat_types}, text {self.t_feat_types}, "
-                                f"max_v_l={self.max_v_l}, clip_len={self.clip_len}, pretrain={self.pretrain}, features={self.features!r})")
+    def __repr__(self): return (f"VLDataset({self.dset_name}, {len(self)} records, video {self.v_feat_types}, text "
+                                f"{self.t_feat_types}, max_v_l={self.max_v_l}, clip_len={self.clip_len}, "
+                                f"pretrain={self.pretrain}, features={self.features!r})")
 
 # %% ../nbs/01_data.ipynb #45120ce1
 def _label_keys(self:VLDataset):
     if self.dset_name == 'tvsum': return ('label',)
-    return ('relevant_windows',) if self.pretrain or self.dset_name != 'hl' else ('relevant_windows',
-                                                                                  'relevant_clip_ids', 'saliency_scores')
+    return (('relevant_windows',) if self.pretrain or self.dset_name != 'hl'
+            else ('relevant_windows', 'relevant_clip_ids', 'saliency_scores'))
 
 @patch
 def _check_labels(self:VLDataset):
@@ -804,14 +815,15 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
         raise ValueError("make_loader: pass shuffle=False with a sampler (the sampler shuffles)")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0)
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=persistent_workers and num_workers > 0)
 
 # %% ../nbs/01_data.ipynb #cf9ba626
 KEEP_MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(2**30),
                        MALLOC_TRIM_THRESHOLD_=str(2**40))  # the same policy for a child process
 
 def keep_freed_memory(enable:bool|None=None,  # None: on unless the environment says VIDEOLIGHTS_KEEP_MEMORY=0
-                      mmap_threshold:int=int(KEEP_MEMORY_ENV['MALLOC_MMAP_THRESHOLD_']), # blocks up to this size come from the heap
+                      mmap_threshold:int=int(KEEP_MEMORY_ENV['MALLOC_MMAP_THRESHOLD_']), # blocks up to this size: heap
                      )->bool:                  # True if glibc accepted the policy
     "Linux/glibc: keep freed memory in the process (no trimming, large blocks from the heap) to avoid page faults."
     if enable is None: enable = os.environ.get('VIDEOLIGHTS_KEEP_MEMORY', '1') != '0'
@@ -847,7 +859,8 @@ def summarize(records:list[dict], max_windows:int=5)->dict:
         out |= dict(n_labelled=len(wins), n_windows=len(lens),
                     n_queries_over_max_windows=sum(len(w) > max_windows for w in wins))
         out |= _stats([len(w) for w in wins], 'windows_per_query') | _stats(lens, 'window_len')
-        out |= _stats([sum(ed - st for st, ed in r['relevant_windows']) / r['duration'] for r in recs if r.get('relevant_windows')], 'coverage')
+        out |= _stats([sum(ed - st for st, ed in r['relevant_windows']) / r['duration'] for r in recs
+                       if r.get('relevant_windows')], 'coverage')
     sal = [np.asarray(r['saliency_scores'], np.float64).sum(1) for r in recs if r.get('saliency_scores')]
     if sal:
         allsal = np.concatenate(sal)
@@ -884,7 +897,7 @@ def check_features(src:str|Path|FeatureSource, # a feature folder or store
                    records:list[dict]=(),      # annotation records whose videos and queries must have features
                    limit:int=3,                # examples named per kind of problem that concerns many items
                   )->list[str]:                # one line per problem, naming the file or dataset
-    "Read every feature of a folder or store: unreadable or misshapen files, odd widths, NaN/Inf, missing videos/queries."
+    "Read every feature of a folder or store: unreadable or misshapen files, odd widths, NaN/Inf, missing items."
     src, out = open_features(src), []
     for kind in ('video', 'text'):
         for t in src.feature_types(kind):
@@ -906,8 +919,8 @@ def check_features(src:str|Path|FeatureSource, # a feature folder or store
             have = set(keys)
             miss = [str(r['vid'] if kind == 'video' else r['qid']) for r in records]
             miss = sorted({m for m in miss if m not in have})
-            if miss: out.append(f"{src!r}: {len(miss)} {'video' if kind == 'video' else 'querie'}s of the annotations have "
-                                f"no '{t}' features, e.g. {miss[:limit]}")
+            if miss: out.append(f"{src!r}: {len(miss)} {'video' if kind == 'video' else 'querie'}s of the annotations "
+                                f"have no '{t}' features, e.g. {miss[:limit]}")
     return out
 
 def plot_summary(records:list[dict], title:str=''):
@@ -946,7 +959,8 @@ def inspect_main(argv:list[str]|None=None)->int: # 0: no problem found, 1: probl
     p = argparse.ArgumentParser(prog='videolights inspect', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Summarise annotation files (counts, durations, windows, saliency) and feature folders/stores.',
         epilog='examples:\n  videolights inspect data/qvhighlights/highlight_val_release.jsonl\n'
-               '  videolights inspect runs/synth --figdir figures/synth\n  videolights inspect DIR --json summary.json --no-plots\n'
+               '  videolights inspect runs/synth --figdir figures/synth\n'
+               '  videolights inspect DIR --json summary.json --no-plots\n'
                '  videolights inspect my_feats.h5                 # a feature store alone (types, dims, counts)')
     p.add_argument('data', help='a .jsonl file, an .h5 feature store, or a dataset folder (jsonl files + features)')
     p.add_argument('--dset', choices=list(READERS), default=None, help='dataset format (default: guessed per file)')
@@ -995,11 +1009,13 @@ def _inspect(files:list[Path], feats:list[Path], a)->int:
 # %% ../nbs/01_data.ipynb #d059b666
 def convert_features_main(argv:list[str]|None=None)->int:
     "CLI: pack an official-layout feature folder into one HDF5 store."
-    p = argparse.ArgumentParser(prog='videolights convert-features', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog='videolights convert-features',
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Pack every .npz/.npy of the feature-type sub-folders of SRC_DIR into one HDF5 file '
                     '(groups video/{type}/{vid} and text/{type}/{qid}); open it with open_features(DST.h5).',
         epilog='examples:\n  videolights convert-features ../Datasets/qvhl/features qvhl_features.h5\n'
-               '  videolights convert-features feats/ small.h5 --float16 --types slowfast_features,clip_features,clip_text_features\n'
+               '  videolights convert-features feats/ small.h5 --float16 --types '
+               'slowfast_features,clip_features,clip_text_features\n'
                '  videolights convert-features feats/ feats.h5 --overwrite')
     p.add_argument('src_dir', help='feature root: one sub-folder per feature type (official layout)')
     p.add_argument('dst', help='the HDF5 file to write (.h5)')

@@ -95,7 +95,8 @@ def remove_stale_temps(folder:str|Path,     # e.g. a run directory, or the folde
         m = _TEMP.match(p.name)
         if not m or (name is not None and m['name'] != name) or p.is_dir(): continue
         if int(m['pid']) == os.getpid() or not pid_alive(int(m['pid'])):
-            p.unlink(missing_ok=True); gone.append(p.name)
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
     return gone
 
 def _fsync(path:Path):
@@ -156,7 +157,7 @@ def iter_jsonl(path:str|Path,        # a JSON Lines file
                error:type=BadInputError, # the `UserError` subclass to raise
                what:str='a JSON Lines file',
               ):                      # yields (line number, record dict)
-    "Yield `(line, dict)` for the non-blank lines of a UTF-8 JSON Lines file; a bad line raises `error` naming `file:line`."
+    "Yield `(line, dict)` for the non-blank lines of a UTF-8 JSON Lines file; a bad line raises `error` at `file:line`."
     p = check_input(path, what, empty_ok=True)
     with open(p, 'rb') as f:
         for n, raw in enumerate(f, 1):
@@ -170,7 +171,8 @@ def iter_jsonl(path:str|Path,        # a JSON Lines file
                 cut = not raw.endswith(b'\n')
                 raise error(f"not valid JSON ({e.msg}, column {e.colno})", file=p, line=n,
                             hint='the file ends inside this line: truncated?' if cut else None) from None
-            if not isinstance(rec, dict): raise error(f"expected a JSON object, got {type(rec).__name__}", file=p, line=n)
+            if not isinstance(rec, dict): raise error(f"expected a JSON object, got {type(rec).__name__}", file=p,
+                                                      line=n)
             yield n, rec
 
 # %% ../nbs/00a_errors.ipynb #0e865113

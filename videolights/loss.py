@@ -161,7 +161,8 @@ def saliency_terms(outputs:dict, # saliency_scores (B, Lv), saliency_scores_neg,
     zero = s.new_zeros(())
     t['cos_sim'] = cosine_profile_loss(sal_norm, gt_norm, batch_mean) * cos_sim_loss_coef if cos_sim_loss else zero
     s_mr = outputs.get('saliency_scores_mr')
-    t['task_coupled'] = (cosine_profile_loss(minmax_l2(s_mr, y, mk, sample_min), gt_norm, batch_mean) * mr_to_hd_loss_coef
+    t['task_coupled'] = (cosine_profile_loss(minmax_l2(s_mr, y, mk, sample_min), gt_norm,
+                                             batch_mean) * mr_to_hd_loss_coef
                          if mr_to_hd_loss and s_mr is not None else zero)
     hard = hard_pos_neg_loss and 'saliency_pos_index' in targets
     w = hard_loss_weight(epoch, hard_pos_neg_loss_coef, bounded_ramp, ramp_max)
@@ -207,8 +208,8 @@ def align_vid_txt_loss(src_txt:Tensor, # (B, Lq, D) projected text tokens
 def _txt_mask(outputs:dict, targets:dict)->Tensor|None:
     m = outputs.get('txt_mask', targets.get('src_txt_mask'))
     if m is None: warnings.warn("fix_loss_text_masking needs the (B, Lq) text mask in outputs['txt_mask'] or "
-                                "targets['src_txt_mask']; neither is present, so padded text tokens stay in the NCE and "
-                                "the sentence pooling (official behaviour)", stacklevel=3)
+                                "targets['src_txt_mask']; neither is present, so padded text tokens stay in the NCE "
+                                "and the sentence pooling (official behaviour)", stacklevel=3)
     return None if m is None else m.float()
 
 def loss_contrastive_align(outputs:dict, # proj_queries, proj_txt_mem (+ src_txt, src_vid, video_mask on the last layer)
@@ -268,7 +269,8 @@ def build_weight_dict(cfg)->dict:
              loss_saliency=g('lw_saliency', 1.))
     if g('contrastive_align_loss', False): w['loss_contrastive_align'] = g('contrastive_align_loss_coef', 0.2)
     if g('aux_loss', True):
-        w.update({f'{k}_{i}': v for i in range(g('dec_layers', 2) - 1) for k, v in list(w.items()) if k != 'loss_saliency'})
+        w.update({f'{k}_{i}': v for i in range(g('dec_layers', 2) - 1) for k, v in list(w.items())
+                  if k != 'loss_saliency'})
     return w
 
 def build_criterion(cfg)->SetCriterion:
@@ -280,7 +282,8 @@ def build_criterion(cfg)->SetCriterion:
                   saliency=dict(margin=g('saliency_margin', 0.2), tau=g('rank_tau', 0.5),
                                 cos_sim_loss=g('cos_sim_loss', True), cos_sim_loss_coef=g('cos_sim_loss_coef', 1.),
                                 mr_to_hd_loss=g('mr_to_hd_loss', False), mr_to_hd_loss_coef=g('mr_to_hd_loss_coef', 1.),
-                                hard_pos_neg_loss=g('hard_pos_neg_loss', False), hard_pos_neg_loss_coef=g('hard_pos_neg_loss_coef', 10.),
+                                hard_pos_neg_loss=g('hard_pos_neg_loss', False),
+                                hard_pos_neg_loss_coef=g('hard_pos_neg_loss_coef', 10.),
                                 mask_padding=fix, bounded_ramp=g('fix_hard_loss_ramp', False),
                                 ramp_max=g('hard_loss_ramp_max', 10), **fixes))
     if g('contrastive_align_loss', False):

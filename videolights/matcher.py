@@ -30,7 +30,8 @@ def pad_target_spans(span_labels:list[dict], # B dicts with 'spans' (n_b, 2) cxw
     valid = torch.arange(M, device=ref.device)[None] < ref.new_tensor(sizes, dtype=torch.long)[:, None]  # (B, M)
     if sum(sizes):  # one copy for the whole batch (rows b*M + j, found on the host: no per-sample device ops)
         rows = np.concatenate([b * M + np.arange(n) for b, n in enumerate(sizes)])
-        spans.view(-1, 2)[torch.from_numpy(rows).to(ref.device)] = torch.cat([t['spans'] for t in span_labels]).to(spans)
+        spans.view(-1, 2)[torch.from_numpy(rows).to(ref.device)] = torch.cat([t['spans']
+                for t in span_labels]).to(spans)
     return spans, valid
 
 # %% ../nbs/09_matcher.ipynb #faf66562
@@ -97,7 +98,8 @@ class HungarianMatcher(nn.Module):
         out = MatchIndices(tuple(torch.as_tensor(x, dtype=torch.int64) for x in p) for p in pairs)
         flat = np.concatenate([np.stack([np.full(len(r), b), r, c]) for b, (r, c) in enumerate(pairs)],
                               axis=1)  # (3, N)
-        out.batch_idx, out.src_idx, out.tgt_idx = torch.from_numpy(flat.astype(np.int64)).to(outputs['pred_spans'].device)
+        out.batch_idx, out.src_idx, out.tgt_idx = torch.from_numpy(flat.astype(np.int64)).to(
+            outputs['pred_spans'].device)
         out.tgt_spans = tgt_spans
         return out
 

@@ -175,7 +175,8 @@ class FastAttention(Attention):
         if need_weights or (p > 0 and FAST_DROPOUT and q.device.type == 'cpu'):
             s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
             if blocked is not None: s = s.masked_fill(blocked, float('-inf'))
-            wts = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # float32 under bf16/fp16 autocast too
+            # float32 under bf16/fp16 autocast too
+            wts = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
             o = dropout(wts, p, self.training).to(v.dtype) @ v  # (B, H, Lq, Ev/H)
             if not need_weights: wts = None
         else:

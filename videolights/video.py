@@ -320,7 +320,8 @@ class ClipBPE:
         self.byte_enc = bytes_to_unicode()
         if vocab is None:
             base = list(self.byte_enc.values())
-            vocab = base + [b + '</w>' for b in base] + [''.join(m) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
+            vocab = (base + [b + '</w>' for b in base] + [''.join(m) for m in merges]
+                     + ['<|startoftext|>', '<|endoftext|>'])
             vocab = {v: i for i, v in enumerate(vocab)}
         self.encoder, self.ranks, self.cache = vocab, {tuple(m): i for i, m in enumerate(merges)}, {}
         self.sot, self.eot = vocab['<|startoftext|>'], vocab['<|endoftext|>']
@@ -387,16 +388,20 @@ def openai_clip_to_hf(sd:dict):
     "A transformers `CLIPConfig` and float32 state dict from an OpenAI CLIP ViT state dict."
     tr = require('transformers', 'the CLIP encoder')
     n_layers = lambda pre: len({k[len(pre):].split('.')[0] for k in sd if k.startswith(pre)})
-    vw, tw, patch = sd['visual.conv1.weight'].shape[0], sd['ln_final.weight'].shape[0], sd['visual.conv1.weight'].shape[-1]
+    vw, tw, patch = (sd['visual.conv1.weight'].shape[0], sd['ln_final.weight'].shape[0],
+                     sd['visual.conv1.weight'].shape[-1])
     grid = round((sd['visual.positional_embedding'].shape[0] - 1) ** 0.5)
     cfg = tr.CLIPConfig(projection_dim=sd['text_projection'].shape[1],
         text_config=dict(vocab_size=sd['token_embedding.weight'].shape[0], hidden_size=tw, intermediate_size=4 * tw,
                          num_hidden_layers=n_layers('transformer.resblocks.'), num_attention_heads=tw // 64,
                          max_position_embeddings=sd['positional_embedding'].shape[0], hidden_act='quick_gelu'),
-        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=n_layers('visual.transformer.resblocks.'),
-                           num_attention_heads=vw // 64, image_size=patch * grid, patch_size=patch, hidden_act='quick_gelu'))
+        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw,
+                           num_hidden_layers=n_layers('visual.transformer.resblocks.'),
+                           num_attention_heads=vw // 64, image_size=patch * grid, patch_size=patch,
+                           hidden_act='quick_gelu'))
     out = {'logit_scale': sd['logit_scale'], 'text_projection.weight': sd['text_projection'].T,
-           'visual_projection.weight': sd['visual.proj'].T, 'vision_model.embeddings.class_embedding': sd['visual.class_embedding'],
+           'visual_projection.weight': sd['visual.proj'].T,
+           'vision_model.embeddings.class_embedding': sd['visual.class_embedding'],
            'vision_model.embeddings.patch_embedding.weight': sd['visual.conv1.weight'],
            'vision_model.embeddings.position_embedding.weight': sd['visual.positional_embedding'],
            'text_model.embeddings.token_embedding.weight': sd['token_embedding.weight'],
@@ -747,10 +752,11 @@ except ImportError: from numpy.core import multiarray as _np_ma  # numpy < 2
 
 class _BlobUnpickler(pickle.Unpickler):
     "Builds numpy arrays, scalars and plain containers only; any other global is refused."
-    ok = {('numpy.core.multiarray', '_reconstruct'): _np_ma._reconstruct, ('numpy._core.multiarray', '_reconstruct'): _np_ma._reconstruct,
+    ok = {('numpy.core.multiarray', '_reconstruct'): _np_ma._reconstruct,
+          ('numpy._core.multiarray', '_reconstruct'): _np_ma._reconstruct,
           ('numpy.core.multiarray', 'scalar'): _np_ma.scalar, ('numpy._core.multiarray', 'scalar'): _np_ma.scalar,
-          ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): __import__('codecs').encode,
-          ('collections', 'OrderedDict'): dict}
+          ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+          ('_codecs', 'encode'): __import__('codecs').encode, ('collections', 'OrderedDict'): dict}
     def find_class(self, module, name):
         if (module, name) in self.ok: return self.ok[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a Caffe2 checkpoint")
@@ -767,7 +773,8 @@ def read_caffe2_pkl(path)->dict:
 
 def write_caffe2_pkl(state_dict:dict, path, depths=(3, 4, 6, 3))->Path:
     "Write a SlowFast state dict in the released Caffe2 layout (float32 blobs + training state), for tests."
-    blobs = {key_to_caffe2(k, depths): v.detach().float().numpy() for k, v in state_dict.items() if 'num_batches' not in k}
+    blobs = {key_to_caffe2(k, depths): v.detach().float().numpy() for k, v in state_dict.items()
+             if 'num_batches' not in k}
     blobs.update({k + '_momentum': np.zeros_like(v) for k, v in list(blobs.items())[:3]})
     blobs.update(lr=np.array([0.1], np.float32), model_iter=np.array([0], np.int64))
     with open(path, 'wb') as f: pickle.dump({'blobs': blobs}, f, protocol=2)
@@ -837,7 +844,8 @@ def make_tiny_clip(out_dir:str|Path, # directory to write
     tok = tr.CLIPTokenizer(str(out/'vocab.json'), str(out/'merges.txt'))
     V = len(vocab)
     cfg = tr.CLIPConfig(projection_dim=proj_dim,
-        text_config=dict(vocab_size=V, hidden_size=text_dim or dim, intermediate_size=2 * (text_dim or dim), num_hidden_layers=1,
+        text_config=dict(vocab_size=V, hidden_size=text_dim or dim, intermediate_size=2 * (text_dim or dim),
+                         num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=V - 2, eos_token_id=V - 1,
                          pad_token_id=V - 1),
         vision_config=dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1, num_attention_heads=2,
@@ -881,7 +889,8 @@ def make_tiny_openai_clip(out_dir:str|Path, width:int=64, # OpenAI CLIP has 64-w
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
     sd = {'positional_embedding': r(77, width), 'text_projection': r(width, embed), 'logit_scale': torch.tensor(4.6052),
           'token_embedding.weight': r(V, width), 'visual.class_embedding': r(width), 'visual.proj': r(width, embed),
-          'visual.positional_embedding': r((image_size // patch) ** 2 + 1, width), 'visual.conv1.weight': r(width, 3, patch, patch)}
+          'visual.positional_embedding': r((image_size // patch) ** 2 + 1, width),
+          'visual.conv1.weight': r(width, 3, patch, patch)}
     for n in ['ln_final', 'visual.ln_pre', 'visual.ln_post']:
         sd[n + '.weight'], sd[n + '.bias'] = 1 + r(width), r(width)
     for p in [f'{pre}.{i}.' for pre in ['transformer.resblocks',
@@ -1064,7 +1073,8 @@ def _model_args(p):
                    f"it), a folder holding them, a transformers folder, or a hub id (default {CLIPEncoder.default_id})")
     p.add_argument('--blip-model', default=None, help="BLIP-2: a folder of LAVIS' blip2_pretrained.pth, eva_vit_g.pth "
                    f"and bert-base-uncased/, a transformers folder, or a hub id (default {BLIP2Encoder.default_id})")
-    p.add_argument('--slowfast-model', default=None, help="SlowFast weights: PySlowFast's SLOWFAST_8x8_R50.pkl (Caffe2) "
+    p.add_argument('--slowfast-model', default=None,
+                   help="SlowFast weights: PySlowFast's SLOWFAST_8x8_R50.pkl (Caffe2) "
                    "or a PyTorch checkpoint of the same network")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
@@ -1273,7 +1283,8 @@ class Prediction:
     saliency:np.ndarray      # (L,) one score per clip (higher = more salient; raw model scores)
 
     def __repr__(self):
-        rows = '\n'.join(f"  #{i + 1:<2} {s:8.1f} – {e:8.1f} s   score {sc:.3f}" for i, (s, e, sc) in enumerate(self.windows[:5]))
+        rows = '\n'.join(f"  #{i + 1:<2} {s:8.1f} – {e:8.1f} s   score {sc:.3f}"
+                         for i, (s, e, sc) in enumerate(self.windows[:5]))
         best = int(np.argmax(self.saliency)) if len(self.saliency) else 0
         return (f"Prediction({self.query!r} in {Path(self.video).name}, {self.duration:.1f} s, "
                 f"{len(self.saliency)} clips)\n{rows}\n  ... {len(self.windows)} moments; saliency peaks at "
@@ -1320,7 +1331,7 @@ class VideoLightsPredictor:
                  overlap:int|None=None,  # clips shared by consecutive windows (default max_v_l // 3)
                  nms_thd:float=0.7, top_k:int=10, max_batch:int=256,
                  accelerate:bool=True,   # the fast layers of `ops` (`ops.accelerate`, in place); False: the plain model
-                 compile:bool=False):    # `accel.compile_inference`: faster calls after a 20–70 s first call (long jobs)
+                 compile:bool=False):  # `accel.compile_inference`: faster calls after a 20–70 s first call (long jobs)
         self.model, self.cfg, self.encoders, self.device = model.to(device).eval(), cfg, encoders, device
         if accelerate:
             from videolights import ops
@@ -1359,7 +1370,7 @@ class VideoLightsPredictor:
 # %% ../nbs/13_video.ipynb #82de9bf0
 @patch_to(VideoLightsPredictor, cls_method=True)
 def from_pretrained(cls, run_dir_or_ckpt:str|Path, # our run folder or checkpoint, an official one, a pretrained folder
-                    encoders:dict|str|None=None, # loaded encoders, or names ('clip,blip'); default: what the config needs
+                    encoders:dict|str|None=None, # loaded encoders or names ('clip,blip'); None: what the config needs
                     sources:dict|None=None,      # encoder name -> local dir / hub id / weights file
                     device:str='cpu', **kwargs):
     "Build a predictor from a model in any of the three forms (`artifacts.load_any`) and the encoders it needs."
@@ -1575,7 +1586,8 @@ class PredictorApp:
 
     def videos(self)->list[str]:
         "Video files of the folder, for the picker."
-        return [str(p) for p in sorted(self.folder.iterdir()) if p.suffix.lower() in VIDEO_EXTS] if self.folder.is_dir() else []
+        return [str(p) for p in sorted(self.folder.iterdir())
+                if p.suffix.lower() in VIDEO_EXTS] if self.folder.is_dir() else []
 
     def run(self, video:str|Path, queries_text:str)->tuple[list[Prediction],object]: # predictions, figure
         "Predict every non-empty line of `queries_text` on `video` and draw the result."

@@ -193,7 +193,8 @@ def plot_decoder_attention(a, # (Nq, Lv) cross-attention of each moment query ov
     nq, lv = a.shape
     n_valid = n_valid or lv
     order = np.argsort(-np.asarray(scores), kind='stable') if scores is not None else np.arange(nq)
-    xx = span_cxw_to_xx(torch.as_tensor(np.asarray(spans_cxw, dtype=float))).clamp(0, 1).numpy() * n_valid  # (Nq, 2) clips
+    xx = span_cxw_to_xx(torch.as_tensor(np.asarray(spans_cxw, dtype=float))).clamp(0,
+            1).numpy() * n_valid  # (Nq, 2) clips
     ax = ax or plt.subplots(figsize=(6, 0.3*nq+1))[1]
     labels = [f'q{q}' + ('' if scores is None else f' {scores[q]:.2f}') for q in order]
     plot_attention(a[order, :n_valid], labels, title=title, cmap='viridis', ax=ax)
@@ -340,7 +341,8 @@ def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jso
     num = [c for c in df.select_dtypes('number').columns if c != x]
     loss_cols = loss_cols or [c for c in num if 'loss' in c.lower() and not c[-1:].isdigit()][:6]
     metric_cols = metric_cols or ([c for c in num if c.split('/')[-1] in METRICS and 'R1@0.7' not in c
-                                   and 'mAP@' not in c] or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
+                                   and 'mAP@' not in c]
+                                  or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 2.6))
     for cols, ax in ((loss_cols, a1), (metric_cols, a2)):
         for c in cols:
@@ -431,7 +433,8 @@ def attn_panel(self:Explorer, qid, name:str, layer:int=-1, head:int|None=None):
     layer = min(layer, len(fams[name]) - 1) % len(fams[name])   # the slider spans the deepest family
     a = attn_map(fams, name, layer, head)
     words = self.words_fn(qid) if self.words_fn else None
-    lab = lambda n: (words if len(words) == n else None) if words is not None else token_labels(self.preds[qid].get('query', ''), n)
+    lab = lambda n: ((words if len(words) == n else None) if words is not None
+                     else token_labels(self.preds[qid].get('query', ''), n))
     title = f"{name} layer {layer} head {'mean' if head is None else head}"
     if name.startswith('dec') and 'cross' in name and 'pred_spans' in o:
         lo = _layer_outputs(o, layer)
