@@ -12,10 +12,10 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from fastcore.basics import patch_to
 from .train import _to
-from .errors import atomic_output
+from .errors import atomic_output, cli_errors
 from .visualize import Explorer, explore, plot_saliency, top_clips, _attn_shape
 from .video import (VideoLightsPredictor, Prediction, EncodedVideo, VideoError, VIDEO_EXTS, frames_at,
-                               _pad, _model_args, _sources, _user_errors)
+                               _pad, _model_args, _sources, BAD_INPUT)
 
 # %% auto #0
 __all__ = ['APP_INSTALL', 'QUERY_COLORS', 'NO_CKPT_HTML', 'require_app', 'plot_moments', 'window_outputs', 'detail_figure',
@@ -357,7 +357,7 @@ def app_main(argv:list[str]|None=None)->int:
     except ImportError as e:
         print(f'videolights app: error: {e}', file=sys.stderr)
         return 1
-    return _user_errors('videolights app', _serve, a)
+    return cli_errors('videolights app', _serve, a, catch=BAD_INPUT)
 
 # %% ../nbs/17_app.ipynb #f1087342
 def _abs(p)->str|None: return None if p is None else str(Path(p).expanduser().resolve())

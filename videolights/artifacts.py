@@ -4,13 +4,14 @@
 
 # %% ../nbs/08a_artifacts.ipynb #feee88c2
 from __future__ import annotations
-import os, sys, json, argparse, dataclasses
+import sys, json, argparse, dataclasses
 from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
 import videolights
 from .config import VLConfig, get_preset, PRESETS
+from .data import feature_dirs
 from .model import VideoLights, build_model
 from .convert import (read_official_checkpoint, config_from_opt, map_official_state_dict, OPT_KEYS,
                                  to_official_state_dict)
@@ -133,7 +134,6 @@ def official_opt(cfg:VLConfig,
                  feat_root:str='features', # the folder holding the feature folders (`v_feat_dirs`, `t_feat_dirs`)
                  **kw)->argparse.Namespace:
     "The options an official run of `cfg`'s shape records (what `config_from_opt` reads back), plus `kw`."
-    from videolights.runs import feature_dirs   # the official folder names (imported here: `runs` imports this module)
     v_dirs, t_dirs = feature_dirs(cfg)
     o = dict(dset_name=cfg.dset_name, ctx_mode='video_tef' if cfg.use_tef else 'video',
              v_feat_dim=cfg.v_feat_dim, t_feat_dim=cfg.t_feat_dim, clip_length=cfg.clip_len,
@@ -255,8 +255,8 @@ def model_config(src:ModelSource)->VLConfig:
     names = {f.name for f in dataclasses.fields(VLConfig)}
     try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src.ckpt['config'].items()
                             if k in names})
-    except (TypeError, ValueError) as e: raise BadInputError(f"its 'config' is not a valid VLConfig ({e})",
-                                                             src.path) from None
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", src.path) from None
 
 def model_weights(src:ModelSource, model:nn.Module)->dict:
     "The weights of a resolved model under our names and shapes, checked to fit `model`."

@@ -21,12 +21,12 @@ from .spans import span_xx_to_cxw, temporal_endpoint_feature
 # %% auto #0
 __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
            'DataFormatError', 'load_jsonl', 'DataReport', 'read_qvhighlights', 'read_charades', 'read_tvsum',
-           'guess_dset_name', 'read_records', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource', 'DirFeatures',
-           'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats', 'feature_stamp',
-           'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw', 'saliency_labels_qvh',
-           'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences', 'collate', 'move_batch',
-           'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary',
-           'inspect_main', 'convert_features_main']
+           'guess_dset_name', 'read_records', 'feature_dirs', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource',
+           'DirFeatures', 'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats',
+           'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw',
+           'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences',
+           'collate', 'move_batch', 'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary',
+           'check_features', 'plot_summary', 'inspect_main', 'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(BadInputError):
@@ -228,6 +228,19 @@ FEATURE_DIRS = {
                                    blip='video_features_blip'),
                         text=dict(clip='query_features', blip='query_features_blip')),
 }
+
+# %% ../nbs/01_data.ipynb #1105398a
+_VIDEO_DIRS = dict(slowfast='slowfast_features', clip='clip_features', blip='blip_video_features', i3d='video_features')
+_TEXT_DIRS = dict(clip='clip_text_features', blip='blip_aug_text_features_openai')
+_ONE_SIDED = {'blip_video': 'blip', 'blip_text': 'blip'}   # `convert.config_from_opt`'s names of a one-sided BLIP-2
+
+def feature_dirs(cfg, # anything with `dset_name`, `v_feat_types` and `t_feat_types` (a `VLConfig`)
+                )->tuple[list[str], list[str]]: # the video and the text folder names
+    "The official feature-folder names of the config's video and text sources (per dataset, `FEATURE_DIRS`)."
+    dirs = FEATURE_DIRS.get(cfg.dset_name, {})
+    v_dirs, t_dirs = {**_VIDEO_DIRS, **dirs.get('video', {})}, {**_TEXT_DIRS, **dirs.get('text', {})}
+    name = lambda d, t: d.get(t, d.get(_ONE_SIDED.get(t), t))
+    return [name(v_dirs, t) for t in cfg.v_feat_types], [name(t_dirs, t) for t in cfg.t_feat_types]
 
 # %% ../nbs/01_data.ipynb #ed9f1731
 L2_EPS = 1e-5  # the official l2_normalize_np_array eps: x / (||x|| + eps)

@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError',
            'OutputExistsError', 'os_user_error', 'writing', 'temp_path', 'pid_alive', 'remove_stale_temps',
            'atomic_output', 'write_text_atomic', 'write_figure', 'check_input', 'iter_jsonl', 'Records', 'split_debug',
-           'one_line', 'one_line_usage', 'run_command']
+           'one_line', 'one_line_usage', 'run_command', 'cli_errors']
 
 # %% ../nbs/00a_errors.ipynb #9a557aa9
 class UserError(Exception):
@@ -257,4 +257,16 @@ def run_command(prog:str,           # e.g. 'videolights train'
         if u is None: raise
         if debug: traceback.print_exc()
         print(f"{prog}: error: {one_line(u)}", file=sys.stderr)
+        return 2
+
+# %% ../nbs/00a_errors.ipynb #2daf8826
+def cli_errors(prog:str,                   # e.g. 'videolights extract'
+               fn,                         # the command's body
+               *args,                      # passed to `fn`
+               catch:tuple=(OSError, ValueError), # the exceptions that mean bad input for this command
+              )->int:                      # `fn`'s exit status, or 2
+    "Run a command's body; an exception in `catch` prints `prog: error: ...` on one line of stderr, status 2."
+    try: return fn(*args)
+    except catch as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

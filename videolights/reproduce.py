@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 from .config import VLConfig, get_preset
-from .data import collate, load_jsonl, open_features, keep_freed_memory, TVSUM_DOMAINS
+from .data import collate, load_jsonl, open_features, keep_freed_memory, feature_dirs, TVSUM_DOMAINS
 from .model import build_model
 from .train import RunOptions, fit, _write_json
 from .errors import atomic_output, write_text_atomic, write_figure
-from .runs import build_run, evaluate, official_metrics, parse_overrides, feature_dirs, _run_args
+from .runs import build_run, evaluate, official_metrics, parse_overrides, _run_args
 from .visualize import paper_ablations, parse_switches, plot_ablation, _repo_data
 from .experiments import ablate, ablation_overrides, ABLATION_FIELDS
 from .archives import (ARCHIVES, PAPER_MODELS, DATASET_MODELS, PRETRAIN_TEXT, FeatureChain,

@@ -14,7 +14,7 @@ from torch.utils.data import Subset
 from torch import nn
 import yaml
 from .config import VLConfig, get_preset, PRESETS
-from .data import VLDataset, FeatureSource, FEATURE_DIRS, collate, read_records, keep_freed_memory
+from .data import VLDataset, FeatureSource, feature_dirs, collate, read_records, keep_freed_memory
 from .model import build_model
 from . import ops
 from .loss import build_criterion
@@ -28,29 +28,16 @@ from .train import (set_seed, load_checkpoint, load_weights, nms_submission, Eva
 
 # %% auto #0
 __all__ = ['SPLIT_FILES', 'SPLIT_ALIASES', 'PRETRAIN_MARKERS', 'METRICS_DATASET', 'SYNTH_TRAIN_DEFAULTS', 'CFG_ALIASES',
-           'RESUMED_ARGS', 'feature_dirs', 'find_split', 'find_features', 'check_data', 'build_dataset',
-           'is_pretrain_path', 'has_labels', 'data_dims', 'check_widths', 'official_metrics', 'build_run',
-           'clips_needed', 'synth_config', 'parse_overrides', 'config_docs', 'config_help', 'config_yaml',
-           'read_config', 'train_main', 'data_is_synth', 'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate',
-           'evaluate_main', 'format_brief']
+           'RESUMED_ARGS', 'find_split', 'find_features', 'check_data', 'build_dataset', 'is_pretrain_path',
+           'has_labels', 'data_dims', 'check_widths', 'official_metrics', 'build_run', 'clips_needed', 'synth_config',
+           'parse_overrides', 'config_docs', 'config_help', 'config_yaml', 'read_config', 'train_main', 'data_is_synth',
+           'init_checkpoint', 'resolve_ckpt', 'load_model', 'evaluate', 'evaluate_main', 'format_brief']
 
 # %% ../nbs/11a_runs.ipynb #7b23aa58
 SPLIT_FILES = {'hl': ['highlight_{split}_release.jsonl', 'qvhighlights/highlight_{split}_release.jsonl'],
                'charadesSTA': ['charades_sta_{split}_tvr_format.jsonl',
                                'charades_sta/charades_sta_{split}_tvr_format.jsonl'],
                'tvsum': ['tvsum_{split}.jsonl', 'tvsum/tvsum_{split}.jsonl']}
-_VIDEO_DIRS = dict(slowfast='slowfast_features', clip='clip_features', blip='blip_video_features', i3d='video_features')
-_TEXT_DIRS = dict(clip='clip_text_features', blip='blip_aug_text_features_openai')
-
-_ONE_SIDED = {'blip_video': 'blip', 'blip_text': 'blip'}   # `convert.config_from_opt`'s names of a one-sided BLIP-2
-
-def feature_dirs(cfg)->tuple[list[str], list[str]]:
-    "The official feature-folder names of the config's video and text sources (per dataset, `data.FEATURE_DIRS`)."
-    dirs = FEATURE_DIRS.get(cfg.dset_name, {})
-    v_dirs, t_dirs = {**_VIDEO_DIRS, **dirs.get('video', {})}, {**_TEXT_DIRS, **dirs.get('text', {})}
-    name = lambda d, t: d.get(t, d.get(_ONE_SIDED.get(t), t))
-    return [name(v_dirs, t) for t in cfg.v_feat_types], [name(t_dirs, t) for t in cfg.t_feat_types]
-
 SPLIT_ALIASES = {'charadesSTA': {'val': 'test'}}   # Charades-STA has no val split; the official code selects on test
 
 def find_split(data:str|Path|None, cfg, split:str)->Path:
@@ -385,11 +372,11 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--no-progress', action='store_true', help='no progress bars (default: bars only on a terminal)')
     g.add_argument('--no-tensorboard', action='store_true', help='no TensorBoard logs even if installed')
 
-def train_main(argv:list[str]|None=None)->int:
-    "`videolights train`: train a model from a preset (or resume a run)."
-    p = argparse.ArgumentParser(prog='videolights train', description='Train VideoLights (or any preset) and keep '
-        'the best checkpoint by the official MR composite.', epilog=_TRAIN_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _train_parser()->argparse.ArgumentParser:
+    "The command line of `videolights train`."
+    p = argparse.ArgumentParser(prog='videolights train', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Train VideoLights (or any preset) and keep the best checkpoint by the official MR composite.',
+        epilog=_TRAIN_EPILOG)
     p.add_argument('--preset', default=None, help=f"one of {sorted(PRESETS)} (default: the --config file's, else tiny)")
     p.add_argument('--data', help='dataset folder (jsonl + features/ or features.h5) or an .h5 feature store')
     p.add_argument('--out', help='run directory (created)')
@@ -399,68 +386,42 @@ def train_main(argv:list[str]|None=None)->int:
     p.add_argument('--pretrain', action='store_true', help='the training data is synthetic pretraining data')
     p.add_argument('--eval-split', default=None, help="split evaluated during training (default cfg.eval_split_name)")
     p.add_argument('--overwrite', action='store_true',
-                   help='start afresh in an --out that already holds a run (its files '
-                   'are moved to OUT/previous/ first)')
-    p.add_argument('--config', metavar='FILE', help='VLConfig fields (and preset:) from a YAML or JSON file; flags '
-                                                    'override it')
+                   help='start afresh in an --out that already holds a run (its files are moved to '
+                        'OUT/previous/ first)')
+    p.add_argument('--config', metavar='FILE',
+                   help='VLConfig fields (and preset:) from a YAML or JSON file; flags override it')
     p.add_argument('--print-config', action='store_true', help='print the resolved config as a --config file and exit')
-    p.add_argument('--help-config', action='store_true', help="list every VLConfig field (type, the preset's value, "
-                   'meaning) and exit')
+    p.add_argument('--help-config', action='store_true',
+                   help="list every VLConfig field (type, the preset's value, meaning) and exit")
     _run_args(p)
     p.set_defaults(**dict.fromkeys(RESUMED_ARGS, _UNSET))   # unset unless given: a resume keeps its own
-    a, rest = p.parse_known_args(argv)
-    try:
-        f_preset, f_over = read_config(a.config) if a.config else (None, {})
-        over = {**f_over, **parse_overrides(rest)}
-    except ValueError as e: p.error(str(e))
-    a.preset = a.preset or f_preset or 'tiny'
-    if a.preset not in PRESETS: p.error(f"--preset {a.preset}: choose from {sorted(PRESETS)}")
-    if a.help_config:
-        print(config_help(get_preset(a.preset), a.preset))
-        return 0
-    keep_freed_memory()  # large blocks reused, not faulted in again (see 01_data)
-    try: check_unlocked(a.resume or a.out or '.')   # refused before any data is read
-    except RunLockedError as e:
-        print(f"videolights train: error: {e}", file=sys.stderr)
-        return 2
-    if a.resume:
-        run = Path(a.resume)
-        if not (run/'model_latest.ckpt').exists():
-            raise MissingFileError('not a run folder to resume: no model_latest.ckpt in it', file=run)
-        ck = load_checkpoint(run/'model_latest.ckpt')
-        opts = _run_options(a, ck.get('options'))
-        cfg = VLConfig(**{**_known(ck['config']), **over})
-        info = _run_info(run)
-        out, data = run, a.data or info.get('data')
-        a.pretrain, a.preset = a.pretrain or info.get('pretrain', False), info.get('preset', a.preset)
-        tr_rec, ev_rec = (over.get('train_path', info.get('train_records')),
-                          over.get('eval_path', info.get('eval_records')))
-    else:
-        if not a.out and not a.print_config: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
-        try: cfg, out, data = get_preset(a.preset, **over), Path(a.out or '.'), a.data
-        except (ValueError, TypeError) as e: p.error(str(e))                          # e.g. sources vs widths
-        if data_is_synth(data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
-            cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
-        tr_rec, ev_rec = over.get('train_path'), over.get('eval_path')
-        opts = _run_options(a)
-    if a.print_config:
-        print(config_yaml(cfg, a.preset), end='')
-        return 0
-    try:
-        init = None if a.resume else init_checkpoint(cfg, a.init_from)
-        _amp_dtype(opts.amp, torch.device('cuda' if wants_cuda(a.device)
-                                          else 'cpu'))  # e.g. fp16 on a CPU: refused here
-    except (ValueError, FileNotFoundError) as e: p.error(str(e))
-    check_data(data)
-    cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec,
-                                            eval_records=ev_rec, init_from=init)
-    opts = dataclasses.replace(opts, device=a.device, eval_split=ev.split, progress=False if a.no_progress else None,
-                               tensorboard=not a.no_tensorboard)
-    info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
-                train_records=tr_rec, eval_records=ev_rec)
-    if not a.resume and holds_run(out) and not a.overwrite:
-        p.error(f"{out} already holds a run: continue it with --resume {out}, or pass --overwrite (its files go to "
-                f"{out/'previous'})")
+    return p
+
+def _resumed_run(a:argparse.Namespace, over:dict)->tuple:
+    "`--resume`: the run's config (with `over`), options, folder, data and (train, eval) record files."
+    run = Path(a.resume)
+    if not (run/'model_latest.ckpt').exists():
+        raise MissingFileError('not a run folder to resume: no model_latest.ckpt in it', file=run)
+    ck = load_checkpoint(run/'model_latest.ckpt')
+    opts = _run_options(a, ck.get('options'))
+    cfg = VLConfig(**{**_known(ck['config']), **over})
+    info = _run_info(run)
+    a.pretrain, a.preset = a.pretrain or info.get('pretrain', False), info.get('preset', a.preset)
+    records = over.get('train_path', info.get('train_records')), over.get('eval_path', info.get('eval_records'))
+    return cfg, opts, run, a.data or info.get('data'), records
+
+def _new_run(p:argparse.ArgumentParser, a:argparse.Namespace, over:dict)->tuple:
+    "A new run: the preset with `over` (whole videos on synthetic data), options, folder, data and record files."
+    if not a.out and not a.print_config: p.error('--out RUN_DIR is required (or --resume RUN_DIR)')
+    try: cfg = get_preset(a.preset, **over)
+    except (ValueError, TypeError) as e: p.error(str(e))                          # e.g. sources vs widths
+    if data_is_synth(a.data) and 'max_v_l' not in over and cfg.max_v_l < SYNTH_TRAIN_DEFAULTS['max_v_l']:
+        cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
+    return cfg, _run_options(a), Path(a.out or '.'), a.data, (over.get('train_path'), over.get('eval_path'))
+
+def _fit_run(a:argparse.Namespace, out:Path, model:nn.Module, crit:nn.Module, tr_ds, cfg, opts:RunOptions, ev,
+             info:dict)->int:
+    "Train the built run; the exit status (a stopped run says why on one line of stderr)."
     world, local = (os.environ.get('WORLD_SIZE', '1'),
                     os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1')))
     how = (f"torchrun --nproc_per_node {local} -m " if int(world) > 1 else '') + f"videolights train --resume {out}"
@@ -478,6 +439,45 @@ def train_main(argv:list[str]|None=None)->int:
     if int(os.environ.get('RANK', 0)) == 0:
         print(f"done: {st.epoch} epochs; best score {st.best_score:.2f} at epoch {st.best_epoch}; run in {out}")
     return 0
+
+def train_main(argv:list[str]|None=None)->int:
+    "`videolights train`: train a model from a preset (or resume a run)."
+    p = _train_parser()
+    a, rest = p.parse_known_args(argv)
+    try:
+        f_preset, f_over = read_config(a.config) if a.config else (None, {})
+        over = {**f_over, **parse_overrides(rest)}
+    except ValueError as e: p.error(str(e))
+    a.preset = a.preset or f_preset or 'tiny'
+    if a.preset not in PRESETS: p.error(f"--preset {a.preset}: choose from {sorted(PRESETS)}")
+    if a.help_config:
+        print(config_help(get_preset(a.preset), a.preset))
+        return 0
+    keep_freed_memory()  # large blocks reused, not faulted in again (see 01_data)
+    try: check_unlocked(a.resume or a.out or '.')   # refused before any data is read
+    except RunLockedError as e:
+        print(f"videolights train: error: {e}", file=sys.stderr)
+        return 2
+    cfg, opts, out, data, (tr_rec, ev_rec) = _resumed_run(a, over) if a.resume else _new_run(p, a, over)
+    if a.print_config:
+        print(config_yaml(cfg, a.preset), end='')
+        return 0
+    try:
+        init = None if a.resume else init_checkpoint(cfg, a.init_from)
+        # e.g. fp16 on a CPU: refused here
+        _amp_dtype(opts.amp, torch.device('cuda' if wants_cuda(a.device) else 'cpu'))
+    except (ValueError, FileNotFoundError) as e: p.error(str(e))
+    check_data(data)
+    cfg, model, crit, tr_ds, ev = build_run(cfg, data, a.eval_split, a.pretrain, train_records=tr_rec,
+                                            eval_records=ev_rec, init_from=init)
+    opts = dataclasses.replace(opts, device=a.device, eval_split=ev.split, progress=False if a.no_progress else None,
+                               tensorboard=not a.no_tensorboard)
+    info = dict(preset=a.preset, data=str(data) if data else None, init_from=init, pretrain=a.pretrain,
+                train_records=tr_rec, eval_records=ev_rec)
+    if not a.resume and holds_run(out) and not a.overwrite:
+        p.error(f"{out} already holds a run: continue it with --resume {out}, or pass --overwrite (its files go to "
+                f"{out/'previous'})")
+    return _fit_run(a, out, model, crit, tr_ds, cfg, opts, ev, info)
 
 def data_is_synth(data)->bool:
     "Whether `data` is a dataset folder written by `videolights synth`."

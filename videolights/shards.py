@@ -4,13 +4,13 @@
 
 # %% ../nbs/03a_shards.ipynb #d52a447f
 from __future__ import annotations
-import os, re, sys, json, shutil, argparse
+import re, json, shutil, argparse
 from pathlib import Path
 from typing import Sequence
 import h5py
 from .data import index_store
 from .metrics import eval_submission, format_table, read_jsonl, EVALUATORS
-from .errors import BadInputError, iter_jsonl, atomic_output, write_text_atomic
+from .errors import BadInputError, iter_jsonl, atomic_output, write_text_atomic, cli_errors
 
 # %% auto #0
 __all__ = ['parse_shard', 'share_by_duration', 'batch_shares', 'shard_path', 'shard_of', 'check_shards', 'open_shard_store',
@@ -194,12 +194,6 @@ def merge_submissions(parts:Sequence[str|Path], # partial submission files (json
     return sub
 
 # %% ../nbs/03a_shards.ipynb #9a56b986
-def _errors(prog:str, fn, *args)->int:
-    try: return fn(*args)
-    except (OSError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-
 def merge_features_main(argv:list[str]|None=None)->int:
     "`videolights merge-features OUT.h5 SHARD...`: shard stores of `extract --shard K/N` -> one store."
     p = argparse.ArgumentParser(prog='videolights merge-features',
@@ -217,7 +211,7 @@ def merge_features_main(argv:list[str]|None=None)->int:
         print(f"{r['out']}: merged {r['shards']} shard stores ({r['datasets']} datasets)")
         for f in r['failed']: print('  skipped when extracting:', f)
         return 0
-    return _errors('videolights merge-features', run)
+    return cli_errors('videolights merge-features', run)
 
 def merge_submissions_main(argv:list[str]|None=None)->int:
     "`videolights merge-submissions OUT.jsonl PART...`: partial submissions -> one submission (+ metrics)."
@@ -249,4 +243,4 @@ def merge_submissions_main(argv:list[str]|None=None)->int:
             print(format_table(m))
             print(f"metrics: {mp}")
         return 0
-    return _errors('videolights merge-submissions', run)
+    return cli_errors('videolights merge-submissions', run)

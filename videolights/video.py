@@ -19,22 +19,23 @@ import h5py
 from tqdm.auto import tqdm
 from fastcore.basics import patch_to
 from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
-from .data import stack_sources, keep_freed_memory, index_store, feature_stamp
+from .data import stack_sources, keep_freed_memory, index_store, feature_stamp, feature_dirs
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
 from .train import DistInfo, init_distributed, wants_cuda, _gather_list
-from .errors import BadInputError, Records, write_text_atomic, write_figure
+from .errors import BadInputError, Records, write_text_atomic, write_figure, cli_errors
 
 # %% auto #0
-__all__ = ['ENCODERS', 'VIDEO_EXTS', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo', 'probe_video',
-           'FrameResizer', 'resize_crop', 'n_clips_of', 'slot_times', 'ClipFrames', 'fps_frames', 'sample_clip_frames',
-           'official_frame_rate', 'hero_frame_index', 'hero_clip_frames', 'VideoEncoder', 'ClipBPE', 'read_openai_clip',
-           'openai_clip_to_hf', 'CLIPEncoder', 'blip_caption', 'lavis_key_to_hf', 'hf_key_to_lavis',
-           'lavis_blip2_to_hf', 'lavis_blip2_dir', 'read_lavis_blip2', 'round_vit_fp16', 'BLIP2Encoder', 'SlowFast',
-           'caffe2_to_key', 'key_to_caffe2', 'read_caffe2_pkl', 'write_caffe2_pkl', 'slowfast_state_dict',
-           'SlowFastEncoder', 'make_tiny_clip', 'make_tiny_blip2', 'make_tiny_openai_clip', 'make_tiny_slowfast',
-           'make_tiny_lavis_blip2', 'load_encoders', 'extract_video', 'write_feature', 'has_features', 'list_videos',
-           'extract_queries', 'extract_main', 'window_starts', 'temporal_nms', 'merge_windows', 'Prediction',
-           'EncodedVideo', 'VideoLightsPredictor', 'plot_predictions', 'predict_main', 'frames_at', 'PredictorApp']
+__all__ = ['ENCODERS', 'VIDEO_EXTS', 'BAD_INPUT', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo',
+           'probe_video', 'FrameResizer', 'resize_crop', 'n_clips_of', 'slot_times', 'ClipFrames', 'fps_frames',
+           'sample_clip_frames', 'official_frame_rate', 'hero_frame_index', 'hero_clip_frames', 'VideoEncoder',
+           'ClipBPE', 'read_openai_clip', 'openai_clip_to_hf', 'CLIPEncoder', 'blip_caption', 'lavis_key_to_hf',
+           'hf_key_to_lavis', 'lavis_blip2_to_hf', 'lavis_blip2_dir', 'read_lavis_blip2', 'round_vit_fp16',
+           'BLIP2Encoder', 'SlowFast', 'caffe2_to_key', 'key_to_caffe2', 'read_caffe2_pkl', 'write_caffe2_pkl',
+           'slowfast_state_dict', 'SlowFastEncoder', 'make_tiny_clip', 'make_tiny_blip2', 'make_tiny_openai_clip',
+           'make_tiny_slowfast', 'make_tiny_lavis_blip2', 'load_encoders', 'extract_video', 'write_feature',
+           'has_features', 'list_videos', 'extract_queries', 'extract_main', 'window_starts', 'temporal_nms',
+           'merge_windows', 'Prediction', 'EncodedVideo', 'VideoLightsPredictor', 'plot_predictions', 'predict_main',
+           'frames_at', 'PredictorApp']
 
 # %% ../nbs/13_video.ipynb #a8152cde
 _INSTALL = {'av': 'pip install av  (or: pip install "videolights[extract]")',
@@ -1080,12 +1081,7 @@ def _model_args(p):
 
 def _sources(a): return {'clip': a.clip_model, 'blip': a.blip_model, 'slowfast': a.slowfast_model}
 
-def _user_errors(prog:str, fn, a)->int:
-    "Run a CLI body; bad input (video, file, package, width mismatch) becomes one `prog: error: ...` line, status 2."
-    try: return fn(a)
-    except (VideoError, ImportError, OSError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+BAD_INPUT = (VideoError, ImportError, OSError, ValueError)   # what the commands report as bad input (`cli_errors`)
 
 def extract_main(argv:list[str]|None=None)->int:
     "`videolights extract`: encode videos (and queries) into an HDF5 feature store."
@@ -1116,12 +1112,11 @@ def extract_main(argv:list[str]|None=None)->int:
     a = p.parse_args(argv)
     if a.src is None and a.queries is None: p.error('give a video/folder and/or --queries')
     keep_freed_memory()
-    return _user_errors('videolights extract', _extract, a)
+    return cli_errors('videolights extract', _extract, a, catch=BAD_INPUT)
 
 def _feature_groups(encs:dict, dset_name:str)->tuple[dict,dict]:
-    "Video and text group names per encoder, as the training engine looks them up (`train.feature_dirs`)."
+    "Video and text group names per encoder, as the training engine looks them up (`data.feature_dirs`)."
     from types import SimpleNamespace
-    from videolights.runs import feature_dirs
     names = list(encs)
     v, t = feature_dirs(SimpleNamespace(dset_name=dset_name, v_feat_types=names, t_feat_types=names))
     return dict(zip(names, v)), dict(zip(names, t))
@@ -1510,7 +1505,7 @@ def predict_main(argv:list[str]|None=None)->int:
     if a.queries and not a.json: p.error('--queries needs --json (where the predictions go)')
     if a.shard and not a.queries: p.error('--shard needs --queries')
     keep_freed_memory()
-    return _user_errors('videolights predict', _predict_many if a.queries else _predict, a)
+    return cli_errors('videolights predict', _predict_many if a.queries else _predict, a, catch=BAD_INPUT)
 
 def _predict(a)->int:
     pr = VideoLightsPredictor.from_pretrained(a.ckpt, sources=_sources(a), device=a.device, overlap=a.overlap)
