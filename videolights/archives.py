@@ -156,8 +156,8 @@ def _fake_qvh(root:Path, n, scale, seed, progress)->Path:
     test = load_jsonl(find_annotations('qvhighlights', 'test', names=('highlight_test_with_gt.jsonl',)))[:n]
     write_fake_features(root/'qvhl/features', test, v, t, 2., seed, max_clips=75)
     write_jsonl(root/'qvhl/highlight_test_with_gt.jsonl', test)
-    write_jsonl(root/'qvhl/highlight_test_release.jsonl', [{k: r[k] for k in ('qid', 'query', 'duration', 'vid')}
-                                                           for r in test])
+    write_jsonl(root/'qvhl/highlight_test_release.jsonl',
+                [{k: r[k] for k in ('qid', 'query', 'duration', 'vid')} for r in test])
     return root/'qvhl/features'
 
 def _fake_pretrain(root:Path, qvh:Path, n:int=2000)->Path:

@@ -80,8 +80,8 @@ def is_pretrained(path:str|Path)->bool:
 def read_pretrained_config(path:str|Path)->tuple[VLConfig, dict]: # (config, the whole config.json)
     "The `VLConfig` of a pretrained folder, checking that the folder is one."
     p = Path(path)
-    if not is_pretrained(p): raise FileNotFoundError(f"{p}: not a pretrained folder (needs {CONFIG_FILE} and "
-                                                     f"{WEIGHTS_FILE})")
+    if not is_pretrained(p):
+        raise FileNotFoundError(f"{p}: not a pretrained folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try: info = json.loads((p/CONFIG_FILE).read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{p/CONFIG_FILE}:{e.lineno}: not valid JSON: {e.msg}") from None
     if info.get('format') != FORMAT or not isinstance(info.get('config'), dict):
@@ -98,9 +98,9 @@ def check_fits(sd:dict, model:nn.Module, what:str):
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
            if k in sd and sd[k].shape != v.shape]
     if miss or extra or bad:
+        kinds = (('missing', miss), ('unexpected', extra), ('mis-shaped', bad))
         raise ValueError(f"{what}: " + '; '.join(f"{n} ({len(l)}): {', '.join(l[:4])}{' ...' if len(l) > 4 else ''}"
-                                               for n, l in (('missing', miss), ('unexpected', extra),
-                                                            ('mis-shaped', bad)) if l))
+                                               for n, l in kinds if l))
 
 def from_pretrained(path:str|Path, device:str|torch.device='cpu')->tuple[VideoLights, VLConfig]:
     "The model (eval mode) and config of a pretrained folder."
@@ -253,8 +253,8 @@ def model_config(src:ModelSource)->VLConfig:
         except (KeyError, ValueError, TypeError) as e:
             raise BadInputError(f"its 'opt' does not describe a model: {type(e).__name__}: {e}", src.path) from None
     names = {f.name for f in dataclasses.fields(VLConfig)}
-    try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src.ckpt['config'].items()
-                            if k in names})
+    try: return VLConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in src.ckpt['config'].items() if k in names})
     except (TypeError, ValueError) as e:
         raise BadInputError(f"its 'config' is not a valid VLConfig ({e})", src.path) from None
 

@@ -171,8 +171,8 @@ def iter_jsonl(path:str|Path,        # a JSON Lines file
                 cut = not raw.endswith(b'\n')
                 raise error(f"not valid JSON ({e.msg}, column {e.colno})", file=p, line=n,
                             hint='the file ends inside this line: truncated?' if cut else None) from None
-            if not isinstance(rec, dict): raise error(f"expected a JSON object, got {type(rec).__name__}", file=p,
-                                                      line=n)
+            if not isinstance(rec, dict):
+                raise error(f"expected a JSON object, got {type(rec).__name__}", file=p, line=n)
             yield n, rec
 
 # %% ../nbs/00a_errors.ipynb #0e865113

@@ -354,8 +354,8 @@ def _strict_checks(sub:Records, gt:Records, pw:np.ndarray, pn:np.ndarray, has_mr
             ws = d['pred_relevant_windows']
             if not ws: raise EvalInputError(f"{sub.where(i)}: empty 'pred_relevant_windows'")
             if len(ws) > 10:
-                raise EvalInputError(f"{sub.where(i)}: {len(ws)} windows; the official evaluator ignores all after the "
-                                     "10th")
+                raise EvalInputError(f"{sub.where(i)}: {len(ws)} windows; "
+                                     "the official evaluator ignores all after the 10th")
             if any(len(w) != 3 for w in ws):
                 raise EvalInputError(f"{sub.where(i)}: every window must be [start, end, score]")
         sc = pw[:, 2]
@@ -503,8 +503,8 @@ def eval_qvhighlights(submission, ground_truth, strict:bool=False, match_number:
     if evaluator not in ('videolights', 'moment_detr'):
         raise ValueError(f"evaluator={evaluator!r}: choose 'videolights' or 'moment_detr'")
     vl = evaluator == 'videolights'
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
-                         match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'),
+                         strict, match_number)
     has_mr, has_hd = 'pred_relevant_windows' in sub[0], 'pred_saliency_scores' in sub[0]
     if not (has_mr or has_hd):
         raise EvalInputError(f"{sub.where(0)}: neither 'pred_relevant_windows' nor 'pred_saliency_scores' (the first "
@@ -536,8 +536,8 @@ def _r5(sub:Records, gt:Records, qids:list, last:np.ndarray)->np.ndarray:
     w, n = _rows(lsub, 'pred_relevant_windows', 3, 'windows')
     rec = np.repeat(np.arange(len(lsub)), n)
     rank = np.arange(len(rec)) - np.concatenate([[0], np.cumsum(n)[:-1]])[rec]
-    gw, gn = _rows(gt.subset([{d['qid']: i for i, d in enumerate(gt)}[q] for q in qids]), 'relevant_windows', 2,
-                   'windows')
+    gw, gn = _rows(gt.subset([{d['qid']: i for i, d in enumerate(gt)}[q] for q in qids]),
+                   'relevant_windows', 2, 'windows')
     gq = np.repeat(np.arange(len(qids)), gn)
     p, _ = _pad(w[rank < 5, :2], rec[rank < 5], len(qids), np.nan)            # (Q, 5, 2)
     g, _ = _pad(gw, gq, len(qids), np.nan)                                     # (Q, G, 2)
@@ -546,8 +546,8 @@ def _r5(sub:Records, gt:Records, qids:list, last:np.ndarray)->np.ndarray:
 
 def eval_charades(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
     "Charades-STA metrics: the VideoLights evaluator (R1@0.3…0.95, mIoU, mAP, buckets) plus our R5."
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
-                         match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'),
+                         strict, match_number)
     if 'pred_relevant_windows' not in sub[0]: raise EvalInputError(f"{sub.where(0)}: no 'pred_relevant_windows'")
     qids, last = _last_copy(sub)
     pw, pq, r1w, gw, gq, pn = _mr_inputs(sub, gt, qids, last)
@@ -608,8 +608,8 @@ def tvsum_video_ap(pred, label, topk:int=5)->list[float]|None:
 # %% ../nbs/03_metrics.ipynb #0b87b8c1
 def eval_tvsum(submission, ground_truth, strict:bool=False, match_number:bool=True)->OrderedDict:
     "TVSum top-5 mAP per domain and their mean (fractions, as the official code); YouTube-HL style for 1-column labels."
-    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'), strict,
-                         match_number)
+    sub, gt = check_qids(as_records(submission, 'submission'), as_records(ground_truth, 'ground_truth'),
+                         strict, match_number)
     qids, last = _last_copy(sub)
     sal, sn = _values(sub.subset(last), 'pred_saliency_scores')
     starts = np.concatenate([[0], np.cumsum(sn)])
@@ -694,8 +694,8 @@ def eval_main(argv:list[str]|None=None)->int:
     p.add_argument('--subset', action='store_true',
                    help='score only the qids present on both sides (match_number=False)')
     a = p.parse_args(argv)
-    m = eval_submission(read_jsonl(a.submission, pack=True), read_jsonl(a.gt, pack=True), a.dataset, a.strict,
-                        not a.subset)
+    m = eval_submission(read_jsonl(a.submission, pack=True), read_jsonl(a.gt, pack=True),
+                        a.dataset, a.strict, not a.subset)
     print(format_table(m))
     if a.out: write_text_atomic(a.out, json.dumps(m, indent=4))
     return 0

@@ -458,8 +458,8 @@ def synth_main(argv:list[str]|None=None)->int:
     "CLI: `videolights synth --out DIR --seed N [--size tiny|small|qvh] [--dims tiny|small|real] ...`."
     ap = argparse.ArgumentParser(prog='videolights synth', epilog=_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description='Write a synthetic QVHighlights-format dataset (official feature layout + '
-                                             'HDF5).')
+                                 description='Write a synthetic QVHighlights-format dataset '
+                                             '(official feature layout + HDF5).')
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--seed', type=int, default=0, help='same seed and options → byte-identical jsonl and npz files')
     ap.add_argument('--size', choices=list(SIZES), default='small',

@@ -846,9 +846,8 @@ def make_tiny_clip(out_dir:str|Path, # directory to write
     V = len(vocab)
     cfg = tr.CLIPConfig(projection_dim=proj_dim,
         text_config=dict(vocab_size=V, hidden_size=text_dim or dim, intermediate_size=2 * (text_dim or dim),
-                         num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=V - 2, eos_token_id=V - 1,
-                         pad_token_id=V - 1),
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=V - 2, eos_token_id=V - 1, pad_token_id=V - 1),
         vision_config=dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1, num_attention_heads=2,
                            image_size=image_size, patch_size=32))
     torch.manual_seed(seed)
@@ -862,8 +861,8 @@ def make_tiny_blip2(out_dir:str|Path, dim:int=24, image_size:int=224, seed:int=0
     tr = require('transformers', 'make_tiny_blip2')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]',
-             '[MASK]'] + 'a the dog cat man woman car runs jumps and in on of'.split()
+    words = (['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+             + 'a the dog cat man woman car runs jumps and in on of'.split())
     (out/'vocab.txt').write_text('\n'.join(words) + '\n')
     tok = tr.BertTokenizer(str(out/'vocab.txt'))
     cfg = tr.Blip2Config(num_query_tokens=4, image_text_hidden_size=8,
@@ -879,6 +878,7 @@ def make_tiny_blip2(out_dir:str|Path, dim:int=24, image_size:int=224, seed:int=0
 
 _TINY_MERGES = [('t', 'h'), ('th', 'e</w>'), ('a', 'n'), ('an', 'd</w>'), ('i', 'n'), ('in', 'g</w>'), ('o', 'g</w>')]
 
+# %% ../nbs/13_video.ipynb #be4c8611
 def make_tiny_openai_clip(out_dir:str|Path, width:int=64, # OpenAI CLIP has 64-wide heads: width 64 = one head
                           layers:int=1, embed:int=32, image_size:int=224, patch:int=32, seed:int=0)->Path:
     "A random CLIP ViT in OpenAI's release layout (float16 `model.pt`) with a tiny `bpe_simple_vocab_16e6.txt.gz`."
@@ -1114,6 +1114,7 @@ def extract_main(argv:list[str]|None=None)->int:
     keep_freed_memory()
     return cli_errors('videolights extract', _extract, a, catch=BAD_INPUT)
 
+# %% ../nbs/13_video.ipynb #00f6e35e
 def _feature_groups(encs:dict, dset_name:str)->tuple[dict,dict]:
     "Video and text group names per encoder, as the training engine looks them up (`data.feature_dirs`)."
     from types import SimpleNamespace
@@ -1159,7 +1160,6 @@ def _extract(a)->int:
     print(f"{a.out}: {done} video(s) extracted, {there} already there, {len(failed)} failed; {nq} queries")
     for f in failed: print('  skipped:', f)
     return 1 if failed else 0
-
 
 # %% ../nbs/13_video.ipynb #7f42c786
 def _durations(vids:list[Path])->list[float]: # seconds per video; 0 for one that cannot be read (it fails later)
@@ -1474,6 +1474,7 @@ def plot_predictions(preds:list[Prediction], top_k:int=5):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/13_video.ipynb #ffc5f845
 def predict_main(argv:list[str]|None=None)->int:
     "`videolights predict`: moments for text queries in one video."
     p = argparse.ArgumentParser(prog='videolights predict', formatter_class=argparse.RawDescriptionHelpFormatter,
