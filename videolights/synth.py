@@ -345,9 +345,8 @@ def synth(out_dir:str|Path, # dataset folder to (over)write
     h5_writer = _pack_h5(fdir, out/'features.h5', dtype, progress) if h5 else None
     write_text_atomic(out/'synth_info.json', json.dumps(info, indent=1) + '\n')  # written last: its presence = complete
     return info | dict(out_dir=str(out), features=str(fdir), h5=str(out/'features.h5') if h5 else None,
-                       h5_writer=h5_writer,
-                       train=str(out/'highlight_train_release.jsonl'), val=str(out/'highlight_val_release.jsonl'),
-                       seconds=round(time.time() - t0, 2))
+                       h5_writer=h5_writer, train=str(out/'highlight_train_release.jsonl'),
+                       val=str(out/'highlight_val_release.jsonl'), seconds=round(time.time() - t0, 2))
 
 # %% ../nbs/02_synth.ipynb #e15fe4a3
 def _l2n(x, eps=1e-5): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)

@@ -193,8 +193,8 @@ def plot_decoder_attention(a, # (Nq, Lv) cross-attention of each moment query ov
     nq, lv = a.shape
     n_valid = n_valid or lv
     order = np.argsort(-np.asarray(scores), kind='stable') if scores is not None else np.arange(nq)
-    xx = span_cxw_to_xx(torch.as_tensor(np.asarray(spans_cxw, dtype=float))).clamp(0,
-            1).numpy() * n_valid  # (Nq, 2) clips
+    cxw = torch.as_tensor(np.asarray(spans_cxw, dtype=float))
+    xx = span_cxw_to_xx(cxw).clamp(0, 1).numpy() * n_valid  # (Nq, 2) clips
     ax = ax or plt.subplots(figsize=(6, 0.3*nq+1))[1]
     labels = [f'q{q}' + ('' if scores is None else f' {scores[q]:.2f}') for q in order]
     plot_attention(a[order, :n_valid], labels, title=title, cmap='viridis', ax=ax)
@@ -340,8 +340,8 @@ def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jso
     x = _xcol(df)
     num = [c for c in df.select_dtypes('number').columns if c != x]
     loss_cols = loss_cols or [c for c in num if 'loss' in c.lower() and not c[-1:].isdigit()][:6]
-    metric_cols = metric_cols or ([c for c in num if c.split('/')[-1] in METRICS and 'R1@0.7' not in c
-                                   and 'mAP@' not in c]
+    metric_cols = metric_cols or ([c for c in num
+                                   if c.split('/')[-1] in METRICS and 'R1@0.7' not in c and 'mAP@' not in c]
                                   or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 2.6))
     for cols, ax in ((loss_cols, a1), (metric_cols, a2)):
