@@ -24,6 +24,14 @@ Cases:
   qvh_test   QVHighlights test (no ground truth): the CodaLab file hl_test_submission.jsonl, without and with NMS
   charades   Charades-STA (`charades`, 1-s clips; the test file evaluated as `val`, as charades_sta/train.sh does;
              no saliency in the submission)
+  charades_vgg  the VGG (4096) + GloVe (300) variant of charades_sta/train_vgg.sh (clips of 0.166666 s,
+             `--max_v_l -1`), videos stretched to 4x their length so that windows pass 150 s, twice: with the TEF
+             as the script runs it, and without. The official inference clamps Charades windows to [0, 360] when
+             `opt.v_feat_dim == 4096`, else to [0, 150]; with the TEF the options hold 4098, so the script's own run
+             clamps at 150 and only a TEF-less run reaches the 360 branch. The official loader embeds the query
+             words with GloVe at load time (torchtext; here a seeded stand-in vocabulary of the queries' words, given
+             to the probe) and does not L2-normalise them; videolights reads text features per query, so the same
+             vectors are written per query for it.
   tvsum      TVSum (`tvsum`, I3D 2048 / CLIP 512), all ten domains, each its own checkpoint and opt.json, on the
              val file and on the train file (5 videos per domain)
 
@@ -51,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tools' / 'official'))
 import official_harness as H  # noqa: E402
 
-CASES = ('qvh_val', 'qvh_test', 'charades', 'tvsum')
+CASES = ('qvh_val', 'qvh_test', 'charades', 'charades_vgg', 'tvsum')
 RAW = ('pred_logits', 'pred_spans', 'saliency_scores')   # the model outputs the inference decodes
 RAW_TOL = 1e-4   # largest float32 difference of our forward from the official one (both float32, CPU)
 TVSUM_DOMAINS = ('BK', 'BT', 'DS', 'FM', 'GA', 'MS', 'PK', 'PR', 'VT', 'VU')
@@ -99,6 +107,45 @@ def write_charades(root: Path, n: int, seed: int) -> dict:
     return dict(val=root / 'charades_sta_test_tvr_format.jsonl')
 
 
+VGG_CLIP = 0.166666   # charades_sta/train_vgg.sh --clip_length
+VGG_STRETCH = 4.      # video lengths (and windows) times this, so that predictions pass 150 s
+
+
+def write_charades_vgg(root: Path, n: int, seed: int) -> dict:
+    """The n longest Charades-STA test records, stretched VGG_STRETCH times, with VGG features of 0.166666-s clips in
+    the official layout (`vgg_features/rgb_features/{vid}.npy`, the folder name that turns on the official GloVe
+    path), a stand-in GloVe vocabulary of the queries' words (`glove.npz`, for the probe) and, for videolights, the
+    GloVe vectors of each query as its text features (`ours/features/text/qid{qid}.npz`; `ours/features/vgg` links
+    the video folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    recs = _head(REPO / 'data' / 'charades_sta' / 'charades_sta_test_tvr_format.jsonl', 10 ** 6)
+    recs = sorted(recs, key=lambda r: (-r['duration'], r['qid']))[:n]   # the longest videos
+    for r in recs:
+        r['duration'] = round(r['duration'] * VGG_STRETCH, 2)
+        r['relevant_windows'] = [[round(t * VGG_STRETCH, 2) for t in w] for w in r['relevant_windows']]
+    _write_jsonl(root / 'charades_sta_test_tvr_format.jsonl', recs)
+    vdir = root / 'features' / 'vgg_features' / 'rgb_features'
+    vdir.mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        if not (p := vdir / f"{r['vid']}.npy").exists():
+            np.save(p, rng.standard_normal((int(r['duration'] / VGG_CLIP), 4096), dtype=np.float32))
+    (root / 'features' / 'clip_text_features').mkdir(exist_ok=True)   # named by the script, never read with GloVe
+    words = sorted({w.lower() for r in recs for w in r['query'].split()})
+    vecs = rng.standard_normal((len(words), 300)).astype(np.float32)
+    np.savez(root / 'glove.npz', words=np.array(words), vectors=vecs)
+    ours = root / 'ours'
+    (ours / 'features' / 'text').mkdir(parents=True, exist_ok=True)
+    if not (ours / 'features' / 'vgg').exists():
+        (ours / 'features' / 'vgg').symlink_to(vdir.resolve(), target_is_directory=True)
+    shutil.copyfile(root / 'charades_sta_test_tvr_format.jsonl', ours / 'charades_sta_test_tvr_format.jsonl')
+    idx = {w: i for i, w in enumerate(words)}
+    for r in recs:
+        np.savez(ours / 'features' / 'text' / f"qid{r['qid']}.npz",
+                 last_hidden_state=vecs[[idx[w.lower()] for w in r['query'].split()]])
+    return dict(val=root / 'charades_sta_test_tvr_format.jsonl', glove=root / 'glove.npz', ours=ours)
+
+
 def write_tvsum(root: Path, seed: int) -> dict:
     "TVSum as released: I3D rgb/flow halves (1024 each) per video as .npy, CLIP 'token' text features (.npz)."
     rng = np.random.default_rng(seed)
@@ -122,8 +169,8 @@ def write_tvsum(root: Path, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the checkpoint, as the official train.py leaves it
 # ---------------------------------------------------------------------------------------------------------------
-def write_checkpoint(preset: str, folder: Path, feat_root: Path, seed: int, **over) -> Path:
-    "A seeded random model of `preset` written as an official checkpoint (+ opt.json) in `folder`."
+def write_checkpoint(preset: str, folder: Path, feat_root: Path, seed: int, opt: dict | None = None, **over) -> Path:
+    "A seeded random model of `preset` written as an official checkpoint (+ opt.json, with `opt` set) in `folder`."
     from videolights.artifacts import save_official_checkpoint
     from videolights.config import get_preset
     from videolights.model import build_model
@@ -131,7 +178,7 @@ def write_checkpoint(preset: str, folder: Path, feat_root: Path, seed: int, **ov
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     return save_official_checkpoint(model, cfg, folder / 'model_best.ckpt', epoch=7, feat_root=str(feat_root),
-                                    device=-1)
+                                    device=-1, **(opt or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,6 +366,10 @@ def compare_outputs(run: dict, ours: Path) -> dict:
         res['files_official'], res['files_ours'] = ['latest_metric.jsonl'], ['latest_metric.jsonl'] if \
             fu == [f"hl_{run['split']}_submission.jsonl", f"hl_{run['split']}_submission_metrics.json"] else fu
         return res
+    sub_o = od / f"hl_{run['split']}_submission.jsonl"
+    if sub_o.is_file():   # where the clamp put the windows (Charades: 150 s, or 360 s for a VGG run without TEF)
+        res['max_window_end'] = max((w[1] for d in _read_jsonl(sub_o) for w in d.get('pred_relevant_windows', [])),
+                                    default=None)
     for f in fo:
         if not (ours / f).is_file(): continue
         if f.endswith('_metrics.json'):
@@ -363,11 +414,10 @@ def problems(r: dict, exact: bool) -> list[str]:
 def plan_runs(cases, work: Path, n: int, nms_thd: float, seed: int) -> list[dict]:
     "Data, checkpoints and the list of inference runs of the chosen cases."
     runs = []
-    def add(name, dset, ckpt, split, eval_path, root, nms=None):
-        runs.append(dict(name=name, dset=dset, clip_len=1. if dset == 'charadesSTA' else 2., resume=str(ckpt),
-                         split=split, eval_path=str(eval_path),
-                         nms_thd=nms, data=str(root), official_out=str(work / 'official' / name),
-                         ours_out=str(work / 'ours' / name)))
+    def add(name, dset, ckpt, split, eval_path, root, nms=None, clip_len=None, **extra):
+        runs.append(dict(name=name, dset=dset, clip_len=clip_len or (1. if dset == 'charadesSTA' else 2.),
+                         resume=str(ckpt), split=split, eval_path=str(eval_path), nms_thd=nms, data=str(root),
+                         official_out=str(work / 'official' / name), ours_out=str(work / 'ours' / name), **extra))
     if {'qvh_val', 'qvh_test'} & set(cases):
         root = work / 'data' / 'qvh'
         paths = write_qvh(root, n, seed)
@@ -379,6 +429,18 @@ def plan_runs(cases, work: Path, n: int, nms_thd: float, seed: int) -> list[dict
         paths = write_charades(root, n, seed)
         ck = write_checkpoint('charades', work / 'ckpt' / 'charades', root / 'features', seed)
         add('charades', 'charadesSTA', ck, 'val', paths['val'], root)
+    if 'charades_vgg' in cases:
+        root = work / 'data' / 'charades_vgg'
+        paths = write_charades_vgg(root, min(n, 8), seed)
+        feats = root / 'features'
+        for name, tef in (('charades_vgg', True), ('charades_vgg_notef', False)):
+            ck = write_checkpoint('charades', work / 'ckpt' / name, feats, seed, use_tef=tef, v_feat_types=('vgg',),
+                                  v_feat_dims=(4096,), t_feat_types=('text',), t_feat_dims=(300,), clip_len=VGG_CLIP,
+                                  max_v_l=-1, blip_features=False, normalize_t=False,
+                                  opt=dict(v_feat_dirs=[str(feats / 'vgg_features' / 'rgb_features')],
+                                           t_feat_dirs=[str(feats / 'clip_text_features')]))
+            add(name, 'charadesSTA', ck, 'val', paths['val'], paths['ours'], glove=str(paths['glove']),
+                clip_len=VGG_CLIP)
     if 'tvsum' in cases:
         root = work / 'data' / 'tvsum'
         paths = write_tvsum(root, seed)
@@ -393,7 +455,8 @@ def summarize(results: list[dict]) -> dict:
     "Per case: queries, windows and saliency scores compared; differences of the replay and of the whole run."
     out = {}
     for r in results:
-        case = 'tvsum' if r['name'].startswith('tvsum') else r['name']
+        case = 'tvsum' if r['name'].startswith('tvsum') else 'charades_vgg' if r['name'].startswith('charades_vgg') \
+            else r['name']
         c = out.setdefault(case, dict(runs=0, queries=0, windows=0, saliency=0, metrics=0, replay_differ=0,
                                       replay_metrics_differ=0, differ=0, beyond_rounding=0, saliency_values_differ=0,
                                       window_max_abs=0., saliency_max_abs=0., metrics_differ=0, metric_max_abs=0.,
@@ -465,7 +528,9 @@ def main(argv=None) -> int:
             r['problems'] = [f'replay: {p}' for p in problems(dict(r['replay']), exact=True)] + \
                             [f'our forward: {p}' for p in problems(dict(r['model'], raw=r['raw']), exact=False)]
             results.append(r)
-            print(f"{run['name']:16s} {'ok' if not r['problems'] else 'DIFFERENT'}")
+            end = r['replay'].get('max_window_end')
+            print(f"{run['name']:18s} {'ok' if not r['problems'] else 'DIFFERENT'}"
+                  + (f"  (latest window end {end:g} s)" if end is not None else ''))
             for p in r['problems']: print(f"  ! {p}")
     finally:
         if not a.workdir: shutil.rmtree(work, ignore_errors=True)

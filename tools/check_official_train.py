@@ -22,10 +22,17 @@ evaluation without improvement so that every branch of the loop runs):
             side's pretraining `model_best.ckpt` (official `--resume`: weights only, epoch and optimiser reset)
   charades  charades_sta/train.sh (clip 1 s, selection on the test file)
   tvsum     tvsum/train.sh, domain BK (no matcher, `train_hl`, selection by top-5 mAP)
+  zero      qvh whose validation moments are single 2-s clips that no prediction of a briefly trained model overlaps,
+            so that every evaluation scores 0: the official loop starts its best score at 0 and saves only on a
+            strictly greater one, so it writes no model_best.ckpt and counts every evaluation towards early stopping
+            (stopping at the second, max_es_cnt 1). Ours does the same by default; `fix_best_score_start` is the fix.
 
-Float64 runs must agree within --tol (relative, default 1e-6) at every step and in every parameter snapshot; float32
-runs report their drift. --dropout-run adds
-a float32 run with the recipe's dropout on both sides and compares loss statistics (per-epoch means) only.
+Float64 runs must agree within --tol (relative, default 1e-6) at every step and in every parameter snapshot. Float32
+runs report their drift: they must agree at the first step (within FLOAT32_FIRST_TOL) and keep the same schedule, but
+rounding grows along a run (the Hungarian matching and the MR->HD top-1 slice are discrete choices that a rounding
+difference can flip), so their later losses, evaluations and the loop's choices built on them (best epoch, early stop)
+are reported, not required to agree. --dropout-run adds a float32 run with the recipe's dropout on both sides and
+early stopping off (so that both run every epoch), and compares loss statistics (per-epoch means) only.
 Exit status 1 on any difference beyond tolerance, 2 when the official checkout is missing.
 No official code is in this file: it is imported at run time from a scratch checkout (--official, else
 $VIDEOLIGHTS_OFFICIAL; made by tools/official/setup.sh).
@@ -54,6 +61,7 @@ import train_probe as P  # noqa: E402
 SMALL = dict(hidden_dim=256, nheads=8, dim_feedforward=64, bicmf_layers=1, enc_layers=1, dec_layers=2, num_queries=10,
              max_q_l=32, bsz=4, eval_bsz=8, n_epoch=20, lr_drop=10, max_es_cnt=0, num_workers=0, seed=2018)
 EPOCHS_SNAPSHOT = (0, 4, 9, 14, 19)
+FLOAT32_FIRST_TOL = 1e-4   # float32: relative difference allowed at the first step (losses, weighted loss, grad norm)
 ORDER_SEED, ITEM_SEED = 2018, 1000
 
 
@@ -86,6 +94,10 @@ RECIPES = {
                        '--hard_pos_neg_loss_coef', '10', '--lr', '1e-4', '--wd', '1e-4', '--grad_clip', '0.1'],
                        dict(max_v_l=75), {'slowfast_features': 8, 'clip_features': 4, 'blip_video_features': 4},
                        {'clip_text_features': 8, 'blip_text_features': 8}, clip_len=1),
+    'zero': Recipe('zero', 'qvhighlights', 'hl', QVH_LOSS + ['--contrastive_align_loss_coef', '0.2', '--lr', '1e-4',
+                   '--wd', '1e-4', '--grad_clip', '0.1'], dict(max_es_cnt=1),
+                   {'slowfast_features': 8, 'clip_features': 4, 'blip_video_features': 4},
+                   {'clip_text_features': 8, 'blip_aug_text_features_openai': 8}),
     'tvsum': Recipe('tvsum', 'tvsum', 'tvsum', QVH_LOSS + ['--hard_pos_neg_loss_coef', '1', '--lr', '1e-3',
                     '--contrastive_align_loss_coef', '0.8',
                     '--wd', '1e-4', '--grad_clip', '0.1', '--max_v_l', '1000', '--dset_domain', 'BK'],
@@ -104,7 +116,10 @@ def write_data(recipe: Recipe, root: Path, seed: int = 0) -> dict:
         train, val = root / 'highlight_train_release.jsonl', root / 'highlight_val_release.jsonl'
         if recipe.name == 'pretrain':   # the official loader (and ours) recognise pretraining data by its file name
             pt = root / 'subs_train_parity.jsonl'
-            shutil.copyfile(train, pt); train = pt
+            shutil.copyfile(train, pt)
+            train = pt
+        if recipe.name == 'zero':
+            zero_score_moments(val)
         return dict(train=train, val=val, feats=root / 'features')
     if recipe.dset == 'charadesSTA':
         src = REPO / 'data' / 'charades_sta'
@@ -128,6 +143,15 @@ def write_data(recipe: Recipe, root: Path, seed: int = 0) -> dict:
                         rng.standard_normal((len(r['label']), recipe.v_dirs['video_features'] // 2), dtype=np.float32))
             np.savez(feats / 'query_features' / f"{r['qid']}.npz", token=rng.standard_normal((6, 8), dtype=np.float32))
     return dict(train=root / 'tvsum_train.jsonl', val=root / 'tvsum_val.jsonl', feats=feats)
+
+
+def zero_score_moments(path: Path):
+    "Every moment of the annotation file replaced by one 2-s clip (clip 7 q mod 75 of query q), saliency 2 everywhere."
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in recs:
+        k = 7 * int(r['qid']) % 75
+        r.update(relevant_windows=[[2 * k, 2 * k + 2]], relevant_clip_ids=[k], saliency_scores=[[2, 2, 2]])
+    path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
 
 
 def official_flags(recipe: Recipe, paths: dict, results: Path, dropout_off: bool, extra=()) -> list:
@@ -357,11 +381,15 @@ def one_run(recipe: Recipe, paths: dict, work: Path, official: str, py: str, flo
     ru, pu, state, cfg, model = run_ours(recipe, paths, work / 'ours', dtype, dropout_off, init, init_ours)
     (work / 'ours_record.json').write_text(json.dumps(ru))
     res = dict(recipe=recipe.name, precision='float64' if float64 else 'float32', dropout='off' if dropout_off else 'on',
+               init='own' if init_ours is not None else 'official',   # own: each side from its own checkpoint
                steps=compare_steps(ro['steps'], ru['steps']), evals=compare_evals(ro, ru, cfg.max_es_cnt),
                curves=dict(official=[s['total'] for s in ro['steps']], ours=[s['total'] for s in ru['steps']],
                            epoch=[s['epoch'] for s in ro['steps']]),
                official_ckpt=ro.get('best_ckpt'), ours_ckpt=str(work / 'ours' / 'model_best.ckpt'))
     res['curves']['rel_diff'] = res['steps'].pop('per_step')
+    res['best_written'] = dict(official=bool(ro.get('best_ckpt')) and Path(ro['best_ckpt']).is_file(),
+                               ours=(work / 'ours' / 'model_best.ckpt').is_file())
+    res['scores'] = dict(official=[ev['score'] for ev in ro['evals']], ours=[ev['score'] for ev in ru['evals']])
     if dropout_off: res['params'] = compare_params(po, pu, model)
     else:
         res['loss_stats'] = loss_stats(ro['steps'], ru['steps'])
@@ -380,31 +408,47 @@ def loss_stats(o: list, u: list) -> dict:
         a = np.array([s['total'] for s in o if s['epoch'] == e]); b = np.array([s['total'] for s in u if s['epoch'] == e])
         out[int(e)] = dict(official_mean=float(a.mean()), ours_mean=float(b.mean()) if len(b) else float('nan'),
                            official_std=float(a.std()), ours_std=float(b.std()) if len(b) else float('nan'))
-    ao = np.array([s['total'] for s in o]); au = np.array([s['total'] for s in u])
-    n = min(len(ao), len(au))
-    out['all'] = dict(official_mean=float(ao.mean()), ours_mean=float(au.mean()), official_std=float(ao.std()),
+    n = min(len(o), len(u))   # the steps both made (equal when both run every epoch)
+    ao, au = np.array([s['total'] for s in o[:n]]), np.array([s['total'] for s in u[:n]])
+    out['all'] = dict(steps=n, official_mean=float(ao.mean()), ours_mean=float(au.mean()), official_std=float(ao.std()),
                       ours_std=float(au.std()), rel_mean_diff=float(abs(ao.mean() - au.mean()) / abs(ao.mean())),
-                      first_step_rel=float(rel(au[0], ao[0])) if n else float('nan'))
+                      first_step_rel=float(rel(au[0], ao[0])) if n else float('nan'),
+                      largest_epoch_mean_rel=max(abs(d['official_mean'] - d['ours_mean']) / abs(d['official_mean'])
+                                                 for e, d in out.items() if e != 'all'))
     return out
 
 
 def verdict(r: dict, tol: float) -> tuple[bool, list]:
-    """Whether a run agrees. Always: the same steps, loss keys, epochs, learning rates, evaluations, best epochs,
-    early-stopping counters, stop epoch and checkpoint epochs. Float64 with dropout off: at every step every loss,
-    the weighted loss and both gradient norms within `tol`, every parameter snapshot within `tol`, the same metrics at
-    every evaluation, ours loading theirs within `tol` and the official inference giving the same metrics on both
-    best checkpoints. Float32 runs report their drift."""
+    """Whether a run agrees. Always: the same loss keys, learning rates and epochs of the steps both made, the same
+    official options. Float64 with dropout off, besides: the same steps, evaluation epochs, best epochs, early-stopping
+    counters, stop epoch and checkpoint epochs; at every step every loss, the weighted loss and both gradient norms
+    within `tol`, every parameter snapshot within `tol`, the same metrics at every evaluation, ours loading theirs
+    within `tol` and the official inference giving the same metrics on both best checkpoints. Float32 with dropout
+    off: the first step within FLOAT32_FIRST_TOL (the rest is the drift report, in `notes`). Dropout on: the same
+    steps and evaluation epochs (early stopping is off) and loss statistics close."""
     p, s, e = [], r['steps'], r['evals']
-    if s['n_official'] != s['n_ours']: p.append(f"steps: official {s['n_official']} vs ours {s['n_ours']}")
+    exact = r['precision'] == 'float64' and r['dropout'] == 'off'
+    loop = p if exact else r.setdefault('notes', [])   # float32 / dropout on: the loop's choices follow the drift
+    if s['n_official'] != s['n_ours']:
+        (loop if r['dropout'] == 'off' else p).append(f"steps: official {s['n_official']} vs ours {s['n_ours']}")
     if s['key_mismatch']: p.append(f"loss keys differ: {s['key_mismatch']}")
     if not s['epochs_equal']: p.append('step epochs differ')
-    if e['epochs_official'] != e['epochs_ours']: p.append(f"eval epochs {e['epochs_official']} vs {e['epochs_ours']}")
+    if s['lr'] > 1e-12: p.append(f"learning rates differ ({s['lr']:.2e})")
+    if e['epochs_official'] != e['epochs_ours']:
+        (loop if r['dropout'] == 'off' else p).append(f"eval epochs {e['epochs_official']} vs {e['epochs_ours']}")
     if r['dropout'] == 'off':
-        if s['lr'] > 1e-12: p.append(f"learning rates differ ({s['lr']:.2e})")
-        if e['best_official'] != e['best_ours']: p.append(f"best epochs {e['best_official']} vs {e['best_ours']}")
-        if e['es_official'] != e['es_ours']: p.append(f"early-stop counters {e['es_official']} vs {e['es_ours']}")
+        if e['best_official'] != e['best_ours']: loop.append(f"best epochs {e['best_official']} vs {e['best_ours']}")
+        if e['es_official'] != e['es_ours']: loop.append(f"early-stop counters {e['es_official']} vs {e['es_ours']}")
         if e['last_epoch_official'] != e['last_epoch_ours']:
-            p.append(f"last epoch {e['last_epoch_official']} vs {e['last_epoch_ours']}")
+            loop.append(f"last epoch {e['last_epoch_official']} vs {e['last_epoch_ours']}")
+    bw = r['best_written']
+    if bw['official'] != bw['ours']: loop.append(f"model_best.ckpt written: official {bw['official']}, ours {bw['ours']}")
+    if r['recipe'] == 'zero' and any(r['scores']['official'] + r['scores']['ours']):
+        p.append(f"the zero-score recipe scored above 0: {r['scores']}")
+    if r['precision'] == 'float32' and r['dropout'] == 'off' and r.get('init') != 'own':
+        f = s['first']
+        for k in ('total', 'losses', 'gnorm_pre', 'gnorm_post'):
+            if f[k] > FLOAT32_FIRST_TOL: p.append(f"first step {k}: relative difference {f[k]:.2e} > {FLOAT32_FIRST_TOL:g}")
     if r['precision'] == 'float64' and r['dropout'] == 'off':
         for k in ('total', 'gnorm_pre', 'gnorm_post', 'losses'):
             if s[k] > tol: p.append(f"{k}: relative difference {s[k]:.2e} > {tol:g} (largest over the steps)")
@@ -423,7 +467,8 @@ def verdict(r: dict, tol: float) -> tuple[bool, list]:
     ck = r.get('ckpt')
     if ck:
         if ck['opt_mismatch']: p.append(f"official opt vs our config: {ck['opt_mismatch']}")
-        if ck['official_epoch'] != ck['ours_epoch']: p.append(f"best checkpoint epochs {ck['official_epoch']} vs {ck['ours_epoch']}")
+        if ck['official_epoch'] != ck['ours_epoch']:
+            loop.append(f"best checkpoint epochs {ck['official_epoch']} vs {ck['ours_epoch']}")
     return not p, p
 
 
@@ -442,10 +487,12 @@ def print_run(r: dict):
     if 'loss_stats' in r:
         st = r['loss_stats']['all']
         print(f"  loss mean±std       official {st['official_mean']:.4f}±{st['official_std']:.4f}  ours "
-              f"{st['ours_mean']:.4f}±{st['ours_std']:.4f}  (first step rel diff {st['first_step_rel']:.1e})")
+              f"{st['ours_mean']:.4f}±{st['ours_std']:.4f} over {st['steps']} steps (first step rel diff "
+              f"{st['first_step_rel']:.1e}, largest per-epoch mean rel diff {st['largest_epoch_mean_rel']:.1e})")
     print(f"  evaluations         epochs {e['epochs_official']} / {e['epochs_ours']}  max metric diff {e['metric']:.2g} "
           f"score diff {e['score']:.2g}")
-    print(f"  best epochs         official {e['best_official']}  ours {e['best_ours']}")
+    print(f"  best epochs         official {e['best_official']}  ours {e['best_ours']}; model_best.ckpt written: "
+          f"official {r['best_written']['official']}, ours {r['best_written']['ours']}")
     print(f"  early-stop counter  official {e['es_official']}  ours {e['es_ours']}; last epoch "
           f"{e['last_epoch_official']} / {e['last_epoch_ours']}; early stop {e['early_stop_official']} / {e['early_stop_ours']}")
     if e['keys_only_one_side']: print(f"  metric keys on one side only: {e['keys_only_one_side']}")
@@ -456,6 +503,7 @@ def print_run(r: dict):
         print(f"  opt vs our config   {'equal' if not ck['opt_mismatch'] else ck['opt_mismatch']} on "
               f"{len(ck['opt_vs_config'])} fields; ours loading theirs: max rel diff {ck['ours_loading_theirs_rel']:.1e}")
         print(f"  official inference  on ours vs on theirs: max metric diff {ck['inference_metric_diff']:.2g}")
+    for n in r.get('notes', []): print(f"  ~ {n} (drift)")
     for p in r['problems']: print(f"  ! {p}")
 
 
@@ -476,8 +524,9 @@ def run_recipe(name: str, work: Path, official: str, py: str, precisions, tol: f
                          prec == 'float64', True, tol, extra_flags=['--resume', r['official_ckpt']],
                          init_ours=Path(r['ours_ckpt']))
             out.append(rf); print_run(rf)
-    if dropout_run:
-        r = one_run(recipe, paths, work / 'dropout', official, py, False, False, tol)
+    if dropout_run:   # early stopping off: the two random trajectories would stop at different epochs
+        r = one_run(dataclasses.replace(recipe, over={**recipe.over, 'max_es_cnt': -1}), paths, work / 'dropout',
+                    official, py, False, False, tol)
         out.append(r); print_run(r)
     return out
 

@@ -11,7 +11,9 @@ the files of each run to the run's `official_out` folder. Run-time changes, none
 CPU rules (`Tensor.cuda` as identity, `argparse.Namespace` allowed in checkpoints), no pandas for the options table,
 and a wrapper of the model's forward that records its raw outputs: the saliency scores of every query
 (`saliency_{split}.json`; TVSum writes no submission, its mAP is computed on them) and, per batch, the outputs the
-inference decodes with the batch's video mask (`raw_{split}.pt`), both beside the run's files.
+inference decodes with the batch's video mask (`raw_{split}.pt`), both beside the run's files. A run with `glove`
+(the Charades-STA VGG variant, whose loader embeds the query words with torchtext's GloVe 6B-300d) gets a stand-in
+vocabulary read from that .npz (`words`, `vectors`) in place of the download.
 """
 from __future__ import annotations
 
@@ -23,6 +25,23 @@ from pathlib import Path
 import torch
 
 RAW = ('pred_logits', 'pred_spans', 'saliency_scores')   # the model outputs the inference decodes
+
+
+class _StandInVocab:
+    "What the official loader uses of a torchtext GloVe vocabulary (`itos`, `stoi`, `vectors`, `dim`), from an .npz."
+    def __init__(self, path):
+        import numpy as np
+        z = np.load(path)
+        self.itos = [str(w) for w in z['words']]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.vectors = torch.from_numpy(z['vectors'])
+        self.dim = self.vectors.shape[1]
+
+    @classmethod
+    def aliases(cls, path):
+        "A stand-in of the `torchtext.vocab` module: `pretrained_aliases['glove.6B.300d']()` builds the vocabulary."
+        import types
+        return types.SimpleNamespace(pretrained_aliases={'glove.6B.300d': lambda: cls(path)})
 
 
 def main(argv=None):
@@ -37,6 +56,8 @@ def main(argv=None):
     I = off.inference
     P._no_pandas(off)
     seen = {}
+
+    dataset_module = sys.modules[I.StartEndDataset.__module__]
 
     class Dataset(I.StartEndDataset):   # remembers the eval dataset, to name the queries in its order
         def __init__(self, *a, **k):
@@ -63,6 +84,7 @@ def main(argv=None):
     done = []
     for run in cfg['runs']:
         seen['sal'], seen['raw'] = [], []
+        if run.get('glove'): dataset_module.vocab = _StandInVocab.aliases(run['glove'])
         sys.argv = ['inference.py', '--resume', run['resume'], '--eval_split_name', run['split'],
                     '--eval_path', run['eval_path'], '--num_workers', '0']
         if run.get('nms_thd') is not None: sys.argv += ['--nms_thd', str(run['nms_thd'])]
