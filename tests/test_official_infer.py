@@ -76,6 +76,28 @@ def _tvsum_data(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def test_charades_vgg_options_as_the_official_loader_reads_them(tmp_path):
+    """charades_sta/train_vgg.sh: the official loader embeds the query words with GloVe and leaves them unnormalised
+    (its 'vgg' feature folder turns that path on); `--max_v_l -1` slices `feat[:-1]`, dropping each video's last clip;
+    the clamp of the windows is 360 s only when opt.v_feat_dim is 4096, which the TEF makes 4098."""
+    from videolights.convert import config_from_opt
+    from videolights.data import DirFeatures, load_video_feats
+    opt = dict(dset_name='charadesSTA', ctx_mode='video_tef', v_feat_dim=4098, t_feat_dim=300, clip_length=0.166666,
+               max_v_l=-1, v_feat_dirs=['../Datasets/processed/charades/vgg_features/rgb_features'],
+               t_feat_dirs=['../Datasets/processed/charades/clip_text_features'])
+    cfg = config_from_opt(opt)
+    assert cfg.v_feat_types == ('vgg',) and (cfg.normalize_t, cfg.normalize_v) == (False, True)
+    assert cfg.max_ts == 150. and config_from_opt(dict(opt, ctx_mode='video', v_feat_dim=4096)).max_ts == 360.
+    assert config_from_opt(dict(opt, v_feat_dirs=['x/slowfast_features'], v_feat_dim=2306)).normalize_t   # no GloVe
+    (tmp_path / 'vgg').mkdir()
+    np.save(tmp_path / 'vgg' / 'v1.npy', np.arange(12., dtype=np.float32).reshape(4, 3))
+    src = DirFeatures(tmp_path)
+    assert load_video_feats(src, 'v1', ['vgg'], max_v_l=-1, normalize=False).tolist() == \
+        np.arange(9.).reshape(3, 3).tolist()                                # [:-1], as the official loader slices
+    assert len(load_video_feats(src, 'v1', ['vgg'], max_v_l=None)) == 4 and len(load_video_feats(src, 'v1', ['vgg'],
+                                                                                                  max_v_l=2)) == 2
+
+
 def test_evaluate_official_tvsum_checkpoint_float32_saliency(tmp_path):
     "An official TVSum checkpoint evaluates from the released folders; the scores stay float32, the mAP is on them."
     from videolights.artifacts import save_official_checkpoint
@@ -122,7 +144,7 @@ def test_charades_scored_by_the_official_inference_evaluator():
 
 @pytest.mark.slow
 @needs_official
-@pytest.mark.parametrize('case', ['qvh_val', 'qvh_test', 'charades', 'tvsum'])
+@pytest.mark.parametrize('case', ['qvh_val', 'qvh_test', 'charades', 'charades_vgg', 'tvsum'])
 def test_inference_matches_official(case, tmp_path):
     import check_official_infer as C
     rc = C.main(['--cases', case, '--n', '24', '--json', str(tmp_path / 'r.json'), '--workdir', str(tmp_path / 'w')])
@@ -131,6 +153,9 @@ def test_inference_matches_official(case, tmp_path):
     assert s['queries'] > 0 and s['replay_differ'] == 0 and s['replay_metrics_differ'] == 0
     assert s['beyond_rounding'] == 0 and s['raw_max_abs'] <= C.RAW_TOL
     if case != 'qvh_test': assert s['metrics'] > 0
-    if case in ('qvh_val', 'qvh_test', 'charades'): assert s['windows'] > 0
-    if case != 'charades': assert s['saliency'] > 0
+    if case.startswith(('qvh', 'charades')): assert s['windows'] > 0
+    if not case.startswith('charades'): assert s['saliency'] > 0
+    if case == 'charades_vgg':   # with the TEF the windows stop at 150 s; without, the 360-s clamp lets them pass it
+        end = {r['name']: r['replay']['max_window_end'] for r in rep['runs']}
+        assert end['charades_vgg'] <= 150. < end['charades_vgg_notef'] <= 360.
     assert rc == 0, [r['problems'] for r in rep['runs']]

@@ -68,7 +68,7 @@ def test_no_dropout_zeroes_every_probability():
 
 @pytest.mark.slow
 @needs_official
-@pytest.mark.parametrize('recipe', ['qvh', 'pretrain', 'charades', 'tvsum'])
+@pytest.mark.parametrize('recipe', ['qvh', 'pretrain', 'charades', 'tvsum', 'zero'])
 def test_training_loop_matches_official(recipe, tmp_path):
     import check_official_train as C
     rc = C.main(['--recipes', recipe, '--precisions', 'float64', '--json', str(tmp_path / 'r.json'),
@@ -81,4 +81,8 @@ def test_training_loop_matches_official(recipe, tmp_path):
         assert s['first']['total'] <= 1e-6 and s['first']['losses'] <= 1e-6
         assert e['epochs_ours'] == e['epochs_official'] and e['best_ours'] == e['best_official']
         assert e['es_ours'] == e['es_official'] and e['last_epoch_ours'] == e['last_epoch_official']
+        assert r['best_written']['ours'] == r['best_written']['official'] == (recipe != 'zero')
+    if recipe == 'zero':   # every evaluation scored 0: no best checkpoint, each evaluation counted, stop at the second
+        assert runs[0]['scores']['official'] == runs[0]['scores']['ours'] == [0., 0.]
+        assert runs[0]['evals']['es_official'] == [1, 2]
     assert rc == 0, [r['problems'] for r in runs]

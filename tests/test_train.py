@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from videolights.train import (EpochSampler, Evaluator, NonFiniteLossError, RunOptions, TrainState, cpu_native_bf16,
-                               decode_predictions, fit, get_rng_state, load_checkpoint, save_checkpoint, selection_score,
-                               set_rng_state, set_seed)
+                               decode_predictions, fit, get_rng_state, load_checkpoint, read_best_metrics,
+                               save_checkpoint, selection_score, set_rng_state, set_seed)
+from videolights.errors import MissingFileError
 from videolights.experiments import captions_to_pretrain, pretrain_data_main
 from videolights.runs import parse_overrides
 
@@ -322,6 +323,45 @@ def test_early_stopping_counts_evaluations_and_survives_resume(tmp_path):
     assert _const_run(tmp_path/'a', resume=True, max_es_cnt=4).epoch == 6        # a larger budget continues the count
     assert _const_run(tmp_path/'off', max_es_cnt=-1).epoch == 10                 # -1: never stops (official)
     assert _const_run(tmp_path/'dflt').epoch == 10                               # default 200: off in practice
+
+
+def _zero_run(out, **kw):
+    "Toy run whose every evaluation scores 0 (no window is ever right)."
+    set_seed(0)
+    cfg = toy_cfg(**{**dict(eval_every=1, n_epoch=6, max_es_cnt=1), **kw})
+    val = ToyData(n=16, seed=1, random_labels=False)
+    ev = Evaluator(val, cfg, toy_collate, lambda sub, gt: dict(brief={'MR-full-R1@0.5': 0., 'MR-full-R1@0.3': 0.}),
+                   gt=[val[i]['meta'] for i in range(len(val))])
+    opts = RunOptions(device='cpu', progress=False, tensorboard=False)
+    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts, toy_collate, ev)
+
+
+def test_all_zero_scores_keep_no_best_checkpoint_as_the_official_loop_unless_fixed(tmp_path):
+    "Official: best score starts at 0, a strictly greater score saves; `fix_best_score_start` starts below any score."
+    st = _zero_run(tmp_path/'off')
+    files = {p.name for p in (tmp_path/'off').iterdir()}
+    assert 'model_best.ckpt' not in files and not any(f.startswith('best_') for f in files)
+    assert 'model_latest.ckpt' in files and 'latest_val_metrics.json' in files
+    assert (st.best_score, st.best_epoch) == (0., -1)
+    assert (st.epoch, st.es_cnt) == (2, 2)          # every evaluation counts: stops at the second (max_es_cnt=1)
+    log = [json.loads(l) for l in open(tmp_path/'off'/'log.jsonl')]
+    assert [l['score'] for l in log if l['kind'] == 'eval'] == [0., 0.]
+    assert 'no evaluation scored above 0' in (tmp_path/'off'/'train.log').read_text()
+    with pytest.raises(MissingFileError, match='no evaluation of this run scored above 0'):
+        read_best_metrics(tmp_path/'off')
+    st = _zero_run(tmp_path/'fix', fix_best_score_start=True)
+    assert (tmp_path/'fix'/'model_best.ckpt').is_file() and (tmp_path/'fix'/'best_val_metrics.json').is_file()
+    assert (st.best_score, st.best_epoch) == (0., 0)
+    assert (st.epoch, st.es_cnt) == (3, 2)          # the first evaluation is the best: one more before stopping
+    assert load_checkpoint(tmp_path/'fix'/'model_best.ckpt')['state']['best_epoch'] == 0
+    assert read_best_metrics(tmp_path/'fix')['brief'] == {'MR-full-R1@0.5': 0., 'MR-full-R1@0.3': 0.}
+
+
+def test_a_run_without_best_checkpoint_is_evaluated_from_its_latest(tmp_path):
+    "A run folder whose evaluations all scored 0 resolves to model_latest.ckpt (the documented fallback)."
+    from videolights.runs import resolve_ckpt
+    _zero_run(tmp_path/'r')
+    assert resolve_ckpt(tmp_path/'r') == tmp_path/'r'/'model_latest.ckpt'
 
 
 def test_periodic_checkpoints(tmp_path):

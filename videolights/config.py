@@ -76,6 +76,8 @@ class VLConfig:
                                             # (None: = fix_loss_masking)
     fix_hard_loss_ramp: bool = False      # (loss) bounded hard pos/neg weight instead of (epoch+1)*coef
     hard_loss_ramp_max: int = 10          # (loss) with fix_hard_loss_ramp: weight min(epoch+1, this) * coef
+    fix_best_score_start: bool = False    # (loop) best score starts below any score, not at 0: an all-zero run keeps
+                                          # its first evaluation as model_best.ckpt
     # --- losses ---
     aux_loss: bool = True                 # losses on every decoder layer's outputs too (suffix _{i})
     use_matcher: bool = True              # False for TVSum (saliency losses only)

@@ -113,6 +113,9 @@ def config_from_opt(opt:argparse.Namespace|dict, **overrides)->VLConfig:
     # windows clamped as the official `compute_mr_results` clamps them: [0, 360] for Charades when opt.v_feat_dim is
     # 4096 (VGG; with the TEF the options hold 4098, so the released VGG run clamps at 150), [0, 150] otherwise
     kw['max_ts'] = 360. if o.get('dset_name') == 'charadesSTA' and o['v_feat_dim'] == 4096 else 150.
+    # a 'vgg' first video folder turns on the official GloVe query path (Charades), whose vectors are not normalised
+    if o.get('dset_name') == 'charadesSTA' and 'vgg' in str((o.get('v_feat_dirs') or [''])[0]):
+        kw['normalize_t'] = False
     kw.update(clip_len=float(o.get('clip_length', 2)), use_tef=use_tef, v_feat_types=vt, v_feat_dims=vd,
               t_feat_types=tt, t_feat_dims=td, blip_features=blip,
               use_matcher=o.get('dset_name') not in ('tvsum', 'youtube_uni'))

@@ -263,6 +263,7 @@ class FeatureSource:
     def _get(self, kind, ftype, key, max_len=None, reuse=False):
         "Rows `[:max_len]` with rank and width checked; `reuse`: may be a view of a buffer reused by the next read."
         x, where = self._read(kind, ftype, key, max_len if max_len and max_len > 0 else None, reuse)
+        if max_len is not None and max_len < 0: x = x[:max_len]   # official `feat[:max_v_l]`: -1 drops the last row
         if x.ndim != 2 or len(x) == 0:
             raise DataFormatError(f"{where}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
         dims = self.__dict__.setdefault('_dims', {})
@@ -700,7 +701,7 @@ class VLDataset(Dataset):
                  v_feat_types:list[str]|None=None,  # video feature types, concatenated in this order
                  t_feat_types:list[str]|None=None,  # text feature types
                  clip_len:float|None=None,          # seconds per clip (None: DATASET_DEFAULTS)
-                 max_v_l:int|None=None,             # truncate videos to this many clips (-1: no limit)
+                 max_v_l:int|None=None,             # truncate videos to this many clips (-1: all but the last)
                  max_q_l:int|None=None,             # truncate queries to this many tokens
                  max_windows:int=5,                 # GT windows kept per query
                  use_tef:bool=True,                 # append the 2 temporal endpoint dims

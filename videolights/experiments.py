@@ -12,7 +12,7 @@ import torch
 from .spans import window_to_clip_ids
 from .config import VLConfig, get_preset
 from .data import collate, load_jsonl, keep_freed_memory
-from .train import RunOptions, fit, load_weights, config_dict, bars_on, _write_json
+from .train import RunOptions, fit, load_weights, config_dict, bars_on, read_best_metrics, _write_json
 from .runs import build_run, synth_config, official_metrics, evaluate, parse_overrides
 from .synth import synth
 from .errors import write_text_atomic, write_figure
@@ -260,7 +260,7 @@ def train_ablation_row(overrides:dict, seed:int, out_dir, data:str, preset:str='
     cfg, model, crit, tr_ds, ev = build_run(cfg, data, verbose=False)
     if overrides.get('pretrained'): load_weights(model, pretrain_ckpt)
     fit(model, crit, tr_ds, cfg, out_dir, RunOptions(progress=progress, tensorboard=False), collate, ev)
-    brief = json.loads((Path(out_dir)/f'best_{ev.split}_metrics.json').read_text())['brief']
+    brief = read_best_metrics(out_dir, ev.split)['brief']
     return {k: v for k, v in brief.items() if k in METRICS}
 
 # %% ../nbs/14_experiments.ipynb #b2080c22

@@ -14,7 +14,7 @@ import torch
 from .config import VLConfig, get_preset
 from .data import collate, load_jsonl, open_features, keep_freed_memory, feature_dirs, TVSUM_DOMAINS
 from .model import build_model
-from .train import RunOptions, fit, _write_json
+from .train import RunOptions, fit, read_best_metrics, _write_json
 from .errors import atomic_output, write_text_atomic, write_figure
 from .runs import build_run, evaluate, official_metrics, parse_overrides, _run_args
 from .visualize import paper_ablations, parse_switches, plot_ablation, _repo_data
@@ -264,7 +264,7 @@ def run_job(job:Job, i:int, setup:Setup)->dict:
     recs, t0 = job_records(job, setup), time.time()
     if miss := missing(job, setup): raise FileNotFoundError(f"{job.name}: needs {', '.join(miss)}")
     cfg, st, d = _train(job, i, setup, recs)
-    best = json.loads((d/'best_val_metrics.json').read_text())['brief']
+    best = read_best_metrics(d)['brief']   # none kept (every evaluation scored 0): an error that says so
     res = dict(job=job.name, dataset=job.dataset, model=job.model, seed=seed_of(i), index=i, epochs=st.epoch,
                best_epoch=st.best_epoch, steps=st.global_step, train_seconds=round(_train_seconds(d), 1),
                metrics={job.eval_as: best}, recipe=recipe(job, i, setup))
@@ -619,7 +619,7 @@ def _device_name(device:str)->str:
 
 # %% ../nbs/16_reproduce.ipynb #b4869959
 SMOKE_MODEL = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2, num_queries=5)
-SMOKE_RUN = dict(n_epoch=1, eval_every=1, num_workers=0)
+SMOKE_RUN = dict(n_epoch=1, eval_every=1, num_workers=0, fix_best_score_start=True)   # see "The smoke run"
 
 def smoke_setup(out:str|Path, n:int|None=None, seeds:int=1, epochs:int=1, paper_model:bool=False,
                 opts:RunOptions|None=None, overrides:dict|None=None, progress:bool=False)->Setup:

@@ -437,7 +437,9 @@ def _fit_run(a:argparse.Namespace, out:Path, model:nn.Module, crit:nn.Module, tr
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
     if int(os.environ.get('RANK', 0)) == 0:
-        print(f"done: {st.epoch} epochs; best score {st.best_score:.2f} at epoch {st.best_epoch}; run in {out}")
+        best = (f"best score {st.best_score:.2f} at epoch {st.best_epoch}" if st.best_epoch >= 0 else
+                "no evaluation scored above 0, so no model_best.ckpt (evaluate uses model_latest.ckpt)")
+        print(f"done: {st.epoch} epochs; {best}; run in {out}")
     return 0
 
 def train_main(argv:list[str]|None=None)->int:

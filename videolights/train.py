@@ -23,8 +23,8 @@ from .loss import _to_float32
 from .artifacts import init_weights, _unreadable_checkpoint
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
-from .errors import (UserError, BadInputError, check_input, atomic_output, write_text_atomic,
-                                write_figure, pid_alive, remove_stale_temps)
+from .errors import (UserError, BadInputError, MissingFileError, check_input, atomic_output,
+                                write_text_atomic, write_figure, pid_alive, remove_stale_temps)
 
 # %% auto #0
 __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS',
@@ -34,8 +34,8 @@ __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY',
            'postprocess_windows', 'decode_predictions', 'official_temporal_nms', 'nms_submission', 'NonFiniteLossError',
            'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on', 'train_one_epoch', 'Evaluator', 'RunOptions',
            'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup', 'setup_changes', 'check_weights',
-           'model_weights', 'load_weights', 'RunLockedError', 'check_unlocked', 'run_lock', 'run_files', 'holds_run',
-           'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
+           'model_weights', 'load_weights', 'read_best_metrics', 'RunLockedError', 'check_unlocked', 'run_lock',
+           'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -177,7 +177,7 @@ class EpochSampler(Sampler):
 # %% ../nbs/11_train.ipynb #97ca828d
 TRAIN_DEFAULTS = dict(lr=1e-4, wd=1e-4, lr_drop=400, lr_gamma=0.1, bsz=32, eval_bsz=100, n_epoch=200,
                       grad_clip=0.1, seed=2018, eval_every=5, num_workers=0, dset_name='hl', clip_len=2.,
-                      max_es_cnt=200)
+                      max_es_cnt=200, fix_best_score_start=False)
 
 def hp(cfg, name:str): # a config object (VLConfig, namespace) and a training field name
     "A training hyper-parameter from `cfg`, defaulting to the official recipe."
@@ -288,8 +288,8 @@ class TrainState:
     epoch:int=0
     batch:int=0
     global_step:int=0
-    best_score:float=-1.
-    best_epoch:int=-1
+    best_score:float=0.     # the official start: only a greater score is kept (-1. with fix_best_score_start)
+    best_epoch:int=-1       # -1: no evaluation has been kept as the best
     es_cnt:int=0            # evaluations in a row without improvement (early stopping)
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
     sums:dict|None=None     # this rank's loss sums over the micro-batches of `epoch` applied so far ('_n': how many)
@@ -731,7 +731,7 @@ def _train_loader(ds:Dataset, cfg, opts:RunOptions, di:DistInfo, device:torch.de
 
 def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainState, e:int, log:_Log, dset:str,
                  weights:dict|None)->bool:
-    "Write the predictions and metrics of an evaluation; update the best score; True if it improved."
+    "Write the predictions and metrics of an evaluation; True (and a new best score) if it beats the best strictly."
     _write_json(sub, out_dir/f'latest_{sp}_preds.jsonl')
     if metrics is None: return False
     brief = metrics.get('brief', metrics)
@@ -743,6 +743,18 @@ def _record_eval(out_dir:Path, sp:str, sub:list, metrics:dict|None, state:TrainS
     for k in ('preds.jsonl', 'metrics.json'):
         write_text_atomic(out_dir/f'best_{sp}_{k}', (out_dir/f'latest_{sp}_{k}').read_text())
     return True
+
+def read_best_metrics(out_dir:str|Path, split:str='val')->dict:
+    "The metrics of a run's best evaluation (`best_{split}_metrics.json`); where none was kept, an error saying why."
+    out_dir = Path(out_dir)
+    p = out_dir/f'best_{split}_metrics.json'
+    if p.is_file(): return json.loads(p.read_text())
+    if (out_dir/f'latest_{split}_metrics.json').is_file():
+        raise MissingFileError(f"no best_{split}_metrics.json: no evaluation of this run scored above 0, so the "
+                               "official rule kept no best checkpoint (model_best.ckpt)", file=out_dir,
+                               hint=f"see latest_{split}_metrics.json and log.jsonl; fix_best_score_start=true keeps "
+                                    "the first evaluation")
+    raise MissingFileError(f"no best_{split}_metrics.json: the run has not been evaluated on {split}", file=out_dir)
 
 # %% ../nbs/11_train.ipynb #63636318
 LOCK_NAME = '.train.lock'
@@ -914,7 +926,8 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
         optimizer, scheduler = build_optimizer(model, cfg)
         amp_dtype = _amp_dtype(opts.amp, device)
         scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-        state, snap, setup = TrainState(), _snapshot_fn(train_ds), run_setup(device, di.world_size)
+        state = TrainState(best_score=-1. if hp(cfg, 'fix_best_score_start') else 0.)
+        snap, setup = _snapshot_fn(train_ds), run_setup(device, di.world_size)
         if resume:
             ck = load_checkpoint(out_dir/'model_latest.ckpt')
             state = _restore(ck, model, optimizer, scheduler, scaler, di)
@@ -997,8 +1010,10 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
                                     f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch "
                                     f"{state.best_epoch}")
             curves = _write_curves(out_dir, log) if log.on and opts.curves and (out_dir/'log.jsonl').is_file() else None
-            log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}" + (f"; best score "
-                     f"{state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else '') +
+            best = (f"; best score {state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else
+                    f"; no evaluation scored above {state.best_score:g}, so there is no model_best.ckpt (the official "
+                    "rule; fix_best_score_start=True keeps the first)" if evaluator is not None else '')
+            log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}{best}" +
                      (f"; curves: {curves}" if curves else ''))
         except KeyboardInterrupt as ex:
             if state.rng is not None:   # None: nothing happened since the epoch's checkpoint was written
