@@ -70,6 +70,7 @@ def test_infer_cli_and_peak_memory_child():
 
 def test_bad_arguments_exit_2():
     assert run_main(['train-step', '--compare-official', NOWHERE])[0] == 2
+    assert run_main(['startup', '--keep'])[0] == 2  # a dangling extra option, not --keep-memory: no abbreviations
     assert run_main(['infer', '--steps'])[0] == 2  # dangling extra option
     if not torch.cuda.is_available():
         rc, _, err = run_main(['infer', '--device', 'cuda'])
@@ -83,16 +84,18 @@ def test_all_gathers_every_benchmark_and_survives_a_failure(monkeypatch):
             calls[name] = kw
             if fail: raise RuntimeError('boom')
             return dict(ratio=2.0) if 'official' in kw and kw['official'] else dict(ok=True)
-        return f
+        if name != 'epoch': return f
+        def epoch(n_train=7218, n_val=1550, **kw): return f(n_train=n_train, n_val=n_val, **kw)  # names its options
+        return epoch
     monkeypatch.setattr(bench, 'BENCHES', {n: fake(n, n == 'predict') for n in bench.BENCHES})
     rc, stdout, err = run_main(['all', '--compare-official', OFFICIAL if HAVE_OFFICIAL else NOWHERE, '--n_train', '64'])
     if not HAVE_OFFICIAL:
         assert rc == 2; return
     d = json.loads(stdout)
-    assert set(calls) == {'startup', 'eval', 'load', 'train-step', 'infer', 'epoch', 'predict'}
+    assert set(calls) == {'startup', 'eval', 'load', 'train-step', 'infer', 'epoch', 'predict', 'extract'}
     assert d['predict'] == {'error': 'RuntimeError: boom'}
     assert calls['train-step']['official'] == OFFICIAL and calls['train-step']['device'] == 'cpu'
-    assert 'official' not in calls['predict'] and 'official' not in calls['startup']
+    assert all('official' not in calls[n] for n in ('predict', 'startup', 'extract'))
     assert calls['epoch']['n_train'] == 64 and calls['epoch']['n_val'] == 500   # --n_train reaches the epoch only
     assert 'n_train' not in calls['train-step']
     assert d['ratios_official_over_ours'] == {n: 2.0 for n in ('eval', 'load', 'train-step', 'infer', 'epoch')}
@@ -485,6 +488,34 @@ _dump(sys.argv[1])
     assert abs(sum(t['phases_s'].values()) - (d['child_s'] + 0.5)) < 0.05
     assert 0.5 < t['phases_s']['startup'] < 0.5 + d['child_s'] and d['first_batch_s'] > 0
     assert set(t['evaluation_s']) == {'forward', 'other'}
+
+
+def test_official_epoch_child_hides_its_stand_ins(tmp_path):
+    """The official epoch child stubs a missing pandas only while the official modules are imported: training and
+    the worker processes of its evaluation see no fake pandas (scikit-learn would take it for the real one)."""
+    root = tmp_path/'official'
+    (root/'video_lights').mkdir(parents=True)
+    (root/'utils').mkdir()
+    (root/'pandas.py').write_text("raise ImportError('no pandas in this environment')\n")
+    (root/'utils'/'basic_utils.py').write_text(
+        "import pandas as pd\ndef dict_to_markdown(d, max_str_len=120): return pd.DataFrame(d)\n")
+    (root/'video_lights'/'config.py').write_text("from utils.basic_utils import dict_to_markdown\n")
+    (root/'video_lights'/'inference.py').write_text("def eval_epoch(*a): pass\ndef eval_submission(*a): pass\n")
+    (root/'video_lights'/'train.py').write_text("""
+import sys, json, multiprocessing as mp
+from utils.basic_utils import dict_to_markdown
+from video_lights.inference import eval_epoch
+def _has_pandas(_): return 'pandas' in sys.modules
+def start_training():
+    with mp.get_context('fork').Pool(2) as pool: workers = pool.map(_has_pandas, range(2))
+    table = dict_to_markdown({'a': 1, 'b': 2})
+    json.dump(dict(main='pandas' in sys.modules, workers=workers, table=table), open(sys.argv[1], 'w'))
+""")
+    seen, phases = tmp_path/'seen.json', tmp_path/'phases.json'
+    subprocess.run([sys.executable, '-c', bench._OFFICIAL_EPOCH, str(phases), json.dumps([str(seen)]), str(root)],
+                   cwd=root, check=True)
+    assert json.loads(seen.read_text()) == dict(main=False, workers=[False, False], table='a: 1\nb: 2')
+    assert 'phases' in json.loads(phases.read_text())
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@
 # %% ../nbs/90_bench.ipynb #cce60d03
 from __future__ import annotations
 import sys, json, platform, importlib, importlib.machinery, argparse, os, time, statistics, math, random, types
-import resource, subprocess, tempfile, shutil, contextlib, io, inspect
+import resource, subprocess, tempfile, shutil, contextlib, inspect
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
@@ -486,6 +486,7 @@ def _dump(path):
                    threads=torch.get_num_threads()), open(path, 'w'))
 '''
 
+# %% ../nbs/90_bench.ipynb #e5a1c002
 _OURS_EPOCH = _PHASE_TIMER + r'''
 import videolights.train as _T, videolights.runs as _R
 _wrap_eval(_T.Evaluator, '__call__')
@@ -501,18 +502,22 @@ sys.path.insert(0, sys.argv[3])
 class _NullWriter:
     def __init__(self, *a, **k): pass
     def __getattr__(self, name): return lambda *a, **k: None
+_added = []  # stand-ins for missing imported-but-unused modules, while the official modules are imported
 for _n in ('pandas', 'torchtext', 'torchtext.vocab', 'torch.utils.tensorboard', 'fvcore', 'fvcore.nn'):
     try: importlib.import_module(_n)
     except Exception:
-        _m = types.ModuleType(_n); _m.__spec__ = importlib.machinery.ModuleSpec(_n, None)
+        _m = types.ModuleType(_n)
+        _m.__spec__ = importlib.machinery.ModuleSpec(_n, None)
         _m.SummaryWriter, _m.FlopCountAnalysis = _NullWriter, None
         sys.modules[_n] = _m
+        _added.append(_n)
 if not torch.cuda.is_available(): torch.Tensor.cuda = lambda self, *a, **k: self
 import video_lights.train as _T, video_lights.inference as _I
-if not hasattr(sys.modules['pandas'], 'DataFrame'):  # the options table needs pandas: a plain listing instead
+if 'pandas' in _added:  # the options table needs pandas: a plain listing instead
     import utils.basic_utils as _U, video_lights.config as _C
     for _m in (_U, _C, _T):
         _m.dict_to_markdown = lambda d, max_str_len=None: '\n'.join(f'{k}: {v}' for k, v in d.items())
+for _n in _added: sys.modules.pop(_n)  # scikit-learn takes any 'pandas' module it finds for the real one
 _wrap_eval(_T, 'eval_epoch')
 _wrap(_I, 'eval_submission', 'metrics')
 _out, sys.argv = sys.argv[1], ['video_lights/train.py'] + json.loads(sys.argv[2])
@@ -520,6 +525,7 @@ _T.start_training()
 _dump(_out)
 '''
 
+# %% ../nbs/90_bench.ipynb #e5a1c004
 EPOCH_PHASES = ('loading', 'forward', 'losses', 'backward', 'optimiser', 'evaluation', 'writing')
 
 def _phase_table(d:dict, wall:float)->dict:
@@ -578,6 +584,7 @@ def _epoch_commands(side:str, data:Path, run:Path, out_json:Path, cfg, workers:i
     return ([_official_python(official, official_python), '-c', _OFFICIAL_EPOCH, str(out_json), json.dumps(flags),
              root], root)
 
+# %% ../nbs/90_bench.ipynb #e5a1c006
 def bench_epoch(n_train:int=7218, n_val:int=1550, # queries (QVHighlights: 7218 train, 1550 val)
                 official:str|None=None, official_python:str|None=None,
                 threads:int|None=None, # torch threads of both processes (OMP_NUM_THREADS); default: torch's
@@ -1108,7 +1115,7 @@ def _rss_ratio(res:dict)->None:
 
 def main(argv:list[str]|None=None)->int:
     "Run one benchmark (or `all`) and print a JSON object."
-    p = argparse.ArgumentParser(prog='python -m videolights.bench',
+    p = argparse.ArgumentParser(prog='python -m videolights.bench', allow_abbrev=False,
         description='Benchmarks that print JSON; with --compare-official, side by side with the official code. '
                     'Extra --key value pairs are passed to the benchmark function.',
         epilog='examples:\n  python -m videolights.bench all --compare-official $VIDEOLIGHTS_OFFICIAL --threads 2 '

@@ -10,15 +10,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 from .layers import Attention, ConvProj, FRA, BiCMFLayer, UniCMFLayer, EncoderLayer, cmf_pair_mask, _heads
 from .decoder import DecoderLayer
 from .model import VideoLights, GRUPool, _check_inputs, roll_batch
 
 # %% auto #0
-__all__ = ['FAST_DROPOUT', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU', 'Rows', 'pad_rows', 'rowwise',
-           'sdpa', 'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer',
-           'FastUniCMFLayer', 'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair', 'FastVideoLights',
-           'accelerate', 'plain', 'is_accelerated']
+__all__ = ['FAST_DROPOUT', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU', 'lowp',
+           'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'FastAttention', 'FastConvProj', 'FastFRA',
+           'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer', 'FastUniCMFLayer', 'FastEncoderLayer',
+           'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster', 'FastVideoLights', 'accelerate', 'plain',
+           'is_accelerated']
 
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -107,6 +109,29 @@ class FastPReLU(nn.PReLU):
         if self.weight.numel() != 1 or not fast: return F.prelu(x, self.weight)
         return _PReLUFn.apply(x, self.weight)
 
+# %% ../nbs/07a_ops.ipynb #b16c0002
+def _autocast_dtype(device_type:str)->torch.dtype|None:
+    "The dtype autocast is on with for this device type, or None (also on torch < 2.4, which lacks the per-device API)."
+    try: return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError, RuntimeError): return None  # RuntimeError: a device type without autocast
+
+_LOWP = WeakIdKeyDictionary()  # weight -> ((dtype, version, storage), its low-precision copy)
+
+def lowp(w:Tensor|None)->Tensor|None:
+    "`w` in the CPU autocast dtype, cast once while `w` is unchanged; `w` itself with autograd on or autocast off."
+    if w is None or w.dtype != torch.float32 or w.device.type != 'cpu' or torch.is_grad_enabled(): return w
+    if w.is_inference(): return w  # no version counter to key on
+    dt = _autocast_dtype('cpu')
+    if dt is None: return w
+    key = (dt, w._version, w.data_ptr())
+    hit = _LOWP.get(w)
+    if hit is None or hit[0] != key: hit = _LOWP[w] = (key, w.detach().to(dt))
+    return hit[1]
+
+class FastLinear(nn.Linear):
+    "`nn.Linear` whose weight and bias are cast once for low-precision inference (`lowp`)."
+    def forward(self, x:Tensor)->Tensor: return F.linear(x, lowp(self.weight), lowp(self.bias))
+
 # %% ../nbs/07a_ops.ipynb #315ea97c
 class Rows:
     "The layout of the selected rows of a `(B, L)` batch: `pack` to `(N, E)`, `pad` back to `(B, L, E)`."
@@ -150,7 +175,7 @@ class FastAttention(Attention):
     "`Attention` with SDPA, shared input projections, the fast dropout mask and packed inputs."
     def _project(self, q, k, v, q_rows, kv_rows):
         "The input projections, one matrix product for a shared input; every output padded to `(B, L, E)`."
-        W, bb, E = self.in_proj_weight, self.in_proj_bias, self.in_proj_weight.shape[1]
+        W, bb, E = lowp(self.in_proj_weight), lowp(self.in_proj_bias), self.in_proj_weight.shape[1]
         if q is k:
             if q_rows is not kv_rows: raise ValueError("Attention: a shared query/key input needs q_rows is kv_rows")
             q, k = pad_rows(F.linear(q, W[:2 * E], bb[:2 * E]), q_rows).chunk(2, -1)  # one pad for both
@@ -186,11 +211,6 @@ class FastAttention(Attention):
         return self.out_proj(o if q_rows is None else q_rows.pack(o)), wts  # (B, Lq, Ev) or packed (Nq, Ev)
 
 # %% ../nbs/07a_ops.ipynb #eb30caca
-def _autocast_dtype(device_type:str)->torch.dtype|None:
-    "The dtype autocast is on with for this device type, or None (also on torch < 2.4, which lacks the per-device API)."
-    try: return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError, RuntimeError): return None  # RuntimeError: a device type without autocast
-
 _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 def _scale_is_exact(p:float, dtype:torch.dtype)->bool:
@@ -209,7 +229,7 @@ class FastConvProj(ConvProj):
         if dt is not None and k1 and _scale_is_exact(self.dropout.p, dt):
             x = x.to(dt)  # the cast F.linear makes anyway, before the dropout: same values, half the bytes
         x = self.dropout(x)
-        if k1: x = F.linear(x, self.proj.weight[..., 0], self.proj.bias)
+        if k1: x = F.linear(x, lowp(self.proj.weight)[..., 0], lowp(self.proj.bias))
         else: x = self.proj(x.transpose(1, 2)).transpose(1, 2)  # (B, L, D_out)
         return F.relu(x) if self.relu else x
 
@@ -217,9 +237,9 @@ class FastConvProj(ConvProj):
 class FastFRA(FRA):
     "`FRA` whose eval forward applies the mixer branch by branch instead of to the concatenation."
     def _mix_eval(self, vid, txt, txt_mask, sent, sim)->Tensor: # (B, Lv, D) mixer output, no dropout
-        W1, W2, W3, W4 = self.mixer.weight.split(vid.shape[-1], 1)  # 4 x (D, D)
+        W1, W2, W3, W4 = lowp(self.mixer.weight).split(vid.shape[-1], 1)  # 4 x (D, D)
         c = self.corr(vid if self.fix_corr else vid[:, :1], txt, txt_mask)  # (B, Lv or 1, D)
-        out = F.linear(vid, W1, self.mixer.bias) + sim[..., None] * (W2 @ self.sim_w)[:, 0]  # (B, Lv, D)
+        out = F.linear(vid, W1, lowp(self.mixer.bias)) + sim[..., None] * (W2 @ self.sim_w)[:, 0]  # (B, Lv, D)
         return out + F.linear(sent, W3) + F.linear(c, W4)
 
     def forward(self, vid, txt, vid_mask, txt_mask): # as `FRA.forward`
@@ -237,8 +257,8 @@ class FastDecoderLayer(DecoderLayer):
         H = self.h
         dh = D // H
         qh, sh = q.view(B, Nq, H, dh), sine.view(B, Nq, H, dh)
-        a = torch.einsum('bqhe,hed->bhqd', qh, self.ca_kcontent_proj.weight.view(H, dh, D))  # (B, H, Nq, D)
-        c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, self.ca_kpos_proj.weight.view(H, dh, D))
+        a = torch.einsum('bqhe,hed->bhqd', qh, lowp(self.ca_kcontent_proj.weight).view(H, dh, D))  # (B, H, Nq, D)
+        c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, lowp(self.ca_kpos_proj.weight).view(H, dh, D))
         ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
         s = torch.bmm(ac, torch.cat([memory, pos], -1).transpose(1, 2)) * (2 * dh) ** -0.5  # (B, H*Nq, Lv)
         s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf'))
@@ -246,7 +266,7 @@ class FastDecoderLayer(DecoderLayer):
         p = self.cross_attn.p if self.training else 0.
         w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
         ctx = torch.bmm(w.flatten(1, 2).to(memory.dtype), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
-        o = torch.einsum('bhqd,hed->bqhe', ctx, self.ca_v_proj.weight.view(H, dh, D))  # (B, Nq, H, dh)
+        o = torch.einsum('bhqd,hed->bqhe', ctx, lowp(self.ca_v_proj.weight).view(H, dh, D))  # (B, Nq, H, dh)
         if p == 0: return self.cross_attn.out_proj(o.flatten(2) + self.ca_v_proj.bias), None
         kept = w.sum(-1).transpose(1, 2)[..., None]  # (B, Nq, H, 1) dropped weights no longer sum to 1
         return self.cross_attn.out_proj((o + kept * self.ca_v_proj.bias.view(H, dh)).flatten(2)), None
@@ -342,10 +362,22 @@ def fuse_encode_pair(model:VideoLights, vid, txt, pos_v, pos_t, vpad, tpad, # as
     return (mg[:B], mem[:B]), (mg[B:], mem[B:])
 
 # %% ../nbs/07a_ops.ipynb #9295a9ef
+BF16_MIN_ROWS = 256  # CPU bf16 inference on fewer real clips than this runs in float32 (faster there)
+
+def float32_is_faster(src_vid_mask:Tensor, # (B, Lv) 1 = valid
+                      static_shapes:bool=False)->bool:
+    "Whether this call is CPU bf16 inference on fewer than `BF16_MIN_ROWS` real clips, where float32 is faster."
+    if src_vid_mask.device.type != 'cpu' or static_shapes or torch.is_grad_enabled(): return False
+    if _autocast_dtype('cpu') != torch.bfloat16 or torch.compiler.is_compiling(): return False
+    return int(src_vid_mask.count_nonzero()) < BF16_MIN_ROWS
+
 class FastVideoLights(VideoLights):
     "`VideoLights` whose forward skips padded rows that nothing reads."
     def forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask, return_attn=False, loss_outputs=None,
                 static_shapes=False)->dict: # as `VideoLights.forward`
+        if float32_is_faster(src_vid_mask, static_shapes):
+            with torch.autocast('cpu', enabled=False):
+                return self.forward(src_txt, src_txt_mask, src_vid, src_vid_mask, return_attn, loss_outputs)
         cfg = self.cfg
         _check_inputs(cfg, src_txt, src_txt_mask, src_vid, src_vid_mask, values=not static_shapes)
         if loss_outputs is None: loss_outputs = self.training or cfg.loss_outputs_eval
@@ -374,9 +406,10 @@ class FastVideoLights(VideoLights):
         return out
 
 # %% ../nbs/07a_ops.ipynb #a60b1ec1
-FAST = {nn.Dropout: FastDropout, nn.PReLU: FastPReLU, Attention: FastAttention, ConvProj: FastConvProj,
-        FRA: FastFRA, BiCMFLayer: FastBiCMFLayer, UniCMFLayer: FastUniCMFLayer, EncoderLayer: FastEncoderLayer,
-        DecoderLayer: FastDecoderLayer, GRUPool: FastGRUPool, VideoLights: FastVideoLights}
+FAST = {nn.Linear: FastLinear, nn.Dropout: FastDropout, nn.PReLU: FastPReLU, Attention: FastAttention,
+        ConvProj: FastConvProj, FRA: FastFRA, BiCMFLayer: FastBiCMFLayer, UniCMFLayer: FastUniCMFLayer,
+        EncoderLayer: FastEncoderLayer, DecoderLayer: FastDecoderLayer, GRUPool: FastGRUPool,
+        VideoLights: FastVideoLights}
 PLAIN = {f: p for p, f in FAST.items()}  # fast class -> the plain class it replaces
 
 def _swap(model:nn.Module, table:dict)->nn.Module:
