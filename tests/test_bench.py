@@ -529,3 +529,55 @@ def test_bench_epoch_runs_both_processes(tmp_path):
     if HAVE_OFFICIAL:
         assert r['official']['phases_s']['evaluation'] > 0 and r['official']['brief'] is not None and r['ratio'] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def _accelerated(seed=0):
+    from videolights.config import VLConfig
+    from videolights.model import build_model
+    torch.manual_seed(seed)
+    return L.accelerate(build_model(VLConfig())).eval()
+
+
+def _batch(B, lv, seed=1):
+    from videolights.config import VLConfig
+    from videolights.model import random_inputs
+    return random_inputs(VLConfig(), B=B, lv=[lv] * B, lq=[12] * B, seed=seed)
+
+
+def test_cpu_bf16_inference_with_weights_cast_once_equals_autocast(monkeypatch):
+    "`ops.lowp` hands out the cast autocast would make: every output is the same bit for bit, also after an update."
+    m, big = _accelerated(), _batch(8, 75)
+    assert int(big['src_vid_mask'].sum()) >= L.BF16_MIN_ROWS
+    def run():
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16): return m(**big)
+    def same(a, b):
+        keys = [k for k, v in a.items() if torch.is_tensor(v)]
+        assert keys and all(torch.equal(a[k], b[k]) for k in keys)
+    cached = run()
+    assert cached['pred_logits'].dtype == torch.bfloat16 and len(L._LOWP) > 50  # bf16, most weights cast once
+    with monkeypatch.context() as mp_:
+        mp_.setattr(L, 'lowp', lambda w: w)  # autocast casts every weight on every call
+        same(cached, run())
+        with torch.no_grad():
+            for p in m.parameters(): p.mul_(1.5)  # in place, as an optimiser step: new versions
+        fresh = run()
+    same(run(), fresh)
+    assert not torch.equal(fresh['pred_logits'], cached['pred_logits'])
+
+
+def test_cpu_bf16_inference_of_a_small_batch_runs_float32(monkeypatch):
+    "Fewer real clips than `BF16_MIN_ROWS`: the float32 forward, bit for bit; training under autocast is untouched."
+    m, small = _accelerated(), _batch(2, 40)
+    with torch.no_grad():
+        ref = m(**small)
+        with torch.autocast('cpu', torch.bfloat16): low = m(**small)
+        assert low['pred_logits'].dtype == torch.float32 and torch.equal(low['pred_logits'], ref['pred_logits'])
+        monkeypatch.setattr(L, 'BF16_MIN_ROWS', 0)
+        with torch.autocast('cpu', torch.bfloat16): assert m(**small)['pred_logits'].dtype == torch.bfloat16
+    m.train()
+    L._LOWP.clear()
+    with torch.autocast('cpu', torch.bfloat16): out = m(**small)
+    assert out['pred_logits'].dtype == torch.bfloat16 and len(L._LOWP) == 0  # autograd records: no cached casts
+    out['pred_logits'].float().sum().backward()
+    assert m.class_embed.weight.grad is not None and m.class_embed.weight.grad.abs().sum() > 0
+    assert not L.float32_is_faster(small['src_vid_mask'])  # autocast off
