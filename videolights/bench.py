@@ -113,24 +113,21 @@ def synth_batch(cfg,                    # a `VLConfig` (feature widths, clip_len
                 v_range:tuple=(20, 75), q_range:tuple=(8, 32), # inclusive length ranges
                 lengths:list|None=None, # explicit [(n_clips, n_tokens)] per sample
                )->tuple[dict,dict,list]: # (model_inputs, targets, metas) as `data.collate` returns them
-    "A collated random batch at the official speed-protocol lengths."
-    from videolights.data import l2_normalize, span_labels_cxw, saliency_labels_qvh, collate
-    from videolights.spans import temporal_endpoint_feature
+    "A collated random batch at the official speed-protocol lengths: `model.random_inputs`' features, with labels."
+    from videolights.data import span_labels_cxw, saliency_labels_qvh, collate
+    from videolights.model import random_inputs
     rng, prng = np.random.default_rng(seed), random.Random(seed)
     v_range = (min(v_range[0], cfg.max_v_l), min(v_range[1], cfg.max_v_l))  # never longer than the config allows
     q_range = (min(q_range[0], cfg.max_q_l), min(q_range[1], cfg.max_q_l))
     if lengths is None:
         lengths = [(int(rng.integers(v_range[0], v_range[1] + 1)), int(rng.integers(q_range[0], q_range[1] + 1)))
                    for _ in range(B)]
+    feats = random_inputs(cfg, len(lengths), lv=[lv for lv, _ in lengths], lq=[lq for _, lq in lengths], seed=seed)
     items = []
     for i, (lv, lq) in enumerate(lengths):
-        v = np.concatenate([l2_normalize(rng.standard_normal((lv, d), dtype=np.float32)) for d in cfg.v_feat_dims], 1)
-        q = np.concatenate([l2_normalize(rng.standard_normal((lq, d), dtype=np.float32)) for d in cfg.t_feat_dims], 1)
-        v = torch.from_numpy(v)
-        if cfg.use_tef: v = torch.cat([v, temporal_endpoint_feature(lv)], 1)  # (Lv, Dv + 2)
         meta = _synth_windows(rng, lv, cfg.clip_len) | dict(qid=i, vid=f'synth{i}', query='synthetic', n_clips=lv)
         pos, neg, sal, pidx = saliency_labels_qvh(meta['relevant_clip_ids'], meta['saliency_scores'], lv, prng)
-        mi = dict(query_feat=torch.from_numpy(q), video_feat=v,
+        mi = dict(query_feat=feats['src_txt'][i, :lq], video_feat=feats['src_vid'][i, :lv],  # (Lq, Dt), (Lv, Dv)
                   span_labels=dict(spans=span_labels_cxw(meta['relevant_windows'], lv, cfg.clip_len, 5, prng)),
                   saliency_pos_labels=pos, saliency_neg_labels=neg, saliency_all_labels=torch.from_numpy(sal),
                   saliency_pos_index=torch.from_numpy(pidx))
