@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_app.ipynb #0c02ebaa
 from __future__ import annotations
-import argparse, html, io, json, re, sys, tempfile
+import html, io, json, re, sys, tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from fastcore.basics import patch_to
 from .train import _to
-from .errors import atomic_output, cli_errors
+from .errors import atomic_output, cli_errors, command_parser
 from .visualize import Explorer, explore, plot_saliency, top_clips, _attn_shape
 from .video import (VideoLightsPredictor, Prediction, EncodedVideo, VideoError, VIDEO_EXTS, frames_at,
                                _pad, _model_args, _sources, BAD_INPUT)
@@ -339,7 +339,7 @@ def app_notebook(kwargs:dict, # `build_app` keyword arguments (JSON-serialisable
 # %% ../nbs/17_app.ipynb #dca0ed4e
 def app_main(argv:list[str]|None=None)->int:
     "`videolights app`: the predictor and the run explorer as a web page (Voilà)."
-    p = argparse.ArgumentParser(prog='videolights app', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights app',
         description='Serve a web page to find moments in your videos (with --ckpt) and to explore a submission file.',
         epilog='examples:\n  videolights app --ckpt runs/qvh --clip-model ./clip-vit-b32 --videos ~/clips\n'
                '  videolights app --submission preds.jsonl --gt data/qvh/highlight_val_release.jsonl\n'

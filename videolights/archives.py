@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_archives.ipynb #67380b9e
 from __future__ import annotations
-import os, json, math, shutil, fnmatch, argparse
+import os, json, math, shutil, fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .data import (FeatureSource, FeatureNotFoundError, DataFormatError, open_features, convert_features,
                               read_records, load_jsonl, write_fake_features, _scan_features, TVSUM_DOMAINS)
 from .synth import synth, save_npz, write_jsonl
-from .errors import atomic_output, write_text_atomic
+from .errors import atomic_output, write_text_atomic, command_parser
 
 # %% auto #0
 __all__ = ['ARCHIVES', 'FEATURE_SETS', 'PRETRAIN_TEXT', 'PAPER_MODELS', 'DATASET_MODELS', 'EXTRA_ANNOTATIONS', 'Archive',
@@ -462,8 +462,9 @@ Archives (official README): qvhighlights_features.tar.gz (unpack under DIR/qvhl)
 
 def features_main(argv:list[str]|None=None)->int:
     "`videolights features check|convert`: the official feature archives."
-    p = argparse.ArgumentParser(prog='videolights features', formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description='Check or convert the official feature archives.', epilog=_FEATURES_EPILOG)
+    p = command_parser('videolights features',
+        description='Check or convert the official feature archives.',
+        epilog=_FEATURES_EPILOG)
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('check', help='layout, counts per split, widths, dtypes, NaN/Inf, missing files')
     c.add_argument('data', help='the folder the archives were unpacked under, one archive folder, or an .h5 store')

@@ -15,7 +15,7 @@ from .data import feature_dirs
 from .model import VideoLights, build_model
 from .convert import (read_official_checkpoint, config_from_opt, map_official_state_dict, OPT_KEYS,
                                  to_official_state_dict)
-from .errors import MissingFileError, BadInputError, check_input, one_line, atomic_output
+from .errors import MissingFileError, BadInputError, check_input, one_line, atomic_output, command_parser
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'CONFIG_FILE', 'WEIGHTS_FILE', 'RETIRED_FIELDS', 'CKPT_FILES', 'config_to_dict',
@@ -160,8 +160,7 @@ def save_official_checkpoint(model:nn.Module, cfg:VLConfig, path:str|Path, epoch
 # %% ../nbs/08a_artifacts.ipynb #f1cc9112
 def convert_official_main(argv:list[str]|None=None)->int:
     "`videolights convert-official CKPT OUT_DIR`: an official checkpoint → a pretrained folder."
-    p = argparse.ArgumentParser(prog='videolights convert-official',
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights convert-official',
         description='Write an official VideoLights checkpoint as a pretrained folder (config.json + model.safetensors) '
                     'that evaluate, predict, train --init-from and the explorer accept, '
                     'and that needs no pickle to read.',

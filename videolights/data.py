@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d3120d2c
 from __future__ import annotations
-import os, sys, json, math, random, argparse, warnings, time, zlib, zipfile
+import os, sys, json, math, random, warnings, time, zlib, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 from .errors import (BadInputError, MissingFileError, OutputExistsError, Records, UserError, check_input,
-                                iter_jsonl, one_line, write_text_atomic, write_figure, atomic_output)
+                                iter_jsonl, one_line, write_text_atomic, write_figure, atomic_output, command_parser)
 from fastcore.basics import patch
 from .spans import span_xx_to_cxw, temporal_endpoint_feature
 
@@ -73,8 +73,8 @@ def _fix_windows(wins, duration, report, line, strict):
     out = []
     for w in wins:
         if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, (int, float)) for x in w)):
-            raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': bad window {w!r} (want [start, end] "
-                                  "in seconds)")
+            raise DataFormatError(f"{report.path}:{line}: key 'relevant_windows': bad window {w!r} "
+                                  "(want [start, end] in seconds)")
         st, ed = w
         kind = 'reversed_window' if ed < st else 'empty_window' if ed == st else None
         if kind is None and (st < 0 or ed > duration):
@@ -121,8 +121,8 @@ def _count_dup_qids(recs_lines, report):
 def _fix_clip_ids(rec, report, line, strict, clip_len):
     ids, sal = rec['relevant_clip_ids'], rec['saliency_scores']
     if not isinstance(ids, list) or not isinstance(sal, list) or len(ids) != len(sal):
-        raise DataFormatError(f"{report.path}:{line}: keys 'relevant_clip_ids'/'saliency_scores' must be lists of "
-                              "equal length")
+        raise DataFormatError(f"{report.path}:{line}: keys 'relevant_clip_ids'/'saliency_scores' "
+                              "must be lists of equal length")
     for s in sal:
         if not (isinstance(s, list) and len(s) > 0 and all(isinstance(x, (int, float)) for x in s)):
             raise DataFormatError(f"{report.path}:{line}: key 'saliency_scores': bad entry {s!r} (want [a1, a2, a3])")
@@ -542,8 +542,8 @@ class H5Features(FeatureSource):
             if getattr(e, 'errno', None) is not None: raise
             raise DataFormatError(f"not a readable HDF5 feature store ({one_line(e)[:100]})", file=self.path,
                                   hint='truncated or damaged? convert or extract it again') from None
-        self._f, self._pid, self._bufs, self._fd, self._idx, self._ok, self._stale = (f, os.getpid(), {}, None, {},
-                set(), set())
+        self._f, self._pid, self._bufs, self._fd = f, os.getpid(), {}, None
+        self._idx, self._ok, self._stale = {}, set(), set()
         if self.use_index and 'index' in self._f:
             self._fd = os.open(self.path, os.O_RDONLY)
             for kind in self._f['index']:
@@ -719,12 +719,12 @@ class VLDataset(Dataset):
             pretrain = isinstance(records, (str, Path)) and any(s in str(records) for s in ('pre_train', 'subs_train'))
         if isinstance(records, (str, Path)): records = read_records(records, dset_name)
         if domain is not None: records = [r for r in records if r.get('domain') == domain]
-        self.records, self.features, self.dset_name, self.pretrain = (list(records), open_features(features), dset_name,
-                                                                      pretrain)
-        self.v_feat_types, self.t_feat_types = (list(v_feat_types or dd['v_feat_types']),
-                                                list(t_feat_types or dd['t_feat_types']))
-        self.clip_len, self.max_v_l, self.max_q_l = (clip_len or dd['clip_len'], max_v_l or dd['max_v_l'],
-                                                     max_q_l or dd['max_q_l'])
+        self.records, self.features = list(records), open_features(features)
+        self.dset_name, self.pretrain = dset_name, pretrain
+        self.v_feat_types = list(v_feat_types or dd['v_feat_types'])
+        self.t_feat_types = list(t_feat_types or dd['t_feat_types'])
+        self.clip_len = clip_len or dd['clip_len']
+        self.max_v_l, self.max_q_l = max_v_l or dd['max_v_l'], max_q_l or dd['max_q_l']
         self.max_windows, self.use_tef, self.load_labels = max_windows, use_tef, load_labels
         self.normalize_v, self.normalize_t, self.rng = normalize_v, normalize_t, random.Random(seed)
         if load_labels: self._check_labels()
@@ -760,8 +760,8 @@ def targets(self:VLDataset, rec:dict, n_clips:int)->dict:
         if self.pretrain or self.dset_name != 'hl':  # binary rules use the first window *after* the shuffle
             pos, neg, sal, pidx = saliency_labels_binary(wins[0], rec['duration'], n_clips, self.rng)
         else:
-            pos, neg, sal, pidx = saliency_labels_qvh(rec['relevant_clip_ids'], rec['saliency_scores'], n_clips,
-                                                      self.rng)
+            pos, neg, sal, pidx = saliency_labels_qvh(rec['relevant_clip_ids'], rec['saliency_scores'],
+                                                      n_clips, self.rng)
     return dict(span_labels=dict(spans=spans), saliency_pos_labels=pos, saliency_neg_labels=neg,
                 saliency_all_labels=torch.from_numpy(sal), saliency_pos_index=torch.from_numpy(pidx))
 
@@ -865,8 +865,8 @@ def summarize(records:list[dict], max_windows:int=5)->dict:
     recs = list(records)
     out = dict(dset_name=getattr(records, 'dset_name', None), n_queries=len(recs),
                n_videos=len({r['vid'] for r in recs}))
-    out |= _stats([r['duration'] for r in recs], 'duration') | _stats([len(r['query'].split()) for r in recs],
-                                                                      'query_words')
+    out |= _stats([r['duration'] for r in recs], 'duration')
+    out |= _stats([len(r['query'].split()) for r in recs], 'query_words')
     wins = [r['relevant_windows'] for r in recs if r.get('relevant_windows')]
     if wins:
         lens = [ed - st for w in wins for st, ed in w]
@@ -970,7 +970,7 @@ def _find_features(folder:Path)->list[Path]:
 
 def inspect_main(argv:list[str]|None=None)->int: # 0: no problem found, 1: problems listed
     "CLI: summarise a dataset (annotations and features) and plot its distributions."
-    p = argparse.ArgumentParser(prog='videolights inspect', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights inspect',
         description='Summarise annotation files (counts, durations, windows, saliency) and feature folders/stores.',
         epilog='examples:\n  videolights inspect data/qvhighlights/highlight_val_release.jsonl\n'
                '  videolights inspect runs/synth --figdir figures/synth\n'
@@ -1023,8 +1023,7 @@ def _inspect(files:list[Path], feats:list[Path], a)->int:
 # %% ../nbs/01_data.ipynb #d059b666
 def convert_features_main(argv:list[str]|None=None)->int:
     "CLI: pack an official-layout feature folder into one HDF5 store."
-    p = argparse.ArgumentParser(prog='videolights convert-features',
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights convert-features',
         description='Pack every .npz/.npy of the feature-type sub-folders of SRC_DIR into one HDF5 file '
                     '(groups video/{type}/{vid} and text/{type}/{qid}); open it with open_features(DST.h5).',
         epilog='examples:\n  videolights convert-features ../Datasets/qvhl/features qvhl_features.h5\n'

@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ['ENV_ERRNOS', 'DEBUG_ENV', 'UserError', 'MissingFileError', 'BadInputError', 'EnvironmentWriteError',
            'OutputExistsError', 'os_user_error', 'writing', 'temp_path', 'pid_alive', 'remove_stale_temps',
            'atomic_output', 'write_text_atomic', 'write_figure', 'check_input', 'iter_jsonl', 'Records', 'split_debug',
-           'one_line', 'one_line_usage', 'run_command', 'cli_errors']
+           'one_line', 'one_line_usage', 'run_command', 'command_parser', 'cli_errors']
 
 # %% ../nbs/00a_errors.ipynb #9a557aa9
 class UserError(Exception):
@@ -258,6 +258,15 @@ def run_command(prog:str,           # e.g. 'videolights train'
         if debug: traceback.print_exc()
         print(f"{prog}: error: {one_line(u)}", file=sys.stderr)
         return 2
+
+# %% ../nbs/00a_errors.ipynb #b4fa1854
+def command_parser(prog:str,             # e.g. 'videolights merge-features'
+                   description:str,       # what the command does
+                   epilog:str|None=None,  # examples and notes, printed below the options
+                  )->argparse.ArgumentParser:
+    "The parser of a sub-command; `--help` prints `description` and `epilog` as written."
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 # %% ../nbs/00a_errors.ipynb #2daf8826
 def cli_errors(prog:str,                   # e.g. 'videolights extract'

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_experiments.ipynb #02062ac9
 from __future__ import annotations
-import json, math, time, argparse, dataclasses
+import json, math, time, dataclasses
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ from .data import collate, load_jsonl, keep_freed_memory
 from .train import RunOptions, fit, load_weights, config_dict, bars_on, read_best_metrics, _write_json
 from .runs import build_run, synth_config, official_metrics, evaluate, parse_overrides
 from .synth import synth
-from .errors import write_text_atomic, write_figure
+from .errors import write_text_atomic, write_figure, command_parser
 from .visualize import (METRICS, plot_training_curves, plot_timeline, plot_saliency, gt_saliency,
                         paper_ablations, parse_switches, plot_ablation)
 
@@ -68,15 +68,15 @@ def captions_to_pretrain(captions:list[dict], # {vid, timestamp, caption[, score
 # %% ../nbs/14_experiments.ipynb #545aa96e
 def pretrain_data_main(argv:list[str]|None=None)->int:
     "`videolights pretrain-data`: per-frame captions (jsonl) → official synthetic pretraining jsonl."
-    p = argparse.ArgumentParser(prog='videolights pretrain-data', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights pretrain-data',
         description='Turn per-frame captions into the official synthetic pretraining format: one query '
                     'per caption, its moment the window from the frame to the next sampled frame.',
         epilog='input lines: {"vid": "abc", "timestamp": 10.0, "caption": "a man opens a door", "score": 0.9, '
                '"duration": 150}\n'
                '  (score = image-text match probability, optional; duration per line or via --durations)\n'
                'examples:\n  videolights pretrain-data --captions caps.jsonl --out data/pretrain/pre_train.jsonl\n'
-               '  videolights pretrain-data --captions caps.jsonl --durations durations.json --window 10 --out '
-               'pt.jsonl\n'
+               '  videolights pretrain-data --captions caps.jsonl --durations durations.json --window 10 '
+               '--out pt.jsonl\n'
                'then: videolights train --preset qvhighlights --pretrain --data DIR_WITH_FEATURES ... '
                '(with --train_path pt.jsonl)')
     p.add_argument('--captions', required=True, help='jsonl of {vid, timestamp, caption[, score][, duration]}')
@@ -171,7 +171,7 @@ def demo(out:str|Path='runs/demo', progress:bool|None=None, size:str='small', am
 
 def demo_main(argv:list[str]|None=None)->int:
     "`videolights demo`: the main job (CPU, a few minutes)."
-    p = argparse.ArgumentParser(prog='videolights demo', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights demo',
         description='Generate synthetic data (if missing), train the tiny preset on CPU, evaluate, and write '
                     'figures and a metrics table next to a random baseline.',
         epilog='examples:\n  videolights demo --out runs/demo\n'
@@ -266,8 +266,9 @@ def train_ablation_row(overrides:dict, seed:int, out_dir, data:str, preset:str='
 # %% ../nbs/14_experiments.ipynb #b2080c22
 def ablate_main(argv:list[str]|None=None)->int:
     "CLI: train and evaluate the paper's ablation rows, write a tidy CSV and comparison figures."
-    ap = argparse.ArgumentParser(prog='videolights ablate', description=ablate_main.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog='''examples:
+    ap = command_parser('videolights ablate',
+        description=ablate_main.__doc__,
+        epilog='''examples:
   videolights ablate --data runs/demo/data --rows 1,3,5,6,7 --epochs 6 --seeds 2 --out runs/ablate
   videolights ablate --data feats/qvh --preset qvhighlights --rows all --epochs 200 --seeds 3 \\
       --skip '' --pretrain-ckpt runs/pt/model_best.ckpt --label "QVHighlights val"

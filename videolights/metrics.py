@@ -4,11 +4,11 @@
 
 # %% ../nbs/03_metrics.ipynb #bd943f63
 from __future__ import annotations
-import json, argparse, warnings
+import json, warnings
 from collections import OrderedDict
 from itertools import chain
 import numpy as np
-from .errors import BadInputError, Records, write_text_atomic
+from .errors import BadInputError, Records, write_text_atomic, command_parser
 
 # %% auto #0
 __all__ = ['MR_AP_THDS', 'QVH_R1_THDS', 'VL_R1_THDS', 'CHARADES_R1_THDS', 'LENGTH_BUCKETS', 'HL_LEVELS', 'CLIP_LEN',
@@ -678,13 +678,13 @@ def format_table(metrics:dict)->str:
 
 def eval_main(argv:list[str]|None=None)->int:
     "`videolights eval`: score a submission file, print a table, write the metrics JSON."
-    p = argparse.ArgumentParser(prog='videolights eval', description='Score a submission with the official metrics.',
+    p = command_parser('videolights eval',
+        description='Score a submission with the official metrics.',
         epilog='examples:\n  videolights eval --submission val_preds.jsonl --gt '
                'data/qvhighlights/highlight_val_release.jsonl --out metrics.json\n'
                '  videolights eval --submission charades_preds.jsonl --gt '
                'data/charades_sta/charades_sta_test_tvr_format.jsonl --dataset charades\n'
-               '  videolights eval --submission tvsum_preds.jsonl --gt data/tvsum/tvsum_val.jsonl --dataset tvsum',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               '  videolights eval --submission tvsum_preds.jsonl --gt data/tvsum/tvsum_val.jsonl --dataset tvsum')
     p.add_argument('--submission', required=True,
                    help='prediction jsonl (qid, pred_relevant_windows, pred_saliency_scores)')
     p.add_argument('--gt', required=True, help='ground-truth jsonl')

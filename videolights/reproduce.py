@@ -15,7 +15,7 @@ from .config import VLConfig, get_preset
 from .data import collate, load_jsonl, open_features, keep_freed_memory, feature_dirs, TVSUM_DOMAINS
 from .model import build_model
 from .train import RunOptions, fit, read_best_metrics, _write_json
-from .errors import atomic_output, write_text_atomic, write_figure
+from .errors import atomic_output, write_text_atomic, write_figure, command_parser
 from .runs import build_run, evaluate, official_metrics, parse_overrides, _run_args
 from .visualize import paper_ablations, parse_switches, plot_ablation, _repo_data
 from .experiments import ablate, ablation_overrides, ABLATION_FIELDS
@@ -650,7 +650,7 @@ field is an override for every run (--epochs 3 --eval_every 1 ...). Outputs in O
 runs/JOB/seedK/ (checkpoints, logs, predictions, result.json; QVHighlights: submission.zip for CodaLab)."""
 
 def _parser()->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='videolights reproduce', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights reproduce',
         description="Train the paper's rows with the official recipes and compare with the published numbers.",
         epilog=_EPILOG)
     p.add_argument('--data', help='folder holding the official feature archives (see `videolights features check`)')

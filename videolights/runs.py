@@ -19,7 +19,7 @@ from .model import build_model
 from . import ops
 from .loss import build_criterion
 from .metrics import eval_submission
-from .errors import BadInputError, MissingFileError, writing
+from .errors import BadInputError, MissingFileError, writing, command_parser
 from .shards import batch_shares, shard_path, parse_shard
 from .artifacts import resolve_model, load_any, ModelSource
 from .train import (set_seed, load_checkpoint, load_weights, nms_submission, Evaluator, RunOptions,
@@ -93,8 +93,8 @@ def build_dataset(cfg, data:str|Path|None, split:str, pretrain:bool=False, label
     ds = VLDataset(recs, find_features(data, cfg), cfg.dset_name, v, t, cfg.clip_len, cfg.max_v_l, cfg.max_q_l,
                    cfg.max_windows, cfg.use_tef, labels, pretrain, cfg.normalize_v, cfg.normalize_t,
                    cfg.dset_domain if cfg.dset_name == 'tvsum' else None, seed=cfg.seed)
-    if not len(ds): raise BadInputError(f"no records of domain {cfg.dset_domain!r} ({len(recs)} records read)",
-                                        file=path)
+    if not len(ds):
+        raise BadInputError(f"no records of domain {cfg.dset_domain!r} ({len(recs)} records read)", file=path)
     return ds
 
 PRETRAIN_MARKERS = ('pre_train', 'subs_train')   # the official loader's test on the annotation path
@@ -192,8 +192,8 @@ def _convert(name:str, ann:str, v:str):
         if v.lower() in ('1', 'true', 'yes', 'on'): return True
         if v.lower() in ('0', 'false', 'no', 'off'): return False
         raise ValueError(f"--{name}: expected true/false, got {v!r}")
-    if 'tuple' in ann: return tuple(int(x) if x.strip().lstrip('-').isdigit() else x.strip() for x in v.split(',')
-                                    if x.strip())
+    if 'tuple' in ann:
+        return tuple(int(x) if x.strip().lstrip('-').isdigit() else x.strip() for x in v.split(',') if x.strip())
     if 'dict' in ann: return json.loads(v)
     if 'int' in ann and 'float' not in ann: return int(v)
     if 'float' in ann: return float(v)
@@ -355,8 +355,8 @@ def _run_args(p:argparse.ArgumentParser):
     g = p.add_argument_group('how to run')
     g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     g.add_argument('--amp', default='off', choices=['off', 'auto', 'bf16', 'fp16'],
-                   help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA (default off: '
-                        'float32)')
+                   help='mixed precision: bf16 on CUDA or on a CPU with AVX512-BF16/AMX, fp16 on CUDA '
+                        '(default off: float32)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--plain-model', action='store_true',
                    help='run the plain model of 07_model, without the fast layers '
@@ -372,9 +372,10 @@ def _run_args(p:argparse.ArgumentParser):
     g.add_argument('--no-progress', action='store_true', help='no progress bars (default: bars only on a terminal)')
     g.add_argument('--no-tensorboard', action='store_true', help='no TensorBoard logs even if installed')
 
+# %% ../nbs/11a_runs.ipynb #f2aa6c1d
 def _train_parser()->argparse.ArgumentParser:
     "The command line of `videolights train`."
-    p = argparse.ArgumentParser(prog='videolights train', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights train',
         description='Train VideoLights (or any preset) and keep the best checkpoint by the official MR composite.',
         epilog=_TRAIN_EPILOG)
     p.add_argument('--preset', default=None, help=f"one of {sorted(PRESETS)} (default: the --config file's, else tiny)")
@@ -419,6 +420,7 @@ def _new_run(p:argparse.ArgumentParser, a:argparse.Namespace, over:dict)->tuple:
         cfg = dataclasses.replace(cfg, max_v_l=SYNTH_TRAIN_DEFAULTS['max_v_l'])   # whole 150-s videos
     return cfg, _run_options(a), Path(a.out or '.'), a.data, (over.get('train_path'), over.get('eval_path'))
 
+# %% ../nbs/11a_runs.ipynb #1d48cd6f
 def _fit_run(a:argparse.Namespace, out:Path, model:nn.Module, crit:nn.Module, tr_ds, cfg, opts:RunOptions, ev,
              info:dict)->int:
     "Train the built run; the exit status (a stopped run says why on one line of stderr)."
@@ -481,6 +483,7 @@ def train_main(argv:list[str]|None=None)->int:
                 f"{out/'previous'})")
     return _fit_run(a, out, model, crit, tr_ds, cfg, opts, ev, info)
 
+# %% ../nbs/11a_runs.ipynb #63498861
 def data_is_synth(data)->bool:
     "Whether `data` is a dataset folder written by `videolights synth`."
     return bool(data) and (Path(data)/'synth_info.json').is_file()
@@ -503,8 +506,8 @@ def _known(d:dict)->dict:
 def _run_info(run:Path)->dict:
     "The run's `config.json` (what `fit` wrote at the start), with one-line errors when it is missing or damaged."
     p = run/'config.json'
-    if not p.is_file(): raise MissingFileError('no config.json: not a run folder written by videolights train',
-                                               file=run)
+    if not p.is_file():
+        raise MissingFileError('no config.json: not a run folder written by videolights train', file=run)
     try: return json.loads(p.read_text(encoding='utf-8'))
     except (ValueError, UnicodeDecodeError) as e: raise BadInputError(f'not valid JSON ({e})', file=p) from None
 
@@ -576,9 +579,10 @@ def evaluate(ckpt:str|Path, data:str|Path|None, split:str='val', out:str|Path|No
     if own_group: dist.destroy_process_group()
     return metrics, sub, path
 
+# %% ../nbs/11a_runs.ipynb #e7dbd919
 def evaluate_main(argv:list[str]|None=None)->int:
     "`videolights evaluate`: a checkpoint on a split → official submission file (+ metrics)."
-    p = argparse.ArgumentParser(prog='videolights evaluate', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights evaluate',
         description='Run a checkpoint on a split; write hl_{split}_submission.jsonl in the official format and, '
                     'when the split has labels, hl_{split}_submission_metrics.json.',
         epilog="examples:\n  videolights evaluate --ckpt runs/demo/run --data runs/demo/data --split val\n"

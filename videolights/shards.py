@@ -4,13 +4,14 @@
 
 # %% ../nbs/03a_shards.ipynb #d52a447f
 from __future__ import annotations
-import re, json, shutil, argparse
+import re, json, shutil
 from pathlib import Path
 from typing import Sequence
 import h5py
 from .data import index_store
 from .metrics import eval_submission, format_table, read_jsonl, EVALUATORS
-from .errors import BadInputError, iter_jsonl, atomic_output, write_text_atomic, cli_errors
+from .errors import (BadInputError, iter_jsonl, atomic_output, write_text_atomic, cli_errors,
+                    command_parser)
 
 # %% auto #0
 __all__ = ['parse_shard', 'share_by_duration', 'batch_shares', 'shard_path', 'shard_of', 'check_shards', 'open_shard_store',
@@ -196,8 +197,7 @@ def merge_submissions(parts:Sequence[str|Path], # partial submission files (json
 # %% ../nbs/03a_shards.ipynb #9a56b986
 def merge_features_main(argv:list[str]|None=None)->int:
     "`videolights merge-features OUT.h5 SHARD...`: shard stores of `extract --shard K/N` -> one store."
-    p = argparse.ArgumentParser(prog='videolights merge-features',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights merge-features',
         description='Merge the shard stores written by `videolights extract --shard K/N` (one per K) into one HDF5 '
                     'store, equal to what one process extracting every video writes.',
         epilog='examples:\n  videolights merge-features feats.h5 feats.shard-*-of-8.h5\n'
@@ -215,8 +215,7 @@ def merge_features_main(argv:list[str]|None=None)->int:
 
 def merge_submissions_main(argv:list[str]|None=None)->int:
     "`videolights merge-submissions OUT.jsonl PART...`: partial submissions -> one submission (+ metrics)."
-    p = argparse.ArgumentParser(prog='videolights merge-submissions',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights merge-submissions',
         description='Merge partial submission files (evaluate/predict --shard K/N) into one, checking that every '
                     'qid appears exactly once; with --gt, also score it with the official metrics.',
         epilog='examples:\n'

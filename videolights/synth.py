@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from .spans import temporal_iou
-from .errors import BadInputError, Records, atomic_output, write_text_atomic, remove_stale_temps
+from .errors import (BadInputError, Records, atomic_output, write_text_atomic, remove_stale_temps,
+                    command_parser)
 
 # %% auto #0
 __all__ = ['QVH_COUNTS', 'STOP_WORDS', 'SIZES', 'default_ann_dir', 'read_qvh_split', 'query_words', 'content_words',
@@ -455,10 +456,10 @@ def _int_tuple(s:str)->tuple:
 
 def synth_main(argv:list[str]|None=None)->int:
     "CLI: `videolights synth --out DIR --seed N [--size tiny|small|qvh] [--dims tiny|small|real] ...`."
-    ap = argparse.ArgumentParser(prog='videolights synth', epilog=_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description='Write a synthetic QVHighlights-format dataset '
-                                             '(official feature layout + HDF5).')
+    ap = command_parser('videolights synth',
+        description='Write a synthetic QVHighlights-format dataset '
+                    '(official feature layout + HDF5).',
+        epilog=_EPILOG)
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--seed', type=int, default=0, help='same seed and options → byte-identical jsonl and npz files')
     ap.add_argument('--size', choices=list(SIZES), default='small',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_video.ipynb #09cff2b4
 from __future__ import annotations
-import os, sys, re, json, math, html, gzip, pickle, zipfile, argparse, importlib
+import os, sys, re, json, math, html, gzip, pickle, zipfile, importlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from .spans import span_cxw_to_xx, temporal_iou, temporal_endpoint_feature
 from .data import stack_sources, keep_freed_memory, index_store, feature_stamp, feature_dirs
 from .shards import parse_shard, share_by_duration, shard_path, open_shard_store, merge_features
 from .train import DistInfo, init_distributed, wants_cuda, _gather_list
-from .errors import BadInputError, Records, write_text_atomic, write_figure, cli_errors
+from .errors import BadInputError, Records, write_text_atomic, write_figure, cli_errors, command_parser
 
 # %% auto #0
 __all__ = ['ENCODERS', 'VIDEO_EXTS', 'BAD_INPUT', 'require', 'make_test_video', 'frame_index_of', 'VideoError', 'VideoInfo',
@@ -1085,7 +1085,7 @@ BAD_INPUT = (VideoError, ImportError, OSError, ValueError)   # what the commands
 
 def extract_main(argv:list[str]|None=None)->int:
     "`videolights extract`: encode videos (and queries) into an HDF5 feature store."
-    p = argparse.ArgumentParser(prog='videolights extract', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights extract',
         description='Extract clip features from your own videos (and text features from a queries jsonl) into '
                     'the HDF5 store that `open_features` and `videolights train --data` read.',
         epilog='examples:\n'
@@ -1477,7 +1477,7 @@ def plot_predictions(preds:list[Prediction], top_k:int=5):
 # %% ../nbs/13_video.ipynb #ffc5f845
 def predict_main(argv:list[str]|None=None)->int:
     "`videolights predict`: moments for text queries in one video."
-    p = argparse.ArgumentParser(prog='videolights predict', formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser('videolights predict',
         description='Find the moments that match text queries in a video (any length: long videos are processed '
                     'in overlapping windows of the model\'s length).',
         epilog='examples:\n'
