@@ -14,7 +14,7 @@ from videolights.config import get_preset
 from videolights.loss import build_criterion, total_loss
 from videolights.model import build_model as build_plain
 from videolights.ops import accelerate
-from videolights.train import _to as to  # tensors in nested dicts/lists to a device
+from videolights.data import move_batch as to  # tensors in nested dicts/lists to a device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from fastcore.basics import patch_to
-from .train import _to
+from .data import move_batch
 from .errors import atomic_output, cli_errors, command_parser
 from .visualize import Explorer, explore, plot_saliency, top_clips, _attn_shape
 from .video import (VideoLightsPredictor, Prediction, EncodedVideo, VideoError, VIDEO_EXTS, frames_at,
@@ -73,7 +73,7 @@ def window_outputs(predictor:VideoLightsPredictor, query:str,
     with torch.no_grad():
         out = predictor.model(src_txt=st.to(dev), src_txt_mask=stm.to(dev), src_vid=sv.to(dev),
                               src_vid_mask=svm.to(dev), return_attn=True)
-    return _to(out, 'cpu'), starts[i]
+    return move_batch(out, 'cpu'), starts[i]
 
 # %% ../nbs/17_app.ipynb #e8be39c3
 def detail_figure(pred:Prediction, video:str|Path,

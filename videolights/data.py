@@ -802,14 +802,13 @@ def collate(items:list[dict])->tuple[dict,dict,list]: # (model_inputs, targets, 
     return model_inputs, targets, [it['meta'] for it in items]
 
 # %% ../nbs/01_data.ipynb #377d5e60
-def move_batch(batch:tuple, # (model_inputs, targets, metas) from `collate`
-               device:str|torch.device, non_blocking:bool=False)->tuple:
-    "Move a collated batch to `device` (metas untouched)."
-    model_inputs, targets, metas = batch
-    mv = lambda t: t.to(device, non_blocking=non_blocking)
-    mi = {k: mv(v) for k, v in model_inputs.items()}
-    tg = {k: ([dict(spans=mv(d['spans'])) for d in v] if k == 'span_labels' else mv(v)) for k, v in targets.items()}
-    return mi, tg, metas
+def move_batch(batch, # a collated batch (model_inputs, targets, metas), or any nest of dicts, lists and tuples
+               device:str|torch.device, non_blocking:bool=False):
+    "Every tensor in `batch` moved to `device`, in the same nest of dicts, lists and tuples; anything else as it is."
+    if isinstance(batch, Tensor): return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict): return {k: move_batch(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)): return type(batch)(move_batch(v, device, non_blocking) for v in batch)
+    return batch
 
 # %% ../nbs/01_data.ipynb #91f2f297
 def _seed_worker(worker_id:int):

@@ -18,7 +18,7 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
-from .data import _seed_worker
+from .data import _seed_worker, move_batch
 from .loss import _to_float32
 from .artifacts import init_weights, _unreadable_checkpoint
 from .ops import accelerate
@@ -294,12 +294,6 @@ class TrainState:
     rng:dict|None=None      # RNG states at the last optimiser step (for an exact mid-epoch resume)
     sums:dict|None=None     # this rank's loss sums over the micro-batches of `epoch` applied so far ('_n': how many)
 
-def _to(x, device, non_blocking=False):
-    if isinstance(x, Tensor): return x.to(device, non_blocking=non_blocking)
-    if isinstance(x, dict): return {k: _to(v, device, non_blocking) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_to(v, device, non_blocking) for v in x)
-    return x
-
 def _no_sync(model):
     return getattr(model, '_orig_mod', model).no_sync()
 
@@ -362,7 +356,7 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
     for i, (inputs, targets, metas) in enumerate(pbar):
         b = start + i + 1                                           # micro-batches done after this one
         last = b % accum == 0 or i + 1 == n_left
-        inputs, targets = _to(inputs, device, True), _to(targets, device, True)
+        inputs, targets = move_batch(inputs, device, True), move_batch(targets, device, True)
         if isinstance(targets, dict) and 'src_txt_mask' in inputs:
             targets.setdefault('src_txt_mask', inputs['src_txt_mask'])
         sync = nullcontext() if last or not di.enabled else _no_sync(model)
@@ -436,7 +430,7 @@ class Evaluator:
                         num_workers=self.nw, pin_memory=self.pin, generator=torch.Generator().manual_seed(0))
         lines = []
         for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not bars_on(progress, di)):
-            inputs = _to(inputs, device, True)
+            inputs = move_batch(inputs, device, True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = fwd(**inputs)
             lines += decode_predictions(out, metas, inputs['src_vid_mask'].cpu(), hp(self.cfg, 'clip_len'),
@@ -902,6 +896,172 @@ def _kill_point(phase:str, epoch:int):
         os.kill(os.getpid(), getattr(signal, 'SIG' + (sig[0] if sig else 'KILL').upper().removeprefix('SIG')))
 
 # %% ../nbs/11_train.ipynb #0a94373d
+@dataclass
+class _Run:
+    "What `fit` holds while a run goes on: the pieces `_open_run` set up, the run's state and its log."
+    model:nn.Module
+    criterion:nn.Module
+    train_ds:Dataset
+    cfg:object
+    out_dir:Path
+    opts:RunOptions
+    di:DistInfo
+    device:torch.device
+    optimizer:torch.optim.Optimizer
+    scheduler:object
+    scaler:object
+    amp_dtype:object
+    state:TrainState
+    snap:Callable           # the RNG states to checkpoint (`_snapshot_fn`)
+    setup:dict              # what the run runs under (`run_setup`)
+    net:nn.Module|None=None # the network stepped (`_wrap`)
+    loader:DataLoader|None=None
+    log:object=None         # `_Log`
+    t_start:float=0.
+    e_first:int=0           # the epoch this process started at
+
+    @property
+    def n_epoch(self)->int: return hp(self.cfg, 'n_epoch')
+
+    def stopped(self)->bool:
+        "Early stopping: more evaluations in a row without improvement than `max_es_cnt` (official: -1 never stops)."
+        max_es = hp(self.cfg, 'max_es_cnt')
+        return max_es != -1 and self.state.es_cnt > max_es
+
+    def keep(self, e:int)->bool:
+        "Whether epoch `e` leaves a periodic copy `model_e{e:04d}.ckpt`."
+        o = self.opts
+        every = o.save_every if o.save_every is not None else 10 if getattr(self.train_ds, 'pretrain', False) else 50
+        return (bool(every) and (e + 1) % every == 0
+                or o.save_every is None and (e + 1) % hp(self.cfg, 'lr_drop') == 0)
+
+    def save(self, name:str, metrics=None, ranks=None, on_written=None):
+        "Checkpoint `name` in the run directory (every rank gives its RNG states; rank 0 writes)."
+        ranks = ranks if ranks is not None else _gather_list([(self.snap(), self.state.sums)], self.di)
+        if self.di.is_main:
+            save_checkpoint(_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, self.state, self.cfg,
+                                        self.opts, ranks, metrics, self.setup), self.out_dir/name, on_written)
+
+def _resume(run:_Run)->list[str]:
+    "Restore the run from its `model_latest.ckpt`; returns the notes for the log."
+    ck = load_checkpoint(run.out_dir/'model_latest.ckpt')
+    run.state = _restore(ck, run.model, run.optimizer, run.scheduler, run.scaler, run.di)
+    _restore_dataset_rng(run.train_ds, run.state.rng)
+    notes = []
+    if ch := setup_changes(ck, run.setup, run.opts):
+        notes.append(f"warning: resuming under another set-up than the checkpoint's ({', '.join(ch)}): the run "
+                     "goes on, but its results will differ from an uninterrupted run's")
+    if n := _main_first(lambda: trim_log(run.out_dir/'log.jsonl', run.state.epoch), run.di):
+        notes.append(f"log.jsonl: dropped {n} record(s) of epoch {run.state.epoch}, redone (its checkpoint was "
+                     "never written)")
+    return notes
+
+def _open_run(stack:ExitStack, model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:Path,
+              opts:RunOptions, collate_fn:Callable|None, resume:bool, overwrite:bool, run_info:dict|None,
+              di:DistInfo, device:torch.device)->_Run:
+    "Take the run directory, set up model, optimiser, state (restored on `resume`), loader and log, and say so."
+    left = _main_first(lambda: stack.enter_context(run_lock(out_dir)), di)   # rank 0 holds the directory
+    stack.enter_context(interrupts_raise())
+    notes = _main_first(lambda: _prepare_dir(out_dir, resume, overwrite), di) or []
+    if opts.deterministic: set_deterministic(True)
+    model.to(device)
+    criterion.to(device)
+    if opts.accelerate: accelerate(model)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    amp_dtype = _amp_dtype(opts.amp, device)
+    scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+    state = TrainState(best_score=-1. if hp(cfg, 'fix_best_score_start') else 0.)
+    run = _Run(model, criterion, train_ds, cfg, out_dir, opts, di, device, optimizer, scheduler, scaler, amp_dtype,
+               state, _snapshot_fn(train_ds), run_setup(device, di.world_size))
+    if resume: notes += _resume(run)
+    elif di.rank > 0: set_seed(hp(cfg, 'seed') + di.rank)       # model weights come from rank 0 (DDP broadcast)
+    if di.is_main and not resume:
+        _write_json(dict(config=config_dict(cfg), options=asdict(opts), world_size=di.world_size,
+                         **(run_info or {})),
+                    out_dir/'config.json')
+    run.net = _wrap(model, opts, di, device)
+    run.loader = _train_loader(train_ds, cfg, opts, di, device, collate_fn)
+    run.log = log = _Log(out_dir, di.is_main, opts.tensorboard, opts.console)
+    stack.callback(log.close)
+    log.info(f"{'resume' if resume else 'start'} {out_dir}: epochs {run.state.epoch}..{run.n_epoch - 1}, "
+             f"{len(train_ds)} training samples, batch {hp(cfg, 'bsz')} on {di.world_size} process(es), {device}" +
+             (f", {opts.amp}" if amp_dtype else '') +
+             f"; logs: train.log, log.jsonl{', tensorboard/' if log.tb else ''}")
+    for n in [_took_over(out_dir, left or {})] + notes:
+        if n: log.info(n, logging.WARNING if n.startswith('warning') else logging.INFO)
+    run.t_start, run.e_first = time.time(), run.state.epoch
+    return run
+
+def _commit_epoch(run:_Run, e:int, losses:dict, t_train:float, ev:tuple|None, evaluator:Evaluator|None):
+    "Epoch `e` done: schedule, log, the evaluation's verdict and the checkpoints, the latest written last."
+    st, log, cfg = run.state, run.log, run.cfg
+    run.scheduler.step()
+    log('train', e, dict(losses, lr=run.optimizer.param_groups[0]['lr'], time_s=round(t_train, 3)))
+    metrics, improved = None, False
+    if ev is not None:
+        metrics, sub = ev
+        improved = run.di.is_main and _record_eval(run.out_dir, evaluator.split, sub, metrics, st, e, log,
+                                                   hp(cfg, 'dset_name'), getattr(cfg, 'best_metric_weights', None))
+        if run.di.enabled:                                  # every rank learns the verdict of rank 0
+            b = [improved, st.best_score, st.best_epoch]
+            dist.broadcast_object_list(b, 0)
+            improved, st.best_score, st.best_epoch = b
+        if evaluator.gt is not None: st.es_cnt = 0 if improved else st.es_cnt + 1
+    st.epoch, st.batch, st.sums = e + 1, 0, None
+    if improved: run.save('model_best.ckpt', metrics, on_written=lambda: _kill_point('best', e))
+    if run.stopped():
+        log('early_stop', e, dict(es_cnt=st.es_cnt, best_score=st.best_score, best_epoch=st.best_epoch))
+        _kill_point('early_stop', e)
+    if run.keep(e): run.save(f'model_e{e:04d}.ckpt', metrics)
+    run.save('model_latest.ckpt', metrics, on_written=lambda: _kill_point('ckpt', e))   # the commit
+    st.rng = None
+
+def _run_epoch(run:_Run, evaluator:Evaluator|None, on_step:Callable|None):
+    "Train epoch `state.epoch` (from its next micro-batch on a resume), evaluate it when due, commit it."
+    st, cfg, opts, di = run.state, run.cfg, run.opts, run.di
+    e, t0 = st.epoch, time.time()
+    if st.batch == 0: st.rng, st.sums = run.snap(), None
+    run.loader.sampler.set_epoch(e, start=st.batch * (hp(cfg, 'bsz') // di.world_size))
+    run.loader.generator.manual_seed(hp(cfg, 'seed') + e)
+
+    def stepped(s):
+        if on_step: on_step(s)
+        _kill_point('batch', s.epoch)
+    losses = train_one_epoch(run.net, run.criterion, run.loader, run.optimizer, st, run.device, cfg, opts.grad_accum,
+                             run.amp_dtype, run.scaler, di, opts.progress, stepped, run.snap)
+    t_train, ev = time.time() - t0, None
+    if evaluator is not None and ((e + 1) % (opts.eval_every or hp(cfg, 'eval_every')) == 0 or e + 1 == run.n_epoch):
+        ev = evaluator(run.model, run.device, di, run.amp_dtype, opts.progress, opts.cuda_graphs)
+        _kill_point('eval', e)
+    with deferred_signals():   # epoch e is done once all of this is written; an interrupt waits for it
+        _commit_epoch(run, e, losses, t_train, ev, evaluator)
+    n = run.n_epoch
+    run.log.epoch(e, n, st, (time.time() - run.t_start) / (e + 1 - run.e_first) * (n - e - 1))
+    if run.stopped(): run.log.info(f"early stop at epoch {e}: {st.es_cnt} evaluations without improvement "
+                                   f"(max_es_cnt={hp(cfg, 'max_es_cnt')}); best score {st.best_score:.2f} at epoch "
+                                   f"{st.best_epoch}")
+
+def _finish(run:_Run, evaluator:Evaluator|None):
+    "The end of a run: the curves figure and the closing line of the log."
+    st, log, out_dir = run.state, run.log, run.out_dir
+    curves = (_write_curves(out_dir, log) if log.on and run.opts.curves and (out_dir/'log.jsonl').is_file()
+              else None)
+    best = (f"; best score {st.best_score:.2f} at epoch {st.best_epoch}" if st.best_epoch >= 0 else
+            f"; no evaluation scored above {st.best_score:g}, so there is no model_best.ckpt (the official "
+            "rule; fix_best_score_start=True keeps the first)" if evaluator is not None else '')
+    log.info(f"end {out_dir}: {st.epoch} epochs, {_hms(time.time() - run.t_start)}{best}" +
+             (f"; curves: {curves}" if curves else ''))
+
+def _interrupted(run:_Run, ex:KeyboardInterrupt, resume_cmd:str|None):
+    "Ctrl-C or SIGTERM: save what the epoch in progress has done and tell how to continue."
+    if run.state.rng is not None:   # None: nothing happened since the epoch's checkpoint was written
+        run.save('model_latest.ckpt', ranks=[(run.state.rng, run.state.sums)])
+    if run.di.is_main:
+        how = resume_cmd or f"videolights train --resume {run.out_dir}"
+        print(f"\ninterrupted ({signal.Signals(getattr(ex, 'signum', signal.SIGINT)).name}) in epoch "
+              f"{run.state.epoch} after {run.state.batch} micro-batches: saved {run.out_dir/'model_latest.ckpt'}; "
+              f"continue with: {how}", file=sys.stderr)
+
 def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str|Path,
         opts:RunOptions=RunOptions(), collate_fn:Callable|None=None,
         evaluator:Evaluator|None=None, # scores the model every `eval_every` epochs and at the end
@@ -913,117 +1073,14 @@ def fit(model:nn.Module, criterion:nn.Module, train_ds:Dataset, cfg, out_dir:str
        )->TrainState:
     "Train `model` with `criterion` on `train_ds` for `cfg.n_epoch` epochs, checkpointing into `out_dir`."
     di, device = init_distributed(opts.device)
-    out_dir = Path(out_dir)
-    log_on = di.is_main
-    with ExitStack() as run:
-        left = _main_first(lambda: run.enter_context(run_lock(out_dir)), di)   # rank 0 holds the directory
-        run.enter_context(interrupts_raise())
-        notes = _main_first(lambda: _prepare_dir(out_dir, resume, overwrite), di) or []
-        if opts.deterministic: set_deterministic(True)
-        model.to(device)
-        criterion.to(device)
-        if opts.accelerate: accelerate(model)
-        optimizer, scheduler = build_optimizer(model, cfg)
-        amp_dtype = _amp_dtype(opts.amp, device)
-        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-        state = TrainState(best_score=-1. if hp(cfg, 'fix_best_score_start') else 0.)
-        snap, setup = _snapshot_fn(train_ds), run_setup(device, di.world_size)
-        if resume:
-            ck = load_checkpoint(out_dir/'model_latest.ckpt')
-            state = _restore(ck, model, optimizer, scheduler, scaler, di)
-            _restore_dataset_rng(train_ds, state.rng)
-            if ch := setup_changes(ck, setup, opts):
-                notes.append(f"warning: resuming under another set-up than the checkpoint's ({', '.join(ch)}): the run "
-                             "goes on, but its results will differ from an uninterrupted run's")
-            if n := _main_first(lambda: trim_log(out_dir/'log.jsonl', state.epoch), di):
-                notes.append(f"log.jsonl: dropped {n} record(s) of epoch {state.epoch}, redone (its checkpoint was "
-                             "never written)")
-        elif di.rank > 0: set_seed(hp(cfg, 'seed') + di.rank)       # model weights come from rank 0 (DDP broadcast)
-        if di.is_main and not resume:
-            _write_json(dict(config=config_dict(cfg), options=asdict(opts), world_size=di.world_size,
-                             **(run_info or {})),
-                        out_dir/'config.json')
-        net = _wrap(model, opts, di, device)
-        loader = _train_loader(train_ds, cfg, opts, di, device, collate_fn)
-        bsz, seed, world = hp(cfg, 'bsz'), hp(cfg, 'seed'), di.world_size
-        eval_every = opts.eval_every or hp(cfg, 'eval_every')
-        log = _Log(out_dir, log_on, opts.tensorboard, opts.console)
-        run.callback(log.close)
-        n_epoch, dset, max_es = hp(cfg, 'n_epoch'), hp(cfg, 'dset_name'), hp(cfg, 'max_es_cnt')
-        log.info(f"{'resume' if resume else 'start'} {out_dir}: epochs {state.epoch}..{n_epoch - 1}, {len(train_ds)} "
-                 f"training samples, batch {bsz} on {world} process(es), {device}" + (f", {opts.amp}"
-                         if amp_dtype else '') +
-                 f"; logs: train.log, log.jsonl{', tensorboard/' if log.tb else ''}")
-        for n in [_took_over(out_dir, left or {})] + notes:
-            if n: log.info(n, logging.WARNING if n.startswith('warning') else logging.INFO)
-        t_run, e_first = time.time(), state.epoch
-        every = opts.save_every if opts.save_every is not None else 10 if getattr(train_ds, 'pretrain', False) else 50
-        keep = lambda e: (bool(every) and (e + 1) % every == 0
-                          or opts.save_every is None and (e + 1) % hp(cfg, 'lr_drop') == 0)
-        stop = lambda: max_es != -1 and state.es_cnt > max_es   # official: -1 never stops
-
-        def save(name, metrics=None, ranks=None, on_written=None):
-            ranks = ranks if ranks is not None else _gather_list([(snap(), state.sums)], di)
-            if di.is_main: save_checkpoint(_checkpoint(model, optimizer, scheduler, scaler, state, cfg, opts, ranks,
-                                                       metrics, setup), out_dir/name, on_written)
-
-        def stepped(st):
-            if on_step: on_step(st)
-            _kill_point('batch', st.epoch)
-
+    with ExitStack() as stack:
+        run = _open_run(stack, model, criterion, train_ds, cfg, Path(out_dir), opts, collate_fn, resume, overwrite,
+                        run_info, di, device)
         try:
-            while state.epoch < n_epoch and not stop():
-                e, t0 = state.epoch, time.time()
-                if state.batch == 0: state.rng, state.sums = snap(), None
-                loader.sampler.set_epoch(e, start=state.batch * (bsz // world))
-                loader.generator.manual_seed(seed + e)
-                losses = train_one_epoch(net, criterion, loader, optimizer, state, device, cfg, opts.grad_accum,
-                                         amp_dtype, scaler, di, opts.progress, stepped, snap)
-                t_train, ev = time.time() - t0, None
-                if evaluator is not None and ((e + 1) % eval_every == 0 or e + 1 == n_epoch):
-                    ev = evaluator(model, device, di, amp_dtype, opts.progress, opts.cuda_graphs)
-                    _kill_point('eval', e)
-                with deferred_signals():   # epoch e is done once all of this is written; an interrupt waits for it
-                    scheduler.step()
-                    log('train', e, dict(losses, lr=optimizer.param_groups[0]['lr'], time_s=round(t_train, 3)))
-                    metrics, improved = None, False
-                    if ev is not None:
-                        metrics, sub = ev
-                        improved = di.is_main and _record_eval(out_dir, evaluator.split, sub, metrics, state, e, log,
-                                                               dset, getattr(cfg, 'best_metric_weights', None))
-                        if di.enabled:                                  # every rank learns the verdict of rank 0
-                            b = [improved, state.best_score, state.best_epoch]
-                            dist.broadcast_object_list(b, 0)
-                            improved, state.best_score, state.best_epoch = b
-                        if evaluator.gt is not None: state.es_cnt = 0 if improved else state.es_cnt + 1
-                    state.epoch, state.batch, state.sums = e + 1, 0, None
-                    if improved: save('model_best.ckpt', metrics, on_written=lambda: _kill_point('best', e))
-                    if stop():
-                        log('early_stop', e,
-                            dict(es_cnt=state.es_cnt, best_score=state.best_score, best_epoch=state.best_epoch))
-                        _kill_point('early_stop', e)
-                    if keep(e): save(f'model_e{e:04d}.ckpt', metrics)
-                    save('model_latest.ckpt', metrics, on_written=lambda: _kill_point('ckpt', e))   # the commit
-                    state.rng = None
-                log.epoch(e, n_epoch, state, (time.time() - t_run) / (e + 1 - e_first) * (n_epoch - e - 1))
-                if stop(): log.info(f"early stop at epoch {e}: {state.es_cnt} evaluations without improvement "
-                                    f"(max_es_cnt={max_es}); best score {state.best_score:.2f} at epoch "
-                                    f"{state.best_epoch}")
-            curves = _write_curves(out_dir, log) if log.on and opts.curves and (out_dir/'log.jsonl').is_file() else None
-            best = (f"; best score {state.best_score:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else
-                    f"; no evaluation scored above {state.best_score:g}, so there is no model_best.ckpt (the official "
-                    "rule; fix_best_score_start=True keeps the first)" if evaluator is not None else '')
-            log.info(f"end {out_dir}: {state.epoch} epochs, {_hms(time.time() - t_run)}{best}" +
-                     (f"; curves: {curves}" if curves else ''))
+            while run.state.epoch < run.n_epoch and not run.stopped(): _run_epoch(run, evaluator, on_step)
+            _finish(run, evaluator)
         except KeyboardInterrupt as ex:
-            if state.rng is not None:   # None: nothing happened since the epoch's checkpoint was written
-                save('model_latest.ckpt', ranks=[(state.rng, state.sums)])
-            if di.is_main:
-                how = resume_cmd or f"videolights train --resume {out_dir}"
-                print(f"\ninterrupted ({signal.Signals(getattr(ex, 'signum', signal.SIGINT)).name}) in epoch "
-                      f"{state.epoch} after {state.batch} micro-batches: saved {out_dir/'model_latest.ckpt'}; continue "
-                      f"with: {how}",
-                      file=sys.stderr)
+            _interrupted(run, ex, resume_cmd)
             raise
     if di.enabled: dist.barrier()  # leave together: rank 0 may still be writing while the others would tear down
-    return state
+    return run.state

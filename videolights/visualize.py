@@ -15,8 +15,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .spans import span_cxw_to_xx, temporal_iou
 from .matcher import HungarianMatcher, match_cost, pad_target_spans
-from .data import collate
-from .train import _to
+from .data import collate, move_batch
 from .runs import build_dataset, load_model
 from .errors import MissingFileError, Records
 
@@ -466,7 +465,7 @@ def model_outputs_fn(model, # a `VideoLights` (or any model taking the batch con
         inputs, _, _ = collate([dataset[index[qid]]])
         model.eval()
         with torch.no_grad():
-            return _to(model(**_to(inputs, model_device(model)), return_attn=True), 'cpu')  # plots want CPU
+            return move_batch(model(**move_batch(inputs, model_device(model)), return_attn=True), 'cpu')  # plots: CPU
     return fn
 
 def _is_run(p)->bool: return isinstance(p, (str, Path)) and Path(p).is_dir() and any(Path(p).glob('model_*.ckpt'))
