@@ -23,19 +23,20 @@ from .loss import _to_float32
 from .artifacts import init_weights, _unreadable_checkpoint
 from .ops import accelerate
 from .accel import GraphedInference, GraphedTraining
-from .errors import (UserError, BadInputError, MissingFileError, check_input, atomic_output,
+from .errors import (UserError, BadInputError, MissingFileError, Records, check_input, atomic_output,
                                 write_text_atomic, write_figure, pid_alive, remove_stale_temps)
 
 # %% auto #0
-__all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS',
+__all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY', 'SPAN_LOSS', 'LOG', 'REPORT_METRICS', 'METRICS',
            'RESULT_OPTIONS', 'LOCK_NAME', 'RUN_FILES', 'KILL_ENV', 'set_seed', 'get_rng_state', 'set_rng_state',
            'set_deterministic', 'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda',
            'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'postprocess_windows', 'decode_predictions', 'official_temporal_nms', 'nms_submission', 'NonFiniteLossError',
            'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on', 'train_one_epoch', 'Evaluator', 'RunOptions',
-           'cpu_native_bf16', 'config_dict', 'epoch_line', 'run_setup', 'setup_changes', 'check_weights',
-           'model_weights', 'load_weights', 'read_best_metrics', 'RunLockedError', 'check_unlocked', 'run_lock',
-           'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted', 'interrupts_raise', 'fit']
+           'cpu_native_bf16', 'config_dict', 'epoch_line', 'read_log', 'plot_training_curves', 'run_setup',
+           'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'read_best_metrics', 'RunLockedError',
+           'check_unlocked', 'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted',
+           'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -596,15 +597,58 @@ class _Log:
         if self.tb: self.tb.close()
 
 def _write_curves(out_dir:Path, log:_Log)->Path|None:
-    "Draw RUN_DIR/training_curves.png from `log.jsonl` (the plotting module is imported here, when a run ends)."
+    "Draw RUN_DIR/training_curves.png from `log.jsonl` (`plot_training_curves`, below)."
     try:
-        from videolights.visualize import plot_training_curves, plt
+        import matplotlib.pyplot as plt
         fig = plot_training_curves(out_dir)
         write_figure(fig, out_dir/'training_curves.png', dpi=100)
         plt.close(fig)
         return out_dir/'training_curves.png'
     except Exception as e:
         log.info(f"no training_curves.png: {type(e).__name__}: {e}", logging.WARNING)
+
+# %% ../nbs/11_train.ipynb #015886d8
+# the official `brief` keys of the paper's tables, in their column order
+METRICS = ['MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP@0.5', 'MR-full-mAP@0.75', 'MR-full-mAP',
+           'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1']
+
+def read_log(run, # run folder (its `log.jsonl` or `metrics.jsonl`) or a jsonl path
+            )->'pd.DataFrame':
+    "A run's metrics log as a flat DataFrame."
+    import pandas as pd
+    p = Path(run)
+    if p.is_dir(): p = next((p/n for n in ('metrics.jsonl', 'log.jsonl') if (p/n).exists()), p/'metrics.jsonl')
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no metrics log (expected metrics.jsonl or log.jsonl in the run folder)")
+    return pd.json_normalize(Records.from_jsonl(p), sep='/')
+
+def _xcol(df): return next((c for c in ('epoch', 'step', 'iter') if c in df), None)
+
+def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jsonl path
+                         loss_cols=None, metric_cols=None, # default: columns containing 'loss' / the MR-HL metrics
+                         title:str|None=None):
+    "Loss curves (left) and validation metrics (right) of a run."
+    import pandas as pd
+    import matplotlib.pyplot as plt
+    df = log if isinstance(log, pd.DataFrame) else read_log(log)
+    x = _xcol(df)
+    num = [c for c in df.select_dtypes('number').columns if c != x]
+    loss_cols = loss_cols or [c for c in num if 'loss' in c.lower() and not c[-1:].isdigit()][:6]
+    metric_cols = metric_cols or ([c for c in num
+                                   if c.split('/')[-1] in METRICS and 'R1@0.7' not in c and 'mAP@' not in c]
+                                  or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 2.6))
+    for cols, ax in ((loss_cols, a1), (metric_cols, a2)):
+        for c in cols:
+            d = df[[x, c] if x else [c]].dropna()
+            ax.plot(d[x] if x else d.index, d[c], marker='.', ms=3, lw=1, label=c.split('/')[-1])
+        if cols: ax.legend(fontsize=6)
+        ax.set_xlabel(x or 'record')
+    if loss_cols: a1.set_yscale('log')
+    a1.set_title('losses', fontsize=9)
+    a2.set_title('validation', fontsize=9)
+    if title: fig.suptitle(title, fontsize=9)
+    return fig
 
 # %% ../nbs/11_train.ipynb #d4e89c42
 def _unwrap(model:nn.Module)->nn.Module:

@@ -20,12 +20,11 @@ from .runs import build_dataset, load_model
 from .errors import MissingFileError, Records
 
 # %% auto #0
-__all__ = ['METRICS', 'SWITCHES', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency', 'top_clips',
-           'plot_saliency', 'attn_layers', 'attn_map', 'attn_families', 'plot_attention', 'relevance_map',
-           'plot_decoder_attention', 'model_device', 'attribute', 'plot_attribution', 'plot_cost_matrix',
-           'matching_cost', 'read_log', 'plot_training_curves', 'query_metrics', 'plot_query', 'Explorer',
-           'token_labels', 'model_outputs_fn', 'load_run', 'explore', 'paper_ablations', 'parse_switches',
-           'plot_ablation']
+__all__ = ['SWITCHES', 'load_jsonl_records', 'by_qid', 'best_iou', 'plot_timeline', 'gt_saliency', 'top_clips', 'plot_saliency',
+           'attn_layers', 'attn_map', 'attn_families', 'plot_attention', 'relevance_map', 'plot_decoder_attention',
+           'model_device', 'attribute', 'plot_attribution', 'plot_cost_matrix', 'matching_cost', 'query_metrics',
+           'plot_query', 'Explorer', 'token_labels', 'model_outputs_fn', 'load_run', 'explore', 'paper_ablations',
+           'parse_switches', 'plot_ablation', 'METRICS', 'read_log', 'plot_training_curves']
 
 # %% ../nbs/12_visualize.ipynb #2aceae8c
 def load_jsonl_records(src, # a `.jsonl` path, a run folder holding `best_val_preds.jsonl`, or a list of dicts
@@ -315,45 +314,8 @@ def matching_cost(outputs:dict, # model outputs: pred_logits (B, Nq, 2), pred_sp
     return C[b, :, :n].numpy(), tuple(i.numpy() for i in idx)
 
 # %% ../nbs/12_visualize.ipynb #63ad147c
-def read_log(run, # run folder (its `log.jsonl` or `metrics.jsonl`) or a jsonl path
-            )->pd.DataFrame:
-    "A run's metrics log as a flat DataFrame."
-    p = Path(run)
-    if p.is_dir(): p = next((p/n for n in ('metrics.jsonl', 'log.jsonl') if (p/n).exists()), p/'metrics.jsonl')
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no metrics log (expected metrics.jsonl or log.jsonl in the run folder)")
-    return pd.json_normalize(load_jsonl_records(p), sep='/')
-
-# the official `brief` keys of the paper's tables, in their column order
-METRICS = ['MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP@0.5', 'MR-full-mAP@0.75', 'MR-full-mAP',
-           'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1']
-
-def _xcol(df): return next((c for c in ('epoch', 'step', 'iter') if c in df), None)
-
-# %% ../nbs/12_visualize.ipynb #a48cb397
-def plot_training_curves(log, # DataFrame from `read_log`, or a run folder / jsonl path
-                         loss_cols=None, metric_cols=None, # default: columns containing 'loss' / the MR-HL metrics
-                         title:str|None=None):
-    "Loss curves (left) and validation metrics (right) of a run."
-    df = log if isinstance(log, pd.DataFrame) else read_log(log)
-    x = _xcol(df)
-    num = [c for c in df.select_dtypes('number').columns if c != x]
-    loss_cols = loss_cols or [c for c in num if 'loss' in c.lower() and not c[-1:].isdigit()][:6]
-    metric_cols = metric_cols or ([c for c in num
-                                   if c.split('/')[-1] in METRICS and 'R1@0.7' not in c and 'mAP@' not in c]
-                                  or [c for c in num if any(k in c for k in ('R1@', 'mAP', 'Hit1'))])[:6]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 2.6))
-    for cols, ax in ((loss_cols, a1), (metric_cols, a2)):
-        for c in cols:
-            d = df[[x, c] if x else [c]].dropna()
-            ax.plot(d[x] if x else d.index, d[c], marker='.', ms=3, lw=1, label=c.split('/')[-1])
-        if cols: ax.legend(fontsize=6)
-        ax.set_xlabel(x or 'record')
-    if loss_cols: a1.set_yscale('log')
-    a1.set_title('losses', fontsize=9)
-    a2.set_title('validation', fontsize=9)
-    if title: fig.suptitle(title, fontsize=9)
-    return fig
+from .train import METRICS, read_log, plot_training_curves   # with the log they read
+_all_ = ['METRICS', 'read_log', 'plot_training_curves']
 
 # %% ../nbs/12_visualize.ipynb #51517baa
 def query_metrics(pred:dict, gt:dict, clip_len:float=2.)->dict:
