@@ -1,4 +1,5 @@
-"""The official `inference.py` and `videolights evaluate` on the same official checkpoint (tools/check_official_infer.py).
+"""The official `inference.py` and `videolights evaluate` on the same official checkpoint
+(tools/check_official_infer.py).
 
 The whole comparison runs only where the official checkout and its environment exist ($VIDEOLIGHTS_OFFICIAL,
 $VIDEOLIGHTS_OFFICIAL_PY; made by tools/official/setup.sh) and is slow. What it found, fixed in the package, is tested
@@ -64,7 +65,8 @@ def _tvsum_data(root: Path, seed: int = 0) -> Path:
     (root / 'features' / 'video_features').mkdir(parents=True)
     (root / 'features' / 'query_features').mkdir()
     recs = [json.loads(l) for l in (ROOT / 'data' / 'tvsum' / 'tvsum_val.jsonl').read_text().splitlines() if l.strip()]
-    recs += [json.loads(l) for l in (ROOT / 'data' / 'tvsum' / 'tvsum_train.jsonl').read_text().splitlines() if l.strip()]
+    train = (ROOT / 'data' / 'tvsum' / 'tvsum_train.jsonl').read_text().splitlines()
+    recs += [json.loads(l) for l in train if l.strip()]
     recs = [r for r in recs if r['domain'] == 'BK']
     (root / 'tvsum_val.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
     for r in recs:
@@ -130,7 +132,8 @@ def test_evaluate_official_tvsum_checkpoint_float32_saliency(tmp_path):
 
 
 def test_charades_scored_by_the_official_inference_evaluator():
-    "Charades-STA metrics of evaluate/train are the VideoLights evaluator's (no R5, which only `eval --dataset charades` adds)."
+    """Charades-STA metrics of evaluate/train are the VideoLights evaluator's (no R5, which only `eval --dataset
+    charades` adds)."""
     from videolights.metrics import eval_submission, make_noisy_submission
     from videolights.runs import official_metrics
     gt = [json.loads(l) for l in (ROOT / 'data' / 'charades_sta' / 'charades_sta_test_tvr_format.jsonl')

@@ -48,10 +48,12 @@ def test_recorder_sees_losses_norms_lr_and_epoch_params():
             x = torch.randn(4, 3)
             ld = crit(model(x), None, e)
             loss = ld['loss_a'] * 2.0
-            opt.zero_grad(); loss.backward()
+            opt.zero_grad()
+            loss.backward()
             pre = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
-            opt.step(); sched.step()
+            opt.step()
+            sched.step()
             assert rec.steps[-1]['total'] == pytest.approx(float(loss.detach())) and rec.steps[-1]['epoch'] == e
             assert rec.steps[-1]['gnorm_pre'] == pytest.approx(pre, rel=1e-6)
             assert rec.steps[-1]['gnorm_post'] == pytest.approx(min(pre, 0.01), rel=1e-4)

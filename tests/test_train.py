@@ -32,7 +32,8 @@ class ToyModel(nn.Module):
         h = self.drop(src_vid * src_txt.mean(1, keepdim=True))                          # (B, Lv, d)
         pooled = (h * src_vid_mask[..., None]).sum(1) / src_vid_mask.sum(1, keepdim=True)  # (B, d)
         B = h.shape[0]
-        return dict(saliency_scores=self.clip(h).squeeze(-1), pred_spans=self.span(pooled).view(B, self.nq, 2).sigmoid(),
+        return dict(saliency_scores=self.clip(h).squeeze(-1),
+                    pred_spans=self.span(pooled).view(B, self.nq, 2).sigmoid(),
                     pred_logits=self.cls(pooled).view(B, self.nq, 2))
 
 
@@ -43,7 +44,8 @@ class ToyCriterion(nn.Module):
     def forward(self, outputs, targets, epoch=0):
         tgt = torch.stack([t['spans'][0] for t in targets['span_labels']])
         span = (outputs['pred_spans'][:, 0] - tgt).abs().mean()
-        lab = nn.functional.cross_entropy(outputs['pred_logits'][:, 0], torch.zeros(len(tgt), dtype=torch.long, device=tgt.device))
+        zero = torch.zeros(len(tgt), dtype=torch.long, device=tgt.device)
+        lab = nn.functional.cross_entropy(outputs['pred_logits'][:, 0], zero)
         sal = ((outputs['saliency_scores'] - targets['saliency_all_labels']) ** 2).mean()
         return dict(loss_span=span, loss_saliency=sal * min(epoch + 1, 3), loss_label=lab)
 
@@ -61,10 +63,12 @@ class ToyData(Dataset):
 
     def __getitem__(self, i):
         st, L = int(self.st[i]), self.L
-        lab = torch.zeros(L); lab[st:st + 3] = 1 + (np.random.rand() if self.random_labels else 0.5)
+        lab = torch.zeros(L)
+        lab[st:st + 3] = 1 + (np.random.rand() if self.random_labels else 0.5)
         v = self.v[i].clone()
         if self.nan_at == i: v[0, 0] = float('nan')
-        return dict(meta=dict(qid=i, query=f'q{i}', vid=f'v{i}', duration=2. * L, relevant_windows=[[2. * st, 2. * st + 6]]),
+        meta = dict(qid=i, query=f'q{i}', vid=f'v{i}', duration=2. * L, relevant_windows=[[2. * st, 2. * st + 6]])
+        return dict(meta=meta,
                     q=self.q[i], v=v, lab=lab, span=torch.tensor([(st + 1.5) / L, 3 / L]))
 
 
@@ -125,14 +129,17 @@ def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
 
 
 def test_sampler_shards_cover_global_batches_and_restart_mid_epoch():
-    one = EpochSampler(20, seed=1); one.set_epoch(3)
+    one = EpochSampler(20, seed=1)
+    one.set_epoch(3)
     ranks = [EpochSampler(20, seed=1, rank=r, world_size=2) for r in range(2)]
     for s in ranks: s.set_epoch(3)
     g, sh = list(one), [list(s) for s in ranks]
     assert sorted(g) == list(range(20))
     for k in range(5): assert sorted(g[4*k:4*k+4]) == sorted(sh[0][2*k:2*k+2] + sh[1][2*k:2*k+2])
-    one.set_epoch(3, start=6); assert list(one) == g[6:]
-    one.set_epoch(4); assert list(one) != g                       # a new epoch reshuffles
+    one.set_epoch(3, start=6)
+    assert list(one) == g[6:]
+    one.set_epoch(4)
+    assert list(one) != g                       # a new epoch reshuffles
     odd = [EpochSampler(5, rank=r, world_size=2, shuffle=False) for r in range(2)]
     assert [list(s) for s in odd] == [[0, 2, 4], [1, 3, 0]]       # padded by wrapping
 
@@ -140,7 +147,9 @@ def test_sampler_shards_cover_global_batches_and_restart_mid_epoch():
 # ---------------------------------------------------------------- atomic checkpoints
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     p = save_checkpoint(dict(epoch=1, w=torch.ones(4)), tmp_path/'model_latest.ckpt')
-    def dying(obj, f): f.write(b'PK\x03\x04 truncated'); raise OSError('No space left on device')
+    def dying(obj, f):
+        f.write(b'PK\x03\x04 truncated')
+        raise OSError('No space left on device')
     monkeypatch.setattr(torch, 'save', dying)
     with pytest.raises(OSError): save_checkpoint(dict(epoch=2, w=torch.zeros(4)), p)
     monkeypatch.undo()
@@ -164,7 +173,8 @@ def test_killed_save_leaves_a_readable_checkpoint(tmp_path):
         proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == 'ready'
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL); proc.wait()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         ck = load_checkpoint(path)                                  # never a truncated file
         assert ck['version'] == 0 or float(ck['w'][0]) == ck['version']
     assert load_checkpoint(path)['version'] >= 0
@@ -177,7 +187,8 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path):
     resumed = toy_run(tmp_path/'b', resume=True)
     assert_same_weights(straight, resumed)
     ck = load_checkpoint(tmp_path/'b'/'model_latest.ckpt')
-    assert ck['state']['epoch'] == 4 and set(ck) >= {'model', 'optimizer', 'scheduler', 'rng', 'config', 'metrics', 'state'}
+    assert ck['state']['epoch'] == 4
+    assert set(ck) >= {'model', 'optimizer', 'scheduler', 'rng', 'config', 'metrics', 'state'}
     assert isinstance(ck['config'], dict)
 
 
@@ -217,8 +228,8 @@ def test_cpu_bf16_autocast_trains_and_resumes_exactly(tmp_path):
 def test_cli_refuses_fp16_on_the_cpu_before_doing_any_work(tmp_path, capsys):
     from videolights.runs import train_main
     with pytest.raises(SystemExit) as e:
-        train_main(['--preset', 'tiny', '--data', str(tmp_path/'no_data'), '--out', str(tmp_path/'run'), '--device', 'cpu',
-                    '--amp', 'fp16', '--no-progress'])
+        train_main(['--preset', 'tiny', '--data', str(tmp_path/'no_data'), '--out', str(tmp_path/'run'),
+                    '--device', 'cpu', '--amp', 'fp16', '--no-progress'])
     assert e.value.code == 2 and "use amp='bf16'" in capsys.readouterr().err
     assert not (tmp_path/'run').exists()
 
@@ -255,7 +266,8 @@ def test_selection_score_official_weights():
     brief = {'MR-full-R1@0.3': 70., 'MR-full-R1@0.5': 60., 'MR-full-R1@0.7': 40., 'MR-full-mAP@0.5': 55.,
              'MR-full-mAP@0.75': 35., 'MR-full-mAP': 35., 'MR-long-mAP': 45., 'MR-middle-mAP': 35., 'MR-short-mAP': 5.}
     assert selection_score(brief) == pytest.approx(162.75 / 3.75)
-    assert selection_score({'MR-full-R1@0.3': 50., 'MR-full-mIoU': 40.}, 'charadesSTA') == pytest.approx((15 + 20) / 2.0)
+    charades = selection_score({'MR-full-R1@0.3': 50., 'MR-full-mIoU': 40.}, 'charadesSTA')
+    assert charades == pytest.approx((15 + 20) / 2.0)
     assert selection_score({'mAP': 80.}, 'tvsum') == 80.
 
 
@@ -289,7 +301,8 @@ def test_pretrain_data_cli(tmp_path):
     assert r['relevant_clip_ids'] == [5, 6, 7, 8, 9, 10]
     assert r['saliency_scores'] == [[round(float(np.exp(1.25)), 4)]] * 6
     with pytest.raises(ValueError, match='captions.jsonl:2: missing'):
-        captions_to_pretrain([dict(vid='a', timestamp=0, caption='x', duration=9), dict(vid='a', caption='y')], where='captions.jsonl')
+        captions_to_pretrain([dict(vid='a', timestamp=0, caption='x', duration=9), dict(vid='a', caption='y')],
+                             where='captions.jsonl')
 
 
 def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
@@ -297,8 +310,8 @@ def test_new_run_refuses_to_clobber_an_existing_one(tmp_path):
     with pytest.raises(FileExistsError, match='already holds a run'): toy_run(tmp_path/'a', n_epoch=1)
     set_seed(0)
     cfg = toy_cfg(n_epoch=1)
-    fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a', RunOptions(device='cpu', progress=False, tensorboard=False),
-        toy_collate, overwrite=True)
+    fit(ToyModel(), ToyCriterion(), ToyData(), cfg, tmp_path/'a',
+        RunOptions(device='cpu', progress=False, tensorboard=False), toy_collate, overwrite=True)
     assert len([l for l in open(tmp_path/'a'/'log.jsonl')]) == 1          # the old log was replaced, not appended to
 
 
@@ -310,8 +323,8 @@ def _const_run(out, resume=False, opts=None, **kw):
     val = ToyData(n=16, seed=1, random_labels=False)
     ev = Evaluator(val, cfg, toy_collate, lambda sub, gt: dict(brief={'MR-full-R1@0.5': 50.}),
                    gt=[val[i]['meta'] for i in range(len(val))])
-    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts or RunOptions(device='cpu', progress=False, tensorboard=False),
-               toy_collate, ev, resume)
+    opts = opts or RunOptions(device='cpu', progress=False, tensorboard=False)
+    return fit(ToyModel(), ToyCriterion(), ToyData(), cfg, out, opts, toy_collate, ev, resume)
 
 
 def test_early_stopping_counts_evaluations_and_survives_resume(tmp_path):
@@ -370,9 +383,10 @@ def test_periodic_checkpoints(tmp_path):
     assert names(tmp_path/'a') == ['model_e0001.ckpt', 'model_e0003.ckpt']
     ck = load_checkpoint(tmp_path/'a'/'model_e0003.ckpt')
     assert ck['state']['epoch'] == 4 and set(ck) >= {'model', 'optimizer', 'scheduler', 'rng', 'config'}
-    _const_run(tmp_path/'b', n_epoch=5, lr_drop=4)                               # official default: 50 and every lr_drop
+    _const_run(tmp_path/'b', n_epoch=5, lr_drop=4)                # official default: 50 and every lr_drop
     assert names(tmp_path/'b') == ['model_e0003.ckpt']
-    _const_run(tmp_path/'c', n_epoch=5, lr_drop=4, opts=RunOptions(device='cpu', progress=False, tensorboard=False, save_every=0))
+    _const_run(tmp_path/'c', n_epoch=5, lr_drop=4,
+               opts=RunOptions(device='cpu', progress=False, tensorboard=False, save_every=0))
     assert names(tmp_path/'c') == []
 
 
@@ -383,10 +397,13 @@ def test_resume_uses_this_machines_adamw_implementation():
     torch.manual_seed(0)
     m = nn.Linear(3, 2)
     old = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
-    m(torch.ones(1, 3)).sum().backward(); old.step()
+    m(torch.ones(1, 3)).sum().backward()
+    old.step()
     sched = torch.optim.lr_scheduler.StepLR(old, 10)
-    st = asdict(TrainState(epoch=1)); st.pop('rng')
-    ck = dict(model=m.state_dict(), optimizer=old.state_dict(), scheduler=sched.state_dict(), state=st, rng=[get_rng_state()])
+    st = asdict(TrainState(epoch=1))
+    st.pop('rng')
+    ck = dict(model=m.state_dict(), optimizer=old.state_dict(), scheduler=sched.state_dict(), state=st,
+              rng=[get_rng_state()])
     new = adamw(m.parameters(), 1e-3, 1e-4)
     state = _restore(ck, m, new, torch.optim.lr_scheduler.StepLR(new, 10), None, DistInfo())
     assert state.epoch == 1 and new.param_groups[0]['fused'] == new.defaults['fused']

@@ -205,7 +205,8 @@ class Replay(torch.nn.Module):
         self.batches, self.i = batches, 0
 
     def forward(self, **inputs):
-        b = self.batches[self.i]; self.i += 1
+        b = self.batches[self.i]
+        self.i += 1
         if not torch.equal(inputs['src_vid_mask'].cpu().bool(), b['src_vid_mask'].bool()):
             raise RuntimeError(f"batch {self.i - 1}: our batch is not the official one (video masks "
                                f"{tuple(inputs['src_vid_mask'].shape)} vs {tuple(b['src_vid_mask'].shape)})")
@@ -242,7 +243,9 @@ def run_ours(run: dict, mode: str) -> list[dict]:
             rc = main(argv)
     finally:
         R.load_model = real_load
-    if rc: raise RuntimeError(f"videolights evaluate ({mode}) failed on {run['name']} (status {rc}):\n{buf.getvalue()[-3000:]}")
+    if rc:
+        raise RuntimeError(f"videolights evaluate ({mode}) failed on {run['name']} (status {rc}):\n"
+                           f"{buf.getvalue()[-3000:]}")
     return raw
 
 
@@ -251,7 +254,8 @@ def compare_raw(o: list[dict], u: list[dict]) -> dict:
     res = dict(batches_official=len(o), batches_ours=len(u), prob=0., spans=0., saliency=0.)
     for a, b in zip(o, u):
         m = a['src_vid_mask'].bool()
-        res['saliency'] = max(res['saliency'], float((a['saliency_scores'] - b['saliency_scores'].float())[m].abs().max()))
+        d = (a['saliency_scores'] - b['saliency_scores'].float())[m]
+        res['saliency'] = max(res['saliency'], float(d.abs().max()))
         if 'pred_logits' in a and 'pred_logits' in b:
             pa, pb = a['pred_logits'].softmax(-1)[..., 0], b['pred_logits'].float().softmax(-1)[..., 0]
             res['prob'] = max(res['prob'], float((pa - pb).abs().max()))
@@ -295,7 +299,9 @@ def compare_submissions(o: list[dict], u: list[dict], clip_len: float, half: boo
     for a in o:
         b = by_qid.get(a['qid'])
         if b is None:
-            res['keys_differ'] += 1; res['examples'].append(f"qid {a['qid']}: missing from ours"); continue
+            res['keys_differ'] += 1
+            res['examples'].append(f"qid {a['qid']}: missing from ours")
+            continue
         if set(a) != set(b):
             res['keys_differ'] += 1
             res['examples'].append(f"qid {a['qid']}: keys {sorted(set(a) ^ set(b))} on one side only")
@@ -312,14 +318,17 @@ def compare_submissions(o: list[dict], u: list[dict], clip_len: float, half: boo
                 res['windows_max_abs'] = max(res['windows_max_abs'], d)
                 if not _windows_within_rounding(wa, wb, clip_len):
                     res['windows_beyond_rounding'] += 1
-                    if len(res['examples']) < 5: res['examples'].append(f"qid {a['qid']}: windows {wa[:3]}... vs {wb[:3]}...")
+                    if len(res['examples']) < 5:
+                        res['examples'].append(f"qid {a['qid']}: windows {wa[:3]}... vs {wb[:3]}...")
         sa, sb = a.get('pred_saliency_scores'), b.get('pred_saliency_scores')
         if sa is not None and sb is not None:
             res['n_saliency'] += len(sa)
             if sa != sb:
                 res['saliency_differ'] += 1
                 if len(sa) != len(sb):
-                    res['saliency_beyond_rounding'] += 1; res['saliency_max_abs'] = float('inf'); continue
+                    res['saliency_beyond_rounding'] += 1
+                    res['saliency_max_abs'] = float('inf')
+                    continue
                 diff = [(x, y) for x, y in zip(sa, sb) if x != y]
                 res['saliency_values_differ'] += len(diff)
                 res['saliency_max_abs'] = max(res['saliency_max_abs'], max(abs(x - y) for x, y in diff))
@@ -359,7 +368,8 @@ def compare_outputs(run: dict, ours: Path) -> dict:
         qid = {str(d['qid']): d['qid'] for d in sub}   # the saliency file's keys are strings; TVSum's qids are too
         raw = [dict(qid=qid.get(q, q), pred_saliency_scores=s) for q, s in sal_o.items()]
         res['submissions']['saliency (official raw float32 scores)'] = compare_submissions(
-            raw, [dict(qid=d['qid'], pred_saliency_scores=d['pred_saliency_scores']) for d in sub], clip_len, half=False)
+            raw, [dict(qid=d['qid'], pred_saliency_scores=d['pred_saliency_scores']) for d in sub], clip_len,
+            half=False)
         m_o = _read_jsonl(od / 'latest_metric.jsonl')[0]
         m_u = json.loads((ours / f"hl_{run['split']}_submission_metrics.json").read_text())
         res['metrics']['mAP'] = compare_metrics(m_o, {'brief': {'mAP': m_u['brief']['mAP']}})
@@ -394,7 +404,9 @@ def problems(r: dict, exact: bool) -> list[str]:
             if s[k]: p.append(f"{f}: {s[k]} queries with {k.replace('_differ', '')} different")
         for k in ('windows', 'saliency'):
             n = s[f'{k}_differ'] if exact else s[f'{k}_beyond_rounding']
-            if n: p.append(f"{f}: {n} queries with {k} different{'' if exact else ' beyond rounding'} {s['examples'][:2]}")
+            if n:
+                p.append(f"{f}: {n} queries with {k} different{'' if exact else ' beyond rounding'} "
+                         f"{s['examples'][:2]}")
         identical &= not s['windows_differ'] and not s['saliency_differ']
     for f, m in r['metrics'].items():
         if m['only_official'] or m['only_ours']:
@@ -468,7 +480,8 @@ def summarize(results: list[dict]) -> dict:
                 c[key] += n
                 if side == 'replay':
                     if '_nms_' not in f: c['queries'] += s['n_official']
-                    c['windows'] += s['n_windows']; c['saliency'] += s['n_saliency']
+                    c['windows'] += s['n_windows']
+                    c['saliency'] += s['n_saliency']
                     continue
                 c['beyond_rounding'] += max(s['windows_beyond_rounding'], s['saliency_beyond_rounding'])
                 c['saliency_values_differ'] += s['saliency_values_differ']
@@ -492,13 +505,15 @@ def print_table(summary: dict):
     for case, c in summary.items():
         print(f"{case:9s} {c['runs']:4d} {c['queries']:7d} {c['windows']:7d} {c['saliency']:8d} {c['metrics']:7d} | "
               f"{c['replay_differ']:9d} {c['replay_metrics_differ']:7d} | {c['raw_max_abs']:8.2g}  "
-              f"{c['differ']:9d} ({c['beyond_rounding']:d}){'':10s} {c['window_max_abs']:10.3g} {c['saliency_max_abs']:13.3g} "
+              f"{c['differ']:9d} ({c['beyond_rounding']:d}){'':10s} {c['window_max_abs']:10.3g} "
+              f"{c['saliency_max_abs']:13.3g} "
               f"{c['metrics_differ']:7d} {c['metric_max_abs']:10.3g} | {'ok' if c['ok'] else 'FAIL'}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog='example: OMP_NUM_THREADS=1 python tools/check_official_infer.py --json infer.json')
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog='example: OMP_NUM_THREADS=1 python tools/check_official_infer.py --json x.json')
     ap.add_argument('--official', default=None, help='official checkout (default: $VIDEOLIGHTS_OFFICIAL)')
     ap.add_argument('--official-python', default=None, help='its interpreter (default: $VIDEOLIGHTS_OFFICIAL_PY)')
     ap.add_argument('--cases', nargs='+', default=list(CASES), choices=CASES)
@@ -512,7 +527,8 @@ def main(argv=None) -> int:
     try:
         official, py = H.require_environment(a.official, a.official_python)
     except FileNotFoundError as e:
-        print(f"check_official_infer: {e}", file=sys.stderr); return 2
+        print(f"check_official_infer: {e}", file=sys.stderr)
+        return 2
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix='vl_infer_parity_'))
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     try:

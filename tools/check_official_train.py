@@ -126,14 +126,16 @@ def write_data(recipe: Recipe, root: Path, seed: int = 0) -> dict:
         tr = list(read_charades(src / 'charades_sta_train_tvr_format.jsonl'))[:16]
         te = list(read_charades(src / 'charades_sta_test_tvr_format.jsonl'))[:8]
         for name, recs in (('train', tr), ('test', te)):
-            (root / f'charades_sta_{name}_tvr_format.jsonl').write_text(''.join(json.dumps(dict(r)) + '\n' for r in recs))
+            lines = ''.join(json.dumps(dict(r)) + '\n' for r in recs)
+            (root / f'charades_sta_{name}_tvr_format.jsonl').write_text(lines)
         write_fake_features(root / 'features', tr + te, recipe.v_dirs, recipe.t_dirs, clip_len=1., seed=seed)
         return dict(train=root / 'charades_sta_train_tvr_format.jsonl', val=root / 'charades_sta_test_tvr_format.jsonl',
                     feats=root / 'features')
     src = REPO / 'data' / 'tvsum'
     rng = np.random.default_rng(seed)
     feats = root / 'features'
-    (feats / 'video_features').mkdir(parents=True, exist_ok=True); (feats / 'query_features').mkdir(exist_ok=True)
+    (feats / 'video_features').mkdir(parents=True, exist_ok=True)
+    (feats / 'query_features').mkdir(exist_ok=True)
     for split in ('train', 'val'):
         shutil.copyfile(src / f'tvsum_{split}.jsonl', root / f'tvsum_{split}.jsonl')
         for r in read_tvsum(src / f'tvsum_{split}.jsonl'):   # I3D rgb + flow halves and 'token' text, as released
@@ -162,7 +164,8 @@ def official_flags(recipe: Recipe, paths: dict, results: Path, dropout_off: bool
          '--v_feat_dim', str(sum(recipe.v_dirs.values())),
          '--t_feat_dim', str(sum(recipe.t_dirs.values())),
          '--train_path', str(paths['train']), '--eval_path', str(paths['val']), '--eval_split_name', 'val',
-         '--results_root', str(results), '--exp_id', 'parity', '--device', '-1', '--num_workers', '0', '--no_pin_memory']
+         '--results_root', str(results), '--exp_id', 'parity', '--device', '-1', '--num_workers', '0',
+         '--no_pin_memory']
     for k in ('hidden_dim', 'nheads', 'dim_feedforward', 'bicmf_layers', 'enc_layers', 'dec_layers', 'num_queries',
               'max_q_l', 'bsz', 'eval_bsz', 'n_epoch', 'lr_drop', 'max_es_cnt', 'seed'):
         f += [f'--{k}', str(s[k])]
@@ -207,7 +210,8 @@ def run_ours(recipe: Recipe, paths: dict, out: Path, dtype, dropout_off: bool, i
     cfg = our_config(recipe, dropout_off)
     cfg, model, crit, tr_ds, ev = build_run(cfg, paths['train'].parent, verbose=False, train_records=paths['train'],
                                             eval_records=paths['val'])
-    model.to(dtype); crit.to(dtype)
+    model.to(dtype)
+    crit.to(dtype)
     if init_official is not None:
         sd = torch.load(init_official, map_location='cpu', weights_only=True)
         model.load_state_dict(map_official_state_dict(sd, model))
@@ -217,7 +221,8 @@ def run_ours(recipe: Recipe, paths: dict, out: Path, dtype, dropout_off: bool, i
     class Seeded(type(tr_ds)):
         "The k-th item built seeds the dataset's rng with ITEM_SEED + k (as the probe seeds the official `random`)."
         def __getitem__(self, i):
-            self.rng.seed(ITEM_SEED + self._count); self._count += 1
+            self.rng.seed(ITEM_SEED + self._count)
+            self._count += 1
             return super().__getitem__(i)
     tr_ds.__class__, tr_ds._count = Seeded, 0
     coll = lambda items: P.to_dtype(collate(items), dtype)
@@ -324,7 +329,8 @@ def compare_evals(ro: dict, ru: dict, max_es: int) -> dict:
 
 def check_checkpoints(work: Path, ro: dict, cfg, model_best_ours: Path, official: str, py: str, float64: bool,
                       eval_path: Path) -> dict:
-    "Official model_best.ckpt: keys, opt vs our config, ours loading it; ours in the official layout, scored officially."
+    """Official model_best.ckpt: keys, opt vs our config, ours loading it; ours in the official layout, scored
+    officially."""
     from videolights.convert import config_from_opt, load_official, read_official_checkpoint, to_official_state_dict
     from videolights.train import load_checkpoint
     from videolights.model import build_model
@@ -380,7 +386,8 @@ def one_run(recipe: Recipe, paths: dict, work: Path, official: str, py: str, flo
     init = None if init_ours is not None else work / 'official_probe' / 'init.pt'
     ru, pu, state, cfg, model = run_ours(recipe, paths, work / 'ours', dtype, dropout_off, init, init_ours)
     (work / 'ours_record.json').write_text(json.dumps(ru))
-    res = dict(recipe=recipe.name, precision='float64' if float64 else 'float32', dropout='off' if dropout_off else 'on',
+    res = dict(recipe=recipe.name, precision='float64' if float64 else 'float32',
+               dropout='off' if dropout_off else 'on',
                init='own' if init_ours is not None else 'official',   # own: each side from its own checkpoint
                steps=compare_steps(ro['steps'], ru['steps']), evals=compare_evals(ro, ru, cfg.max_es_cnt),
                curves=dict(official=[s['total'] for s in ro['steps']], ours=[s['total'] for s in ru['steps']],
@@ -405,7 +412,8 @@ def loss_stats(o: list, u: list) -> dict:
     "Per-epoch mean and std of the weighted loss on both sides (dropout on: trajectories differ, statistics agree)."
     out = {}
     for e in sorted({s['epoch'] for s in o}):
-        a = np.array([s['total'] for s in o if s['epoch'] == e]); b = np.array([s['total'] for s in u if s['epoch'] == e])
+        a = np.array([s['total'] for s in o if s['epoch'] == e])
+        b = np.array([s['total'] for s in u if s['epoch'] == e])
         out[int(e)] = dict(official_mean=float(a.mean()), ours_mean=float(b.mean()) if len(b) else float('nan'),
                            official_std=float(a.std()), ours_std=float(b.std()) if len(b) else float('nan'))
     n = min(len(o), len(u))   # the steps both made (equal when both run every epoch)
@@ -442,13 +450,15 @@ def verdict(r: dict, tol: float) -> tuple[bool, list]:
         if e['last_epoch_official'] != e['last_epoch_ours']:
             loop.append(f"last epoch {e['last_epoch_official']} vs {e['last_epoch_ours']}")
     bw = r['best_written']
-    if bw['official'] != bw['ours']: loop.append(f"model_best.ckpt written: official {bw['official']}, ours {bw['ours']}")
+    if bw['official'] != bw['ours']:
+        loop.append(f"model_best.ckpt written: official {bw['official']}, ours {bw['ours']}")
     if r['recipe'] == 'zero' and any(r['scores']['official'] + r['scores']['ours']):
         p.append(f"the zero-score recipe scored above 0: {r['scores']}")
     if r['precision'] == 'float32' and r['dropout'] == 'off' and r.get('init') != 'own':
         f = s['first']
         for k in ('total', 'losses', 'gnorm_pre', 'gnorm_post'):
-            if f[k] > FLOAT32_FIRST_TOL: p.append(f"first step {k}: relative difference {f[k]:.2e} > {FLOAT32_FIRST_TOL:g}")
+            if f[k] > FLOAT32_FIRST_TOL:
+                p.append(f"first step {k}: relative difference {f[k]:.2e} > {FLOAT32_FIRST_TOL:g}")
     if r['precision'] == 'float64' and r['dropout'] == 'off':
         for k in ('total', 'gnorm_pre', 'gnorm_post', 'losses'):
             if s[k] > tol: p.append(f"{k}: relative difference {s[k]:.2e} > {tol:g} (largest over the steps)")
@@ -478,7 +488,8 @@ def print_run(r: dict):
     print(f"\n== {head}: {'ok' if r['ok'] else 'FAIL'}")
     print(f"  steps compared      {s['n_ours']} (official {s['n_official']})")
     f = s['first']
-    print(f"  first step rel diff weighted loss {f['total']:.1e}  losses {f['losses']:.1e} ({f['worst_loss']})  grad norm "
+    print(f"  first step rel diff weighted loss {f['total']:.1e}  losses {f['losses']:.1e} ({f['worst_loss']})  "
+          f"grad norm "
           f"before clip {f['gnorm_pre']:.1e}  after {f['gnorm_post']:.1e}")
     print(f"  max rel diff        lr {s['lr']:.1e}  weighted loss {s['total']:.1e}  losses {s['losses']:.1e} "
           f"({s['worst_loss']})  grad norm before clip {s['gnorm_pre']:.1e}  after {s['gnorm_post']:.1e}")
@@ -489,19 +500,22 @@ def print_run(r: dict):
         print(f"  loss mean±std       official {st['official_mean']:.4f}±{st['official_std']:.4f}  ours "
               f"{st['ours_mean']:.4f}±{st['ours_std']:.4f} over {st['steps']} steps (first step rel diff "
               f"{st['first_step_rel']:.1e}, largest per-epoch mean rel diff {st['largest_epoch_mean_rel']:.1e})")
-    print(f"  evaluations         epochs {e['epochs_official']} / {e['epochs_ours']}  max metric diff {e['metric']:.2g} "
+    print(f"  evaluations         epochs {e['epochs_official']} / {e['epochs_ours']}  "
+          f"max metric diff {e['metric']:.2g} "
           f"score diff {e['score']:.2g}")
     print(f"  best epochs         official {e['best_official']}  ours {e['best_ours']}; model_best.ckpt written: "
           f"official {r['best_written']['official']}, ours {r['best_written']['ours']}")
     print(f"  early-stop counter  official {e['es_official']}  ours {e['es_ours']}; last epoch "
-          f"{e['last_epoch_official']} / {e['last_epoch_ours']}; early stop {e['early_stop_official']} / {e['early_stop_ours']}")
+          f"{e['last_epoch_official']} / {e['last_epoch_ours']}; early stop {e['early_stop_official']} / "
+          f"{e['early_stop_ours']}")
     if e['keys_only_one_side']: print(f"  metric keys on one side only: {e['keys_only_one_side']}")
     ck = r.get('ckpt')
     if ck:
         print(f"  official ckpt keys  {ck['official_keys']} (epoch {ck['official_epoch']}); ours {ck['ours_keys']} "
               f"(best epoch {ck['ours_epoch']})")
         print(f"  opt vs our config   {'equal' if not ck['opt_mismatch'] else ck['opt_mismatch']} on "
-              f"{len(ck['opt_vs_config'])} fields; ours loading theirs: max rel diff {ck['ours_loading_theirs_rel']:.1e}")
+              f"{len(ck['opt_vs_config'])} fields; ours loading theirs: max rel diff "
+              f"{ck['ours_loading_theirs_rel']:.1e}")
         print(f"  official inference  on ours vs on theirs: max metric diff {ck['inference_metric_diff']:.2g}")
     for n in r.get('notes', []): print(f"  ~ {n} (drift)")
     for p in r['problems']: print(f"  ! {p}")
@@ -514,7 +528,8 @@ def run_recipe(name: str, work: Path, official: str, py: str, precisions, tol: f
     for prec in precisions:
         w = work / prec
         r = one_run(recipe, paths, w, official, py, prec == 'float64', True, tol)
-        out.append(r); print_run(r)
+        out.append(r)
+        print_run(r)
         if name == 'pretrain':   # fine-tune from each side's own pretraining checkpoint (official --resume)
             ft = RECIPES['qvh']
             fpaths = dict(paths, train=paths['train'].with_name('highlight_train_release.jsonl'))
@@ -523,16 +538,19 @@ def run_recipe(name: str, work: Path, official: str, py: str, precisions, tol: f
             rf = one_run(dataclasses.replace(ft, name='finetune'), fpaths, work / f'{prec}_finetune', official, py,
                          prec == 'float64', True, tol, extra_flags=['--resume', r['official_ckpt']],
                          init_ours=Path(r['ours_ckpt']))
-            out.append(rf); print_run(rf)
+            out.append(rf)
+            print_run(rf)
     if dropout_run:   # early stopping off: the two random trajectories would stop at different epochs
         r = one_run(dataclasses.replace(recipe, over={**recipe.over, 'max_es_cnt': -1}), paths, work / 'dropout',
                     official, py, False, False, tol)
-        out.append(r); print_run(r)
+        out.append(r)
+        print_run(r)
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog='example: OMP_NUM_THREADS=1 python tools/check_official_train.py --recipes qvh')
     ap.add_argument('--official', default=None, help='official checkout (default: $VIDEOLIGHTS_OFFICIAL)')
     ap.add_argument('--official-python', default=None, help='its interpreter (default: $VIDEOLIGHTS_OFFICIAL_PY)')
@@ -547,7 +565,8 @@ def main(argv=None) -> int:
     try:
         official, py = H.require_environment(a.official, a.official_python)
     except FileNotFoundError as e:
-        print(f"check_official_train: {e}", file=sys.stderr); return 2
+        print(f"check_official_train: {e}", file=sys.stderr)
+        return 2
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix='vl_train_parity_'))
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     try:

@@ -6,9 +6,9 @@ For every run of CONFIG['runs'] (`resume`, `split`, `eval_path`, optional `nms_t
 `scripts/*/inference.sh` builds (`--resume CKPT --eval_split_name SPLIT --eval_path FILE`), plus `--nms_thd T` where
 the run asks for it (the script's `__main__` unpacks exactly six arguments, so NMS is reached through the function it
 calls) and `--num_workers 0` (the loader only). Its options come from `opt.json` beside the checkpoint, as always;
-its files land in that file's `results_dir`, from where the probe moves
-the files of each run to the run's `official_out` folder. Run-time changes, none of which edits an official file: the harness's
-CPU rules (`Tensor.cuda` as identity, `argparse.Namespace` allowed in checkpoints), no pandas for the options table,
+its files land in that file's `results_dir`, from where the probe moves the files of each run to the run's
+`official_out` folder. Run-time changes, none of which edits an official file: the harness's CPU rules
+(`Tensor.cuda` as identity, `argparse.Namespace` allowed in checkpoints), no pandas for the options table,
 and a wrapper of the model's forward that records its raw outputs: the saliency scores of every query
 (`saliency_{split}.json`; TVSum writes no submission, its mAP is computed on them) and, per batch, the outputs the
 inference decodes with the batch's video mask (`raw_{split}.pt`), both beside the run's files. A run with `glove`
@@ -61,7 +61,8 @@ def main(argv=None):
 
     class Dataset(I.StartEndDataset):   # remembers the eval dataset, to name the queries in its order
         def __init__(self, *a, **k):
-            super().__init__(*a, **k); seen['ds'] = self
+            super().__init__(*a, **k)
+            seen['ds'] = self
     I.StartEndDataset = Dataset
 
     real_setup = I.setup_model
@@ -92,7 +93,8 @@ def main(argv=None):
         before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()} if results.is_dir() else {}
         I.start_inference(split=run['split'], splitfile=run['eval_path'])
         new = sorted(p.name for p in results.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
-        dest = Path(run['official_out']); dest.mkdir(parents=True, exist_ok=True)
+        dest = Path(run['official_out'])
+        dest.mkdir(parents=True, exist_ok=True)
         for name in new: os.replace(results / name, dest / name)   # the next run may write the same names
         qids = [d['qid'] for d in seen['ds'].data]
         if len(qids) != len(seen['sal']):

@@ -127,7 +127,8 @@ def _stand_in(name: str, added: list, **attrs):
 
 
 def _cuda_is_identity_without_cuda():
-    "On a machine without CUDA, `Tensor.cuda` returns the tensor itself (the official decoder calls it unconditionally)."
+    """On a machine without CUDA, `Tensor.cuda` returns the tensor itself (the official decoder calls it
+    unconditionally)."""
     import torch
     if torch.cuda.is_available() or getattr(torch.Tensor.cuda, '_official_harness', False): return
     def cuda(self, *a, **k): return self
@@ -222,7 +223,8 @@ def build(off: SimpleNamespace, opt: argparse.Namespace) -> tuple:
     "(model, criterion, AdamW) as video_lights/inference.py `setup_model` makes them (one parameter group)."
     import torch
     model, criterion = off.model.build_model(opt)
-    model.to(opt.device); criterion.to(opt.device)
+    model.to(opt.device)
+    criterion.to(opt.device)
     if opt.device.type == 'cpu': on_cpu(model)
     params = [{'params': [p for n, p in model.named_parameters() if p.requires_grad]}]
     return model, criterion, torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.wd)
@@ -231,7 +233,9 @@ def build(off: SimpleNamespace, opt: argparse.Namespace) -> tuple:
 def set_seed(seed: int):
     "Seed python, numpy and torch, as video_lights/train.py `set_seed` does (its CUDA seeding aside)."
     import torch
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def fix_bicmf_mask_order(model) -> list:
@@ -258,14 +262,17 @@ def fix_bicmf_mask_order(model) -> list:
 # synthetic batches in the official collate format
 # ---------------------------------------------------------------------------------------------------------------
 def synth_annotation(rng: np.random.Generator, n_clips: int, clip_len: float = 2.) -> dict:
-    "A QVHighlights-like record for `n_clips` clips: 1-3 disjoint GT windows, 3 annotator scores (0-4) per relevant clip."
+    """A QVHighlights-like record for `n_clips` clips: 1-3 disjoint GT windows, 3 annotator scores (0-4) per
+    relevant clip."""
     want, busy, wins = int(rng.integers(1, 4)), np.zeros(n_clips + 1, bool), []
     longest = max(1, min(15, n_clips // (want + 1)))
     for _ in range(200):
         if len(wins) == want: break
-        n = int(rng.integers(1, longest + 1)); st = int(rng.integers(0, n_clips - n + 1))
+        n = int(rng.integers(1, longest + 1))
+        st = int(rng.integers(0, n_clips - n + 1))
         if busy[max(0, st - 1):st + n + 1].any(): continue   # a free clip between windows keeps them apart
-        busy[st:st + n] = True; wins.append((st, st + n - 1))
+        busy[st:st + n] = True
+        wins.append((st, st + n - 1))
     wins.sort()
     rel = [c for st, ed in wins for c in range(st, ed + 1)]
     return dict(duration=n_clips * clip_len, relevant_windows=[[st * clip_len, (ed + 1) * clip_len] for st, ed in wins],
@@ -291,7 +298,8 @@ def synth_item(off, opt, labels, rng: np.random.Generator, n_clips: int, n_token
     meta = dict(synth_annotation(rng, n_clips, opt.clip_length), qid=qid, query='synthetic', vid=f'synthetic_{qid}')
     mi = dict(query_feat=txt, video_feat=vid, span_labels=labels.get_span_labels(meta['relevant_windows'], n_clips))
     (mi['saliency_pos_labels'], mi['saliency_neg_labels'], mi['saliency_all_labels'],
-     mi['saliency_pos_index']) = labels.get_saliency_labels_all(meta['relevant_clip_ids'], meta['saliency_scores'], n_clips)
+     mi['saliency_pos_index']) = labels.get_saliency_labels_all(meta['relevant_clip_ids'], meta['saliency_scores'],
+                                                                n_clips)
     return dict(meta=meta, model_inputs=mi)
 
 

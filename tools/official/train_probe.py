@@ -75,14 +75,17 @@ class Recorder:
         if self._cur is None: return
         ps = [p for g in opt.param_groups for p in g['params']]
         if 'gnorm_pre' not in self._cur:
-            n = _norm(ps); self._cur.update(gnorm_pre=n, gnorm_post=n)   # no clipping in this loop
+            n = _norm(ps)
+            self._cur.update(gnorm_pre=n, gnorm_post=n)   # no clipping in this loop
         self._cur['lr'] = float(opt.param_groups[0]['lr'])
-        self.steps.append(self._cur); self._cur = None
+        self.steps.append(self._cur)
+        self._cur = None
 
     def _sched(self, real):
         rec = self
         def step(sched, *a, **k):
-            if getattr(sched, '_probe_ready', False) and rec.model is not None and sched.last_epoch in rec.snapshot_epochs:
+            ready = getattr(sched, '_probe_ready', False) and rec.model is not None
+            if ready and sched.last_epoch in rec.snapshot_epochs:
                 rec.params[int(sched.last_epoch)] = {n: v.detach().double().clone()
                                                     for n, v in rec.model.state_dict().items()}
             return real(sched, *a, **k)
@@ -93,9 +96,11 @@ class Recorder:
         "Inside this block: clipping, optimiser steps and StepLR steps are recorded."
         from torch.optim import lr_scheduler
         from torch.optim.optimizer import register_optimizer_step_pre_hook
-        real_clip, real_step, real_init = torch.nn.utils.clip_grad_norm_, lr_scheduler.StepLR.step, lr_scheduler.StepLR.__init__
+        real_clip = torch.nn.utils.clip_grad_norm_
+        real_step, real_init = lr_scheduler.StepLR.step, lr_scheduler.StepLR.__init__
         def init(sched, *a, **k):
-            real_init(sched, *a, **k); sched._probe_ready = True
+            real_init(sched, *a, **k)
+            sched._probe_ready = True
         torch.nn.utils.clip_grad_norm_ = self._clip(real_clip)
         lr_scheduler.StepLR.step, lr_scheduler.StepLR.__init__ = self._sched(real_step), init
         h = register_optimizer_step_pre_hook(self._pre_step)
@@ -124,7 +129,8 @@ class OrderSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, seed: int, first: int = 0):
         self.n, self.seed, self.epoch = n, seed, first
     def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch); self.epoch += 1
+        order = epoch_order(self.n, self.seed, self.epoch)
+        self.epoch += 1
         return iter(order)
     def __len__(self): return self.n
 
@@ -175,8 +181,9 @@ def _giou_in_input_dtype(off):
 def _items_in_float32(D):
     """The dataset builds its items under the default dtype float32, as in an official run: `torch.Tensor(windows)`
     and `torch.arange(0, ctx_l, 1.0)` (span labels, TEF; video_lights/start_end_dataset.py) follow the default
-    dtype, which a float64 probe run sets to float64 for the model. The batch is cast afterwards (`prepare_batch_inputs`),
-    so both loops see float32 data widened to float64. Returns the original `__getitem__`."""
+    dtype, which a float64 probe run sets to float64 for the model. The batch is cast afterwards
+    (`prepare_batch_inputs`), so both loops see float32 data widened to float64. Returns the original
+    `__getitem__`."""
     real = D.StartEndDataset.__getitem__
     def getitem(self, index):
         dt = torch.get_default_dtype()
@@ -206,7 +213,8 @@ def _official_train(cfg: dict, H, out: Path):
     real_get, count = _items_in_float32(D), [0]
     def getitem(self, index):
         if self.data_path == train_path:
-            random.seed(cfg['item_seed'] + count[0]); count[0] += 1
+            random.seed(cfg['item_seed'] + count[0])
+            count[0] += 1
         return real_get(self, index)
     D.StartEndDataset.__getitem__ = getitem
 
@@ -252,7 +260,8 @@ def _official_train(cfg: dict, H, out: Path):
         try: best, *_ , opt = T.start_training()
         finally: torch.save = real_save
     log = Path(opt.train_log_filepath).read_text()
-    stop = [int(line.split('Early Stop at epoch')[1].split()[0]) for line in log.split('\n') if 'Early Stop at epoch' in line]
+    stop = [int(line.split('Early Stop at epoch')[1].split()[0]) for line in log.split('\n')
+            if 'Early Stop at epoch' in line]
     rec.dump(out, results_dir=opt.results_dir, best_ckpt=best, early_stop_epoch=stop[0] if stop else None)
 
 
@@ -269,7 +278,8 @@ def _official_infer(cfg: dict, H, out: Path):
         if opt.device.type == 'cpu': H.on_cpu(m)
         return m, c, o, s
     def eval_epoch(*a, **k):
-        res = real_eval(*a, **k); got['brief'] = {kk: float(v) for kk, v in res[0]['brief'].items()}
+        res = real_eval(*a, **k)
+        got['brief'] = {kk: float(v) for kk, v in res[0]['brief'].items()}
         return res
     I.setup_model, I.eval_epoch = setup, eval_epoch
     _items_in_float32(off.dataset)
@@ -289,7 +299,8 @@ def main(argv=None):
     cfg = json.loads(Path(argv[0]).read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import official_harness as H
-    out = Path(cfg['out']); out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg['out'])
+    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     (_official_infer if cfg.get('mode') == 'infer' else _official_train)(cfg, H, out)
 
