@@ -564,42 +564,6 @@ class H5Features(FeatureSource):
         except OSError as e:
             raise DataFormatError(f"{self.path}:/{name}: unreadable dataset ({one_line(e)[:100]})") from None
         return x, f"{self.path}:/{name}"
-    def _indexed(self, kind, ftype, key)->bool:
-        "Whether the index still describes dataset `key` (checked once per process): same place, shape, dtype, stamp."
-        if (kind, ftype, key) in self._ok: return True
-        if (kind, ftype, key) in self._stale: return False
-        table, dt = self._idx[(kind, ftype)]
-        if key not in table: return False                    # added since the index was written: h5py decides
-        try: d = h5py.h5d.open(self.h5.id, f'{kind}/{ftype}/{key}'.encode())   # the low-level calls: ~4x faster
-        except KeyError: return False                        # removed since: h5py names it missing
-        off, rows, cols, stamp = table[key]
-        ok = d.get_offset() == off and d.shape == (rows, cols) and d.dtype == dt   # an offset: contiguous, unfiltered
-        if ok and stamp >= 0:
-            try:
-                a = h5py.h5a.open(d, b'stamp')
-                got = np.empty(a.shape, a.dtype)
-                a.read(got)
-                ok = int(got) == stamp
-            except KeyError: ok = False                      # rewritten by a tool that writes no stamp
-        (self._ok if ok else self._stale).add((kind, ftype, key))
-        if not ok and len(self._stale) == 1:
-            warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such "
-                          f"datasets are read through h5py (index_store rebuilds the index)", stacklevel=2)
-        return ok
-    def _pread(self, kind, ftype, key, max_len, reuse):
-        table, dt = self._idx[(kind, ftype)]
-        off, rows, cols, _ = table[str(key)]
-        r = min(rows, max_len) if max_len else rows
-        if reuse:  # one growing buffer per type, overwritten by the next read of that type
-            buf = self._bufs.get((kind, ftype))
-            if buf is None or buf.size < r * cols:
-                buf = self._bufs[(kind, ftype)] = np.empty(max(r * cols, 75 * cols), dt)
-            x = buf[:r * cols].reshape(r, cols)
-        else: x = np.empty((r, cols), dt)
-        n = os.preadv(self._fd, [memoryview(x).cast('B')], off)
-        if n != x.nbytes:
-            raise DataFormatError(f"{self.path}:/{kind}/{ftype}/{key}: truncated store ({n} of {x.nbytes} bytes)")
-        return x, f"{self.path}:/{kind}/{ftype}/{key}"
     def _missing(self, kind, ftype, key):
         if ftype not in self.h5.get(kind, {}):
             raise FeatureNotFoundError(f"{self.path}: no {kind} feature type '{ftype}' (have "
@@ -627,6 +591,47 @@ def open_features(path:str|Path|FeatureSource, # a feature root folder, a `.h5` 
     if not p.exists(): raise MissingFileError("no such file or folder (expected features: a folder in the official "
                                               "layout or an .h5 store)", file=p)
     raise BadInputError("not a folder in the official layout nor an .h5 store", file=p)
+
+# %% ../nbs/01_data.ipynb #8584f1de
+@patch
+def _indexed(self:H5Features, kind, ftype, key)->bool:
+    "Whether the index still describes dataset `key` (checked once per process): same place, shape, dtype, stamp."
+    if (kind, ftype, key) in self._ok: return True
+    if (kind, ftype, key) in self._stale: return False
+    table, dt = self._idx[(kind, ftype)]
+    if key not in table: return False                    # added since the index was written: h5py decides
+    try: d = h5py.h5d.open(self.h5.id, f'{kind}/{ftype}/{key}'.encode())   # the low-level calls: ~4x faster
+    except KeyError: return False                        # removed since: h5py names it missing
+    off, rows, cols, stamp = table[key]
+    ok = d.get_offset() == off and d.shape == (rows, cols) and d.dtype == dt   # an offset: contiguous, unfiltered
+    if ok and stamp >= 0:
+        try:
+            a = h5py.h5a.open(d, b'stamp')
+            got = np.empty(a.shape, a.dtype)
+            a.read(got)
+            ok = int(got) == stamp
+        except KeyError: ok = False                      # rewritten by a tool that writes no stamp
+    (self._ok if ok else self._stale).add((kind, ftype, key))
+    if not ok and len(self._stale) == 1:
+        warnings.warn(f"{self.path}:/{kind}/{ftype}/{key}: rewritten after the store's index was built; such "
+                      f"datasets are read through h5py (index_store rebuilds the index)", stacklevel=2)
+    return ok
+
+@patch
+def _pread(self:H5Features, kind, ftype, key, max_len, reuse):
+    table, dt = self._idx[(kind, ftype)]
+    off, rows, cols, _ = table[str(key)]
+    r = min(rows, max_len) if max_len else rows
+    if reuse:  # one growing buffer per type, overwritten by the next read of that type
+        buf = self._bufs.get((kind, ftype))
+        if buf is None or buf.size < r * cols:
+            buf = self._bufs[(kind, ftype)] = np.empty(max(r * cols, 75 * cols), dt)
+        x = buf[:r * cols].reshape(r, cols)
+    else: x = np.empty((r, cols), dt)
+    n = os.preadv(self._fd, [memoryview(x).cast('B')], off)
+    if n != x.nbytes:
+        raise DataFormatError(f"{self.path}:/{kind}/{ftype}/{key}: truncated store ({n} of {x.nbytes} bytes)")
+    return x, f"{self.path}:/{kind}/{ftype}/{key}"
 
 # %% ../nbs/01_data.ipynb #d70d8f8c
 def span_labels_cxw(windows:list,      # GT windows [[st, ed], ...] in seconds
