@@ -1,8 +1,9 @@
-"""Fault injection for tests/test_reliability.py: writes under a folder fail as a full disk or a denied permission would.
+"""Fault injection for tests/test_reliability.py: writes under a folder fail as a full disk or a denied permission
+would.
 
-`install(folder, errno)` patches `open` (builtins and io) and `h5py.File` so that opening any file under `folder` for writing raises
-`OSError(errno, ...)` naming the file, as the kernel does for a full disk (ENOSPC) or a folder without write
-permission (EACCES).
+`install(folder, errno)` patches `open` (builtins and io) and `h5py.File` so that opening any file under `folder` for
+writing raises `OSError(errno, ...)` naming the file, as the kernel does for a full disk (ENOSPC) or a folder without
+write permission (EACCES).
 
 `install(folder, errno, after=N)` lets the files open and fails later, as a disk that fills up while a file is written:
 once N bytes in all have been written under `folder` (the bytes up to the limit are written), the next write raises;
@@ -30,7 +31,8 @@ class _Filling:
     def __init__(self, f, left, err, name): self._f, self._left, self._err, self._name = f, left, err, name
     def write(self, b):
         if len(b) > self._left[0]:
-            self._f.write(b[:self._left[0]]); self._f.flush()
+            self._f.write(b[:self._left[0]])
+            self._f.flush()
             self._left[0] = 0
             _fail(self._err, self._name)
         self._left[0] -= len(b)

@@ -75,7 +75,8 @@ def test_page_shows_what_the_predictor_finds(tiny, page):
 def test_detail_controls_redraw(tiny, page):
     c = page.pages['find'].controls
     if not c['query'].options:
-        c['queries'].value = '\n'.join(QUERIES); c['go'].click()
+        c['queries'].value = '\n'.join(QUERIES)
+        c['go'].click()
     c['query'].value, c['attn'].value, c['layer'].value, c['head'].value = 0, 'dec.cross', 0, -1
     app = page.pages['find'].app
     fig = app.detail(0, 'dec.cross', 0, None)
@@ -173,7 +174,8 @@ def test_app_command_checks_before_serving(tiny, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('videolights app: error: ') and 'pip install -e ".[app]"' in err
     monkeypatch.setattr(A, 'require_app', lambda: None)           # past the extra: the paths and the checkpoint
-    bad = tmp_path/'bad.ckpt'; bad.write_bytes(b'not a checkpoint')
+    bad = tmp_path/'bad.ckpt'
+    bad.write_bytes(b'not a checkpoint')
     for argv, msg in [(['--ckpt', str(tmp_path/'nope')], f"--ckpt: {tmp_path/'nope'} does not exist"),
                       (['--submission', str(tmp_path/'p.jsonl')], '--submission: '),
                       (['--videos', str(tmp_path/'vids')], '--videos: '),
@@ -241,12 +243,15 @@ class _Chrome:
         return _retry(lambda: self.js(expr) or None, timeout, what=expr)
 
     def close(self):
-        self.ws.close(); self.proc.terminate(); self.proc.wait(10)
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def _free_port()->int:
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _retry(fn, timeout, what='', every=0.25):
@@ -287,8 +292,10 @@ def test_app_in_headless_chromium(tiny, tmp_path):
         chrome.call('Page.navigate', url=base)
         chrome.wait("!!document.querySelector('.widget-textarea textarea')")         # kernel up, page built
         assert chrome.js("document.querySelector('input[list]').value") == str(tiny.video)
-        up = tmp_path/'my upload.mp4'; shutil.copy(tiny.video, up)                    # upload a video through the page
-        chrome.call('Page.enable'); chrome.call('Page.setInterceptFileChooserDialog', enabled=True)
+        up = tmp_path/'my upload.mp4'
+        shutil.copy(tiny.video, up)                    # upload a video through the page
+        chrome.call('Page.enable')
+        chrome.call('Page.setInterceptFileChooserDialog', enabled=True)
         button = "[...document.querySelectorAll('button')].find(b => b.textContent.includes('{}'))"
         chrome.js(button.format('upload a video') + '.click()')
         chooser = chrome.event('Page.fileChooserOpened')
@@ -309,7 +316,9 @@ def test_app_in_headless_chromium(tiny, tmp_path):
         rect = chrome.js("(r => [r.x, r.y, r.width, r.height])("
                          "document.querySelectorAll('img.widget-image')[0].getBoundingClientRect())")
         png = base64.b64decode(chrome.call('Page.captureScreenshot', format='png')['data'])
-        shot = ROOT/'figures'/'app.png'; shot.parent.mkdir(exist_ok=True); shot.write_bytes(png)
+        shot = ROOT/'figures'/'app.png'
+        shot.parent.mkdir(exist_ok=True)
+        shot.write_bytes(png)
         px = A.png_pixels(png)
         x, y, w, h = (int(round(v)) for v in rect)
         timeline = px[y:y + h, x:x + w]

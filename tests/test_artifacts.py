@@ -29,7 +29,8 @@ def outputs(model, inputs):
 
 def fixture_opt(cfg):
     "The options an official run with the fixture's shape records (feature folders that name no known source)."
-    return argparse.Namespace(dset_name='hl', ctx_mode='video_tef', v_feat_dim=cfg.v_feat_dim, t_feat_dim=cfg.t_feat_dim,
+    return argparse.Namespace(dset_name='hl', ctx_mode='video_tef', v_feat_dim=cfg.v_feat_dim,
+                              t_feat_dim=cfg.t_feat_dim,
                               v_feat_dirs=['features/video_features'], t_feat_dirs=['features/query_features'],
                               clip_length=2, hidden_dim=cfg.hidden_dim, nheads=cfg.nheads,
                               dim_feedforward=cfg.dim_feedforward, bicmf_layers=cfg.bicmf_layers,
@@ -55,7 +56,8 @@ def test_round_trip_gives_the_same_outputs(tmp_path):
     torch.manual_seed(3)
     model = build_model(cfg).eval()
     save_pretrained(model, cfg, tmp_path/'m', source=dict(kind='videolights', checkpoint='x.ckpt'))
-    assert is_pretrained(tmp_path/'m') and sorted(p.name for p in (tmp_path/'m').iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert is_pretrained(tmp_path/'m') and sorted(p.name for p in (tmp_path/'m').iterdir()) == [CONFIG_FILE,
+            WEIGHTS_FILE]
     back, cfg2 = from_pretrained(tmp_path/'m')
     assert cfg2 == cfg
     inp = random_inputs(cfg, B=3, seed=1)
@@ -74,7 +76,8 @@ def test_the_folder_is_readable_without_torch_or_videolights(tmp_path):
             "info = json.load(open(d + '/config.json')); w = load_file(d + '/model.safetensors')\n"
             "print(json.dumps(dict(fmt=info['format'], ver=info['format_version'], inputs=info['inputs'],\n"
             "  hidden=info['config']['hidden_dim'], n=len(w), dtypes=sorted({str(a.dtype) for a in w.values()}),\n"
-            "  first=list(w['input_vid_proj.0.proj.weight'].shape), mods=sorted(m for m in sys.modules if m in ('torch', 'videolights')))))")
+            "  first=list(w['input_vid_proj.0.proj.weight'].shape), mods=sorted(m for m in sys.modules if m in "
+            "('torch', 'videolights')))))")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
@@ -82,7 +85,8 @@ def test_the_folder_is_readable_without_torch_or_videolights(tmp_path):
     assert (got['fmt'], got['ver'], got['hidden'], got['dtypes']) == ('videolights-pretrained', 1, 32, ['float32'])
     assert got['n'] == len(model.state_dict())
     assert got['first'] == list(model.input_vid_proj[0].proj.weight.shape)
-    assert got['inputs']['video'] == dict(zip(cfg.v_feat_types, cfg.v_feat_dims)) and got['inputs']['video_dim'] == cfg.v_feat_dim
+    assert got['inputs']['video'] == dict(zip(cfg.v_feat_types,
+                                              cfg.v_feat_dims)) and got['inputs']['video_dim'] == cfg.v_feat_dim
 
 
 def test_official_checkpoint_converted_gives_the_official_outputs(official_ckpt, tmp_path):
@@ -97,7 +101,7 @@ def test_official_checkpoint_converted_gives_the_official_outputs(official_ckpt,
     for k in OUT_KEYS:
         a, b = (out[k], fx['outputs'][k]) if k != 'saliency_scores' else (out[k][valid], fx['outputs'][k][valid])
         assert float((a - b).abs().max()) <= 1e-5, k
-    other = outputs(build_model(cfg), fx['inputs'])                       # not trivially satisfied: other weights differ
+    other = outputs(build_model(cfg), fx['inputs'])  # not trivially satisfied: other weights differ
     assert float((other['pred_spans'] - out['pred_spans']).abs().max()) > 1e-3
     info = json.loads((tmp_path/'conv'/CONFIG_FILE).read_text())
     assert info['source'] == dict(kind='official', checkpoint=str(path), epoch=57)
@@ -123,4 +127,5 @@ def test_a_bad_folder_is_a_clear_error(tmp_path):
     (tmp_path/'m'/CONFIG_FILE).write_text(json.dumps(dict(info, format_version=2)))
     with pytest.raises(ValueError, match='format_version 2 is newer'): read_pretrained_config(tmp_path/'m')
     (tmp_path/'m'/CONFIG_FILE).write_text(json.dumps(dict(info, config=dict(info['config'], num_queries=7))))
-    with pytest.raises(ValueError, match=r'does not fit its config: mis-shaped \(\d+\): query_embed'): from_pretrained(tmp_path/'m')
+    with pytest.raises(ValueError, match=r'does not fit its config: mis-shaped \(\d+\): query_embed'):
+        from_pretrained(tmp_path/'m')

@@ -70,7 +70,8 @@ def test_train_resume_evaluate(tiny_data, tmp_path):
 
     test = tmp_path/'highlight_test_release.jsonl'                          # an unlabelled split: submission only
     test.write_text(''.join(json.dumps({k: g[k] for k in ('qid', 'query', 'vid', 'duration')}) + '\n' for g in gt))
-    r = vl('evaluate', '--ckpt', run/'model_latest.ckpt', '--data', tiny_data, '--records', test, '--split', 'test', '--out', out)
+    r = vl('evaluate', '--ckpt', run/'model_latest.ckpt', '--data', tiny_data, '--records', test, '--split', 'test',
+           '--out', out)
     assert r.returncode == 0, r.stderr
     assert len(open(out/'hl_test_submission.jsonl').readlines()) == len(gt)
     assert not (out/'hl_test_submission_metrics.json').exists()
@@ -94,7 +95,8 @@ def test_demo_shows_learning(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((tmp_path/'demo'/'demo_summary.json').read_text())
     assert s['ratios']['MR-full-mAP'] >= 3 and s['ratios']['HL-min-VeryGood-Hit1'] >= 2, s['ratios']
-    assert {p.name for p in (tmp_path/'demo'/'figures').iterdir()} == {'training_curves.png', 'windows.png', 'saliency.png'}
+    assert {p.name for p in (tmp_path/'demo'/'figures').iterdir()} == {'training_curves.png', 'windows.png',
+                                                                       'saliency.png'}
     print(f"demo: {time.time() - t0:.0f} s, ratios {s['ratios']}")
 
 
@@ -103,11 +105,12 @@ def test_qvh_proxy_few_epochs(tmp_path):
     "The `qvhighlights` preset on the full-size synthetic proxy (7218/1550 queries, reduced dims), 2 epochs."
     data = tmp_path/'qvh'
     synth(data, seed=0, size='qvh', dims='small', dtype='float16', progress=False)
-    r = vl('train', '--preset', 'qvhighlights', '--data', data, '--out', tmp_path/'run', '--epochs', 2, '--eval_every', 1,
-           '--num_workers', 2, '--no-progress', timeout=7200)
+    r = vl('train', '--preset', 'qvhighlights', '--data', data, '--out', tmp_path/'run', '--epochs', 2, '--eval_every',
+           1, '--num_workers', 2, '--no-progress', timeout=7200)
     assert r.returncode == 0, r.stderr
     log = [json.loads(l) for l in open(tmp_path/'run'/'log.jsonl')]
-    print([{k: l[k] for k in ('kind', 'epoch', 'time_s', 'loss_overall', 'MR-full-mAP', 'HL-min-VeryGood-Hit1') if k in l} for l in log])
+    print([{k: l[k] for k in ('kind', 'epoch', 'time_s', 'loss_overall', 'MR-full-mAP', 'HL-min-VeryGood-Hit1')
+            if k in l} for l in log])
 
 
 def _real_run(data, out, n_epoch=3, resume=False, on_step=None):
@@ -116,7 +119,8 @@ def _real_run(data, out, n_epoch=3, resume=False, on_step=None):
     from videolights.runs import build_run, synth_config
     cfg = synth_config(data, n_epoch=n_epoch, bsz=4, eval_every=2, num_workers=0, max_v_l=75, seed=3)
     cfg, model, crit, tr, ev = build_run(cfg, data, 'val', verbose=False)
-    fit(model, crit, tr, cfg, out, RunOptions(device='cpu', progress=False, tensorboard=False), collate, ev, resume, on_step)
+    fit(model, crit, tr, cfg, out, RunOptions(device='cpu', progress=False, tensorboard=False), collate, ev, resume,
+        on_step)
     return model
 
 
@@ -134,11 +138,13 @@ def test_real_model_resume_is_exact(tiny_data, tmp_path):
 
 
 def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, monkeypatch):
-    "Table V 'pt': --pretrained true without weights is a usage error; with --pretrain_ckpt / --init-from they are loaded."
+    """Table V 'pt': --pretrained true without weights is a usage error; with --pretrain_ckpt / --init-from they are
+    loaded."""
     import torch
     import videolights.runs as T
     from videolights.train import TrainState, load_checkpoint
-    base = ['--preset', 'tiny', '--data', str(tiny_data), '--bsz', '4', '--num_workers', '0', '--max_v_l', '75', '--no-progress']
+    base = ['--preset', 'tiny', '--data', str(tiny_data), '--bsz', '4', '--num_workers', '0', '--max_v_l', '75',
+            '--no-progress']
     r = vl('train', *base, '--out', tmp_path/'pt0', '--pretrained', 'true', timeout=120)
     assert r.returncode == 2 and '--pretrain_ckpt CKPT' in r.stderr, r.stderr
     assert not (tmp_path/'pt0'/'model_latest.ckpt').exists()
@@ -160,7 +166,8 @@ def test_pretrained_switch_needs_and_loads_a_checkpoint(tiny_data, tmp_path, mon
 
 def test_tiny_preset_on_synthetic_data_sees_whole_videos(tiny_data, tmp_path):
     "The synthetic videos are 150 s (75 clips): `train` lifts tiny's max_v_l=32 to 75 unless told otherwise, and warns."
-    base = ['train', '--preset', 'tiny', '--data', tiny_data, '--epochs', 1, '--bsz', 4, '--num_workers', 0, '--no-progress']
+    base = ['train', '--preset', 'tiny', '--data', tiny_data, '--epochs', 1, '--bsz', 4, '--num_workers', 0,
+            '--no-progress']
     r = vl(*base, '--out', tmp_path/'a')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'a'/'config.json').read_text())['config']['max_v_l'] == 75
@@ -172,11 +179,13 @@ def test_tiny_preset_on_synthetic_data_sees_whole_videos(tiny_data, tmp_path):
 
 
 def test_pretrain_file_is_recognised_by_its_path_like_official(tiny_data, tmp_path):
-    "An annotation path with 'pre_train' / 'subs_train' is pretraining data, with or without --pretrain (official rule)."
+    """An annotation path with 'pre_train' / 'subs_train' is pretraining data, with or without --pretrain (official
+    rule)."""
     import shutil
     from videolights.runs import build_dataset, synth_config
     cfg = synth_config(tiny_data)
-    for name, want in [('highlight_train_release.jsonl', False), ('pre_train.jsonl', True), ('qvh_subs_train.jsonl', True)]:
+    for name, want in [('highlight_train_release.jsonl', False), ('pre_train.jsonl', True),
+                       ('qvh_subs_train.jsonl', True)]:
         if not (tiny_data/name).exists(): shutil.copy(tiny_data/'highlight_train_release.jsonl', tmp_path/name)
         path = tiny_data/name if (tiny_data/name).exists() else tmp_path/name
         assert build_dataset(cfg, tiny_data, 'train', records=path).pretrain is want, name

@@ -68,10 +68,13 @@ def test_training_losses_and_gradients_match_cpu(pack):
     mi, tg, _ = synth_batch(cfg, 4, seed=2)
     la, lb = ccpu(cpu.train()(**mi), tg, epoch=3), cgpu(gpu.train()(**to(mi, 'cuda')), to(tg, 'cuda'), epoch=3)
     for k in la: assert maxdiff(la[k], lb[k]) <= 1e-4 * max(1., float(la[k].abs())), (k, float(la[k]), float(lb[k]))
-    total_loss(la, ccpu.weight_dict).backward(); total_loss(lb, cgpu.weight_dict).backward()
+    total_loss(la, ccpu.weight_dict).backward()
+    total_loss(lb, cgpu.weight_dict).backward()
     gmax = max(float(p.grad.abs().max()) for p in cpu.parameters() if p.grad is not None)
     for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        if p.grad is None: assert q.grad is None or float(q.grad.abs().max()) <= 1e-6 * gmax, n; continue
+        if p.grad is None:
+            assert q.grad is None or float(q.grad.abs().max()) <= 1e-6 * gmax, n
+            continue
         assert maxdiff(p.grad, q.grad) <= 1e-3 * gmax + 1e-4 * float(p.grad.abs().max()), (n, maxdiff(p.grad, q.grad))
 
 
@@ -87,10 +90,12 @@ def test_packed_negative_pass_matches_plain_on_cuda():
 def test_bf16_forward_leaves_out_cudnn_attention():
     "cuDNN attention builds a graph per new shape (~9 ms a call on an H200): `ops.sdpa` must not pick it."
     from torch.profiler import profile, ProfilerActivity
-    cfg = get_preset('qvhighlights'); torch.manual_seed(0)
+    cfg = get_preset('qvhighlights')
+    torch.manual_seed(0)
     m = build_model(cfg).cuda().eval()
     mi = to(synth_batch(cfg, 4, seed=7)[0], 'cuda')
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with (torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16),
+          profile(activities=[ProfilerActivity.CPU]) as prof):
         m(**mi)
     names = {e.key for e in prof.key_averages()}
     attn = sorted(n for n in names if 'attention' in n)
@@ -123,7 +128,8 @@ def test_compiled_model_matches_eager():
 
 def vl(*args, env=None, timeout=600, module=('-m', 'videolights')):
     e = dict(os.environ, MPLBACKEND='Agg', **(env or {}))
-    return subprocess.run([sys.executable, *module, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run([sys.executable, *module, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=e)
 
 
 @pytest.fixture(scope='module')
@@ -148,8 +154,8 @@ def test_cli_train_resume_evaluate_on_cuda(tiny_data, tmp_path):
     assert all(l['loss_overall'] == l['loss_overall'] for l in log if l['kind'] == 'train')
     ck = torch.load(run/'model_latest.ckpt', map_location='cpu', weights_only=True)
     assert all(not t.is_cuda for t in ck['model'].values())
-    r = vl('evaluate', '--ckpt', run, '--data', tiny_data, '--split', 'val', '--out', tmp_path/'eval_cpu', '--device', 'cpu',
-           env=dict(CUDA_VISIBLE_DEVICES=''))
+    r = vl('evaluate', '--ckpt', run, '--data', tiny_data, '--split', 'val', '--out', tmp_path/'eval_cpu', '--device',
+           'cpu', env=dict(CUDA_VISIBLE_DEVICES=''))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path/'eval_cpu'/'hl_val_submission.jsonl').exists(), opts
 
@@ -189,7 +195,8 @@ def test_graphed_inference_matches_eager(amp):
         with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None): a = m(**mi)
         b = gi(**mi)
         vm = mi['src_vid_mask'].bool()
-        for k, x, y in (('pred_logits', a['pred_logits'], b['pred_logits']), ('pred_spans', a['pred_spans'], b['pred_spans']),
+        for k, x, y in (('pred_logits', a['pred_logits'], b['pred_logits']),
+                        ('pred_spans', a['pred_spans'], b['pred_spans']),
                         ('saliency_scores', a['saliency_scores'][vm], b['saliency_scores'][vm])):
             assert y.shape == x.shape and maxdiff(x, y) <= tol * max(1., float(x.abs().max())), (step, k, maxdiff(x, y))
     assert sorted(gi.graphs) == [(1, 32, 75), (5, 32, 75), (32, 32, 75)]
@@ -211,10 +218,11 @@ def test_evaluator_with_cuda_graphs_matches_plain(tiny_data):
 
 @pytest.mark.parametrize('amp', [None, torch.bfloat16])
 def test_graphed_training_matches_eager(amp):
-    """Dropout off: AdamW steps through the graphed forward/backward give the eager losses, gradients and weight updates.
-    float32: against the default eager step (packed negative pass). bf16: against the eager step with the batched
-    negative pass, the same operators the graph holds; against the packed pass, bf16 rounding differs enough to flip a
-    Hungarian match by the third step (H200: an aux contrastive term 2.29 vs 2.19), which is not what this test is about."""
+    """Dropout off: AdamW steps through the graphed forward/backward give the eager losses, gradients and weight
+    updates. float32: against the default eager step (packed negative pass). bf16: against the eager step with the
+    batched negative pass, the same operators the graph holds; against the packed pass, bf16 rounding differs enough to
+    flip a Hungarian match by the third step (H200: an aux contrastive term 2.29 vs 2.19), which is not what this test
+    is about."""
     from videolights.accel import GraphedTraining
     from videolights.train import adamw
     from videolights.loss import _to_float32 as _float_outputs  # the one half -> float32 upcast
@@ -237,7 +245,8 @@ def test_graphed_training_matches_eager(amp):
         for m, opt in ((eager, opt_e), (graphed, opt_g)):
             with torch.autocast('cuda', dtype=amp or torch.bfloat16, enabled=amp is not None): out = m(**mi)
             ld = crit(_float_outputs(out), tg, 3)
-            opt.zero_grad(set_to_none=True); total_loss(ld, crit.weight_dict).backward()
+            opt.zero_grad(set_to_none=True)
+            total_loss(ld, crit.weight_dict).backward()
             losses.append({k: float(v.detach()) for k, v in ld.items()})
         for k in crit.weight_dict:  # the weighted terms (not class_error, a count that one flipped query moves by 1/Nq)
             if k not in losses[0]: continue
@@ -245,15 +254,19 @@ def test_graphed_training_matches_eager(amp):
             assert abs(a - b) <= tol * max(1., abs(a)), (step, k, a, b)
         ge = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
         gg = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None])
-        assert ge.shape == gg.shape and float(torch.cosine_similarity(ge, gg, 0)) > (0.9999 if amp is None else 0.99), step
+        assert ge.shape == gg.shape and float(torch.cosine_similarity(ge, gg, 0)) > (0.9999
+                if amp is None else 0.99), step
         for m, opt in ((eager, opt_e), (twin, opt_g)):
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1); opt.step()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            opt.step()
     assert len(graphed.graphs) == 2 and graphed.n_eager == 0
     # Adam divides by the gradient's running RMS, so a near-zero gradient that rounding flips moves a weight by up to
     # ~lr per step either way: compare the whole update, and bound the largest difference by that
     de = torch.cat([p.detach().flatten() for p in eager.parameters()]) - start
     dg = torch.cat([p.detach().flatten() for p in twin.parameters()]) - start
-    assert float(torch.cosine_similarity(de, dg, 0)) > (0.999 if amp is None else 0.98), float(torch.cosine_similarity(de, dg, 0))
+    assert float(torch.cosine_similarity(de, dg, 0)) > (0.999
+                                                        if amp is None
+                                                        else 0.98), float(torch.cosine_similarity(de, dg, 0))
     assert maxdiff(de, dg) <= 2 * lr * len(batches), maxdiff(de, dg)
 
 

@@ -244,11 +244,13 @@ def test_vldataset_matches_official_tvsum(tmp_path):
     tr = read_tvsum(DATA / 'tvsum/tvsum_train.jsonl')
     p = DATA / 'tvsum/tvsum_train.jsonl'
     rng = np.random.default_rng(3)
-    (tmp_path / 'video_features').mkdir(); (tmp_path / 'query_features').mkdir()
+    (tmp_path / 'video_features').mkdir()
+    (tmp_path / 'query_features').mkdir()
     for r in tr:  # I3D rgb + flow pairs and 'token' text features, as the TVSum release
         L = len(r['label'])
         for part in ('rgb', 'opt'):
-            np.save(tmp_path / 'video_features' / f"{r['vid']}_{part}.npy", rng.standard_normal((L, 6), dtype=np.float32))
+            np.save(tmp_path / 'video_features' / f"{r['vid']}_{part}.npy",
+                    rng.standard_normal((L, 6), dtype=np.float32))
         np.savez(tmp_path / 'query_features' / f"{r['qid']}.npz", token=rng.standard_normal((7, 8), dtype=np.float32))
     idx = [0, 1, 2, 3]
     off = _run_official(tmp_path, dset_name='tvsum', data_path=str(p), v_dirs=[str(tmp_path / 'video_features')],
@@ -278,7 +280,9 @@ def test_summarize_real_files():
     assert (c['n_queries'], c['n_videos'], c['n_windows'], c['windows_per_query_max']) == (12404, 5336, 12404, 1)
     assert c['duration_max'] == pytest.approx(194.33)
     t = summarize(read_tvsum(DATA / 'tvsum/tvsum_train.jsonl'))
-    assert t['n_annotators'] == 20 and t['domains'] == {d: 4 for d in ('BK', 'BT', 'DS', 'FM', 'GA', 'MS', 'PK', 'PR', 'VT', 'VU')}
+    assert t['n_annotators'] == 20 and t['domains'] == {d: 4
+                                                        for d in ('BK', 'BT', 'DS', 'FM', 'GA', 'MS', 'PK', 'PR', 'VT',
+                                                                  'VU')}
     assert 'n_windows' not in t
 
 
@@ -306,7 +310,8 @@ def _ds(src, recs, **kw):
 
 def test_dir_h5_and_h5_without_index_agree(small_set):
     root, recs = small_set
-    a, b = collate([_ds(root / 'features', recs)[i] for i in range(12)]), collate([_ds(root / 'features.h5', recs)[i] for i in range(12)])
+    a, b = (collate([_ds(root / 'features', recs)[i] for i in range(12)]),
+            collate([_ds(root / 'features.h5', recs)[i] for i in range(12)]))
     c = collate([_ds(H5Features(root / 'features.h5', use_index=False), recs)[i] for i in range(12)])
     d = collate([_ds(root / 'features16.h5', recs)[i] for i in range(12)])
     for k in a[0]:
@@ -347,7 +352,8 @@ def test_feature_errors(tmp_path, small_set):
         VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]
     with pytest.raises(DataFormatError, match=f'{vid}.npz: feature dim mismatch.*expected 6, got 7'):
         convert_features(bad, tmp_path / 'bad.h5', progress=False)
-    x = np.ones((75, 6), np.float32); x[3, 2] = np.inf
+    x = np.ones((75, 6), np.float32)
+    x[3, 2] = np.inf
     np.savez(bad / 'clip_features' / f'{vid}.npz', features=x)
     with pytest.raises(DataFormatError, match=f'{vid}.npz: 1 NaN/inf'):
         VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]
@@ -356,7 +362,8 @@ def test_feature_errors(tmp_path, small_set):
     assert not (tmp_path / 'bad.h5').exists()
     (bad / 'clip_features' / f'{vid}.npz').unlink()
     np.save(bad / 'clip_features' / f'{vid}.npy', np.ones((75, 6), np.float32))  # the official .npy fallback
-    assert VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]['model_inputs']['video_feat'].shape == (75, 18)
+    assert VLDataset(recs[:3], bad, 'hl', list(SMALL_V), list(SMALL_T))[2]['model_inputs']['video_feat'].shape == (75,
+            18)
 
 
 def test_appended_store_falls_back_then_reindexes(tmp_path, small_set):
@@ -375,7 +382,8 @@ def test_appended_store_falls_back_then_reindexes(tmp_path, small_set):
     src = H5Features(p)
     assert np.array_equal(src.video('slowfast_features', 'new_vid'), new)          # indexed again
     assert ('video', 'slowfast_features') in src._idx
-    assert np.array_equal(src.video('slowfast_features', recs[1]['vid']), open_features(root / 'features').video('slowfast_features', recs[1]['vid']))
+    assert np.array_equal(src.video('slowfast_features', recs[1]['vid']),
+                          open_features(root / 'features').video('slowfast_features', recs[1]['vid']))
     src.close()
 
 
@@ -386,7 +394,8 @@ def test_h5_reader_pickles_and_reopens(small_set):
     x = src.video('slowfast_features', recs[0]['vid'])
     src2 = pickle.loads(pickle.dumps(src))
     assert np.array_equal(src2.video('slowfast_features', recs[0]['vid']), x)
-    src.close(); src2.close()
+    src.close()
+    src2.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,7 +410,8 @@ def test_unlabelled_split_and_move_batch(tmp_path):
     mi, tg, metas = move_batch(collate([ds[i] for i in range(5)]), 'cpu')
     assert tg == {} and [m['qid'] for m in metas] == [r['qid'] for r in test]
     assert all(m['n_clips'] == int(r['duration'] // 2) for m, r in zip(metas, test))
-    assert mi['src_vid_mask'].dtype == torch.float32 and set(mi) == {'src_txt', 'src_txt_mask', 'src_vid', 'src_vid_mask'}
+    assert mi['src_vid_mask'].dtype == torch.float32 and set(mi) == {'src_txt', 'src_txt_mask', 'src_vid',
+                                                                     'src_vid_mask'}
 
 
 def test_max_windows_random_subset(small_set):
@@ -416,7 +426,9 @@ def test_max_windows_random_subset(small_set):
         assert spans.shape == (5, 2)
         seen |= {tuple(np.round(s, 5)) for s in spans.tolist()}
     allw = {tuple(np.round(s, 5)) for s in
-            __import__('videolights.spans', fromlist=['x']).span_xx_to_cxw(torch.tensor(r['relevant_windows'], dtype=torch.float32) / 150).tolist()}
+            __import__('videolights.spans',
+                       fromlist=['x']).span_xx_to_cxw(torch.tensor(r['relevant_windows'],
+                                                                   dtype=torch.float32) / 150).tolist()}
     assert seen <= allw and len(seen) > 5
     assert rr['relevant_windows'] == r['relevant_windows']  # the record itself is never shuffled
 
@@ -429,7 +441,8 @@ def test_make_loader_deterministic(small_set, workers):
         ds[0]  # the parent process opens the store first: forked workers must reopen it, not share the handle
         ds.rng.seed(0)
         dl = make_loader(ds, batch_size=4, shuffle=True, num_workers=workers, seed=seed)
-        return [([m['qid'] for m in b[2]], b[1]['saliency_neg_labels'].tolist(), b[0]['src_vid'].sum().item()) for b in dl]
+        return [([m['qid'] for m in b[2]], b[1]['saliency_neg_labels'].tolist(), b[0]['src_vid'].sum().item())
+                for b in dl]
     a, b, c = epoch(1), epoch(1), epoch(2)
     assert a == b and a != c
     assert sorted(q for batch in a for q in batch[0]) == sorted(r['qid'] for r in recs)
@@ -438,7 +451,8 @@ def test_make_loader_deterministic(small_set, workers):
 def test_make_loader_rejects_shuffle_with_sampler(small_set):
     root, recs = small_set
     with pytest.raises(ValueError, match='sampler'):
-        make_loader(_ds(root / 'features.h5', recs), sampler=torch.utils.data.SequentialSampler(range(12)), shuffle=True)
+        make_loader(_ds(root / 'features.h5', recs), sampler=torch.utils.data.SequentialSampler(range(12)),
+                    shuffle=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,7 +467,8 @@ def test_convert_features_cli(tmp_path, small_set, capsys):
     assert 'clip_features' in out and 'slowfast_features' not in out and 'wrote' in out
     assert open_features(tmp_path / 'x.h5').feature_types('video') == ['clip_features']
     assert main(['convert-features', str(root / 'features'), str(tmp_path / 'x.h5'), '--quiet']) == 2
-    assert capsys.readouterr().err == f"videolights convert-features: error: {tmp_path / 'x.h5'}: exists (pass overwrite=True (--overwrite))\n"
+    assert capsys.readouterr().err == (f"videolights convert-features: error: {tmp_path / 'x.h5'}: exists "
+                                       "(pass overwrite=True (--overwrite))\n")
     with pytest.raises(FileNotFoundError, match='nowhere: no such folder'):
         convert_features_main([str(tmp_path / 'nowhere'), str(tmp_path / 'y.h5')])
     with pytest.raises(SystemExit) as e:
@@ -479,12 +494,14 @@ def test_inspect_cli_store_empty_folder_and_bad_file(tmp_path, small_set, capsys
     root, recs = small_set
     assert inspect_main([str(root / 'features.h5'), '--json', str(tmp_path / 's.json')]) == 0
     s = json.loads((tmp_path / 's.json').read_text())
-    assert s['annotations'] == {} and s['features'][str(root / 'features.h5')]['slowfast_features'] == dict(kind='video', dim=10, n=12)
+    assert (s['annotations'] == {}
+            and s['features'][str(root / 'features.h5')]['slowfast_features'] == dict(kind='video', dim=10, n=12))
     assert 'slowfast_features' in capsys.readouterr().out
     (tmp_path / 'empty').mkdir()
     from videolights.cli import main
     assert main(['inspect', str(tmp_path / 'empty')]) == 2
-    assert capsys.readouterr().err == f"videolights inspect: error: {tmp_path / 'empty'}: is empty, expected a .jsonl file, an .h5 store or a dataset folder\n"
+    assert capsys.readouterr().err == (f"videolights inspect: error: {tmp_path / 'empty'}: is empty, "
+                                       "expected a .jsonl file, an .h5 store or a dataset folder\n")
     (tmp_path / 'empty' / 'notes.txt').write_text('x')
     with pytest.raises(ValueError, match='no .jsonl annotation files and no features found'):
         inspect_main([str(tmp_path / 'empty')])

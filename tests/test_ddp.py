@@ -17,7 +17,8 @@ from videolights.train import RunOptions, load_checkpoint
 
 def _free_port():
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out, accum):
@@ -27,7 +28,8 @@ def _worker(rank, world, port, out, accum):
     import torch.distributed as dist
     opts = RunOptions(device='cpu', progress=False, tensorboard=False, grad_accum=accum)
     toy_run(Path(out), data=ToyData(random_labels=False), p_drop=0., opts=opts, n_epoch=3, eval_every=1)
-    dist.barrier(); dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train_losses(run):
@@ -37,7 +39,8 @@ def _train_losses(run):
 @pytest.mark.parametrize('accum', [1, 2])
 def test_ddp_two_processes_match_one_process(tmp_path, accum):
     opts = RunOptions(device='cpu', progress=False, tensorboard=False, grad_accum=accum)
-    single = toy_run(tmp_path/'single', data=ToyData(random_labels=False), p_drop=0., opts=opts, n_epoch=3, eval_every=1)
+    single = toy_run(tmp_path/'single', data=ToyData(random_labels=False), p_drop=0., opts=opts, n_epoch=3,
+                     eval_every=1)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path/'ddp'), accum), nprocs=2, join=True)
 
     l1, l2 = _train_losses(tmp_path/'single'), _train_losses(tmp_path/'ddp')
@@ -102,7 +105,8 @@ def _var_worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
     _var_run(Path(out), RunOptions(device='cpu', progress=False, tensorboard=False))
-    dist.barrier(); dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_ddp_span_losses_use_the_global_span_count(tmp_path):

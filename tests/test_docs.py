@@ -36,7 +36,8 @@ def test_site_lists_every_notebook_and_module(tmp_path):
         for c in staged['cells']:
             s = ''.join(c['source'])
             assert not re.match(r'\s*#\|\s*(hide|default_exp)\b', s) and 'nbdev_export(' not in s, (stem, s[:60])
-        hidden = [c for c in src['cells'] if c['cell_type'] == 'code' and re.match(r'\s*#\|\s*hide', ''.join(c['source']))]
+        hidden = [c for c in src['cells'] if c['cell_type'] == 'code'
+                  and re.match(r'\s*#\|\s*hide', ''.join(c['source']))]
         assert _pngs(staged) == _pngs(src) - sum(_pngs({'cells': [c]}) for c in hidden), stem
     conf = (ROOT/'docs/conf.py').read_text()
     assert "nb_execution_mode = 'off'" in conf                  # stored outputs are shown, never re-executed

@@ -36,7 +36,8 @@ def close(a, b, tol=1e-5):
 
 
 def clone_outputs(out, grad=False):
-    res = {k: (v.clone().requires_grad_(grad and k != 'video_mask') if torch.is_tensor(v) else v) for k, v in out.items()}
+    res = {k: (v.clone().requires_grad_(grad and k != 'video_mask') if torch.is_tensor(v) else v)
+           for k, v in out.items()}
     if 'aux_outputs' in out: res['aux_outputs'] = [clone_outputs(a, grad) for a in out['aux_outputs']]
     return res
 
@@ -71,14 +72,16 @@ def test_matches_official_fixture(fixture, variant):
 def test_fixture_detects_a_wrong_coefficient(fixture):
     "The fixture comparison can fail: a different hard pos/neg coefficient changes loss_saliency at epoch 5."
     fx = fixture['fixtures']['sf_clip']
-    got = build_criterion(get_preset('qvhighlights_sf_clip', hard_pos_neg_loss_coef=9.))(clone_outputs(fx['outputs']), fx['targets'], epoch=5)
+    got = build_criterion(get_preset('qvhighlights_sf_clip', hard_pos_neg_loss_coef=9.))(clone_outputs(fx['outputs']),
+            fx['targets'], epoch=5)
     assert not close(got['loss_saliency'], fx['losses']['official@e5']['loss_saliency'])
 
 
 @pytest.mark.skipif(OFFICIAL_MISSING is not None, reason=str(OFFICIAL_MISSING))
 def test_matches_live_official():
     spec = importlib.util.spec_from_file_location('check_official_loss', ROOT / 'tools' / 'check_official_loss.py')
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     assert mod.main(['--epochs', '0', '5', '--seed', '11']) == 0
 
 
@@ -93,10 +96,12 @@ def tiny(seed=0, B=3, Nq=5, Lv=9, Lq=6, Dc=4, D=8, K=3):
     labels = torch.randint(0, 13, (B, Lv), generator=g).float() * (torch.rand(B, Lv, generator=g) > 0.4) * vmask
     labels[:, 1] = 6.  # every sample has a relevant clip
     def layer():
-        return dict(pred_logits=torch.randn(B, Nq, 2, generator=g), pred_spans=torch.rand(B, Nq, 2, generator=g) * 0.4 + 0.1,
+        return dict(pred_logits=torch.randn(B, Nq, 2, generator=g),
+                    pred_spans=torch.rand(B, Nq, 2, generator=g) * 0.4 + 0.1,
                     proj_queries=F.normalize(torch.randn(B, Nq, Dc, generator=g), dim=-1),
                     proj_txt_mem=F.normalize(torch.randn(B, Lq, Dc, generator=g), dim=-1))
-    out = dict(layer(), saliency_scores=torch.randn(B, Lv, generator=g), saliency_scores_neg=torch.randn(B, Lv, generator=g),
+    out = dict(layer(), saliency_scores=torch.randn(B, Lv, generator=g),
+               saliency_scores_neg=torch.randn(B, Lv, generator=g),
                saliency_scores_mr=torch.randn(B, Lv, generator=g), video_mask=vmask, txt_mask=tmask,
                src_txt=torch.randn(B, Lq, D, generator=g), src_vid=torch.randn(B, Lv, D, generator=g),
                aux_outputs=[layer() for _ in range(K - 1)])
@@ -116,7 +121,8 @@ def test_zero_span_loss_when_prediction_equals_target():
     for b, t in enumerate(targets['span_labels']):  # put the targets into the first n_b queries, all layers
         for o in [out] + out['aux_outputs']:
             o['pred_spans'][b, :len(t['spans'])] = t['spans']
-            o['pred_logits'][b] = torch.tensor([0., 0.]); o['pred_logits'][b, :len(t['spans'])] = torch.tensor([3., 0.])
+            o['pred_logits'][b] = torch.tensor([0., 0.])
+            o['pred_logits'][b, :len(t['spans'])] = torch.tensor([3., 0.])
     losses = build_criterion(get_preset('qvhighlights', **CFG))(out, targets)
     for k in ('loss_span', 'loss_giou', 'loss_span_0', 'loss_giou_0', 'loss_span_1', 'loss_giou_1'):
         assert abs(float(losses[k])) < 1e-6, (k, float(losses[k]))
@@ -130,7 +136,8 @@ def test_invariant_to_permuting_queries(preset):
     crit = build_criterion(get_preset(preset, **CFG))
     ref = crit(clone_outputs(out), targets, epoch=2)
     perm = torch.tensor([3, 0, 4, 2, 1])
-    def p(o): return {k: (v[:, perm] if k in ('pred_logits', 'pred_spans', 'proj_queries') else v) for k, v in o.items()}
+    def p(o): return {k: (v[:, perm] if k in ('pred_logits', 'pred_spans', 'proj_queries') else v)
+                      for k, v in o.items()}
     got = crit(dict(p(out), aux_outputs=[p(a) for a in out['aux_outputs']]), targets, epoch=2)
     assert sorted(got) == sorted(ref)
     for k in ref: assert close(got[k], ref[k]), k
@@ -175,7 +182,8 @@ def test_matcher_vectorised_one_cost_per_layer(monkeypatch):
     calls = []
     orig = vm.match_cost
     def counting(*a, **k):
-        calls.append(a[0].shape[0]); return orig(*a, **k)
+        calls.append(a[0].shape[0])
+        return orig(*a, **k)
     monkeypatch.setattr(vm, 'match_cost', counting)
     out, targets = tiny(4)
     HungarianMatcher()(out, targets)
@@ -230,7 +238,8 @@ def bf_rank(s, sn, y, m, tau=0.5):
         if not any(y[b][t] >= r for b in range(B) for t in range(L)): continue
         acc = 0.
         for b in range(B):
-            row = [(s[b][t] if m[b][t] else -1e3) / tau for t in range(L)] + [(sn[b][t] if m[b][t] else -1e3) / tau for t in range(L)]
+            row = [(s[b][t] if m[b][t] else -1e3) / tau for t in range(L)] + [(sn[b][t] if m[b][t] else -1e3) / tau
+                    for t in range(L)]
             lse = math.log(sum(math.exp(v - max(row)) for v in row)) + max(row)
             pos = [t for t in range(L) if y[b][t] >= r and m[b][t]]
             if pos: acc += -sum(row[t] - lse for t in pos) / len(pos)
@@ -239,7 +248,8 @@ def bf_rank(s, sn, y, m, tau=0.5):
 
 
 def bf_neg_pair(sn, m):
-    return sum(-math.log(1 - 1 / (1 + math.exp(-sn[b][t]))) * m[b][t] for b in range(len(sn)) for t in range(len(sn[0]))) / len(sn)
+    return sum(-math.log(1 - 1 / (1 + math.exp(-sn[b][t]))) * m[b][t] for b in range(len(sn))
+               for t in range(len(sn[0]))) / len(sn)
 
 
 def bf_profile(x, y, m=None, sample_min=False):
@@ -279,7 +289,8 @@ def bf_nce(q, txt, indices, temp, tmask=None):
     B, Nq, Lq = len(q), len(q[0]), len(txt[0])
     total = 0.
     for b in range(B):
-        logit = [sum(sum(a * c for a, c in zip(q[b][i], txt[b][j])) for j in range(Lq) if tmask is None or tmask[b][j]) / temp
+        logit = [sum(sum(a * c for a, c in zip(q[b][i], txt[b][j])) for j in range(Lq)
+                     if tmask is None or tmask[b][j]) / temp
                  for i in range(Nq)]
         pos = indices[b][0].tolist()
         lse = math.log(sum(math.exp(v - max(logit)) for v in logit)) + max(logit)
@@ -305,13 +316,16 @@ def L(t): return t.tolist()
 def test_margin_ranking_brute_force():
     out, t = tiny(8)
     got = margin_ranking_loss(out['saliency_scores'], t['saliency_pos_labels'], t['saliency_neg_labels'], 0.2)
-    assert close(got, bf_margin(L(out['saliency_scores']), L(t['saliency_pos_labels']), L(t['saliency_neg_labels']), 0.2))
+    assert close(got, bf_margin(L(out['saliency_scores']), L(t['saliency_pos_labels']), L(t['saliency_neg_labels']),
+                                0.2))
 
 
 def test_rank_contrastive_brute_force():
     out, t = tiny(9)
-    got = rank_contrastive_loss(out['saliency_scores'], out['saliency_scores_neg'], t['saliency_all_labels'], out['video_mask'])
-    ref = bf_rank(L(out['saliency_scores']), L(out['saliency_scores_neg']), L(t['saliency_all_labels']), L(out['video_mask']))
+    got = rank_contrastive_loss(out['saliency_scores'], out['saliency_scores_neg'], t['saliency_all_labels'],
+                                out['video_mask'])
+    ref = bf_rank(L(out['saliency_scores']), L(out['saliency_scores_neg']), L(t['saliency_all_labels']),
+                  L(out['video_mask']))
     assert close(got, ref), (float(got), ref)
 
 
@@ -347,7 +361,8 @@ def test_neg_pair_brute_force():
                  bf_neg_pair(L(out['saliency_scores_neg']), L(out['video_mask'])))
 
 
-@pytest.mark.parametrize('mask,sample_min,batch_mean', [(False, False, False), (True, False, False), (True, True, True)])
+@pytest.mark.parametrize('mask,sample_min,batch_mean',
+                         [(False, False, False), (True, False, False), (True, True, True)])
 def test_profile_cosine_terms_brute_force(mask, sample_min, batch_mean):
     out, t = tiny(11)
     m = out['video_mask'] if mask else None
@@ -370,7 +385,8 @@ def test_hard_pos_neg_brute_force(mask):
     ref = bf_hard(prof, L(y), L(t['saliency_pos_index']), hard_loss_weight(5, 10.), L(m) if mask else None)
     terms = saliency_terms(out, t, 5, mask_padding=mask)
     assert close(terms['hard_neg'], ref[0]) and close(terms['hard_pos'], ref[1])
-    got = hard_pos_neg_losses(minmax_l2(out['saliency_scores'], y, m), F.normalize(y, dim=1), t['saliency_pos_index'], 60., m)
+    got = hard_pos_neg_losses(minmax_l2(out['saliency_scores'], y, m), F.normalize(y, dim=1), t['saliency_pos_index'],
+                              60., m)
     assert close(got[0], ref[0]) and close(got[1], ref[1])
 
 
@@ -378,7 +394,8 @@ def test_hard_ramp():
     assert [hard_loss_weight(e, 10.) for e in (0, 4, 199)] == [10., 50., 2000.]
     assert hard_loss_weight(199, 10., bounded=True, ramp_max=10) == 100.
     out, t = tiny(13)
-    a = saliency_terms(out, t, 0)['hard_pos']; b = saliency_terms(out, t, 9)['hard_pos']
+    a = saliency_terms(out, t, 0)['hard_pos']
+    b = saliency_terms(out, t, 9)['hard_pos']
     assert close(b, 10 * a)
 
 
@@ -417,8 +434,10 @@ def perturb_padding(out):
     o = clone_outputs(out)
     pad_v, pad_t = o['video_mask'] == 0, o['txt_mask'] == 0
     for k in ('saliency_scores', 'saliency_scores_mr'): o[k][pad_v] = 7.
-    o['src_vid'][pad_v] = 3.; o['src_txt'][pad_t] = -2.
-    for layer in [o] + o['aux_outputs']: layer['proj_txt_mem'][pad_t] = F.normalize(torch.ones(layer['proj_txt_mem'].shape[-1]), dim=0)
+    o['src_vid'][pad_v] = 3.
+    o['src_txt'][pad_t] = -2.
+    for layer in [o] + o['aux_outputs']:
+        layer['proj_txt_mem'][pad_t] = F.normalize(torch.ones(layer['proj_txt_mem'].shape[-1]), dim=0)
     return o
 
 
@@ -429,7 +448,8 @@ def test_fixed_preset_ignores_padding_official_does_not():
     for k in a: assert close(a[k], b[k]), k
     off = build_criterion(get_preset('qvhighlights', **CFG))
     a, b = off(clone_outputs(out), t, epoch=2), off(perturb_padding(out), t, epoch=2)
-    assert not close(a['loss_saliency'], b['loss_saliency']) and not close(a['loss_contrastive_align'], b['loss_contrastive_align'])
+    assert not close(a['loss_saliency'], b['loss_saliency']) and not close(a['loss_contrastive_align'],
+            b['loss_contrastive_align'])
 
 
 def cat_batch(out, t):
@@ -481,7 +501,8 @@ def test_real_model_end_to_end(preset):
     "Our model's output dict goes through the criterion; the loss is finite and every trainable head gets a gradient."
     from videolights.model import build_model
     from videolights.config import VLConfig
-    cfg = get_preset('tiny', **({} if preset == 'tiny' else {k: True for k in VLConfig().fixes}))  # tiny dims, all fixes on
+    cfg = get_preset('tiny', **({} if preset == 'tiny'
+                                else {k: True for k in VLConfig().fixes}))  # tiny dims, all fixes on
     torch.manual_seed(0)
     model = build_model(cfg).train()
     B, Lv, Lq = 3, 12, 6
@@ -489,10 +510,14 @@ def test_real_model_end_to_end(preset):
     tmask = torch.stack([(torch.arange(Lq) < n).float() for n in (6, 4, 5)])
     inputs = dict(src_txt=torch.randn(B, Lq, cfg.t_feat_dim) * tmask[..., None], src_txt_mask=tmask,
                   src_vid=torch.randn(B, Lv, cfg.v_feat_dim) * vmask[..., None], src_vid_mask=vmask)
-    labels = torch.zeros(B, Lv); labels[0, 2:5] = torch.tensor([4., 12., 8.]); labels[1, 0:2] = 3.; labels[2, 5:7] = 6.
+    labels = torch.zeros(B, Lv)
+    labels[0, 2:5] = torch.tensor([4., 12., 8.])
+    labels[1, 0:2] = 3.
+    labels[2, 5:7] = 6.
     targets = dict(span_labels=[dict(spans=torch.tensor([[0.29, 0.25]])), dict(spans=torch.tensor([[0.11, 0.22]])),
                                 dict(spans=torch.tensor([[0.86, 0.29]]))],
-                   saliency_pos_labels=torch.tensor([[3, 2], [0, 1], [5, 6]]), saliency_neg_labels=torch.tensor([[0, 8], [5, 3], [0, 1]]),
+                   saliency_pos_labels=torch.tensor([[3, 2], [0, 1], [5, 6]]),
+                   saliency_neg_labels=torch.tensor([[0, 8], [5, 3], [0, 1]]),
                    saliency_all_labels=labels, saliency_pos_index=(labels > 0).float(), src_txt_mask=tmask)
     crit = build_criterion(cfg)
     out = model(**inputs)
@@ -513,7 +538,8 @@ def test_eval_outputs_without_negative_pass():
     terms = saliency_terms(o, t, 0)
     assert float(terms['neg_pair']) == 0.
     B, Lv = out['saliency_scores'].shape
-    ref = bf_rank(L(out['saliency_scores']), [[-1e9] * Lv for _ in range(B)], L(t['saliency_all_labels']), L(out['video_mask']))
+    ref = bf_rank(L(out['saliency_scores']), [[-1e9] * Lv for _ in range(B)], L(t['saliency_all_labels']),
+                  L(out['video_mask']))
     assert close(terms['rank_contrastive'], ref)
     losses = build_criterion(get_preset('qvhighlights', **CFG))(o, t)
     assert all(torch.isfinite(v).all() for v in losses.values())

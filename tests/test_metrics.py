@@ -1,6 +1,7 @@
 """videolights.metrics: official numbers (fixtures computed with the official evaluators), brute-force
 cross-checks, bad input, the `eval` CLI and what it imports. The live comparison with the official code runs only when
-VIDEOLIGHTS_OFFICIAL_EVAL points to a folder holding Moment-DETR's `standalone_eval/` (and scikit-learn is installed)."""
+VIDEOLIGHTS_OFFICIAL_EVAL points to a folder holding Moment-DETR's `standalone_eval/` (and scikit-learn is
+installed)."""
 import json, os, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np
@@ -79,7 +80,8 @@ def test_qvh_videolights_awkward_and_empty_buckets():
         warnings.simplefilter('ignore')
         for c in cases:
             _same(eval_submission(c['submission'], c['ground_truth']), c['metrics'])
-            n_empty += any('0.525' in c['metrics'][b]['MR-mAP'] for b in ('short', 'middle', 'long') if b in c['metrics'])
+            n_empty += any('0.525' in c['metrics'][b]['MR-mAP'] for b in ('short', 'middle', 'long')
+                           if b in c['metrics'])
     assert len(cases) >= 20 and n_empty >= 3
 
 
@@ -90,7 +92,8 @@ def test_perfect_ceiling_is_not_100(val):
 
 
 def test_official_sample_metrics_file(tmp_path):
-    "Byte-identical to the metrics file Moment-DETR ships for its sample predictions (sample_val_preds_metrics_raw.json)."
+    """Byte-identical to the metrics file Moment-DETR ships for its sample predictions
+    (sample_val_preds_metrics_raw.json)."""
     assert eval_main(['--submission', str(ROOT/'data/qvhighlights/official_examples/sample_val_preds.jsonl'),
                       '--gt', str(VAL), '--out', str(tmp_path/'m.json'), '--dataset', 'moment_detr']) == 0
     assert (tmp_path/'m.json').read_bytes() == (FIX/'metrics_official_sample_val_preds_metrics_raw.json').read_bytes()
@@ -106,7 +109,8 @@ def test_qvh_awkward_fixture():
 
 def test_charades_regression():
     fx = json.loads((FIX/'metrics_charades_regression.json').read_text())
-    gt = read_jsonl(ROOT/fx['gt']); gt = [d for d in gt if d['qid'] in set(fx['qids'])]
+    gt = read_jsonl(ROOT/fx['gt'])
+    gt = [d for d in gt if d['qid'] in set(fx['qids'])]
     ours = json.loads(json.dumps(eval_submission(charades_postprocess(make_noisy_submission(gt, 0)), gt, 'charades')))
     for k in [k for k in ours['brief'] if 'R5' in k]: del ours['brief'][k]
     for b in ours.values(): b.pop('MR-R5', None)
@@ -125,7 +129,8 @@ def test_tvsum_golden():
     "Official numbers (charades_tvsum_metrics.md §3): mean-score ranking 84.35 val / 79.86 train, constant 49.48 val."
     def score(path, f):
         gt = read_jsonl(ROOT/path)
-        return eval_submission([dict(qid=d['qid'], pred_saliency_scores=f(np.array(d['label'])).tolist()) for d in gt], gt, 'tvsum')['brief']['mAP']
+        return eval_submission([dict(qid=d['qid'], pred_saliency_scores=f(np.array(d['label'])).tolist()) for d in gt],
+                               gt, 'tvsum')['brief']['mAP']
     assert score('data/tvsum/tvsum_val.jsonl', lambda l: l.mean(1)) == 0.84347
     assert score('data/tvsum/tvsum_train.jsonl', lambda l: l.mean(1)) == 0.7986
     assert score('data/tvsum/tvsum_val.jsonl', lambda l: np.zeros(len(l))) == 0.49481
@@ -134,19 +139,25 @@ def test_tvsum_golden():
 # ---------------------------------------------------------------- brute force on tiny cases
 def _brute_query_ap(preds, gts, t):
     "Transcription of the official definition for one query and one threshold (plain Python)."
-    preds = sorted(preds[:10], key=lambda w: -w[2]); taken, tp = set(), []
+    preds = sorted(preds[:10], key=lambda w: -w[2])
+    taken, tp = set(), []
     for s, e, _ in preds:
         ious = []
         for j, (gs, ge) in enumerate(gts):
-            inter = max(0., min(e, ge) - max(s, gs)); union = (e - s) + (ge - gs) - inter
+            inter = max(0., min(e, ge) - max(s, gs))
+            union = (e - s) + (ge - gs) - inter
             ious.append(inter / union if union else float('nan') if inter == 0 else float('inf'))
-        order = np.argsort(np.array(ious))[::-1]; hit = False
+        order = np.argsort(np.array(ious))[::-1]
+        hit = False
         for j in order:
             if ious[j] < t: break
             if j in taken: continue
-            taken.add(j); hit = True; break
+            taken.add(j)
+            hit = True
+            break
         tp.append(hit)
-    c = np.cumsum(tp); k = np.arange(1, len(tp) + 1)
+    c = np.cumsum(tp)
+    k = np.arange(1, len(tp) + 1)
     rec, prec = [0.] + list(c / len(gts)) + [1.], [0.] + list(c / k) + [0.]
     for i in range(len(prec) - 2, -1, -1): prec[i] = max(prec[i], prec[i + 1])
     return sum((rec[i] - rec[i - 1]) * prec[i] for i in range(1, len(rec)) if rec[i] != rec[i - 1])
@@ -183,7 +194,8 @@ def test_more_than_10_windows_and_unsorted():
 
 
 # ---------------------------------------------------------------- bad input, strict mode
-GT = [dict(qid=1, duration=20, relevant_windows=[[0, 10]], relevant_clip_ids=[0, 1], saliency_scores=[[4, 4, 4], [1, 2, 3]]),
+GT = [dict(qid=1, duration=20, relevant_windows=[[0, 10]], relevant_clip_ids=[0, 1],
+           saliency_scores=[[4, 4, 4], [1, 2, 3]]),
       dict(qid=2, duration=20, relevant_windows=[[10, 16]], relevant_clip_ids=[5], saliency_scores=[[2, 2, 2]])]
 
 
@@ -210,7 +222,8 @@ def test_bad_input_names_the_line(sub, msg):
 def test_empty_windows_is_a_miss_or_strict_error():
     with pytest.warns(UserWarning, match='scored as a miss'): r = eval_submission(_sub(pred_relevant_windows=[]), GT)
     assert r['full']['MR-R1']['0.5'] == 50.0 and r['full']['MR-mAP']['0.5'] == 50.0
-    with pytest.raises(EvalInputError, match=r'submission\[1\]: empty'): eval_submission(_sub(pred_relevant_windows=[]), GT, strict=True)
+    with pytest.raises(EvalInputError, match=r'submission\[1\]: empty'): eval_submission(_sub(pred_relevant_windows=[]),
+            GT, strict=True)
 
 
 def test_duplicates_official_by_default_error_when_strict():
@@ -240,7 +253,8 @@ def test_strict_passes_clean_input_with_same_numbers():
 def test_bad_ground_truth():
     gt = [dict(GT[0]), dict(GT[1], relevant_clip_ids=[10])]
     with pytest.raises(EvalInputError, match=r'ground_truth\[1\]: clip id 10'): eval_submission(_sub(), gt)
-    with pytest.raises(EvalInputError, match='duplicate qid 1 in the ground truth'): eval_submission(_sub(), [GT[0], GT[0], GT[1]])
+    with pytest.raises(EvalInputError, match='duplicate qid 1 in the ground truth'): eval_submission(_sub(),
+            [GT[0], GT[0], GT[1]])
 
 
 # ---------------------------------------------------------------- CLI and bench
@@ -248,9 +262,12 @@ def _write(path, recs): path.write_text('\n'.join(json.dumps(r) for r in recs) +
 
 
 def test_cli_writes_official_json(tmp_path):
-    _write(tmp_path/'gt.jsonl', GT); _write(tmp_path/'sub.jsonl', _sub())
-    out = subprocess.run([sys.executable, '-m', 'videolights', 'eval', '--submission', str(tmp_path/'sub.jsonl'), '--gt',
-                          str(tmp_path/'gt.jsonl'), '--out', str(tmp_path/'m.json')], capture_output=True, text=True, cwd=ROOT)
+    _write(tmp_path/'gt.jsonl', GT)
+    _write(tmp_path/'sub.jsonl', _sub())
+    out = subprocess.run([sys.executable, '-m', 'videolights', 'eval', '--submission', str(tmp_path/'sub.jsonl'),
+                          '--gt',
+                          str(tmp_path/'gt.jsonl'), '--out', str(tmp_path/'m.json')], capture_output=True, text=True,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert 'MR-full-mAP' in out.stdout and 'bucket' in out.stdout
     assert (tmp_path/'m.json').read_text() == json.dumps(eval_submission(_sub(), GT), indent=4)
@@ -262,7 +279,8 @@ def test_cli_error_names_file_and_line(tmp_path, capsys):
     from videolights.cli import main
     assert main(['eval', '--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl')]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"videolights eval: error: {tmp_path/'sub.jsonl'}:2: not valid JSON") and len(err.splitlines()) == 1
+    assert (err.startswith(f"videolights eval: error: {tmp_path/'sub.jsonl'}:2: not valid JSON")
+            and len(err.splitlines()) == 1)
     with pytest.raises(EvalInputError, match='sub.jsonl:2: not valid JSON'):                   # the function raises
         eval_main(['--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl')])
 
@@ -280,7 +298,8 @@ def test_eval_command_does_not_import_torch(tmp_path, dataset):
     "Scoring QVHighlights or Charades-STA needs numpy only: `videolights eval` starts without torch."
     gt = GT if dataset == 'qvhighlights' else [dict(qid=1, duration=30.0, relevant_windows=[[3.0, 9.0]])]
     sub = _sub() if dataset == 'qvhighlights' else [dict(qid=1, pred_relevant_windows=[[3.0, 8.0, 0.9]])]
-    _write(tmp_path/'gt.jsonl', gt); _write(tmp_path/'sub.jsonl', sub)
+    _write(tmp_path/'gt.jsonl', gt)
+    _write(tmp_path/'sub.jsonl', sub)
     names, r = _imported('eval', '--submission', str(tmp_path/'sub.jsonl'), '--gt', str(tmp_path/'gt.jsonl'),
                          '--dataset', dataset)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -343,10 +362,12 @@ def test_tvsum_bad_input():
 
 
 def test_first_line_decides_what_is_evaluated():
-    sub = _sub(); sub[0] = {k: v for k, v in sub[0].items() if k != 'pred_saliency_scores'}
+    sub = _sub()
+    sub[0] = {k: v for k, v in sub[0].items() if k != 'pred_saliency_scores'}
     r = eval_submission(sub, GT)
     assert 'HL-min-Fair' not in r and not any(k.startswith('HL') for k in r['brief'])     # official: HD skipped
-    with pytest.raises(EvalInputError, match=r"submission\[1\]: has 'pred_saliency_scores' but the first line does not"):
+    with pytest.raises(EvalInputError,
+                       match=r"submission\[1\]: has 'pred_saliency_scores' but the first line does not"):
         eval_submission(sub, GT, strict=True)
 
 
@@ -364,8 +385,10 @@ def test_packed_chunked_identical(tmp_path, val, monkeypatch, dataset):
         warnings.simplefilter('ignore')
         plain = eval_submission(read_jsonl(tmp_path/'s.jsonl'), read_jsonl(tmp_path/'g.jsonl'), dataset)
         monkeypatch.setattr(M, 'EVAL_CHUNK', 7)
-        packed_s, packed_g = read_jsonl(tmp_path/'s.jsonl', pack=True, block=50), read_jsonl(tmp_path/'g.jsonl', pack=True, block=64)
-        assert type(packed_s[0]['pred_relevant_windows']) is M.Packed and type(packed_g[0]['saliency_scores']) is M.Packed
+        packed_s, packed_g = (read_jsonl(tmp_path/'s.jsonl', pack=True, block=50),
+                              read_jsonl(tmp_path/'g.jsonl', pack=True, block=64))
+        assert (type(packed_s[0]['pred_relevant_windows']) is M.Packed
+                and type(packed_g[0]['saliency_scores']) is M.Packed)
         chunked = eval_submission(packed_s, packed_g, dataset)
     assert json.dumps(chunked, indent=4) == json.dumps(plain, indent=4)
 

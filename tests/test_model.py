@@ -65,7 +65,8 @@ def test_fixture_matches_official_outputs(fast):
 
 
 def test_fixture_detects_quirk_1():
-    "With per-sample Bi-CMF masks (the fix) the stored official outputs are no longer reproduced (batch of mixed lengths)."
+    """With per-sample Bi-CMF masks (the fix) the stored official outputs are no longer reproduced (batch of mixed
+    lengths)."""
     fx = torch.load(FIXTURE, map_location='cpu', weights_only=True)
     sd = {**{k: fx['q'][k].float() * fx['scale'][k] for k in fx['q']}, **fx['other']}
     model = load_official(sd, get_preset(fx['preset'], fix_bicmf_mask_order=True, **fx['cfg']))
@@ -92,9 +93,10 @@ def test_live_official_equivalence(variant, fast):
 
 def test_float64_plain_and_fast_agree():
     """Float64 runs stay float64: the sine positions (float32, as officially) are widened before use and every
-    softmax keeps the input dtype, so the plain and the fast model agree to rounding (a float32 step would leave ~1e-7)."""
-    cfg = get_preset('qvhighlights', v_feat_dims=(6, 4, 4), t_feat_dims=(5, 3), max_v_l=12, max_q_l=6, dim_feedforward=32,
-                     enc_layers=1, dec_layers=2, dropout=0., input_dropout=0., fra_dropout=0.)
+    softmax keeps the input dtype, so the plain and the fast model agree to rounding (a float32 step would leave
+    ~1e-7)."""
+    cfg = get_preset('qvhighlights', v_feat_dims=(6, 4, 4), t_feat_dims=(5, 3), max_v_l=12, max_q_l=6,
+                     dim_feedforward=32, enc_layers=1, dec_layers=2, dropout=0., input_dropout=0., fra_dropout=0.)
     torch.manual_seed(0)
     plain = build_model(cfg).double().train()
     fast = accelerate(build_model(cfg).double().train())
@@ -118,12 +120,14 @@ def test_live_official_equivalence_float64(fast):
     import train_probe as P
     chk = _checker()
     vo, off = chk.official_lib()
-    flags = ['--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '2', '--num_queries', '10', '--dropout', '0',
-             '--input_dropout', '0', '--mr_to_hd_loss', '--hard_pos_neg_loss', '--contrastive_align_loss']
+    flags = ['--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '2', '--num_queries', '10',
+             '--dropout', '0', '--input_dropout', '0', '--mr_to_hd_loss', '--hard_pos_neg_loss',
+             '--contrastive_align_loss']
     opt = vo.make_opt(off, 'sf_clip_blip', flags)
     inputs, targets, _ = vo.synth_batch(off, opt, 'sf_clip_blip', 4, 0)
     inputs, targets = P.to_dtype(inputs, torch.float64), P.to_dtype(targets, torch.float64)
-    dt, giou = torch.get_default_dtype(), [(m, m.generalized_temporal_iou) for m in (off.span_utils, off.model, off.matcher)]
+    dt, giou = (torch.get_default_dtype(),
+                [(m, m.generalized_temporal_iou) for m in (off.span_utils, off.model, off.matcher)])
     torch.set_default_dtype(torch.float64)
     P._giou_in_input_dtype(off)   # the official GIoU casts to float32 (video_lights/span_utils.py); ours keeps float64
     try:
@@ -212,7 +216,8 @@ def test_bad_inputs_name_the_culprit():
         model(**{**inp, 'src_txt': inp['src_txt'][..., :4]})
     with pytest.raises(ValueError, match='src_txt_mask has shape'):
         model(**{**inp, 'src_txt_mask': inp['src_txt_mask'][:, :1]})
-    bad = inp['src_vid_mask'].clone(); bad[1, 0] = 0
+    bad = inp['src_vid_mask'].clone()
+    bad[1, 0] = 0
     with pytest.raises(ValueError, match='src_vid_mask has a sample whose first position is padding'):
         model(**{**inp, 'src_vid_mask': bad})
 
@@ -234,7 +239,8 @@ VALID_KEYS = ['pred_logits', 'pred_spans', 'saliency_scores', 'saliency_scores_n
 @BOTH
 @pytest.mark.parametrize('fixed', [False, True])
 def test_extra_padding_changes_nothing(fixed, fast):
-    "Appending padding to a batch leaves valid outputs unchanged, official mask quirk included (it only mixes existing masks)."
+    """Appending padding to a batch leaves valid outputs unchanged, official mask quirk included (it only mixes existing
+    masks)."""
     cfg = VLConfig(loss_outputs_eval=True, **({k: True for k in VLConfig().fixes} if fixed else {}))
     model = _build(cfg, fast).eval()
     inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=1)
@@ -251,20 +257,24 @@ def test_extra_padding_changes_nothing(fixed, fast):
 
 @BOTH
 def test_single_vs_batch_needs_mask_fix(fast):
-    "A sample alone == the same sample in a mixed-length batch with per-sample masks; not with the official Bi-CMF masks."
+    """A sample alone == the same sample in a mixed-length batch with per-sample masks; not with the official Bi-CMF
+    masks."""
     for fixed in (True, False):
         cfg = VLConfig(**({k: True for k in VLConfig().fixes} if fixed else {}))
         model = _build(cfg, fast).eval()
         inp = random_inputs(cfg, B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=2)
         with torch.no_grad():
             ob = model(**inp, loss_outputs=True)
-            o1 = model(**{k: v[0:1, :(20 if 'vid' in k else 5)] for k, v in inp.items()}, loss_outputs=True)  # sample 0 alone
-        d = max(_maxdiff(ob['pred_spans'][0], o1['pred_spans'][0]), _maxdiff(ob['saliency_scores'][0, :20], o1['saliency_scores'][0]))
+            o1 = model(**{k: v[0:1, :(20 if 'vid' in k else 5)] for k, v in inp.items()},
+                       loss_outputs=True)  # sample 0 alone
+        d = max(_maxdiff(ob['pred_spans'][0], o1['pred_spans'][0]),
+                _maxdiff(ob['saliency_scores'][0, :20], o1['saliency_scores'][0]))
         if fixed:
             assert d <= TOL
             assert _maxdiff(ob['saliency_scores_mr'][0, :20], o1['saliency_scores_mr'][0]) <= TOL
         else:
-            assert d > 1e-4  # official masks: heads 2 of sample 0 read sample 2's mask, which blocks clips >= 9 x words >= 3
+            # official masks: heads 2 of sample 0 read sample 2's mask, which blocks clips >= 9 x words >= 3
+            assert d > 1e-4
 
 
 # ---------------------------------------------------------------- gradients
@@ -280,7 +290,8 @@ ZERO_IN_THEORY = [r'^transformer\.decoder\.layers\.\d+\.(sa|ca)_k(content|pos)_p
 # under the REAL criterion (not the surrogate), on top of NO_GRAD and ZERO_IN_THEORY:
 REAL_LOSS_NO_GRAD = [r'^contrastive_align_projection_vid\.']  # proj_vid_mem is returned, but no loss reads it
 REAL_LOSS_ZERO_IN_THEORY = [
-    r'^saliency_proj_mr\.bias$',  # feeds only saliency_scores_mr -> task-coupled loss, whose min-shift cancels a constant
+    # feeds only saliency_scores_mr -> task-coupled loss, whose min-shift cancels a constant
+    r'^saliency_proj_mr\.bias$',
 ]
 # official only, batch-dependent (official slicing): when every sample's top-1 slice is empty (negative start index),
 # the GRU reads only zero padding, so its input weights get exactly zero gradient (weight_hh and biases still do)
@@ -338,7 +349,8 @@ def test_every_parameter_gets_a_gradient_from_the_real_loss(fixed, seed, fast):
 
 
 @BOTH
-@pytest.mark.parametrize('fix', ['fix_bicmf_mask_order', 'fix_bicmf_ffn_residual', 'fix_bicmf_text', 'fix_fra_corr', 'fix_mr_slice'])
+@pytest.mark.parametrize('fix', ['fix_bicmf_mask_order', 'fix_bicmf_ffn_residual', 'fix_bicmf_text', 'fix_fra_corr',
+                                 'fix_mr_slice'])
 def test_each_model_fix_changes_the_computation(fix, fast):
     "Every model-side fix switch does something on a mixed-length batch (a silently ignored switch fails here)."
     inp = random_inputs(VLConfig(), B=3, lv=[20, 32, 9], lq=[5, 16, 3], seed=3)
@@ -349,7 +361,8 @@ def test_each_model_fix_changes_the_computation(fix, fast):
         with torch.no_grad(): outs.append(m(**inp, loss_outputs=True))
     keys = ['pred_spans', 'saliency_scores', 'saliency_scores_neg', 'saliency_scores_mr']
     vm = inp['src_vid_mask'].bool()
-    d = max(_maxdiff(outs[0][k][vm] if k.startswith('sal') else outs[0][k], outs[1][k][vm] if k.startswith('sal') else outs[1][k]) for k in keys)
+    d = max(_maxdiff(outs[0][k][vm] if k.startswith('sal') else outs[0][k],
+                     outs[1][k][vm] if k.startswith('sal') else outs[1][k]) for k in keys)
     assert d > 1e-5, (fix, d)
 
 
@@ -368,8 +381,8 @@ def test_uni_cmf_and_no_fra_build_and_differ():
 @BOTH
 @pytest.mark.parametrize('fixed', [False, True])
 def test_graphed_training_gives_gradients_to_the_eager_parameter_set(fixed, fast):
-    """What the CUDA-graph backward computes (every output that requires grad, `detach_outputs` left out) reaches exactly the
-    parameters the eager loss does: none gets a zero gradient where eager autograd gives it none."""
+    """What the CUDA-graph backward computes (every output that requires grad, `detach_outputs` left out) reaches
+    exactly the parameters the eager loss does: none gets a zero gradient where eager autograd gives it none."""
     from videolights.bench import synth_batch
     from videolights.loss import build_criterion, total_loss
     from videolights.accel import GraphedTraining, _StaticForward
@@ -381,8 +394,11 @@ def test_graphed_training_gives_gradients_to_the_eager_parameter_set(fixed, fast
     total_loss(crit(m(**mi), tg, 3), crit.weight_dict).backward()
     eager = {n for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    out = _StaticForward(m, GraphedTraining(m).detach)(*(mi[k] for k in ('src_txt', 'src_txt_mask', 'src_vid', 'src_vid_mask')))
+    out = _StaticForward(m, GraphedTraining(m).detach)(*(mi[k]
+                                                         for k in ('src_txt', 'src_txt_mask', 'src_vid',
+                                                                   'src_vid_mask')))
     leaves = [o for o in torch.utils._pytree.tree_leaves(out) if o.requires_grad]
-    (total_loss(crit(out, tg, 3), crit.weight_dict) + sum((o * 0).sum() for o in leaves)).backward()  # as the graph would
+    (total_loss(crit(out, tg, 3), crit.weight_dict) + sum((o * 0).sum()
+                                                          for o in leaves)).backward()  # as the graph would
     assert {n for n, p in m.named_parameters() if p.grad is not None} == eager
     assert 'contrastive_align_projection_vid.weight' not in eager  # no loss reads it: the reason for the default

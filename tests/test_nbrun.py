@@ -47,7 +47,8 @@ def test_check_names_stale_notebooks(tmp_path, capsys):
     md = copy.deepcopy(src)                                     # prose edits do not make outputs stale
     md['cells'][1]['source'] = ['# A new title\n', 'and new words']
     assert nbrun.problem(_save(md, tmp_path/'prose.ipynb')) is None
-    (tmp_path/'merge.ipynb').write_text((tmp_path/'ok.ipynb').read_text().replace('"cells": [', '"cells": [\n<<<<<<< HEAD', 1))
+    (tmp_path/'merge.ipynb').write_text((tmp_path/'ok.ipynb').read_text().replace('"cells": [',
+            '"cells": [\n<<<<<<< HEAD', 1))
     assert 'not valid JSON (line 3' in nbrun.problem(tmp_path/'merge.ipynb')
     assert nbrun.check([tmp_path]) == 5
     err = capsys.readouterr().err

@@ -26,7 +26,9 @@ def real_batch(cfg, seed=0):
     inputs = dict(src_txt=torch.randn(B, Lq, cfg.t_feat_dim, generator=g) * tmask[..., None], src_txt_mask=tmask,
                   src_vid=torch.randn(B, Lv, cfg.v_feat_dim, generator=g) * vmask[..., None], src_vid_mask=vmask)
     labels = torch.zeros(B, Lv)
-    labels[0, 2:5] = torch.tensor([4., 12., 8.]); labels[1, 0:2] = 3.; labels[2, 5:7] = 6.
+    labels[0, 2:5] = torch.tensor([4., 12., 8.])
+    labels[1, 0:2] = 3.
+    labels[2, 5:7] = 6.
     targets = dict(span_labels=[dict(spans=torch.tensor([[0.29, 0.25]])), dict(spans=torch.tensor([[0.11, 0.22]])),
                                 dict(spans=torch.tensor([[0.86, 0.29]]))],
                    saliency_pos_labels=torch.tensor([[3, 2], [0, 1], [5, 6]]),
@@ -44,7 +46,8 @@ def overfit(cfg, steps=100, seed=0, lr=1e-3):
     hist = []
     for _ in range(steps):
         loss = total_loss(crit(model(**inputs), targets, epoch=0), crit.weight_dict)
-        opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
         hist.append(loss.item())

@@ -169,7 +169,8 @@ class Case:
 CASES = []
 def case(cmd, process=False):
     def deco(fn):
-        CASES.append(Case(fn.__name__, cmd, fn, process)); return fn
+        CASES.append(Case(fn.__name__, cmd, fn, process))
+        return fn
     return deco
 
 
@@ -181,7 +182,9 @@ def _eval_ckpt(w, tmp, ck, *expect):
 @case('evaluate', process=True)
 def ckpt_missing(w, tmp): return _eval_ckpt(w, tmp, tmp/'nope.ckpt', 'no such file')
 @case('evaluate')
-def ckpt_zero_bytes(w, tmp): (tmp/'z.ckpt').touch(); return _eval_ckpt(w, tmp, tmp/'z.ckpt', 'empty')
+def ckpt_zero_bytes(w, tmp):
+    (tmp/'z.ckpt').touch()
+    return _eval_ckpt(w, tmp, tmp/'z.ckpt', 'empty')
 @case('evaluate', process=True)
 def ckpt_truncated(w, tmp): return _eval_ckpt(w, tmp, truncate(w/'run'/'model_best.ckpt', tmp/'t.ckpt'), 'truncated')
 @case('evaluate')
@@ -193,7 +196,9 @@ def ckpt_wrong_shapes(w, tmp): return _eval_ckpt(w, tmp, wrong_shape_ckpt(w, tmp
 @case('evaluate')
 def ckpt_pickle_code(w, tmp): return _eval_ckpt(w, tmp, pickle_ckpt(tmp/'p.ckpt'), 'refus')
 @case('evaluate')
-def ckpt_empty_run_dir(w, tmp): (tmp/'empty_run').mkdir(); return _eval_ckpt(w, tmp, tmp/'empty_run', 'model_best.ckpt')
+def ckpt_empty_run_dir(w, tmp):
+    (tmp/'empty_run').mkdir()
+    return _eval_ckpt(w, tmp, tmp/'empty_run', 'model_best.ckpt')
 
 @case('train')
 def init_from_truncated(w, tmp):
@@ -203,8 +208,8 @@ def init_from_truncated(w, tmp):
 @case('train')
 def init_from_foreign(w, tmp):
     ck = foreign_ckpt(tmp/'f.ckpt')
-    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new', '--init-from', ck], expect=[str(ck), "'model'"],
-                absent=[tmp/'new'/'model_best.ckpt'])
+    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new', '--init-from', ck],
+                expect=[str(ck), "'model'"], absent=[tmp/'new'/'model_best.ckpt'])
 @case('train')
 def init_from_wrong_shapes(w, tmp):
     ck = torch.load(w/'run'/'model_best.ckpt', weights_only=True)
@@ -235,26 +240,31 @@ def _train_on(w, tmp, recs=None, write=None, expect=()):
                 absent=[tmp/'new'/'model_best.ckpt'], protect=[w/'run'])
 
 @case('train', process=True)
-def train_jsonl_not_utf8(w, tmp): return _train_on(w, tmp, write=lambda f: latin1(f, train_recs(w)), expect=[':2:', 'UTF-8'])
+def train_jsonl_not_utf8(w, tmp): return _train_on(w, tmp, write=lambda f: latin1(f, train_recs(w)),
+                                                   expect=[':2:', 'UTF-8'])
 @case('train')
 def train_jsonl_truncated(w, tmp):
     n = len(train_recs(w))
     return _train_on(w, tmp, write=lambda f: cut_jsonl(f, train_recs(w)), expect=[f':{n}:', 'truncated'])
 @case('train')
 def train_missing_key(w, tmp):
-    r = train_recs(w); del r[3]['duration']
+    r = train_recs(w)
+    del r[3]['duration']
     return _train_on(w, tmp, r, expect=[':4:', "'duration'"])
 @case('train')
 def train_empty_query(w, tmp):
-    r = train_recs(w); r[2]['query'] = '   '
+    r = train_recs(w)
+    r[2]['query'] = '   '
     return _train_on(w, tmp, r, expect=[':3:', "'query'", 'empty'])
 @case('train')
 def train_zero_duration(w, tmp):
-    r = train_recs(w); r[5]['duration'] = 0
+    r = train_recs(w)
+    r[5]['duration'] = 0
     return _train_on(w, tmp, r, expect=[':6:', "'duration'"])
 @case('train')
 def train_duplicate_qid(w, tmp):
-    r = train_recs(w); r[4]['qid'] = r[1]['qid']
+    r = train_recs(w)
+    r[4]['qid'] = r[1]['qid']
     return _train_on(w, tmp, r, expect=[':5:', 'qid', 'line 2'])
 @case('train')
 def train_every_window_reversed(w, tmp):
@@ -290,7 +300,8 @@ def records_every_record_dropped(w, tmp):
     return _records(w, tmp, jsonl(tmp/'v.jsonl', r), 'every record', 'dropped')
 @case('evaluate')
 def records_missing_key(w, tmp):
-    r = val_recs(w); del r[2]['vid']
+    r = val_recs(w)
+    del r[2]['vid']
     return _records(w, tmp, jsonl(tmp/'v.jsonl', r), ':3:', "'vid'")
 
 @case('eval', process=True)
@@ -301,7 +312,8 @@ def eval_submission_missing(w, tmp):
 def eval_submission_not_utf8(w, tmp):
     sub = [json.loads(l) for l in open(w/'subs'/'hl_val_submission.jsonl')]
     p = latin1(tmp/'s.jsonl', sub)
-    return dict(argv=['eval', '--submission', p, '--gt', w/'data'/'highlight_val_release.jsonl'], expect=[str(p), ':2:', 'UTF-8'])
+    return dict(argv=['eval', '--submission', p, '--gt', w/'data'/'highlight_val_release.jsonl'],
+                expect=[str(p), ':2:', 'UTF-8'])
 @case('eval')
 def eval_submission_truncated(w, tmp):
     sub = [json.loads(l) for l in open(w/'subs'/'hl_val_submission.jsonl')]
@@ -310,12 +322,15 @@ def eval_submission_truncated(w, tmp):
                 expect=[f'{p}:{len(sub)}:', 'truncated'])
 @case('eval')
 def eval_gt_duplicate_qid(w, tmp):
-    r = val_recs(w); r[3]['qid'] = r[0]['qid']
+    r = val_recs(w)
+    r[3]['qid'] = r[0]['qid']
     p = jsonl(tmp/'gt.jsonl', r)
-    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', p], expect=[f'{p}:4:', 'duplicate qid'])
+    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', p],
+                expect=[f'{p}:4:', 'duplicate qid'])
 @case('eval')
 def eval_gt_is_a_folder(w, tmp):
-    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', tmp], expect=[str(tmp), 'folder'])
+    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', tmp],
+                expect=[str(tmp), 'folder'])
 
 @case('inspect', process=True)
 def inspect_missing(w, tmp): return dict(argv=['inspect', tmp/'nothing'], expect=[str(tmp/'nothing'), 'no such'])
@@ -332,8 +347,8 @@ def inspect_empty_folder(w, tmp):
 # --- --data itself
 @case('train', process=True)
 def data_missing(w, tmp):
-    return dict(argv=['train', *TRAIN, '--data', tmp/'nowhere', '--out', tmp/'new'], expect=[str(tmp/'nowhere'), 'no such'],
-                absent=[tmp/'new'])
+    return dict(argv=['train', *TRAIN, '--data', tmp/'nowhere', '--out', tmp/'new'],
+                expect=[str(tmp/'nowhere'), 'no such'], absent=[tmp/'new'])
 @case('train')
 def data_is_a_file(w, tmp):
     f = w/'data'/'highlight_val_release.jsonl'
@@ -341,7 +356,8 @@ def data_is_a_file(w, tmp):
 @case('train')
 def data_empty_folder(w, tmp):
     (tmp/'e').mkdir()
-    return dict(argv=['train', *TRAIN, '--data', tmp/'e', '--out', tmp/'new'], expect=[str(tmp/'e'), 'empty'], absent=[tmp/'new'])
+    return dict(argv=['train', *TRAIN, '--data', tmp/'e', '--out', tmp/'new'], expect=[str(tmp/'e'), 'empty'],
+                absent=[tmp/'new'])
 @case('evaluate')
 def evaluate_data_missing(w, tmp):
     return dict(argv=['evaluate', '--ckpt', w/'run', '--data', tmp/'nowhere', '--out', w/'subs'],
@@ -349,63 +365,83 @@ def evaluate_data_missing(w, tmp):
 @case('evaluate')
 def evaluate_data_empty_folder(w, tmp):
     (tmp/'e').mkdir()
-    return dict(argv=['evaluate', '--ckpt', w/'run', '--data', tmp/'e', '--out', w/'subs'], expect=[str(tmp/'e'), 'empty'],
-                protect=[w/'subs'])
+    return dict(argv=['evaluate', '--ckpt', w/'run', '--data', tmp/'e', '--out', w/'subs'],
+                expect=[str(tmp/'e'), 'empty'], protect=[w/'subs'])
 
 
 # --- features: .npz folders, HDF5 stores, widths against the checkpoint
 def _eval_feats(w, tmp, d, *expect):
-    return dict(argv=['evaluate', '--ckpt', w/'run', '--data', d, '--out', w/'subs'], expect=list(expect), protect=[w/'subs'])
+    return dict(argv=['evaluate', '--ckpt', w/'run', '--data', d, '--out', w/'subs'], expect=list(expect),
+                protect=[w/'subs'])
 
 @case('evaluate', process=True)
 def npz_nan(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
-    x = np.load(p)['features']; x[1, 2] = np.nan
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
+    x = np.load(p)['features']
+    x[1, 2] = np.nan
     set_npz(p, features=x)
     return _eval_feats(w, tmp, d, str(p), 'NaN')
 @case('evaluate')
 def npz_inf(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'slowfast_features'/f'{v}.npz'
-    x = np.load(p)['features']; x[0, 0] = np.inf
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'slowfast_features'/f'{v}.npz'
+    x = np.load(p)['features']
+    x[0, 0] = np.inf
     set_npz(p, features=x)
     return _eval_feats(w, tmp, d, str(p), 'inf')
 @case('evaluate')
 def npz_wrong_width(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     set_npz(p, features=np.ones((20, 7), np.float32))
     return _eval_feats(w, tmp, d, str(p), 'dim mismatch')
 @case('evaluate')
 def npz_object_dtype(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     np.savez(p, features=np.array([[1, 'a']], dtype=object))
     return _eval_feats(w, tmp, d, str(p), 'object')
 @case('evaluate')
 def npz_truncated(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     truncate(p, p, 0.6)
     return _eval_feats(w, tmp, d, str(p), 'truncated')
 @case('evaluate')
 def npz_missing_file(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     p.unlink()
     return _eval_feats(w, tmp, d, v, 'clip_features')
 @case('evaluate', process=True)
 def h5_truncated(w, tmp):
-    d = copy_data(w, tmp, feats=False); truncate(d/'features.h5', d/'features.h5', 0.5)
+    d = copy_data(w, tmp, feats=False)
+    truncate(d/'features.h5', d/'features.h5', 0.5)
     return _eval_feats(w, tmp, d, str(d/'features.h5'), 'truncated')
 @case('evaluate')
 def h5_garbage(w, tmp):
-    d = copy_data(w, tmp, feats=False); garbage(d/'features.h5')
+    d = copy_data(w, tmp, feats=False)
+    garbage(d/'features.h5')
     return _eval_feats(w, tmp, d, str(d/'features.h5'), 'HDF5')
 @case('evaluate')
 def h5_wrong_width_dataset(w, tmp):
-    d = copy_data(w, tmp, feats=False); v = first_vid(w/'data')
+    d = copy_data(w, tmp, feats=False)
+    v = first_vid(w/'data')
     h5_rewrite(d/'features.h5', f'video/clip_features/{v}', np.ones((75, 6), np.float32))
     return _eval_feats(w, tmp, d, f'{d/"features.h5"}:/video/clip_features/{v}', 'dim mismatch')
 @case('evaluate')
 def h5_nan_dataset(w, tmp):
-    d = copy_data(w, tmp, feats=False); v = first_vid(w/'data')
-    with h5py.File(d/'features.h5', 'a') as f: f[f'video/slowfast_features/{v}'][3, 1] = np.nan  # in place: index still right
+    d = copy_data(w, tmp, feats=False)
+    v = first_vid(w/'data')
+    with h5py.File(d/'features.h5',
+                   'a') as f: f[f'video/slowfast_features/{v}'][3, 1] = np.nan  # in place: index still right
     return _eval_feats(w, tmp, d, f'{d/"features.h5"}:/video/slowfast_features/{v}', 'NaN')
 @case('evaluate', process=True)
 def widths_do_not_match_checkpoint(w, tmp):
@@ -415,14 +451,18 @@ def widths_do_not_match_checkpoint(w, tmp):
 @case('train')
 def train_npz_wrong_width(w, tmp):
     d = copy_data(w, tmp, h5=False)
-    v = train_recs(w)[0]['vid']; p = d/'features'/'slowfast_features'/f'{v}.npz'
+    v = train_recs(w)[0]['vid']
+    p = d/'features'/'slowfast_features'/f'{v}.npz'
     set_npz(p, features=np.ones((75, 5), np.float32))
-    return dict(argv=['train', *TRAIN, '--data', d, '--out', tmp/'new'], expect=[str(p), 'dim mismatch'], absent=[tmp/'new'/'model_best.ckpt'])
+    return dict(argv=['train', *TRAIN, '--data', d, '--out', tmp/'new'], expect=[str(p), 'dim mismatch'],
+                absent=[tmp/'new'/'model_best.ckpt'])
 @case('train')
 def train_npz_nan_workers(w, tmp):
     d = copy_data(w, tmp, h5=False)
-    v = train_recs(w)[0]['vid']; p = d/'features'/'clip_features'/f'{v}.npz'
-    x = np.load(p)['features']; x[0, 0] = np.nan
+    v = train_recs(w)[0]['vid']
+    p = d/'features'/'clip_features'/f'{v}.npz'
+    x = np.load(p)['features']
+    x[0, 0] = np.nan
     set_npz(p, features=x)
     argv = ['train', *TRAIN, '--data', d, '--out', tmp/'new']
     argv[argv.index('--num_workers') + 1] = '2'                     # the error crosses a DataLoader worker
@@ -430,16 +470,21 @@ def train_npz_nan_workers(w, tmp):
 
 @case('convert-features')
 def convert_src_missing(w, tmp):
-    return dict(argv=['convert-features', tmp/'none', tmp/'x.h5'], expect=[str(tmp/'none'), 'no such'], absent=[tmp/'x.h5'])
+    return dict(argv=['convert-features', tmp/'none', tmp/'x.h5'], expect=[str(tmp/'none'), 'no such'],
+                absent=[tmp/'x.h5'])
 @case('convert-features')
 def convert_npz_truncated(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     truncate(p, p, 0.6)
     return dict(argv=['convert-features', d/'features', tmp/'x.h5', '--quiet'], expect=[str(p), 'truncated'],
                 absent=[tmp/'x.h5'])
 @case('convert-features')
 def convert_npz_object(w, tmp):
-    d = copy_data(w, tmp, h5=False); v = first_vid(d); p = d/'features'/'clip_features'/f'{v}.npz'
+    d = copy_data(w, tmp, h5=False)
+    v = first_vid(d)
+    p = d/'features'/'clip_features'/f'{v}.npz'
     np.savez(p, features=np.array([[1, 'a']], dtype=object))
     return dict(argv=['convert-features', d/'features', tmp/'x.h5', '--quiet'], expect=[str(p), 'object'],
                 absent=[tmp/'x.h5'])
@@ -455,7 +500,8 @@ def predict_ckpt_missing(w, tmp):
     return dict(argv=['predict', tmp/'clip.mp4', '-q', 'a dog', '--ckpt', tmp/'no.ckpt'], expect=[str(tmp/'no.ckpt')])
 @case('extract')
 def extract_src_missing(w, tmp):
-    return dict(argv=['extract', tmp/'no_videos', '--out', tmp/'f.h5'], expect=[str(tmp/'no_videos')], absent=[tmp/'f.h5'])
+    return dict(argv=['extract', tmp/'no_videos', '--out', tmp/'f.h5'], expect=[str(tmp/'no_videos')],
+                absent=[tmp/'f.h5'])
 
 
 # --- writes refused by the system: a full disk, no permission
@@ -470,24 +516,28 @@ def evaluate_permission_denied(w, tmp):
     out = tmp/'subs'
     shutil.copytree(w/'subs', out)
     return dict(argv=['evaluate', '--ckpt', w/'run', '--data', w/'data', '--out', out],
-                expect=[str(out/'hl_val_submission.jsonl'), 'permission denied'], protect=[out], fault=(out, errno.EACCES))
+                expect=[str(out/'hl_val_submission.jsonl'), 'permission denied'], protect=[out],
+                fault=(out, errno.EACCES))
 @case('eval')
 def eval_out_disk_full(w, tmp):
-    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', w/'data'/'highlight_val_release.jsonl',
+    return dict(argv=['eval', '--submission', w/'subs'/'hl_val_submission.jsonl', '--gt',
+                      w/'data'/'highlight_val_release.jsonl',
                       '--out', tmp/'m.json'], expect=[str(tmp/'m.json'), 'no space left'], fault=(tmp, errno.ENOSPC),
                 absent=[tmp/'m.json'])
 @case('train')
 def train_disk_full(w, tmp):
-    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new'], expect=[str(tmp/'new'), 'no space left'],
+    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new'],
+                expect=[str(tmp/'new'), 'no space left'],
                 fault=(tmp/'new', errno.ENOSPC), absent=[tmp/'new'/'model_best.ckpt'])
 @case('train')
 def train_permission_denied(w, tmp):
-    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new'], expect=[str(tmp/'new'), 'permission denied'],
+    return dict(argv=['train', *TRAIN, '--data', w/'data', '--out', tmp/'new'],
+                expect=[str(tmp/'new'), 'permission denied'],
                 fault=(tmp/'new', errno.EACCES), absent=[tmp/'new'/'model_best.ckpt'])
 @case('convert-features')
 def convert_disk_full(w, tmp):
-    return dict(argv=['convert-features', w/'data'/'features', tmp/'o'/'x.h5', '--quiet'], expect=[str(tmp/'o'), 'no space left'],
-                fault=(tmp/'o', errno.ENOSPC), absent=[tmp/'o'/'x.h5'])
+    return dict(argv=['convert-features', w/'data'/'features', tmp/'o'/'x.h5', '--quiet'],
+                expect=[str(tmp/'o'), 'no space left'], fault=(tmp/'o', errno.ENOSPC), absent=[tmp/'o'/'x.h5'])
 
 
 # --- bad command lines: argparse's own errors are one line too, ending with where to look
@@ -507,7 +557,8 @@ def usage_train_out_holds_a_run(w, tmp):
 def usage_evaluate_no_ckpt(w, tmp): return _usage('evaluate', ['--data', w/'data'], 'required: --ckpt')
 @case('eval')
 def usage_eval_bad_dataset(w, tmp):
-    return _usage('eval', ['--submission', w/'subs'/'hl_val_submission.jsonl', '--gt', w/'data'/'highlight_val_release.jsonl',
+    return _usage('eval', ['--submission', w/'subs'/'hl_val_submission.jsonl', '--gt',
+                           w/'data'/'highlight_val_release.jsonl',
                            '--dataset', 'nope'], "--dataset: invalid choice: 'nope'")
 @case('predict')
 def usage_predict_no_query(w, tmp): return _usage('predict', [tmp/'clip.mp4', '--ckpt', w/'run'], '-q/--query')
@@ -528,7 +579,8 @@ def usage_ablate_no_data(w, tmp): return _usage('ablate', ['--out', tmp/'a'], '-
 # --- outputs written whole: a disk that fills up in the middle of a write leaves the earlier output as it was
 #     (and no temporary file: `protect` digests hidden files too)
 def _midway(out, argv):
-    return dict(argv=argv, expect=[str(out), 'no space left'], protect=[out.parent], fault=(out.parent, errno.ENOSPC, 64))
+    return dict(argv=argv, expect=[str(out), 'no space left'], protect=[out.parent],
+                fault=(out.parent, errno.ENOSPC, 64))
 
 def _old(path, text='OLD\n')->Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -543,7 +595,8 @@ def midway_eval_out(w, tmp):
 @case('evaluate')
 def midway_evaluate_submission(w, tmp):
     shutil.copytree(w/'subs', tmp/'o')
-    return _midway(tmp/'o'/'hl_val_submission.jsonl', ['evaluate', '--ckpt', w/'run', '--data', w/'data', '--out', tmp/'o'])
+    return _midway(tmp/'o'/'hl_val_submission.jsonl',
+                   ['evaluate', '--ckpt', w/'run', '--data', w/'data', '--out', tmp/'o'])
 @case('merge-submissions')
 def midway_merge_submissions(w, tmp):
     out = _old(tmp/'o'/'m.jsonl')
@@ -571,7 +624,8 @@ def _ablation_csv(tmp)->Path:
     import pandas as pd
     from videolights.visualize import METRICS
     pd.DataFrame([dict(table='V', row=r, switches='', metric=m, value=v + s, seed=s, data='synthetic', note='')
-                  for r, v in (('1', 20.), ('13', 30.)) for m in METRICS for s in (0, 1)]).to_csv(tmp/'results.csv', index=False)
+                  for r, v in (('1', 20.), ('13', 30.)) for m in METRICS for s in (0, 1)]).to_csv(tmp/'results.csv',
+                          index=False)
     return tmp/'results.csv'
 
 
@@ -583,7 +637,8 @@ def _predict_argv(w)->list:
     from videolights.train import save_checkpoint, config_dict
     d = w/'predict'
     if not (d/'model.ckpt').exists():
-        make_tiny_clip(d/'clip'); make_tiny_blip2(d/'blip')
+        make_tiny_clip(d/'clip')
+        make_tiny_blip2(d/'blip')
         make_test_video(d/'v.mp4', 70, 1, size=(32, 24))
         torch.manual_seed(0)
         cfg = get_preset('tiny', v_feat_types=('clip', 'blip'), v_feat_dims=(8, 24), t_feat_types=('clip', 'blip'),
@@ -659,7 +714,8 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(world, tmp_path):
     "The other side of the rule: an error that is not the user's is not hidden; --debug shows user errors' tracebacks."
     bad = [sys.executable, '-c', 'import sys; from videolights.cli import main; import videolights.metrics as m; '
            'm.eval_submission = lambda *a, **k: {}["bug"]; sys.exit(main(sys.argv[1:]))',
-           'eval', '--submission', str(world/'subs'/'hl_val_submission.jsonl'), '--gt', str(world/'data'/'highlight_val_release.jsonl')]
+           'eval', '--submission', str(world/'subs'/'hl_val_submission.jsonl'), '--gt',
+           str(world/'data'/'highlight_val_release.jsonl')]
     r = subprocess.run(bad, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 1 and 'Traceback' in r.stderr and "KeyError: 'bug'" in r.stderr
     for how in (['--debug'], []):
@@ -690,7 +746,8 @@ WRITERS = {   # a command that writes `out`: (world, tmp) -> (argv, out)
                              t/'o'/'inspect_highlight_val_release.png'),
     'synth': lambda w, t: (['synth', '--out', t/'o', '--size', 'tiny', '--no-h5', '--n-train', '2', '--n-val', '1'],
                            t/'o'/'synth_info.json'),
-    'ablate': lambda w, t: (['ablate', '--plot-only', _ablation_csv(t), '--figdir', t/'o'], t/'o'/'ablation_table_V.png'),
+    'ablate': lambda w, t: (['ablate', '--plot-only', _ablation_csv(t), '--figdir', t/'o'],
+                            t/'o'/'ablation_table_V.png'),
     'predict': lambda w, t: ([*_predict_argv(w), '--json', t/'o'/'p.jsonl'], t/'o'/'p.jsonl'),
 }
 
@@ -710,7 +767,8 @@ def test_next_run_removes_stale_temps(cmd, world, tmp_path, capfd):
         assert not stale.exists() and busy.read_bytes() == b'half a file'
         assert sorted(p.name for p in out.parent.glob('.*.tmp')) == [busy.name]
     finally:
-        live.kill(); live.wait()
+        live.kill()
+        live.wait()
 
 
 def test_killed_convert_features_leaves_old_store_and_next_run_cleans(world, tmp_path):
@@ -781,12 +839,14 @@ def test_stale_index_wrong_width_is_refused_naming_the_dataset(world, tmp_path):
     from videolights.data import open_features, DataFormatError
     p, v = _store(world, tmp_path), first_vid(world/'data')
     h5_rewrite(p, f'video/clip_features/{v}', np.ones((10, 6), np.float32))
-    with pytest.warns(UserWarning), pytest.raises(DataFormatError, match=f'{p}:/video/clip_features/{v}: feature dim mismatch'):
+    with pytest.warns(UserWarning), pytest.raises(DataFormatError,
+                                                  match=f'{p}:/video/clip_features/{v}: feature dim mismatch'):
         open_features(p).video('clip_features', v)
 
 
 def test_stale_index_evaluate_equals_a_fresh_store(world, tmp_path):
-    "evaluate on a store with a rewritten dataset gives the submission of a store converted afresh from the same values."
+    """evaluate on a store with a rewritten dataset gives the submission of a store converted afresh from the same
+    values."""
     from videolights.cli import main
     from videolights.data import convert_features
     v = first_vid(world/'data')
@@ -801,7 +861,8 @@ def test_stale_index_evaluate_equals_a_fresh_store(world, tmp_path):
     subs = {}
     for name, store in (('fresh', tmp_path/'fresh.h5'), ('stale', stale)):
         shutil.copy(store, d/'features.h5')
-        with _quiet(): assert main(['evaluate', '--ckpt', str(world/'run'), '--data', str(d), '--out', str(tmp_path/name)]) == 0
+        with _quiet(): assert main(['evaluate', '--ckpt', str(world/'run'), '--data', str(d), '--out',
+                                    str(tmp_path/name)]) == 0
         subs[name] = (tmp_path/name/'hl_val_submission.jsonl').read_text()
     assert subs['fresh'] == subs['stale']
     assert subs['fresh'] != (world/'subs'/'hl_val_submission.jsonl').read_text()    # the change is visible

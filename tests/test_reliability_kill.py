@@ -1,4 +1,5 @@
-"""Interrupted `videolights train` runs, resumed, end bit for bit as the uninterrupted run; one process per run directory.
+"""Interrupted `videolights train` runs, resumed, end bit for bit as the uninterrupted run; one process per run
+directory.
 
 The kill matrix sends SIGINT, SIGTERM or SIGKILL at each phase of an epoch through the engine's test hook
 VIDEOLIGHTS_KILL_AT='PHASE:EPOCH:SIGNAL' (`videolights.train._kill_point`): `batch` (an optimiser step), `eval` (an
@@ -47,7 +48,8 @@ def straight(data, tmp_path_factory):
     recs = records(out)
     assert [(l['kind'], l['epoch']) for l in recs if l['kind'] != 'train'] == \
         [('eval', 0), ('eval', 1), ('eval', 2), ('eval', 3), ('early_stop', 3)]
-    assert json.loads((out/'best_val_metrics.json').read_text()) and load_checkpoint(out/'model_best.ckpt')['state']['best_epoch'] == 1
+    assert (json.loads((out/'best_val_metrics.json').read_text())
+            and load_checkpoint(out/'model_best.ckpt')['state']['best_epoch'] == 1)
     return out
 
 
@@ -97,8 +99,10 @@ def test_a_run_directory_has_one_process(data, tmp_path):
     "A second `train` or a `train --resume` on a running run is refused in one line naming the holder; after the holder"
     "is killed the lock is taken over with a warning, and the resumed run ends normally."
     out = tmp_path/'run'
-    p = subprocess.Popen([sys.executable, '-m', 'videolights', 'train', *ARGS[:2], '--data', str(data), '--out', str(out),
-                          '--epochs', '500', '--eval_every', '1000', '--bsz', '4', '--num_workers', '0', '--no-progress',
+    p = subprocess.Popen([sys.executable, '-m', 'videolights', 'train', *ARGS[:2], '--data', str(data), '--out',
+                          str(out),
+                          '--epochs', '500', '--eval_every', '1000', '--bsz', '4', '--num_workers', '0',
+                          '--no-progress',
                           '--no-tensorboard'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         t0 = time.time()
@@ -111,19 +115,23 @@ def test_a_run_directory_has_one_process(data, tmp_path):
             assert r.returncode == 2, r.stderr
             assert r.stderr.strip().splitlines() == [r.stderr.strip()] and want in r.stderr, r.stderr   # one line
             assert r.stderr.startswith('videolights train: error: ')
-        assert (out/'model_latest.ckpt').exists() and not (out/'previous').exists()   # the refused overwrite moved nothing
+        # the refused overwrite moved nothing
+        assert (out/'model_latest.ckpt').exists() and not (out/'previous').exists()
     finally:
-        p.send_signal(signal.SIGKILL); p.wait()
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     ep = load_checkpoint(out/'model_latest.ckpt')['state']['epoch']
     r = train('--resume', out, '--epochs', ep + 1, '--no-progress', '--no-tensorboard')
     assert r.returncode == 0, r.stderr
-    assert f'took over the lock of {out} from process {p.pid} on {socket.gethostname()}, which is no longer running' in r.stderr
+    assert (f'took over the lock of {out} from process {p.pid} on {socket.gethostname()}, '
+            'which is no longer running') in r.stderr
     log = records(out)
     assert [l['epoch'] for l in log if l['kind'] == 'train'] == list(range(ep + 1))   # no duplicate (kind, epoch)
 
 
 def test_overwrite_sets_the_old_run_aside_before_writing(data, tmp_path):
-    "--overwrite moves every file of the old run into OUT/previous/ first; a new run killed at once leaves no old best model."
+    """--overwrite moves every file of the old run into OUT/previous/ first; a new run killed at once leaves no old best
+    model."""
     out = tmp_path/'run'
     r = train(*ARGS, '--data', data, '--out', out, '--epochs', 2)
     assert r.returncode == 0, r.stderr
@@ -135,8 +143,9 @@ def test_overwrite_sets_the_old_run_aside_before_writing(data, tmp_path):
     assert sorted(p.name for p in (out/'previous').iterdir()) == old
     assert (out/'previous'/'model_best.ckpt').read_bytes() == best
     left = {p.name for p in out.iterdir()}
-    assert not left & {'model_best.ckpt', 'model_latest.ckpt', 'best_val_metrics.json', 'log.jsonl', 'hl_val_submission.jsonl'}, left
-    r = train(*ARGS, '--data', data, '--out', out, timeout=120)              # a config.json alone is no run to refuse...
+    assert not left & {'model_best.ckpt', 'model_latest.ckpt', 'best_val_metrics.json', 'log.jsonl',
+                       'hl_val_submission.jsonl'}, left
+    r = train(*ARGS, '--data', data, '--out', out, timeout=120)  # a config.json alone is no run to refuse...
     assert r.returncode == 0, r.stderr
     r = train(*ARGS, '--data', data, '--out', out, timeout=120)              # ...a finished one is
     assert r.returncode == 2 and '--overwrite' in r.stderr

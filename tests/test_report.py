@@ -24,7 +24,8 @@ def tiny_data(tmp_path_factory):
 
 
 def test_non_tty_run_has_one_line_per_epoch_and_no_bars(tiny_data, tmp_path):
-    "No --no-progress: off a terminal the bars stay off by themselves; each epoch is one line on stderr and in train.log."
+    """No --no-progress: off a terminal the bars stay off by themselves; each epoch is one line on stderr and in
+    train.log."""
     run = tmp_path/'run'
     r = vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 3, '--eval_every', 2, '--bsz', 4,
            '--num_workers', 0, '--max_v_l', 75)
@@ -56,7 +57,8 @@ def test_non_tty_run_has_one_line_per_epoch_and_no_bars(tiny_data, tmp_path):
 def test_resume_appends_to_the_report(tiny_data, tmp_path):
     run = tmp_path/'run'
     base = ['--bsz', 4, '--num_workers', 0, '--no-progress']
-    assert vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 1, '--max_v_l', 75, *base).returncode == 0
+    assert vl('train', '--preset', 'tiny', '--data', tiny_data, '--out', run, '--epochs', 1, '--max_v_l', 75,
+              *base).returncode == 0
     r = vl('train', '--resume', run, '--epochs', 2, *base)
     assert r.returncode == 0, r.stderr
     log = (run/'train.log').read_text().splitlines()
@@ -73,7 +75,8 @@ def test_tensorboard_scalars_match_the_log(tiny_data, tmp_path):
            '--num_workers', 0, '--max_v_l', 75, '--no-progress')
     assert r.returncode == 0, r.stderr
     assert 'tensorboard/' in (run/'train.log').read_text().splitlines()[0]
-    acc = EventAccumulator(str(run/'tensorboard')); acc.Reload()
+    acc = EventAccumulator(str(run/'tensorboard'))
+    acc.Reload()
     recs = [json.loads(l) for l in open(run/'log.jsonl')]
     for kind, key in (('train', 'loss_overall'), ('train', 'lr'), ('eval', 'MR-full-mAP'), ('eval', 'score')):
         want = [(x['epoch'], x[key]) for x in recs if x['kind'] == kind]
@@ -92,8 +95,8 @@ def test_no_tensorboard_option_and_bars_on_request(tiny_data, tmp_path):
     cfg, model, crit, tr, ev = build_run(cfg, tiny_data, 'val', verbose=False)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        fit(model, crit, tr, cfg, tmp_path/'r', RunOptions(device='cpu', progress=True, tensorboard=False, curves=False),
-            collate, ev)
+        fit(model, crit, tr, cfg, tmp_path/'r',
+            RunOptions(device='cpu', progress=True, tensorboard=False, curves=False), collate, ev)
     assert '\r' in err.getvalue() and 'epoch 0' in err.getvalue()          # tqdm redraws: asked for
     assert not (tmp_path/'r'/'tensorboard').exists() and not (tmp_path/'r'/'training_curves.png').exists()
 
@@ -127,7 +130,8 @@ def test_config_file_equals_the_same_flags(tiny_data, tmp_path, capsys):
     import torch
     from videolights.train import load_checkpoint
     (tmp_path/'c.yaml').write_text(YAML)
-    (tmp_path/'c.json').write_text(json.dumps(dict(preset='tiny', lr=2e-3, n_epoch=2, bsz=4, eval_every=1, num_workers=0,
+    (tmp_path/'c.json').write_text(json.dumps(dict(preset='tiny', lr=2e-3, n_epoch=2, bsz=4, eval_every=1,
+                                                   num_workers=0,
                                                    max_v_l=75, hidden_dim=16, v_feat_types=['slowfast', 'clip'],
                                                    hard_pos_neg_loss=False)))
     ways = dict(flags=FLAGS, yaml=['--config', tmp_path/'c.yaml'], json=['--config', tmp_path/'c.json'])
@@ -161,18 +165,21 @@ def test_flags_override_the_config_file(tiny_data, tmp_path, capsys):
 def test_config_file_mistakes_name_file_line_and_key(tiny_data, tmp_path, capsys):
     from videolights.runs import train_main
     bad = tmp_path/'bad.yaml'
-    for text, msg in [('lr: 1e-3\nhiden_dim: 16\n', 'bad.yaml:2: hiden_dim: unknown option or VLConfig field hiden_dim; '
+    for text, msg in [('lr: 1e-3\nhiden_dim: 16\n',
+                       'bad.yaml:2: hiden_dim: unknown option or VLConfig field hiden_dim; '
                                                      'did you mean hidden_dim'),
-                      ('bsz: 4\n\nuse_tef: maybe\n', "bad.yaml:3: use_tef: --use_tef: expected true/false, got 'maybe'"),
+                      ('bsz: 4\n\nuse_tef: maybe\n',
+                       "bad.yaml:3: use_tef: --use_tef: expected true/false, got 'maybe'"),
                       ('bsz: 2.5\n', 'bad.yaml:1: bsz: expected an integer, got 2.5'),
                       ('preset: qvh\n', "bad.yaml:1: preset: unknown preset 'qvh'"),
                       ('- lr\n', 'bad.yaml: expected a mapping of VLConfig fields, got list'),
                       ('lr: [1e-3\n', 'bad.yaml:2: not valid YAML')]:
         bad.write_text(text)
-        with pytest.raises(SystemExit) as e: train_main(['--data', str(tiny_data), '--config', str(bad), '--print-config'])
+        with pytest.raises(SystemExit) as e: train_main(['--data', str(tiny_data), '--config', str(bad),
+                                                         '--print-config'])
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err, err
-    bad.write_text('v_feat_dims: 20,10\n')                                # a string is read as the flag's value would be
+    bad.write_text('v_feat_dims: 20,10\n')  # a string is read as the flag's value would be
     assert 'v_feat_dims: [20, 10]  #' in print_config(capsys, '--data', tiny_data, '--config', bad)
 
 
@@ -203,10 +210,11 @@ def test_tiny_preset_is_the_demo_recipe(tiny_data, tmp_path, capsys):
     preset, over = read_config(tmp_path/'cli.yaml')
     demo_cfg = synth_config(tiny_data, 'tiny')                            # what experiments.demo builds
     cli = get_preset(preset, **over)
-    src = ('v_feat_types', 'v_feat_dims', 't_feat_types', 't_feat_dims')      # the data's widths replace these in build_run
+    src = ('v_feat_types', 'v_feat_dims', 't_feat_types', 't_feat_dims')  # the data's widths replace these in build_run
     assert dataclasses.replace(cli, **{k: getattr(demo_cfg, k) for k in src}) == demo_cfg
     assert feature_dirs(cli) == feature_dirs(demo_cfg)                     # the same feature folders
-    assert (demo_cfg.n_epoch, demo_cfg.lr, demo_cfg.bsz, demo_cfg.max_v_l, demo_cfg.hard_pos_neg_loss) == (25, 1e-3, 16, 75, False)
+    assert (demo_cfg.n_epoch, demo_cfg.lr, demo_cfg.bsz, demo_cfg.max_v_l, demo_cfg.hard_pos_neg_loss) == (25, 1e-3, 16,
+            75, False)
     q = get_preset('qvhighlights')                                        # paper presets keep the official recipe
     assert (q.n_epoch, q.lr, q.bsz, q.input_dropout, q.hard_pos_neg_loss) == (200, 1e-4, 32, 0.5, True)
 

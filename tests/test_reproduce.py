@@ -147,7 +147,8 @@ def test_reproduce_errors_are_one_line_and_exit_2(archives, tmp_path):
     assert rc == 2 and 'unknown ablation rows' in err
     rc, _, err = run(reproduce_main, '--data', archives, '--lrr', '1', '--out', tmp_path/'r')
     assert rc == 2 and 'did you mean --lr' in err
-    half = tmp_path/'half'; half.mkdir()
+    half = tmp_path/'half'
+    half.mkdir()
     shutil.copytree(archives/'tvsum', half/'tvsum')
     rc, _, err = run(reproduce_main, '--data', half, '--out', tmp_path/'r', '--only', 'qvhighlights/*,tvsum/*')
     assert rc == 2 and '6 run(s) lack data: pretrain/SF+CLIP: the qvhighlights archive' in err

@@ -40,7 +40,8 @@ SALIENCY_SWITCHES = {'hard_pos_neg_loss': ('hard_neg', 'hard_pos'), 'mr_to_hd_lo
 @pytest.mark.parametrize('fixed', [False, True])
 @pytest.mark.parametrize('switch', sorted(SALIENCY_SWITCHES) + ['align_loss'])
 def test_each_loss_switch_removes_exactly_its_term(switch, fixed):
-    "Same model outputs, criterion built from the config with one switch off: one loss moves, by its term, the rest stay."
+    """Same model outputs, criterion built from the config with one switch off: one loss moves, by its term, the rest
+    stay."""
     fix = {k: True for k in VLConfig().fixes} if fixed else {}
     cfg_on, cfg_off = VLConfig(**fix), VLConfig(**fix, **{switch: False})
     out, t = _outputs(cfg_on)
@@ -82,13 +83,15 @@ def test_loss_fix_parts_are_separate_switches():
     sal = lambda c: build_criterion(c).losses['saliency']
     ca = lambda c: build_criterion(c).losses['contrastive_align']
     c = VLConfig(fix_loss_batch_mean=True)
-    assert (sal(c)['batch_mean'], sal(c)['sample_min'], sal(c)['mask_padding'], ca(c)['mask_text']) == (True, False, False, False)
+    assert (sal(c)['batch_mean'], sal(c)['sample_min'], sal(c)['mask_padding'], ca(c)['mask_text']) == (True, False,
+            False, False)
     c = VLConfig(fix_loss_sample_min=True)
     assert (sal(c)['sample_min'], ca(c)['sample_min'], sal(c)['batch_mean']) == (True, True, False)
     c = VLConfig(fix_loss_text_masking=True)
     assert (ca(c)['mask_text'], ca(c)['mask_padding'], sal(c)['sample_min']) == (True, False, False)
     c = VLConfig(fix_loss_masking=True, fix_loss_sample_min=False)
-    assert (sal(c)['mask_padding'], sal(c)['sample_min'], sal(c)['batch_mean'], ca(c)['mask_text']) == (True, False, True, True)
+    assert (sal(c)['mask_padding'], sal(c)['sample_min'], sal(c)['batch_mean'], ca(c)['mask_text']) == (True, False,
+            True, True)
     c = VLConfig(fix_hard_loss_ramp=True, hard_loss_ramp_max=4)
     assert (sal(c)['bounded_ramp'], sal(c)['ramp_max']) == (True, 4)
     out, t = _outputs(VLConfig())
@@ -101,7 +104,8 @@ def test_loss_fix_parts_are_separate_switches():
     capped = build_criterion(VLConfig(fix_hard_loss_ramp=True, hard_loss_ramp_max=2))(out, t, epoch=3)
     terms = saliency_terms(out, t, 3, **build_criterion(VLConfig()).losses['saliency'])
     hard = terms['hard_neg'] + terms['hard_pos']
-    torch.testing.assert_close(base['loss_saliency'] - capped['loss_saliency'], hard * (1 - 2 / 4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base['loss_saliency'] - capped['loss_saliency'], hard * (1 - 2 / 4), atol=1e-5,
+                               rtol=1e-5)
 
 
 # ---------------------------------------------------------------- eval runs the transformer once
@@ -122,7 +126,8 @@ def _calls(model, inputs, **kw):
 @pytest.mark.parametrize('cmf', ['bi', 'uni'])
 def test_eval_runs_the_transformer_once(cmf):
     """Accelerated model. Eval: one pass on the real rows only (padded (B, Lv) with attention maps); loss outputs: 2B
-    batched; training: the padded positive pass plus the negative pass on real rows (batched 2B with pack_neg_pass=False)."""
+    batched; training: the padded positive pass plus the negative pass on real rows (batched 2B with
+    pack_neg_pass=False)."""
     cfg = VLConfig(cmf=cmf)
     model = accelerate(build_model(cfg))
     lv = [20, 32, 9]
@@ -160,10 +165,12 @@ def _attention_names(model, cfg):
     tr, names = model.transformer, {}
     for i, layer in enumerate(tr.t2v_encoder.layers):
         if cfg.cmf == 'bi':
-            names.update({layer.cross_attn_1: f'cmf{i}.t2v', layer.cross_attn_2: f'cmf{i}.v2t', layer.cross_attn_3: f'cmf{i}.t2v_2'})
+            names.update({layer.cross_attn_1: f'cmf{i}.t2v', layer.cross_attn_2: f'cmf{i}.v2t',
+                          layer.cross_attn_3: f'cmf{i}.t2v_2'})
         else: names[layer.self_attn] = f'cmf{i}.t2v'
     for i, layer in enumerate(tr.encoder.layers): names[layer.self_attn] = f'enc{i}.self'
-    for i, layer in enumerate(tr.decoder.layers): names.update({layer.self_attn: f'dec{i}.self', layer.cross_attn: f'dec{i}.cross'})
+    for i, layer in enumerate(tr.decoder.layers): names.update({layer.self_attn: f'dec{i}.self',
+                                                                layer.cross_attn: f'dec{i}.cross'})
     assert set(names) == {m for m in model.modules() if isinstance(m, Attention)}  # every attention layer is named
     return names
 
@@ -171,7 +178,8 @@ def _attention_names(model, cfg):
 @pytest.mark.parametrize('fast', [False, True], ids=['plain', 'fast'])
 @pytest.mark.parametrize('cmf,train', [('bi', False), ('uni', False), ('bi', True)])
 def test_returned_attention_maps_are_the_layers_maps(cmf, train, fast):
-    "Each out['attn'][name] is exactly the map its layer computed (first call = positive pass), rows sum to 1, padded keys 0."
+    """Each out['attn'][name] is exactly the map its layer computed (first call = positive pass), rows sum to 1, padded
+    keys 0."""
     cfg = VLConfig(cmf=cmf)
     torch.manual_seed(0)
     model = build_model(cfg).train(train)
@@ -215,7 +223,8 @@ def _checker():
 @pytest.mark.parametrize('fast', [False, True], ids=['plain', 'fast'])
 @pytest.mark.parametrize('kw', [dict(cmf='uni'), dict(fra=False)], ids=['uni_cmf', 'no_fra'])
 def test_live_official_ablation_variants(kw, fast):
-    "Table V 'bi' and 'fra' rows: the official T2V layer / no-FRA model with converted weights give our outputs to 1e-5."
+    """Table V 'bi' and 'fra' rows: the official T2V layer / no-FRA model with converted weights give our outputs to
+    1e-5."""
     chk = _checker()
     vo, off = chk.official_lib()
     res = chk.check_variant(vo, off, 'sf_clip', B=4, seed=3, grads=False, fast=fast, **kw)

@@ -36,7 +36,8 @@ def test_same_seed_same_bytes(tmp_path):
         if k != 'features.h5': assert fa[k].read_bytes() == fb[k].read_bytes(), k
     ha, hb = _h5_contents(a['h5']), _h5_contents(b['h5'])
     assert ha.keys() == hb.keys() and all(np.array_equal(ha[k], hb[k]) for k in ha)
-    assert (tmp_path/'a'/'highlight_train_release.jsonl').read_bytes() != (tmp_path/'c'/'highlight_train_release.jsonl').read_bytes()
+    assert ((tmp_path/'a'/'highlight_train_release.jsonl').read_bytes()
+            != (tmp_path/'c'/'highlight_train_release.jsonl').read_bytes())
 
 
 def test_small_counts_layout_and_real_statistics(tmp_path):
@@ -51,10 +52,12 @@ def test_small_counts_layout_and_real_statistics(tmp_path):
     qids, vids = set(), set()
     for sp in ('train', 'val'):
         recs = _jsonl(tmp_path/f'highlight_{sp}_release.jsonl')
-        assert list(recs[0]) == ['qid', 'query', 'duration', 'vid', 'relevant_clip_ids', 'saliency_scores', 'relevant_windows']
+        assert list(recs[0]) == ['qid', 'query', 'duration', 'vid', 'relevant_clip_ids', 'saliency_scores',
+                                 'relevant_windows']
         for r in recs:
             assert json.dumps([r[k] for k in GT_KEYS]) in real[sp]      # windows/saliency/duration of a real record
-            qids.add(r['qid']); vids.add(r['vid'])
+            qids.add(r['qid'])
+            vids.add(r['vid'])
         r = recs[-1]
         with np.load(tmp_path/'features'/'slowfast_features'/f"{r['vid']}.npz") as z:
             assert z['features'].shape == (r['duration'] // 2, 32) and z['features'].dtype == np.float32
@@ -117,16 +120,20 @@ def test_explicit_dims_cli(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match='size must be one of'): synth(tmp_path, size='huge')
     with pytest.raises(ValueError, match='exceeds the 1550 real val records'): synth(tmp_path, size='small', n_val=2000)
-    with pytest.raises(FileNotFoundError, match='highlight_train_release.jsonl'): synth(tmp_path, ann_dir=tmp_path/'nowhere')
-    bad = tmp_path/'ann'; bad.mkdir()
+    with pytest.raises(FileNotFoundError, match='highlight_train_release.jsonl'): synth(tmp_path,
+            ann_dir=tmp_path/'nowhere')
+    bad = tmp_path/'ann'
+    bad.mkdir()
     (bad/'highlight_train_release.jsonl').write_text('{"qid": 1}\n')
-    with pytest.raises(ValueError, match=r'highlight_train_release.jsonl:1: record lacks keys'): read_qvh_split('train', bad)
+    with pytest.raises(ValueError, match=r'highlight_train_release.jsonl:1: record lacks keys'): read_qvh_split('train',
+            bad)
 
 
 def test_overwrite_guard(tmp_path):
     "A second run into the same folder must not mix features with the first one's."
     synth(tmp_path, size='tiny', progress=False)
-    with pytest.raises(FileExistsError, match='overwrite'): synth(tmp_path, size='tiny', n_train=2, n_val=1, progress=False)
+    with pytest.raises(FileExistsError, match='overwrite'): synth(tmp_path, size='tiny', n_train=2, n_val=1,
+                                                                  progress=False)
     synth(tmp_path, size='tiny', n_train=2, n_val=1, overwrite=True, progress=False)
     assert len(list((tmp_path/'features'/'clip_features').iterdir())) == 3
     assert len(list((tmp_path/'features'/'clip_text_features').iterdir())) == 3
@@ -160,7 +167,8 @@ def test_data_module_reads_it(tmp_path):
 
 
 def test_committed_fixture_is_current():
-    "data/fixtures/synth_tiny is what `videolights synth --size tiny --n-train 4 --n-val 2 --dtype float16 --no-h5` writes."
+    """data/fixtures/synth_tiny is what `videolights synth --size tiny --n-train 4 --n-val 2 --dtype float16 --no-h5`
+    writes."""
     if not FIXTURE.exists(): pytest.skip('no fixture committed')
     import tempfile
     with tempfile.TemporaryDirectory() as d:

@@ -54,9 +54,12 @@ def _last_before(frame_t, bounds):
 def _ffmpeg_fps(path, rate):
     "Frame indices that libavfilter's real fps filter outputs (through PyAV)."
     with av.open(str(path)) as c:
-        s = c.streams.video[0]; g = av.filter.Graph()
+        s = c.streams.video[0]
+        g = av.filter.Graph()
         src, f, sink = g.add_buffer(template=s), g.add('fps', f'fps={rate}'), g.add('buffersink')
-        src.link_to(f); f.link_to(sink); g.configure()
+        src.link_to(f)
+        f.link_to(sink)
+        g.configure()
         out = []
         for fr in [*c.decode(s), None]:
             g.push(fr)
@@ -97,7 +100,8 @@ def test_dense_sampling_matches_ffmpeg(tmp_path, k):
 def _half_video(path, w, h, vertical=False):
     "One 2-s video whose frames are dark in the first half (columns, or rows if vertical) and bright in the second."
     with av.open(str(path), 'w') as c:
-        s = c.add_stream('mpeg4', rate=2); s.width, s.height, s.pix_fmt = w, h, 'yuv420p'
+        s = c.add_stream('mpeg4', rate=2)
+        s.width, s.height, s.pix_fmt = w, h, 'yuv420p'
         a = np.zeros((h, w, 3), np.uint8)
         if vertical: a[h // 2:] = 255
         else: a[:, w // 2:] = 255
@@ -119,9 +123,11 @@ def test_resize_crop_is_centred(tmp_path, w, h, vertical):
 def _textured(path, w, h, n=12, fps=5):
     yy, xx = np.mgrid[0:h, 0:w]
     with av.open(str(path), 'w') as c:
-        s = c.add_stream('mpeg4', rate=fps); s.width, s.height, s.pix_fmt, s.bit_rate = w, h, 'yuv420p', 4_000_000
+        s = c.add_stream('mpeg4', rate=fps)
+        s.width, s.height, s.pix_fmt, s.bit_rate = w, h, 'yuv420p', 4_000_000
         for k in range(n):
-            a = np.stack([128 + 100 * np.sin(xx / 7 + k) * np.cos(yy / 5), xx * 255 / w, yy * 255 / h], -1).astype(np.uint8)
+            a = np.stack([128 + 100 * np.sin(xx / 7 + k) * np.cos(yy / 5), xx * 255 / w, yy * 255 / h],
+                         -1).astype(np.uint8)
             for pk in s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')): c.mux(pk)
         for pk in s.encode(): c.mux(pk)
     return path
@@ -132,13 +138,16 @@ def test_pixels_equal_official_ffmpeg_chain(tmp_path, w, h, size):
     "Our frames equal the official extractors' ffmpeg chain fps=1/c, scale (short side, bicubic), centre crop, rgb24."
     p = _textured(tmp_path / 'v.mp4', w, h)
     nw, nh = (size, int(h * size / w)) if h >= w else (int(w * size / h), size)
-    chain = (f'fps=fps=1/2,scale={nw}:{nh}:flags=bicubic,crop={size}:{size}:{int((nw - size) / 2)}:{int((nh - size) / 2)}'
-             ',format=rgb24')  # the ffmpeg CLI's rgb24 output converts inside the graph
+    # the ffmpeg CLI's rgb24 output converts inside the graph
+    chain = (f'fps=fps=1/2,scale={nw}:{nh}:flags=bicubic,crop={size}:{size}:'
+             f'{int((nw - size) / 2)}:{int((nh - size) / 2)},format=rgb24')
     with av.open(str(p)) as c:
-        s = c.streams.video[0]; g = av.filter.Graph()
+        s = c.streams.video[0]
+        g = av.filter.Graph()
         nodes = [g.add_buffer(template=s)] + [g.add(*f.split('=', 1)) for f in chain.split(',')] + [g.add('buffersink')]
         for a, b in zip(nodes, nodes[1:]): a.link_to(b)
-        g.configure(); ref = []
+        g.configure()
+        ref = []
         for fr in [*c.decode(s), None]:
             g.push(fr)
             while True:
@@ -154,15 +163,18 @@ def test_pixels_equal_official_ffmpeg_chain(tmp_path, w, h, size):
 def _no_frames_video(path):
     "An AVI whose video stream has no frames (an mp4 without frames has no stream at all)."
     with av.open(str(path), 'w') as c:
-        s = c.add_stream('mpeg4', rate=5); s.width, s.height, s.pix_fmt = 32, 24, 'yuv420p'
+        s = c.add_stream('mpeg4', rate=5)
+        s.width, s.height, s.pix_fmt = 32, 24, 'yuv420p'
         c.start_encoding()
     return path
 
 
 def _audio_only(path):
     with av.open(str(path), 'w') as c:
-        s = c.add_stream('pcm_s16le', rate=8000); s.layout = 'mono'
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format='s16', layout='mono'); fr.sample_rate = 8000
+        s = c.add_stream('pcm_s16le', rate=8000)
+        s.layout = 'mono'
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format='s16', layout='mono')
+        fr.sample_rate = 8000
         for pk in s.encode(fr): c.mux(pk)
         for pk in s.encode(): c.mux(pk)
     return path
@@ -197,9 +209,11 @@ def test_slowfast_checkpoint_formats(tmp_path):
     x = torch.randint(0, 255, (2, 32, 64, 64, 3), dtype=torch.uint8)
     assert a.video_dim == 8 * 32 + 32 and torch.equal(a.encode_frames(x), b.encode_frames(x))
     import pickle
-    bad = dict(blobs); bad['conv1_w'] = np.zeros((3, 3), np.float32)
+    bad = dict(blobs)
+    bad['conv1_w'] = np.zeros((3, 3), np.float32)
     (tmp_path / 'shape.pkl').write_bytes(pickle.dumps({'blobs': bad}, protocol=2))
-    with pytest.raises(ValueError, match=r's1.pathway0_stem.conv.weight has shape \(3, 3\)'): V.SlowFastEncoder(tmp_path / 'shape.pkl')
+    with pytest.raises(ValueError, match=r's1.pathway0_stem.conv.weight has shape \(3, 3\)'):
+        V.SlowFastEncoder(tmp_path / 'shape.pkl')
     bad = {k: v for k, v in blobs.items() if k != 'res3_0_branch2b_w'}
     (tmp_path / 'miss.pkl').write_bytes(pickle.dumps({'blobs': bad}, protocol=2))
     with pytest.raises(ValueError, match='missing 1 SlowFast weights'): V.SlowFastEncoder(tmp_path / 'miss.pkl')
@@ -221,7 +235,8 @@ def _hero_brute(frame_t, end, duration, fps, clip_len):
     return [[c[j] for j in idx] for c in clips]
 
 
-@pytest.mark.parametrize('duration,fps,clip_len', [(5, 30, 2.), (7.3, 25, 2.), (4.9, 10, 2.), (6, 24, 1.), (3.1, 30, 1.5)])
+@pytest.mark.parametrize('duration,fps,clip_len',
+                         [(5, 30, 2.), (7.3, 25, 2.), (4.9, 10, 2.), (6, 24, 1.), (3.1, 30, 1.5)])
 def test_hero_clips_brute_force(tmp_path, duration, fps, clip_len):
     p = V.make_test_video(tmp_path / 'v.mp4', duration, fps, size=(32, 24))
     got = [V.frame_index_of(c.frames).tolist() for c in V.hero_clip_frames(p, clip_len, size=16)]
@@ -275,7 +290,8 @@ def test_lavis_names_map_both_ways(lavis_dir):
 def test_lavis_and_transformers_forms_agree(lavis_dir, tmp_path):
     "The LAVIS folder (or its blip2_pretrained.pth) and the same weights saved by transformers: the same features."
     a, b = V.BLIP2Encoder(lavis_dir), V.BLIP2Encoder(lavis_dir / 'blip2_pretrained.pth')
-    a.model.save_pretrained(tmp_path / 'hf'); a.tokenizer.save_pretrained(tmp_path / 'hf')
+    a.model.save_pretrained(tmp_path / 'hf')
+    a.tokenizer.save_pretrained(tmp_path / 'hf')
     c = V.BLIP2Encoder(tmp_path / 'hf')  # rounding the ViT to float16 again changes nothing
     for k, v in a.model.state_dict().items(): assert torch.equal(v, c.model.state_dict()[k]), k
     frames = np.random.RandomState(0).randint(0, 256, (2, 1, 224, 224, 3), dtype=np.uint8)
@@ -289,11 +305,17 @@ def test_lavis_and_transformers_forms_agree(lavis_dir, tmp_path):
 
 def test_lavis_folder_errors(lavis_dir, tmp_path):
     import shutil
-    d = tmp_path / 'no_vit'; shutil.copytree(lavis_dir, d); (d / 'eva_vit_g.pth').unlink()
+    d = tmp_path / 'no_vit'
+    shutil.copytree(lavis_dir, d)
+    (d / 'eva_vit_g.pth').unlink()
     with pytest.raises(FileNotFoundError, match='eva_vit_g.pth'): V.BLIP2Encoder(d)
-    d = tmp_path / 'no_bert'; shutil.copytree(lavis_dir, d); shutil.rmtree(d / 'bert-base-uncased')
+    d = tmp_path / 'no_bert'
+    shutil.copytree(lavis_dir, d)
+    shutil.rmtree(d / 'bert-base-uncased')
     with pytest.raises(FileNotFoundError, match='bert-base-uncased'): V.BLIP2Encoder(d)
-    d = tmp_path / 'junk'; d.mkdir(); (d / 'blip2_pretrained.pth').write_bytes(b'junk')
+    d = tmp_path / 'junk'
+    d.mkdir()
+    (d / 'blip2_pretrained.pth').write_bytes(b'junk')
     with pytest.raises(ValueError, match='blip2_pretrained.pth: not a readable PyTorch weights file'): V.BLIP2Encoder(d)
 
 
@@ -313,14 +335,16 @@ def test_extract_cli_lavis_blip2(tmp_path, lavis_dir):
 def test_require_says_what_to_install(monkeypatch):
     import importlib
     real = importlib.import_module
-    monkeypatch.setattr(importlib, 'import_module', lambda n, *a: (_ for _ in ()).throw(ImportError(n)) if n == 'av' else real(n, *a))
+    monkeypatch.setattr(importlib, 'import_module',
+                        lambda n, *a: (_ for _ in ()).throw(ImportError(n)) if n == 'av' else real(n, *a))
     with pytest.raises(ImportError, match=r'videolights\[extract\]'): V.require('av', 'video decoding')
 
 
 # --- extraction -----------------------------------------------------------------------------------------------------
 
 def test_extract_cli_folder_resumable(tmp_path, enc_dirs, capsys):
-    vd = tmp_path / 'vids'; vd.mkdir()
+    vd = tmp_path / 'vids'
+    vd.mkdir()
     for name, dur in [('short', 10), ('mid', 45), ('long', 600)]:
         V.make_test_video(vd / f'{name}.mp4', dur, fps=1 if dur > 60 else 3, size=(32, 24))
     (tmp_path / 'q.jsonl').write_text('{"qid": 7, "query": "the dog runs"}\n{"qid": "x1", "query": "a cat"}\n')
@@ -336,7 +360,8 @@ def test_extract_cli_folder_resumable(tmp_path, enc_dirs, capsys):
         assert h5['video/clip_features/long'].dtype == np.float16
         assert h5['video/clip_features'].attrs['dim'] == 8 and h5['video/clip_features'].attrs['n'] == 3
         assert h5['video/clip_features/mid'].attrs['duration'] == pytest.approx(45.)
-        assert h5['text/clip_text_features/7'].shape[1] == 16 and h5['text/blip_aug_text_features_openai/x1'].shape == (4, 24)
+        assert (h5['text/clip_text_features/7'].shape[1] == 16
+                and h5['text/blip_aug_text_features_openai/x1'].shape == (4, 24))
     assert cli_main(argv) == 0
     assert '0 video(s) extracted, 3 already there' in capsys.readouterr().out
     # the data layer reads the store
@@ -357,7 +382,8 @@ def test_extract_cli_errors(tmp_path, enc_dirs, capsys):
     assert 'no_such_dir: no such file or folder' in capsys.readouterr().err
     assert V.extract_main([str(tmp_path), '--encoders', 'clip,i3d', '--out', str(tmp_path / 'g.h5')]) == 2
     assert "unknown encoder(s) ['i3d']" in capsys.readouterr().err
-    assert V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(tmp_path / 'nomodel'), '--out', str(tmp_path / 'h.h5')]) == 2
+    assert V.extract_main([str(tmp_path / 'junk.mp4'), '--clip-model', str(tmp_path / 'nomodel'), '--out',
+                           str(tmp_path / 'h.h5')]) == 2
     assert 'could not load CLIP' in capsys.readouterr().err
     with pytest.raises(ValueError, match='unknown encoder'): V.load_encoders('clip,i3d')
 
@@ -375,14 +401,17 @@ def test_extract_group_names_follow_dataset(tmp_path, enc_dirs):
 def test_train_on_own_videos_then_predict(tmp_path, enc_dirs, capsys):
     "Own videos -> extract -> videolights train (tiny, 2 epochs) -> videolights predict with the run."
     rng = np.random.default_rng(0)
-    vd, data = tmp_path / 'videos', tmp_path / 'data'; vd.mkdir(); data.mkdir()
+    vd, data = tmp_path / 'videos', tmp_path / 'data'
+    vd.mkdir()
+    data.mkdir()
     recs, words = [], 'a the dog cat man woman car runs jumps and in on of'.split()
     for i in range(8):
         dur = float(rng.integers(20, 40))
         V.make_test_video(vd / f'v{i}.mp4', dur, 2, size=(32, 24))
         n = V.n_clips_of(dur)
         for j in range(2):
-            s = int(rng.integers(0, n - 3)); ids = list(range(s, s + 3))
+            s = int(rng.integers(0, n - 3))
+            ids = list(range(s, s + 3))
             recs.append(dict(qid=i * 10 + j, query=' '.join(rng.choice(words, 4)), vid=f'v{i}', duration=dur,
                              relevant_windows=[[2. * s, 2. * s + 6.]], relevant_clip_ids=ids,
                              saliency_scores=[[int(x) for x in rng.integers(1, 5, 3)] for _ in ids]))
@@ -409,7 +438,9 @@ def test_sampling_is_streamed(tmp_path, monkeypatch):
     n = {'frames': 0}
     real = V._decoded
     def counting(c):
-        for x in real(c): n['frames'] += 1; yield x
+        for x in real(c):
+            n['frames'] += 1
+            yield x
     monkeypatch.setattr(V, '_decoded', counting)
     g = V.sample_clip_frames(p, 2., size=16)
     first = next(g)
@@ -423,7 +454,8 @@ def test_features_match_direct_encoding(tmp_path, encoders):
     p = V.make_test_video(tmp_path / 'v.mp4', 20, 2, size=(48, 32))
     feats = V.extract_video(p, encoders, clip_len=2., batch_size=3)
     frames = np.stack([c.frames for c in V.sample_clip_frames(p, 2., 1, 224)])
-    np.testing.assert_allclose(feats['clip_features'], encoders['clip'].encode_frames(torch.from_numpy(frames)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats['clip_features'], encoders['clip'].encode_frames(torch.from_numpy(frames)).numpy(),
+                               atol=1e-5)
     assert feats['blip_video_features'].shape == (10, 24)
 
 
@@ -454,7 +486,8 @@ def _direct(pred, ev, query):
         for w in wins:
             o = pred.model(src_txt=txt[None], src_txt_mask=torch.ones(1, len(txt)), src_vid=w[None],
                            src_vid_mask=torch.ones(1, len(w)))
-            outs.append((o['pred_spans'][0].numpy(), o['pred_logits'][0].softmax(-1)[:, 0].numpy(), o['saliency_scores'][0].numpy()))
+            outs.append((o['pred_spans'][0].numpy(), o['pred_logits'][0].softmax(-1)[:, 0].numpy(),
+                         o['saliency_scores'][0].numpy()))
     return starts, outs
 
 
@@ -472,13 +505,16 @@ def test_predict_shapes_and_windows(tmp_path, run_dir, encoders, duration):
     # brute force: saliency = mean over covering windows of each window's own output
     starts, outs = _direct(pred, pred.encode_video(p), 'the dog runs')
     tot, cnt = np.zeros(n), np.zeros(n)
-    for s, (_, _, sal) in zip(starts, outs): tot[s:s + len(sal)] += sal; cnt[s:s + len(sal)] += 1
+    for s, (_, _, sal) in zip(starts, outs):
+        tot[s:s + len(sal)] += sal
+        cnt[s:s + len(sal)] += 1
     np.testing.assert_allclose(out.saliency, tot / cnt, atol=1e-5)
     # the best merged window is the best-scored window of any single window, shifted to absolute time
     best = max(((sc.max(), s, sp[sc.argmax()]) for s, (sp, sc, sal) in zip(starts, outs)), key=lambda x: x[0])
     wl = min(16, n) * 2.
     c, wd = best[2]
-    np.testing.assert_allclose(w[0], [max(0, best[1] * 2 + (c - wd / 2) * wl), min(duration, best[1] * 2 + (c + wd / 2) * wl), best[0]], atol=1e-4)
+    np.testing.assert_allclose(w[0], [max(0, best[1] * 2 + (c - wd / 2) * wl),
+                                      min(duration, best[1] * 2 + (c + wd / 2) * wl), best[0]], atol=1e-4)
 
 
 @pytest.mark.parametrize('fix', [False, True])
@@ -511,9 +547,11 @@ def test_predictor_bad_input(tmp_path, run_dir, encoders, enc_dirs):
     with pytest.raises(ValueError, match="needs text features 'blip'|needs video features 'blip'"):
         V.VideoLightsPredictor.from_pretrained(run_dir, encoders={'clip': encoders['clip']})
     torch.save({'state': 1}, tmp_path / 'other.ckpt')
-    with pytest.raises(ValueError, match='not a videolights checkpoint'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'other.ckpt')
+    with pytest.raises(ValueError, match='not a videolights checkpoint'):
+        V.VideoLightsPredictor.from_pretrained(tmp_path / 'other.ckpt')
     (tmp_path / 'emptyrun').mkdir()
-    with pytest.raises(FileNotFoundError, match='no model_best.ckpt'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'emptyrun')
+    with pytest.raises(FileNotFoundError,
+                       match='no model_best.ckpt'): V.VideoLightsPredictor.from_pretrained(tmp_path / 'emptyrun')
 
 
 def test_official_checkpoint(tmp_path):
@@ -521,7 +559,8 @@ def test_official_checkpoint(tmp_path):
     import argparse
     from videolights.convert import to_official_state_dict, config_from_opt
     clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip512', dim=16, proj_dim=512, text_dim=512))
-    opt = argparse.Namespace(dset_name='hl', v_feat_dim=514, t_feat_dim=512, v_feat_dirs=['../qvhl/features/clip_features'],
+    opt = argparse.Namespace(dset_name='hl', v_feat_dim=514, t_feat_dim=512,
+                             v_feat_dirs=['../qvhl/features/clip_features'],
                              t_feat_dirs=['../qvhl/features/clip_text_features'], ctx_mode='video_tef', clip_length=2,
                              max_v_l=16, max_q_l=32)
     cfg = config_from_opt(opt)
@@ -533,14 +572,17 @@ def test_official_checkpoint(tmp_path):
     p = V.make_test_video(tmp_path / 'v.mp4', 50, 1, size=(32, 24))
     ref = V.VideoLightsPredictor(model, cfg, {'clip': clip})
     for a, b in zip(pred.predict(['the dog runs', 'a cat'], p), ref.predict(['the dog runs', 'a cat'], p)):
-        np.testing.assert_allclose(a.windows, b.windows, atol=1e-5); np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-5)
+        np.testing.assert_allclose(a.windows, b.windows, atol=1e-5)
+        np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-5)
     with pytest.raises(ValueError, match=r'trained on video clip\(512\)'):
-        V.VideoLightsPredictor.from_pretrained(tmp_path / 'official.ckpt', encoders={'clip': V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'c8'))})
+        V.VideoLightsPredictor.from_pretrained(tmp_path / 'official.ckpt',
+                                               encoders={'clip': V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'c8'))})
 
 
 def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
     p = V.make_test_video(tmp_path / 'v.mp4', 70, 1, size=(32, 24))
-    rc = cli_main(['predict', str(p), '--query', 'the dog runs', '-q', 'a cat', '--ckpt', str(run_dir / 'model_best.ckpt'),
+    rc = cli_main(['predict', str(p), '--query', 'the dog runs', '-q', 'a cat', '--ckpt',
+                   str(run_dir / 'model_best.ckpt'),
                    '--clip-model', str(enc_dirs['clip']), '--blip-model', str(enc_dirs['blip']), '--json',
                    str(tmp_path / 'o.jsonl'), '--plot', str(tmp_path / 'o.png'), '--top-k', '3'])
     assert rc == 0
@@ -559,7 +601,8 @@ def test_predict_cli(tmp_path, run_dir, enc_dirs, capsys):
 
 def test_widget_logic(tmp_path, run_dir, encoders):
     pred = V.VideoLightsPredictor.from_pretrained(run_dir, encoders=encoders)
-    V.make_test_video(tmp_path / 'b.mp4', 40, 2, size=(32, 24)); V.make_test_video(tmp_path / 'a.mp4', 12, 2, size=(32, 24))
+    V.make_test_video(tmp_path / 'b.mp4', 40, 2, size=(32, 24))
+    V.make_test_video(tmp_path / 'a.mp4', 12, 2, size=(32, 24))
     app = V.PredictorApp(pred, tmp_path, n_thumbs=2)
     assert [Path(v).name for v in app.videos()] == ['a.mp4', 'b.mp4']
     msg = app.on_click(app.videos()[1], 'the dog runs')
@@ -606,9 +649,11 @@ def test_predict_cli_official_formats(tmp_path, capsys):
     cfg = get_preset('tiny', v_feat_types=('slowfast', 'clip'), v_feat_dims=(288, 32), t_feat_types=('clip',),
                      t_feat_dims=(64,), max_v_l=16, max_q_l=32)
     torch.manual_seed(0)
-    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)), tmp_path / 'run' / 'model_best.ckpt')
+    save_checkpoint(dict(model=build_model(cfg).state_dict(), config=config_dict(cfg)),
+                    tmp_path / 'run' / 'model_best.ckpt')
     p = V.make_test_video(tmp_path / 'v.mp4', 9, 5, size=(32, 24))
-    rc = cli_main(['predict', str(p), '-q', 'the dog runs', '--ckpt', str(tmp_path / 'run'), '--slowfast-model', str(sf),
+    rc = cli_main(['predict', str(p), '-q', 'the dog runs', '--ckpt', str(tmp_path / 'run'), '--slowfast-model',
+                   str(sf),
                    '--clip-model', str(oc / 'model.pt'), '--json', str(tmp_path / 'p.jsonl'), '--device', 'cpu'])
     assert rc == 0
     rec = json.loads((tmp_path / 'p.jsonl').read_text())
@@ -634,9 +679,10 @@ def test_predict_published_configurations(tmp_path, dset, clip_length, blip):
     ck = _official_ckpt(tmp_path / 'off.ckpt', dset, clip_length, blip)
     sf = V.make_tiny_slowfast(tmp_path / 'sf.pkl', width=64, depths=(1, 1, 1, 1))  # 2048 + 256
     oc = V.make_tiny_openai_clip(tmp_path / 'clip', width=512, embed=512)
-    argv = ['predict', str(V.make_test_video(tmp_path / 'v.mp4', 4.4, 5, size=(64, 48))), '-q', 'the dog runs', '-q', 'a cat',
-            '--ckpt', str(ck), '--slowfast-model', str(sf), '--clip-model', str(oc), '--json', str(tmp_path / 'p.jsonl'),
-            '--device', 'cpu']
+    argv = ['predict', str(V.make_test_video(tmp_path / 'v.mp4', 4.4, 5, size=(64, 48))), '-q', 'the dog runs', '-q',
+            'a cat',
+            '--ckpt', str(ck), '--slowfast-model', str(sf), '--clip-model', str(oc), '--json',
+            str(tmp_path / 'p.jsonl'), '--device', 'cpu']
     if blip: argv += ['--blip-model', str(V.make_tiny_blip2(tmp_path / 'blip', dim=768))]
     assert cli_main(argv) == 0
     recs = [json.loads(l) for l in (tmp_path / 'p.jsonl').read_text().splitlines()]
@@ -646,7 +692,8 @@ def test_predict_published_configurations(tmp_path, dset, clip_length, blip):
 
 
 def test_predictor_accelerates_the_model_unless_asked_not_to(tmp_path):
-    "The predictor swaps in the fast layers of `ops` (in place, same weights); `accelerate=False` keeps the plain model."
+    """The predictor swaps in the fast layers of `ops` (in place, same weights); `accelerate=False` keeps the plain
+    model."""
     from videolights.ops import is_accelerated
     clip = V.CLIPEncoder(V.make_tiny_clip(tmp_path / 'clip', dim=16, proj_dim=8, text_dim=8))
     cfg = get_preset('tiny', v_feat_types=('clip',), t_feat_types=('clip',), v_feat_dims=(8,), t_feat_dims=(8,))

@@ -106,7 +106,9 @@ def test_explorer_attention_controls():
 
 
 def _png(fig):
-    buf = io.BytesIO(); fig.savefig(buf, format='png', metadata={'Software': None}); plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', metadata={'Software': None})
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -156,7 +158,8 @@ def _chromium():
 
 def _web_assets():
     web = Path(os.environ.get('VIDEOLIGHTS_WEB_ASSETS', '~/.cache/videolights/web')).expanduser()
-    req, emb = list(web.glob('requirejs*/package/require.js')), list(web.glob('*html-manager*/package/dist/embed-amd.js'))
+    req, emb = (list(web.glob('requirejs*/package/require.js')),
+                list(web.glob('*html-manager*/package/dist/embed-amd.js')))
     return (req[0], emb[0]) if req and emb else None
 
 
@@ -177,7 +180,8 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     data, run = tmp_path/'data', tmp_path/'run'
     src = ("import matplotlib; matplotlib.rcParams['figure.dpi'] = 80\n"
            "from videolights.synth import synth\n"
-           "from videolights.visualize import explore, query_metrics\nfrom videolights.experiments import train_ablation_row\n"
+           "from videolights.visualize import explore, query_metrics\n"
+           "from videolights.experiments import train_ablation_row\n"
            f"synth({str(data)!r}, seed=0, size='small', n_train=200, n_val=50, progress=False)\n"
            f"train_ablation_row({{}}, 0, {str(run)!r}, {str(data)!r}, epochs=8)\n"
            f"ui = explore({str(run)!r}, {str(data)!r})\n"
@@ -192,7 +196,8 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     assert 'application/vnd.jupyter.widget-state+json' in nb.metadata['widgets']
     html, _ = HTMLExporter(template_name='lab', require_js_url=assets[0].as_uri(),
                            widget_renderer_url=assets[1].as_uri()).from_notebook_node(nb)
-    page = tmp_path/'explorer.html'; page.write_text(html)
+    page = tmp_path/'explorer.html'
+    page.write_text(html)
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
              '--disable-component-update', '--disable-sync', '--virtual-time-budget=15000']
     run_browser = lambda *extra: subprocess.run([chromium, *flags, f'--user-data-dir={tempfile.mkdtemp()}', *extra,
@@ -203,7 +208,8 @@ def test_explorer_renders_in_headless_chromium(tmp_path):
     assert 'dec.cross' in dom
     out_area = dom[dom.index('widget-output'):]
     assert '<img' in out_area and 'data:image/png;base64' in out_area, 'no figure in the explorer output'
-    shot = ROOT/'figures'/'explorer.png'; shot.parent.mkdir(exist_ok=True)
+    shot = ROOT/'figures'/'explorer.png'
+    shot.parent.mkdir(exist_ok=True)
     run_browser('--window-size=1000,1300', f'--screenshot={shot}')
     img = plt.imread(shot)
     assert img.shape[:2] == (1300, 1000) and img[..., :3].std() > 0.05   # not a blank page

@@ -51,9 +51,11 @@ def gen_gt(rng, n, with_saliency=True):
         for _ in range(ng):
             kind = rng.random()
             if kind < 0.5:    # on the 2-s grid
-                a = 2 * rng.integers(0, int(dur // 2)); b = min(dur, a + 2 * rng.integers(1, 40))
+                a = 2 * rng.integers(0, int(dur // 2))
+                b = min(dur, a + 2 * rng.integers(1, 40))
             elif kind < 0.8:  # arbitrary floats
-                a = rng.uniform(0, dur); b = min(dur, a + rng.uniform(0.1, 60))
+                a = rng.uniform(0, dur)
+                b = min(dur, a + rng.uniform(0.1, 60))
             else:             # duplicate or overlapping another GT window (IoU ties)
                 a, b = ws[rng.integers(len(ws))] if ws else (0., dur)
                 if rng.random() < 0.5: a, b = a + 0.0, b
@@ -127,9 +129,12 @@ def gen_case(rng, charades=False):
         d = dict(qid=g['qid'], query='q', vid=g['vid'], pred_relevant_windows=gen_pred_windows(rng, g))
         if not charades: d['pred_saliency_scores'] = gen_saliency(rng, g)
         subs.append(d)
-    order = rng.permutation(len(subs)); subs = [subs[i] for i in order]
+    order = rng.permutation(len(subs))
+    subs = [subs[i] for i in order]
     if rng.random() < 0.1:  # duplicate qid lines (the official pools MR-mAP windows, keeps the last for R1/HD)
-        d = copy.deepcopy(subs[rng.integers(len(subs))]); d['pred_relevant_windows'] = gen_pred_windows(rng, gts[0] if d['qid'] == gts[0]['qid'] else next(g for g in gts if g['qid'] == d['qid']))
+        d = copy.deepcopy(subs[rng.integers(len(subs))])
+        d['pred_relevant_windows'] = gen_pred_windows(
+            rng, gts[0] if d['qid'] == gts[0]['qid'] else next(g for g in gts if g['qid'] == d['qid']))
         subs.insert(rng.integers(len(subs) + 1), d)
     if not charades and rng.random() < 0.05: subs[0].pop('pred_saliency_scores')   # first line decides: no HD
     if not charades and 'pred_saliency_scores' in subs[0] and rng.random() < 0.05:
@@ -161,7 +166,8 @@ def _compare(ours, theirs, exact=True):
 def run(official=None, videolights=None, n=1000, seed=0, verbose=False):
     """Score `n` random cases with ours and the official evaluators. QVHighlights cases: ours (default) vs the
     VideoLights evaluator (byte-identical); ours (`moment_detr`) vs Moment-DETR's (byte-identical) and ours (default)
-    vs Moment-DETR's on the shared keys. Every fourth case is a Charades case (VideoLights evaluator; our R5 removed)."""
+    vs Moment-DETR's on the shared keys. Every fourth case is a Charades case (VideoLights evaluator; our R5
+    removed)."""
     if not (official or videolights): raise ValueError('give the VideoLights checkout, the Moment-DETR one, or both')
     rng = np.random.default_rng(seed)
     md = load_official(official) if official else None
@@ -190,7 +196,8 @@ def run(official=None, videolights=None, n=1000, seed=0, verbose=False):
                 for k in list(ours['brief']):
                     if 'R5' in k: del ours['brief'][k]
                 for b in ours.values(): b.pop('MR-R5', None)
-                bad += _compare(ours, theirs['charades'], exact=False); stats['compared']['charades'] += 1
+                bad += _compare(ours, theirs['charades'], exact=False)
+                stats['compared']['charades'] += 1
             else:
                 ours = _ours(sub, gt, 'qvhighlights')
                 if 'videolights' in theirs:
@@ -201,7 +208,8 @@ def run(official=None, videolights=None, n=1000, seed=0, verbose=False):
                     bad += [f'moment_detr: {d}' for d in _compare(_ours(sub, gt, 'moment_detr'), t)]
                     shared = _restrict(ours, t)
                     bad += [f'shared keys: {d}' for d in _diff(shared, _restrict(t, shared))]
-                    stats['compared']['qvh_moment_detr'] += 1; stats['compared']['qvh_shared_keys'] += 1
+                    stats['compared']['qvh_moment_detr'] += 1
+                    stats['compared']['qvh_shared_keys'] += 1
         except Exception as e: bad.append(f'ours raised {e!r}')
         if bad:
             stats['mismatches'].append(dict(case=c, charades=charades, diffs=bad[:5]))

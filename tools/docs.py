@@ -82,7 +82,8 @@ def stage(src:Path)->list:
         origin = f'Generated from the docstrings of `videolights.{m}`' + (
             f', exported from the notebook [{nbk}](../{nbk}.ipynb).' if nbk else '.')
         (src/'api'/f'{m}.md').write_text(
-            f'# `videolights.{m}`\n\n{origin}\n\n```{{eval-rst}}\n.. automodule:: videolights.{m}\n```\n', encoding='utf-8')
+            f'# `videolights.{m}`\n\n{origin}\n\n```{{eval-rst}}\n.. automodule:: videolights.{m}\n```\n',
+        encoding='utf-8')
         pages.append(f'api/{m}')
     (src/'api'/'index.md').write_text(
         '# API reference\n\nEvery exported function and class, with its signature, docstring and the comment of '

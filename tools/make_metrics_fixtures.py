@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'tools'))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT/'tools'))
 from videolights.metrics import read_jsonl, make_noisy_submission, charades_postprocess  # noqa: E402
 from compare_official_metrics import load_official, gen_case  # noqa: E402
 
@@ -45,11 +46,16 @@ def official(ev, sub, gt):
 def qvh_cases(ev, val, sample, sub_val, qids):
     "The five QVHighlights cases on real val queries, scored by evaluator `ev`."
     return {
-        'sample_val_preds_subset': dict(submission=QVH_SAMPLE, qids='qids', metrics=official(ev, [sample[q] for q in qids], sub_val)),
-        'noisy_seed0_subset': dict(submission='make_noisy_submission(seed=0)', qids='qids', metrics=official(ev, make_noisy_submission(sub_val, 0), sub_val)),
-        'sample_val_preds_full': dict(submission=QVH_SAMPLE, qids='all', metrics=official(ev, list(sample.values()), list(val))),
-        'perfect_full': dict(submission='perfect', qids='all', metrics=official(ev, perfect_submission(val), list(val))),
-        'noisy_seed1_full': dict(submission='make_noisy_submission(seed=1)', qids='all', metrics=official(ev, make_noisy_submission(val, 1), list(val))),
+        'sample_val_preds_subset': dict(submission=QVH_SAMPLE, qids='qids',
+                                        metrics=official(ev, [sample[q] for q in qids], sub_val)),
+        'noisy_seed0_subset': dict(submission='make_noisy_submission(seed=0)', qids='qids',
+                                   metrics=official(ev, make_noisy_submission(sub_val, 0), sub_val)),
+        'sample_val_preds_full': dict(submission=QVH_SAMPLE, qids='all',
+                                      metrics=official(ev, list(sample.values()), list(val))),
+        'perfect_full': dict(submission='perfect', qids='all',
+                             metrics=official(ev, perfect_submission(val), list(val))),
+        'noisy_seed1_full': dict(submission='make_noisy_submission(seed=1)', qids='all',
+                                 metrics=official(ev, make_noisy_submission(val, 1), list(val))),
     }
 
 
@@ -86,7 +92,8 @@ def moment_detr(a, ev, val, sample, sub_val, qids):
     # awkward synthetic cases (small), with the official numbers
     fz = awkward(ev, np.random.default_rng(a.seed), a.n_fuzz)
     (ROOT/'tests/fixtures/metrics_qvh_awkward.json').write_text(json.dumps(dict(
-        about='Awkward synthetic submissions (tools/compare_official_metrics.py generator) and the official Moment-DETR metrics',
+        about='Awkward synthetic submissions (tools/compare_official_metrics.py generator) and the official '
+              'Moment-DETR metrics',
         cases=fz)))
 
 
@@ -110,7 +117,8 @@ def videolights(a, vl, val, sample, sub_val, qids):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--official', default=None, help="Moment-DETR's checkout")
-    p.add_argument('--videolights', default=os.environ.get('VIDEOLIGHTS_OFFICIAL'), help='default: $VIDEOLIGHTS_OFFICIAL')
+    p.add_argument('--videolights', default=os.environ.get('VIDEOLIGHTS_OFFICIAL'),
+                   help='default: $VIDEOLIGHTS_OFFICIAL')
     p.add_argument('--n_real', type=int, default=40)
     p.add_argument('--n_fuzz', type=int, default=30)
     p.add_argument('--seed', type=int, default=123)

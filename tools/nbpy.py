@@ -24,7 +24,8 @@ def py_to_nb(src:str):
     for line in src.splitlines():
         m = _HDR.match(line)
         if m:
-            flush(); kind, buf = ('md' if m.group(1) else 'code'), []
+            flush()
+            kind, buf = ('md' if m.group(1) else 'code'), []
         else: buf.append(line)
     flush()
     nb = nbformat.v4.new_notebook(cells=cells)
@@ -38,7 +39,8 @@ def nb_to_py(nb):
             out.append('# %% [markdown]')
             out += ['# ' + l if l else '#' for l in c.source.splitlines()]
         else:
-            out.append('# %%'); out += c.source.splitlines()
+            out.append('# %%')
+            out += c.source.splitlines()
         out.append('')
     return '\n'.join(out)
 
