@@ -708,7 +708,8 @@ _EVAL_CHILD = r'''
 import sys, json, time, io, contextlib
 sys.path.insert(0, sys.argv[1])
 from standalone_eval.eval import eval_submission
-sub = [json.loads(l) for l in open(sys.argv[2])]; gt = [json.loads(l) for l in open(sys.argv[3])]
+sub = [json.loads(l) for l in open(sys.argv[2])]
+gt = [json.loads(l) for l in open(sys.argv[3])]
 ts, warmup = [], int(sys.argv[5])
 for i in range(warmup + int(sys.argv[4])):
     t0 = time.perf_counter()
