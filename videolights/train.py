@@ -613,8 +613,8 @@ METRICS = ['MR-full-R1@0.5', 'MR-full-R1@0.7', 'MR-full-mAP@0.5', 'MR-full-mAP@0
            'HL-min-VeryGood-mAP', 'HL-min-VeryGood-Hit1']
 
 def read_log(run, # run folder (its `log.jsonl` or `metrics.jsonl`) or a jsonl path
-            )->'pd.DataFrame':
-    "A run's metrics log as a flat DataFrame."
+            ):
+    "A run's metrics log as a flat `pandas.DataFrame` (pandas is imported when called)."
     import pandas as pd
     p = Path(run)
     if p.is_dir(): p = next((p/n for n in ('metrics.jsonl', 'log.jsonl') if (p/n).exists()), p/'metrics.jsonl')
@@ -1036,6 +1036,7 @@ def _open_run(stack:ExitStack, model:nn.Module, criterion:nn.Module, train_ds:Da
     run.t_start, run.e_first = time.time(), run.state.epoch
     return run
 
+# %% ../nbs/11_train.ipynb #b7e1a004
 def _commit_epoch(run:_Run, e:int, losses:dict, t_train:float, ev:tuple|None, evaluator:Evaluator|None):
     "Epoch `e` done: schedule, log, the evaluation's verdict and the checkpoints, the latest written last."
     st, log, cfg = run.state, run.log, run.cfg
@@ -1085,6 +1086,7 @@ def _run_epoch(run:_Run, evaluator:Evaluator|None, on_step:Callable|None):
                                    f"(max_es_cnt={hp(cfg, 'max_es_cnt')}); best score {st.best_score:.2f} at epoch "
                                    f"{st.best_epoch}")
 
+# %% ../nbs/11_train.ipynb #b7e1a005
 def _finish(run:_Run, evaluator:Evaluator|None):
     "The end of a run: the curves figure and the closing line of the log."
     st, log, out_dir = run.state, run.log, run.out_dir
