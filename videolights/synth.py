@@ -443,7 +443,7 @@ def random_r1_at(recs:list[dict], thr:float=0.5, clip_len:float=2.)->float: # % 
 # %% ../nbs/02_synth.ipynb #23565acd
 _EPILOG = """examples:
   videolights synth --out data/synth                       # small: 400/100 queries, dims (32,16)/16, seconds
-  videolights synth --out /tmp/tiny --size tiny --seed 3   # 12/6 queries, dims (8,4)/8, for tests
+  videolights synth --out feats/tiny --size tiny --seed 3  # 12/6 queries, dims (8,4)/8, for tests
   videolights synth --out feats/qvh_small --size qvh --dims small   # all 7218/1550 real records, ~2 min, ~350 MB
   videolights synth --out feats/qvh_fake --size qvh --dtype float16 # real dims: ~6 min, ~3.7 GB npz + ~3.7 GB h5
   videolights synth --out runs/x --size qvh --n-train 500 --n-val 100 --blip   # first records only, + BLIP sources
