@@ -581,3 +581,34 @@ def test_cpu_bf16_inference_of_a_small_batch_runs_float32(monkeypatch):
     out['pred_logits'].float().sum().backward()
     assert m.class_embed.weight.grad is not None and m.class_embed.weight.grad.abs().sum() > 0
     assert not L.float32_is_faster(small['src_vid_mask'])  # autocast off
+
+
+def test_cpu_bf16_row_buckets_change_no_value(monkeypatch):
+    "bf16 products on rows padded to `ROW_BUCKET`: inference bit for bit as unpadded, training gradients to rounding."
+    from videolights.config import VLConfig
+    from videolights.model import build_model, random_inputs
+    m, big = _accelerated(), _batch(8, 75)  # 600 real clips: not a multiple of 128
+    pads, real_pad = [], torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, 'pad', lambda x, p, *a, **k: pads.append(p) or real_pad(x, p, *a, **k))
+    def run(model, inp):
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16): return model(**inp)
+    padded = run(m, big)
+    assert len(pads) > 10 and all(p[:3] == (0, 0, 0) and 0 < p[3] < L.ROW_BUCKET for p in pads)
+    monkeypatch.setattr(L, 'ROW_BUCKET', 0)
+    n, unpadded = len(pads), run(m, big)
+    assert len(pads) == n  # no padding with the buckets off
+    keys = [k for k, v in padded.items() if torch.is_tensor(v)]
+    assert keys and all(torch.equal(padded[k], unpadded[k]) for k in keys)
+    cfg = VLConfig(dropout=0., input_dropout=0., fra_dropout=0.)
+    torch.manual_seed(0)
+    tm = L.accelerate(build_model(cfg)).train()
+    inp = random_inputs(cfg, B=4, lv=[20, 75, 33, 50], lq=[5, 16, 3, 9], seed=2)
+    def grads(bucket):
+        monkeypatch.setattr(L, 'ROW_BUCKET', bucket)
+        tm.zero_grad()
+        with torch.autocast('cpu', torch.bfloat16): out = tm(**inp)
+        (out['pred_logits'].float().sum() + out['saliency_scores'].float().square().sum()).backward()
+        return {k: p.grad.clone() for k, p in tm.named_parameters() if p.grad is not None}
+    g128, g0 = grads(128), grads(0)
+    assert g128.keys() == g0.keys() and len(g0) > 50
+    for k in g0: torch.testing.assert_close(g128[k], g0[k], rtol=2e-2, atol=2e-2 * float(g0[k].abs().max()) + 1e-6)

@@ -16,11 +16,11 @@ from .decoder import DecoderLayer
 from .model import VideoLights, GRUPool, _check_inputs, roll_batch
 
 # %% auto #0
-__all__ = ['FAST_DROPOUT', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU', 'lowp',
-           'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'FastAttention', 'FastConvProj', 'FastFRA',
-           'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer', 'FastUniCMFLayer', 'FastEncoderLayer',
-           'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster', 'FastVideoLights', 'accelerate', 'plain',
-           'is_accelerated']
+__all__ = ['FAST_DROPOUT', 'ROW_BUCKET', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU',
+           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'FastAttention',
+           'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer', 'FastUniCMFLayer',
+           'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster', 'FastVideoLights',
+           'accelerate', 'plain', 'is_accelerated']
 
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -128,9 +128,35 @@ def lowp(w:Tensor|None)->Tensor|None:
     if hit is None or hit[0] != key: hit = _LOWP[w] = (key, w.detach().to(dt))
     return hit[1]
 
+
+# %% ../nbs/07a_ops.ipynb #f2d3882f
+ROW_BUCKET = 128  # CPU low-precision products: rows padded up to a multiple of this (0 or 1: no padding)
+
+def bucket_rows(n:int)->int:
+    "`n` rounded up to a multiple of `ROW_BUCKET`."
+    return -(-n // ROW_BUCKET) * ROW_BUCKET if ROW_BUCKET > 1 else n
+
+def _lowp_cpu(x:Tensor)->torch.dtype|None:
+    "The low-precision dtype a CPU product of `x` runs in (autocast's, or bf16/fp16 `x` itself), else None."
+    if x.device.type != 'cpu': return None
+    return _autocast_dtype('cpu') or (x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None)
+
+def linear(x:Tensor,                # (*, K)
+           w:Tensor,                # (N, K)
+           b:Tensor|None=None,      # (N,)
+          )->Tensor:                # (*, N)
+    "`F.linear`; a low-precision CPU product runs on rows zero-padded to `bucket_rows` (reused oneDNN kernels)."
+    dt = _lowp_cpu(x)
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    P = bucket_rows(M)
+    if dt is None or P == M: return F.linear(x, w, b)
+    xp = F.pad(x.reshape(M, K).to(dt), (0, 0, 0, P - M))  # (P, K), zero rows at the end
+    return F.linear(xp, w, b)[:M].view(*x.shape[:-1], -1)  # (*, N)
+
 class FastLinear(nn.Linear):
-    "`nn.Linear` whose weight and bias are cast once for low-precision inference (`lowp`)."
-    def forward(self, x:Tensor)->Tensor: return F.linear(x, lowp(self.weight), lowp(self.bias))
+    "`nn.Linear` whose weight and bias are cast once for low-precision inference (`lowp`), rows bucketed (`linear`)."
+    def forward(self, x:Tensor)->Tensor: return linear(x, lowp(self.weight), lowp(self.bias))
 
 # %% ../nbs/07a_ops.ipynb #315ea97c
 class Rows:
@@ -178,12 +204,12 @@ class FastAttention(Attention):
         W, bb, E = lowp(self.in_proj_weight), lowp(self.in_proj_bias), self.in_proj_weight.shape[1]
         if q is k:
             if q_rows is not kv_rows: raise ValueError("Attention: a shared query/key input needs q_rows is kv_rows")
-            q, k = pad_rows(F.linear(q, W[:2 * E], bb[:2 * E]), q_rows).chunk(2, -1)  # one pad for both
-            v = F.linear(v, W[2 * E:], bb[2 * E:])
+            q, k = pad_rows(linear(q, W[:2 * E], bb[:2 * E]), q_rows).chunk(2, -1)  # one pad for both
+            v = linear(v, W[2 * E:], bb[2 * E:])
         elif k is v:
-            q = F.linear(q, W[:E], bb[:E])
-            k, v = pad_rows(F.linear(k, W[E:], bb[E:]), kv_rows).chunk(2, -1)
-        else: q, k, v = (F.linear(x, W[i * E:(i + 1) * E], bb[i * E:(i + 1) * E]) for i, x in enumerate((q, k, v)))
+            q = linear(q, W[:E], bb[:E])
+            k, v = pad_rows(linear(k, W[E:], bb[E:]), kv_rows).chunk(2, -1)
+        else: q, k, v = (linear(x, W[i * E:(i + 1) * E], bb[i * E:(i + 1) * E]) for i, x in enumerate((q, k, v)))
         return q, k, v
 
     def forward(self, q:Tensor, k:Tensor, v:Tensor, # (B, Lq, E), (B, Lk, E), (B, Lk, Ev), or packed (N, E)
@@ -229,7 +255,7 @@ class FastConvProj(ConvProj):
         if dt is not None and k1 and _scale_is_exact(self.dropout.p, dt):
             x = x.to(dt)  # the cast F.linear makes anyway, before the dropout: same values, half the bytes
         x = self.dropout(x)
-        if k1: x = F.linear(x, lowp(self.proj.weight)[..., 0], lowp(self.proj.bias))
+        if k1: x = linear(x, lowp(self.proj.weight)[..., 0], lowp(self.proj.bias))
         else: x = self.proj(x.transpose(1, 2)).transpose(1, 2)  # (B, L, D_out)
         return F.relu(x) if self.relu else x
 
@@ -239,8 +265,8 @@ class FastFRA(FRA):
     def _mix_eval(self, vid, txt, txt_mask, sent, sim)->Tensor: # (B, Lv, D) mixer output, no dropout
         W1, W2, W3, W4 = lowp(self.mixer.weight).split(vid.shape[-1], 1)  # 4 x (D, D)
         c = self.corr(vid if self.fix_corr else vid[:, :1], txt, txt_mask)  # (B, Lv or 1, D)
-        out = F.linear(vid, W1, lowp(self.mixer.bias)) + sim[..., None] * (W2 @ self.sim_w)[:, 0]  # (B, Lv, D)
-        return out + F.linear(sent, W3) + F.linear(c, W4)
+        out = linear(vid, W1, lowp(self.mixer.bias)) + sim[..., None] * (W2 @ self.sim_w)[:, 0]  # (B, Lv, D)
+        return out + linear(sent, W3) + linear(c, W4)
 
     def forward(self, vid, txt, vid_mask, txt_mask): # as `FRA.forward`
         if self.training: return super().forward(vid, txt, vid_mask, txt_mask)
@@ -362,7 +388,7 @@ def fuse_encode_pair(model:VideoLights, vid, txt, pos_v, pos_t, vpad, tpad, # as
     return (mg[:B], mem[:B]), (mg[B:], mem[B:])
 
 # %% ../nbs/07a_ops.ipynb #9295a9ef
-BF16_MIN_ROWS = 256  # CPU bf16 inference on fewer real clips than this runs in float32 (faster there)
+BF16_MIN_ROWS = 512  # CPU bf16 inference on fewer real clips than this runs in float32 (faster there)
 
 def float32_is_faster(src_vid_mask:Tensor, # (B, Lv) 1 = valid
                       static_shapes:bool=False)->bool:
