@@ -508,3 +508,22 @@ def test_inspect_cli_store_empty_folder_and_bad_file(tmp_path, small_set, capsys
     p = _write(tmp_path, 'bad.jsonl', [GOOD, {**GOOD, 'qid': 2, 'query': ''}])
     assert main(['inspect', str(p), '--no-plots']) == 2
     assert capsys.readouterr().err.strip() == f"videolights inspect: error: {p}:2: key 'query' is empty (qid 2)"
+
+
+def _pad_in_worker(items):
+    from videolights.data import pad_sequences
+    out, mask = pad_sequences(items)
+    return out, mask, out.is_shared()
+
+
+def test_pad_sequences_builds_the_batch_in_shared_memory_inside_a_worker():
+    "In a DataLoader worker the batch is allocated in shared memory (one copy); the values equal the main process's."
+    from torch.utils.data import DataLoader
+    from videolights.data import pad_sequences
+    seqs = [torch.randn(n, 7) for n in (3, 9, 1, 9, 4)]
+    ref, ref_mask = pad_sequences(seqs)
+    assert not ref.is_shared() and ref.shape == (5, 9, 7)
+    assert torch.equal(ref[2, 1:], torch.zeros(8, 7)) and torch.equal(ref[1], seqs[1])
+    for workers in (0, 1):
+        (out, mask, shared), = DataLoader(seqs, batch_size=5, collate_fn=_pad_in_worker, num_workers=workers)
+        assert shared == (workers == 1) and torch.equal(out, ref) and torch.equal(mask, ref_mask)

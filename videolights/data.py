@@ -24,8 +24,8 @@ __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', '
            'guess_dset_name', 'read_records', 'feature_dirs', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource',
            'DirFeatures', 'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats',
            'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw',
-           'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'pad_sequences',
-           'collate', 'move_batch', 'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary',
+           'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'shared_batch',
+           'pad_sequences', 'collate', 'move_batch', 'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary',
            'check_features', 'plot_summary', 'inspect_main', 'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
@@ -784,12 +784,24 @@ def __getitem__(self:VLDataset, i:int)->dict:
     return dict(meta={**rec, 'n_clips': L}, model_inputs=mi)
 
 # %% ../nbs/01_data.ipynb #bef2b82d
-def pad_sequences(seqs:list[Tensor], # B tensors (L_b, ...) 
+def shared_batch(shape:tuple, dtype=torch.float32)->Tensor:
+    "An uninitialised tensor in shared memory, the way a DataLoader worker hands batches to the main process."
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+def pad_sequences(seqs:list[Tensor], # B tensors (L_b, ...)
                   dtype=torch.float32)->tuple[Tensor,Tensor]: # (B, L, ...) zero-padded, (B, L) mask 1 = valid
     "Zero-pad a list of tensors along their first axis; also return the validity mask."
-    out = torch.nn.utils.rnn.pad_sequence([s.to(dtype) for s in seqs], batch_first=True)  # (B, L, ...) one C++ call
-    n = torch.tensor([len(s) for s in seqs])  # (B,)
-    return out, (torch.arange(out.shape[1])[None] < n[:, None]).float()  # (B, L)
+    n = [len(s) for s in seqs]
+    L = max(n)
+    if torch.utils.data.get_worker_info() is None:  # one C++ call
+        out = torch.nn.utils.rnn.pad_sequence([s.to(dtype) for s in seqs], batch_first=True)  # (B, L, ...)
+    else:  # a worker: build the batch where it is sent from
+        out = shared_batch((len(seqs), L, *seqs[0].shape[1:]), dtype)  # (B, L, ...)
+        for b, s in enumerate(seqs):
+            out[b, :n[b]].copy_(s)
+            if n[b] < L: out[b, n[b]:].zero_()
+    return out, (torch.arange(L)[None] < torch.tensor(n)[:, None]).float()  # (B, L)
 
 def collate(items:list[dict])->tuple[dict,dict,list]: # (model_inputs, targets, metas)
     "Batch dataset items into ARCHITECTURE.md's `(model_inputs, targets, metas)`."
