@@ -645,9 +645,9 @@ def _epoch(loader, prepare=None)->float:
         n += 1
     return time.perf_counter() - t0
 
-def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=3, official:str|None=None,
+def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=4, official:str|None=None,
                pin_memory:bool=False, dtype:str='float32', workdir:str|None=None, seed:int=0, **kw)->dict:
-    "One pass of batches: ours from the HDF5 store (and from npz) vs the official loader on npz, medians."
+    "Passes of batches over one dataset per side: ours from the HDF5 store (and npz) vs the official loader on npz."
     from torch.utils.data import DataLoader
     from videolights.data import (read_records, write_fake_features, convert_features, VLDataset, make_loader,
                                   DATASET_DEFAULTS, QVH_FEATURE_DIMS)
@@ -668,10 +668,9 @@ def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=3, off
                             {t: QVH_FEATURE_DIMS[t] for t in dd['t_feat_types']}, seed=seed, compressed=True)
         gen_s = time.perf_counter() - t0
         conv = convert_features(tmp/'feats', tmp/'feats.h5', dtype=dtype, progress=False)
-        loaders = dict(ours_h5=lambda: make_loader(VLDataset(recs, tmp/'feats.h5', 'hl', seed=seed), batch, True,
-                                                   workers, pin_memory, seed=seed),
-                       ours_npz=lambda: make_loader(VLDataset(recs, tmp/'feats', 'hl', seed=seed), batch, True, workers,
-                                                    pin_memory, seed=seed))
+        h5_ds, npz_ds = VLDataset(recs, tmp/'feats.h5', 'hl', seed=seed), VLDataset(recs, tmp/'feats', 'hl', seed=seed)
+        loaders = dict(ours_h5=lambda: make_loader(h5_ds, batch, True, workers, pin_memory, seed=seed),
+                       ours_npz=lambda: make_loader(npz_ds, batch, True, workers, pin_memory, seed=seed))
         prep = {}
         if official:
             off = load_official(official)
@@ -689,10 +688,14 @@ def bench_load(n_videos:int=400, batch:int=32, workers:int=0, repeats:int=3, off
                    generate_s=round(gen_s, 1),
                    npz_mib=round(sum(p.stat().st_size for p in (tmp/'feats').rglob('*.npz')) / 2**20, 1),
                    h5_mib=round(conv['bytes'] / 2**20, 1))
-        for k, v in ts.items(): res[k] = dict(epoch_s=round(med(v), 3), ms_per_batch=ms(med(v) / nb),
-                                              all_s=[round(x, 3) for x in v])
-        res['ratio_npz_vs_h5_ours'] = round(med(ts['ours_npz']) / med(ts['ours_h5']), 2)
-        if official: res['ratio'] = round(med(ts['official_npz']) / med(ts['ours_h5']), 2)
+        for k, v in ts.items():
+            later = med(v[1:] or v)  # passes after the first (all of them when there is one)
+            res[k] = dict(epoch_s=round(later, 3), ms_per_batch=ms(later / nb), first_pass_ms_per_batch=ms(v[0] / nb),
+                          all_s=[round(x, 3) for x in v])
+        res['ratio_npz_vs_h5_ours'] = round(res['ours_npz']['epoch_s'] / res['ours_h5']['epoch_s'], 2)
+        if official:
+            res['ratio'] = round(res['official_npz']['epoch_s'] / res['ours_h5']['epoch_s'], 2)
+            res['ratio_first_pass'] = round(ts['official_npz'][0] / ts['ours_h5'][0], 2)
         return res
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
