@@ -461,3 +461,25 @@ def test_fit_accelerates_the_model_unless_asked_not_to(tmp_path, monkeypatch, ac
         RunOptions(device='cpu', progress=False, tensorboard=False, accelerate=accelerate), toy_collate)
     assert seen == (['ToyModel'] if accelerate else [])
     assert type(m.drop) is nn.Dropout  # not a VideoLights: untouched
+
+
+def test_evaluator_on_the_cpu_starts_no_workers_beyond_the_free_cores(monkeypatch):
+    "CPU evaluation caps its DataLoader workers to the cores torch's threads leave free; the predictions stay the same."
+    import videolights.train as T
+    from videolights.data import usable_cores
+    seen, real = [], T.DataLoader
+    monkeypatch.setattr(T, 'DataLoader', lambda *a, **k: seen.append(k['num_workers']) or real(*a, **k))
+    val = ToyData(n=16, seed=1, random_labels=False)
+    set_seed(0)
+    m = ToyModel()
+    ev = Evaluator(val, toy_cfg(), toy_collate, toy_metrics, gt=[val[i]['meta'] for i in range(len(val))],
+                   num_workers=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(usable_cores())
+        busy = ev.predict(m, torch.device('cpu'))
+        torch.set_num_threads(1)
+        free = ev.predict(m, torch.device('cpu'))
+    finally: torch.set_num_threads(threads)
+    assert seen == [0, min(2, usable_cores() - 1)]
+    assert busy == free and len(busy) == 16

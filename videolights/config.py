@@ -113,7 +113,7 @@ class VLConfig:
     grad_clip: float = 0.1                # gradient-norm clipping (0: none)
     seed: int = 2018                      # seed of every generator
     eval_every: int = 5                   # epochs between evaluations (and after the last)
-    num_workers: int = 0                  # DataLoader workers (4 in the paper presets)
+    num_workers: int = 0                  # DataLoader workers (4 in the papers; CPU evaluation: at most free cores)
     data_ratio: float = 1.                # share of the training data used (debugging)
     results_root: str = 'results'         # official option, unused (runs go to train --out)
     exp_id: str = 'exp'                   # official option, unused

@@ -25,8 +25,9 @@ __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', '
            'DirFeatures', 'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats',
            'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw',
            'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'shared_batch',
-           'pad_sequences', 'collate', 'move_batch', 'make_loader', 'keep_freed_memory', 'summarize', 'feature_summary',
-           'check_features', 'plot_summary', 'inspect_main', 'convert_features_main']
+           'pad_sequences', 'collate', 'move_batch', 'make_loader', 'usable_cores', 'loader_workers',
+           'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary', 'inspect_main',
+           'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(BadInputError):
@@ -847,6 +848,19 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
                       pin_memory=pin_memory, collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker,
                       generator=torch.Generator().manual_seed(seed),
                       persistent_workers=persistent_workers and num_workers > 0)
+
+# %% ../nbs/01_data.ipynb #a4331394
+def usable_cores()->int:
+    "CPU cores this process may run on (its affinity mask where the OS has one)."
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+def loader_workers(requested:int, # workers asked for
+                   device,        # where the model computes: 'cpu', 'cuda', a torch.device
+                  )->int:         # workers worth starting
+    "`requested`, capped on a CPU device to the cores torch's threads leave free."
+    if requested <= 0 or torch.device(device).type != 'cpu': return max(requested, 0)
+    return min(requested, max(0, usable_cores() - torch.get_num_threads()))
 
 # %% ../nbs/01_data.ipynb #cf9ba626
 KEEP_MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(2**30),

@@ -18,7 +18,7 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset, Sampler, DataLoader
 from tqdm.auto import tqdm
 from .spans import span_cxw_to_xx
-from .data import _seed_worker, move_batch
+from .data import _seed_worker, move_batch, loader_workers
 from .loss import _to_float32
 from .artifacts import init_weights, _unreadable_checkpoint
 from .ops import accelerate
@@ -428,7 +428,8 @@ class Evaluator:
         fwd = self._forward(model, device, amp_dtype, cuda_graphs)
         sampler = EpochSampler(len(self.ds), shuffle=False, rank=di.rank, world_size=di.world_size)
         dl = DataLoader(self.ds, batch_size=self.bs, sampler=sampler, collate_fn=self.collate_fn,
-                        num_workers=self.nw, pin_memory=self.pin, generator=torch.Generator().manual_seed(0))
+                        num_workers=loader_workers(self.nw, device), pin_memory=self.pin,
+                        generator=torch.Generator().manual_seed(0))
         lines = []
         for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not bars_on(progress, di)):
             inputs = move_batch(inputs, device, True)
