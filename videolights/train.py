@@ -32,11 +32,11 @@ __all__ = ['HELD_SIGNALS', 'TRAIN_DEFAULTS', 'SELECTION_WEIGHTS', 'NO_SALIENCY',
            'set_deterministic', 'deferred_signals', 'save_checkpoint', 'load_checkpoint', 'DistInfo', 'wants_cuda',
            'init_distributed', 'EpochSampler', 'hp', 'adamw', 'build_optimizer', 'selection_score',
            'postprocess_windows', 'decode_predictions', 'official_temporal_nms', 'nms_submission', 'NonFiniteLossError',
-           'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on', 'train_one_epoch', 'Evaluator', 'RunOptions',
-           'cpu_native_bf16', 'config_dict', 'epoch_line', 'read_log', 'plot_training_curves', 'run_setup',
-           'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'read_best_metrics', 'RunLockedError',
-           'check_unlocked', 'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log', 'RunInterrupted',
-           'interrupts_raise', 'fit']
+           'TrainState', 'span_norm_factor', 'is_terminal', 'bars_on', 'counted', 'train_one_epoch', 'Evaluator',
+           'RunOptions', 'cpu_native_bf16', 'config_dict', 'epoch_line', 'read_log', 'plot_training_curves',
+           'run_setup', 'setup_changes', 'check_weights', 'model_weights', 'load_weights', 'read_best_metrics',
+           'RunLockedError', 'check_unlocked', 'run_lock', 'run_files', 'holds_run', 'set_aside', 'trim_log',
+           'RunInterrupted', 'interrupts_raise', 'fit']
 
 # %% ../nbs/11_train.ipynb #315a8060
 def set_seed(seed:int, # the seed for python, numpy, torch and cuda
@@ -335,6 +335,15 @@ def bars_on(progress:bool|None, # True: always, False: never, None: only on a te
     "Whether this process draws progress bars: rank 0 only, and by default only on a terminal."
     return di.is_main and (is_terminal() if progress is None else bool(progress))
 
+# %% ../nbs/11_train.ipynb #10f2ba4e
+def counted(it:Iterable, bar)->Iterable:
+    "Yield from `it` (iterated once), advancing the item-less tqdm `bar` after each item and closing it at the end."
+    try:
+        for x in it:
+            yield x
+            bar.update()
+    finally: bar.close()
+
 # %% ../nbs/11_train.ipynb #d2f31f6e
 def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optimizer:torch.optim.Optimizer,
                     state:TrainState, device:torch.device, cfg, # `cfg` gives grad_clip
@@ -353,8 +362,8 @@ def train_one_epoch(model:nn.Module, criterion:nn.Module, loader:Iterable, optim
     sums = dict(state.sums) if start and state.sums else {}      # a resumed epoch goes on with its sums so far
     n = sums.pop('_n', 0)
     n_left = len(loader) if hasattr(loader, '__len__') else None
-    pbar = tqdm(loader, total=n_left, desc=f'epoch {state.epoch}', leave=False, disable=not bars_on(progress, di))
-    for i, (inputs, targets, metas) in enumerate(pbar):
+    pbar = tqdm(total=n_left, desc=f'epoch {state.epoch}', leave=False, disable=not bars_on(progress, di))
+    for i, (inputs, targets, metas) in enumerate(counted(loader, pbar)):
         b = start + i + 1                                           # micro-batches done after this one
         last = b % accum == 0 or i + 1 == n_left
         inputs, targets = move_batch(inputs, device, True), move_batch(targets, device, True)
@@ -431,7 +440,8 @@ class Evaluator:
                         num_workers=loader_workers(self.nw, device), pin_memory=self.pin,
                         generator=torch.Generator().manual_seed(0))
         lines = []
-        for inputs, _, metas in tqdm(dl, desc=f'eval {self.split}', leave=False, disable=not bars_on(progress, di)):
+        bar = tqdm(total=len(dl), desc=f'eval {self.split}', leave=False, disable=not bars_on(progress, di))
+        for inputs, _, metas in counted(dl, bar):
             inputs = move_batch(inputs, device, True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = fwd(**inputs)
