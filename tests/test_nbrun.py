@@ -83,7 +83,7 @@ def test_run_stores_outputs_and_stamp(tmp_path):
     out = [c.get('outputs', []) for c in nb['cells']]
     txt = lambda o, name: ''.join(o['text']) if o.get('name') == name else ''
     printed = ''.join(txt(o, 'stdout') for o in out[2]).strip()
-    assert printed.startswith('/tmp/tmp') and len(printed) == len('/tmp/tmp') + 8   # the private temp folder hidden
+    assert printed.startswith('$TMPDIR/tmp') and len(printed) == len('$TMPDIR/tmp') + 8   # the private temp folder hidden
     assert 'ipykernel_0/' in ''.join(txt(o, 'stderr') for o in out[2])    # no kernel pid in warnings
     assert any('image/png' in o.get('data', {}) for o in out[3])
     assert out[4] == [] and out[5] == []                        # flagged cells stay empty

@@ -114,11 +114,12 @@ _TEXT = ('text/plain', 'text/html', 'text/markdown', 'text/latex', 'application/
 
 
 def normalise(outputs:list, tmp:str)->list:
-    """Outputs made comparable between runs: the kernel's private temp folder printed as `/tmp`, its process id
-    dropped from `ipykernel_<pid>` paths, profiler chatter (`USDT:` lines) dropped, and widgets (whose state lives
-    only in a running kernel) replaced by their text form; tqdm bars, which vanish when done, are dropped."""
+    """Outputs made comparable between runs: the kernel's private temp folder printed as `$TMPDIR` (no machine's
+    path in a stored output), its process id dropped from `ipykernel_<pid>` paths, profiler chatter (`USDT:` lines)
+    dropped, and widgets (whose state lives only in a running kernel) replaced by their text form; tqdm bars, which
+    vanish when done, are dropped."""
     def fix(s:str)->str:
-        s = re.sub(r'ipykernel_\d+', 'ipykernel_0', s.replace(tmp, '/tmp'))
+        s = re.sub(r'ipykernel_\d+', 'ipykernel_0', s.replace(tmp, '$TMPDIR'))
         return ''.join(l for l in s.splitlines(keepends=True) if not l.startswith('USDT:'))
     out = []
     for o in outputs:
