@@ -147,10 +147,11 @@ def linear(x:Tensor,                # (*, K)
           )->Tensor:                # (*, N)
     "`F.linear`; a low-precision CPU product runs on rows zero-padded to `bucket_rows` (reused oneDNN kernels)."
     dt = _lowp_cpu(x)
+    if dt is None: return F.linear(x, w, b)  # float32 (MKL) and other devices: nothing to bucket
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     P = bucket_rows(M)
-    if dt is None or P == M: return F.linear(x, w, b)
+    if P == M: return F.linear(x, w, b)
     xp = F.pad(x.reshape(M, K).to(dt), (0, 0, 0, P - M))  # (P, K), zero rows at the end
     return F.linear(xp, w, b)[:M].view(*x.shape[:-1], -1)  # (*, N)
 
