@@ -17,10 +17,10 @@ from .model import VideoLights, GRUPool, _check_inputs, roll_batch
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'ROW_BUCKET', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU',
-           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'FastAttention',
-           'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer', 'FastUniCMFLayer',
-           'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster', 'FastVideoLights',
-           'accelerate', 'plain', 'is_accelerated']
+           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'attention_weights',
+           'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer',
+           'FastUniCMFLayer', 'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster',
+           'FastVideoLights', 'accelerate', 'plain', 'is_accelerated']
 
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -197,6 +197,22 @@ def sdpa(q:Tensor, k:Tensor, v:Tensor, # (B, H, Lq, E), (B, H, Lk, E), (B, H, Lk
         with sdpa_kernel(CUDA_SDPA_BACKENDS): return F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)
     return F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)
 
+# %% ../nbs/07a_ops.ipynb #1b41ea7d
+def attention_weights(q:Tensor, k:Tensor,   # (B, H, Lq, E), (B, H, Lk, E)
+                      blocked:Tensor|None,  # (B, H|1, Lq|1, Lk) True = blocked, or None
+                     )->Tensor:             # (B, H, Lq, Lk) softmax weights, float32 at least
+    "softmax(q k^T / sqrt(E)) with blocked keys at -inf: the scale and the mask inside one batched product."
+    B, H, Lq, E = q.shape
+    Lk = k.shape[2]
+    q3, k3 = q.reshape(B * H, Lq, E), k.reshape(B * H, Lk, E).transpose(1, 2)  # (B*H, Lq, E), (B*H, E, Lk)
+    if blocked is None: s = torch.baddbmm(q3.new_zeros(()), q3, k3, beta=0, alpha=E ** -0.5)
+    else:
+        bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float('-inf'))
+        s = torch.baddbmm(bias.expand(B, H, -1, -1).reshape(B * H, -1, Lk), q3, k3, alpha=E ** -0.5)
+    s = s.view(B, H, Lq, Lk)  # (B, H, Lq, Lk) scores, -inf where blocked
+    return s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # float64 stays
+
+
 # %% ../nbs/07a_ops.ipynb #7276ce1f
 class FastAttention(Attention):
     "`Attention` with SDPA, shared input projections, the fast dropout mask and packed inputs."
@@ -225,10 +241,7 @@ class FastAttention(Attention):
         if attn_mask is not None: blocked = attn_mask if blocked is None else blocked | attn_mask
         p = self.p if self.training else 0.
         if need_weights or (p > 0 and FAST_DROPOUT and q.device.type == 'cpu'):
-            s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
-            if blocked is not None: s = s.masked_fill(blocked, float('-inf'))
-            # float32 under bf16/fp16 autocast too
-            wts = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
+            wts = attention_weights(q, k, blocked)  # (B, H, Lq, Lk), float32 under bf16/fp16 autocast too
             o = dropout(wts, p, self.training).to(v.dtype) @ v  # (B, H, Lq, Ev/H)
             if not need_weights: wts = None
         else:
@@ -287,8 +300,10 @@ class FastDecoderLayer(DecoderLayer):
         a = torch.einsum('bqhe,hed->bhqd', qh, lowp(self.ca_kcontent_proj.weight).view(H, dh, D))  # (B, H, Nq, D)
         c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, lowp(self.ca_kpos_proj.weight).view(H, dh, D))
         ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
-        s = torch.bmm(ac, torch.cat([memory, pos], -1).transpose(1, 2)) * (2 * dh) ** -0.5  # (B, H*Nq, Lv)
-        s = s.view(B, H, Nq, -1).masked_fill(mem_pad[:, None, None], float('-inf'))
+        bias = torch.zeros(B, 1, memory.shape[1], dtype=ac.dtype, device=ac.device).masked_fill_(mem_pad[:, None],
+                                                                                              float('-inf'))
+        s = torch.baddbmm(bias, ac, torch.cat([memory, pos], -1).transpose(1, 2), alpha=(2 * dh) ** -0.5)  # (B, H*Nq, Lv)
+        s = s.view(B, H, Nq, -1)  # (B, H, Nq, Lv), -inf at padded clips
         s = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (B, H, Nq, Lv); float64 stays
         p = self.cross_attn.p if self.training else 0.
         w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
