@@ -212,7 +212,6 @@ def attention_weights(q:Tensor, k:Tensor,   # (B, H, Lq, E), (B, H, Lk, E)
     s = s.view(B, H, Lq, Lk)  # (B, H, Lq, Lk) scores, -inf where blocked
     return s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # float64 stays
 
-
 # %% ../nbs/07a_ops.ipynb #7276ce1f
 class FastAttention(Attention):
     "`Attention` with SDPA, shared input projections, the fast dropout mask and packed inputs."
