@@ -17,10 +17,10 @@ from .model import VideoLights, GRUPool, _check_inputs, roll_batch
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'ROW_BUCKET', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU',
-           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'attention_weights',
-           'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool', 'FastBiCMFLayer',
-           'FastUniCMFLayer', 'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster',
-           'FastVideoLights', 'accelerate', 'plain', 'is_accelerated']
+           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'blocked_bias',
+           'attention_weights', 'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool',
+           'FastBiCMFLayer', 'FastUniCMFLayer', 'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair',
+           'float32_is_faster', 'FastVideoLights', 'accelerate', 'plain', 'is_accelerated']
 
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -128,7 +128,6 @@ def lowp(w:Tensor|None)->Tensor|None:
     if hit is None or hit[0] != key: hit = _LOWP[w] = (key, w.detach().to(dt))
     return hit[1]
 
-
 # %% ../nbs/07a_ops.ipynb #f2d3882f
 ROW_BUCKET = 128  # CPU low-precision products: rows padded up to a multiple of this (0 or 1: no padding)
 
@@ -198,6 +197,11 @@ def sdpa(q:Tensor, k:Tensor, v:Tensor, # (B, H, Lq, E), (B, H, Lk, E), (B, H, Lk
     return F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)
 
 # %% ../nbs/07a_ops.ipynb #1b41ea7d
+def blocked_bias(blocked:Tensor, # (..., Lk) True = blocked
+                 dtype:torch.dtype)->Tensor: # the same shape: 0 where allowed, -inf where blocked
+    "A boolean mask as the additive bias of a batched product (`torch.baddbmm`'s input)."
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float('-inf'))
+
 def attention_weights(q:Tensor, k:Tensor,   # (B, H, Lq, E), (B, H, Lk, E)
                       blocked:Tensor|None,  # (B, H|1, Lq|1, Lk) True = blocked, or None
                      )->Tensor:             # (B, H, Lq, Lk) softmax weights, float32 at least
@@ -207,8 +211,8 @@ def attention_weights(q:Tensor, k:Tensor,   # (B, H, Lq, E), (B, H, Lk, E)
     q3, k3 = q.reshape(B * H, Lq, E), k.reshape(B * H, Lk, E).transpose(1, 2)  # (B*H, Lq, E), (B*H, E, Lk)
     if blocked is None: s = torch.baddbmm(q3.new_zeros(()), q3, k3, beta=0, alpha=E ** -0.5)
     else:
-        bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float('-inf'))
-        s = torch.baddbmm(bias.expand(B, H, -1, -1).reshape(B * H, -1, Lk), q3, k3, alpha=E ** -0.5)
+        bias = blocked_bias(blocked, q.dtype).expand(B, H, -1, -1).reshape(B * H, -1, Lk)  # (B*H, Lq|1, Lk)
+        s = torch.baddbmm(bias, q3, k3, alpha=E ** -0.5)
     s = s.view(B, H, Lq, Lk)  # (B, H, Lq, Lk) scores, -inf where blocked
     return s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # float64 stays
 
@@ -299,9 +303,8 @@ class FastDecoderLayer(DecoderLayer):
         a = torch.einsum('bqhe,hed->bhqd', qh, lowp(self.ca_kcontent_proj.weight).view(H, dh, D))  # (B, H, Nq, D)
         c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, lowp(self.ca_kpos_proj.weight).view(H, dh, D))
         ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
-        bias = torch.zeros(B, 1, memory.shape[1], dtype=ac.dtype, device=ac.device).masked_fill_(mem_pad[:, None],
-                                                                                              float('-inf'))
-        s = torch.baddbmm(bias, ac, torch.cat([memory, pos], -1).transpose(1, 2), alpha=(2 * dh) ** -0.5)  # (B, H*Nq, Lv)
+        mp = torch.cat([memory, pos], -1).transpose(1, 2)  # (B, 2D, Lv)
+        s = torch.baddbmm(blocked_bias(mem_pad[:, None], ac.dtype), ac, mp, alpha=(2 * dh) ** -0.5)  # (B, H*Nq, Lv)
         s = s.view(B, H, Nq, -1)  # (B, H, Nq, Lv), -inf at padded clips
         s = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (B, H, Nq, Lv); float64 stays
         p = self.cross_attn.p if self.training else 0.
