@@ -62,6 +62,31 @@ class DecoderLayer(nn.Module):
         k = torch.cat([k.unflatten(-1, (self.h, -1)), k_pos.unflatten(-1, (self.h, -1))], -1).flatten(2)  # (B, Lv, 2D)
         return self.cross_attn(q, k, v, mem_pad, None, need_weights)
 
+    def self_attend(self, tgt:Tensor,      # (B, Nq, D) content
+                    query_pos:Tensor,      # (B, Nq, D) positional query
+                    need_weights:bool=False,
+                   )->tuple[Tensor, Tensor|None]: # (B, Nq, D), (B, H, Nq, Nq) or None
+        "Self-attention among the queries (content + position projections), add & LayerNorm."
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        t2, w = self.self_attn(q, k, self.sa_v_proj(tgt), need_weights=need_weights)
+        return self.norm1(tgt + self.dropout1(t2)), w
+
+    def cross_queries(self, tgt:Tensor, query_pos:Tensor, # (B, Nq, D) content after self-attention, positions
+                      query_sine:Tensor,   # (B, Nq, D) (scaled) anchor sine embedding
+                      is_first:bool,
+                     )->tuple[Tensor, Tensor, bool]: # content query, sine query (B, Nq, D) each, `first`
+        "The cross-attention's two query halves (layer 0 also adds the positional query to the content half)."
+        q, first = self.ca_qcontent_proj(tgt), is_first or self.ca_qpos_proj is not None
+        if first: q = q + self.ca_qpos_proj(query_pos)
+        return q, self.ca_qpos_sine_proj(query_sine), first
+
+    def feed_forward(self, tgt:Tensor, t2:Tensor, # (B, Nq, D) content, cross-attention output
+                    )->Tensor:                    # (B, Nq, D)
+        "Add & LayerNorm of the cross-attention output, then the FFN with its own add & LayerNorm."
+        tgt = self.norm2(tgt + self.dropout2(t2))
+        return self.norm3(tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(tgt))))))
+
     def forward(self, tgt:Tensor,        # (B, Nq, D) content
                 memory:Tensor,           # (B, Lv, D) clip memory
                 mem_pad:Tensor,          # (B, Lv) True = padding
@@ -71,17 +96,12 @@ class DecoderLayer(nn.Module):
                 is_first:bool=False, attn:dict|None=None, name:str='dec',
                )->Tensor:                # (B, Nq, D)
         nw = attn is not None
-        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
-        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        t2, w_sa = self.self_attn(q, k, self.sa_v_proj(tgt), need_weights=nw)
-        tgt = self.norm1(tgt + self.dropout1(t2))
-        q, first = self.ca_qcontent_proj(tgt), is_first or self.ca_qpos_proj is not None
-        if first: q = q + self.ca_qpos_proj(query_pos)
-        t2, w_ca = self.cross_attend(q, self.ca_qpos_sine_proj(query_sine), memory, pos, mem_pad, first, nw)
-        tgt = self.norm2(tgt + self.dropout2(t2))
-        tgt = self.norm3(tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(tgt))))))
+        tgt, w_sa = self.self_attend(tgt, query_pos, nw)
+        q, sine, first = self.cross_queries(tgt, query_pos, query_sine, is_first)
+        t2, w_ca = self.cross_attend(q, sine, memory, pos, mem_pad, first, nw)
         if nw: attn.update({f'{name}.self': w_sa, f'{name}.cross': w_ca})
-        return tgt
+        return self.feed_forward(tgt, t2)
+
 
 # %% ../nbs/06_decoder.ipynb #a41ddf5e
 class AnchorDecoder(nn.Module):
@@ -96,6 +116,23 @@ class AnchorDecoder(nn.Module):
         self.bbox_embed = MLP(d, d, 2, 3)
         self.ref_anchor_head = MLP(d, d, 1, 2) if modulate_t_attn else None
 
+    def anchor_queries(self, l:int,          # layer index
+                       out:Tensor,           # (B, Nq, D) content entering layer l
+                       ref:Tensor,           # (B, Nq, 2) the anchors layer l uses
+                      )->tuple[Tensor, Tensor]: # positional query, (modulated) sine query, (B, Nq, D) each
+        "Layer l's positional and sine queries from its anchors (steps 1 and 2 above)."
+        sine = anchor_sine_embed(ref, self.d)  # (B, Nq, D)
+        query_pos = self.ref_point_head(sine)
+        if l > 0: sine = sine * self.query_scale(out)
+        if self.ref_anchor_head is not None: sine = sine * (self.ref_anchor_head(out).sigmoid() / ref[..., 1:])
+        return query_pos, sine
+
+    def layer_step(self, l:int, out:Tensor, ref:Tensor, # as `anchor_queries`
+                   memory:Tensor, mem_pad:Tensor, pos:Tensor, attn:dict|None=None, # as `forward`
+                  )->Tensor:                 # (B, Nq, D) content after layer l
+        "Decoder layer l with the queries of its anchors."
+        return self.layers[l](out, memory, mem_pad, pos, *self.anchor_queries(l, out, ref), l == 0, attn, f'dec{l}')
+
     def forward(self, memory:Tensor,         # (B, Lv, D)
                 mem_pad:Tensor,              # (B, Lv) True = padding
                 pos:Tensor,                  # (B, Lv, D)
@@ -106,12 +143,8 @@ class AnchorDecoder(nn.Module):
         ref = anchors_unsig.sigmoid()[None].expand(B, -1, -1)  # (B, Nq, 2)
         out = memory.new_zeros(B, ref.shape[1], self.d)  # (B, Nq, D)
         refs, hs = [ref], []
-        for l, layer in enumerate(self.layers):
-            sine = anchor_sine_embed(ref, self.d)  # (B, Nq, D)
-            query_pos = self.ref_point_head(sine)
-            if l > 0: sine = sine * self.query_scale(out)
-            if self.ref_anchor_head is not None: sine = sine * (self.ref_anchor_head(out).sigmoid() / ref[..., 1:])
-            out = layer(out, memory, mem_pad, pos, query_pos, sine, l == 0, attn, f'dec{l}')
+        for l in range(K):
+            out = self.layer_step(l, out, ref, memory, mem_pad, pos, attn)
             hs.append(self.norm(out))
             if l < K - 1:  # the last layer's refinement feeds nothing
                 new = (self.bbox_embed(out) + inverse_sigmoid(ref)).sigmoid()

@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 from .layers import Attention, ConvProj, FRA, BiCMFLayer, UniCMFLayer, EncoderLayer, cmf_pair_mask, _heads
-from .decoder import DecoderLayer
+from .decoder import DecoderLayer, AnchorDecoder
 from .model import VideoLights, GRUPool, _check_inputs, roll_batch
 
 # %% auto #0
 __all__ = ['FAST_DROPOUT', 'ROW_BUCKET', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'dropout_mask', 'dropout', 'FastDropout', 'FastPReLU',
-           'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa', 'blocked_bias',
-           'attention_weights', 'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer', 'FastGRUPool',
-           'FastBiCMFLayer', 'FastUniCMFLayer', 'FastEncoderLayer', 'fuse_encode_packed', 'fuse_encode_pair',
-           'float32_is_faster', 'FastVideoLights', 'accelerate', 'plain', 'is_accelerated']
+           'weights_key', 'lowp', 'bucket_rows', 'linear', 'FastLinear', 'Rows', 'pad_rows', 'rowwise', 'sdpa',
+           'blocked_bias', 'attention_weights', 'FastAttention', 'FastConvProj', 'FastFRA', 'FastDecoderLayer',
+           'FastAnchorDecoder', 'FastGRUPool', 'FastBiCMFLayer', 'FastUniCMFLayer', 'FastEncoderLayer',
+           'fuse_encode_packed', 'fuse_encode_pair', 'float32_is_faster', 'FastVideoLights', 'accelerate', 'plain',
+           'is_accelerated']
 
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
@@ -115,15 +116,19 @@ def _autocast_dtype(device_type:str)->torch.dtype|None:
     try: return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except (TypeError, AttributeError, RuntimeError): return None  # RuntimeError: a device type without autocast
 
-_LOWP = WeakIdKeyDictionary()  # weight -> ((dtype, version, storage), its low-precision copy)
+def weights_key(ws:list)->tuple|None:
+    "Storage and version counter of each tensor: changes when any is written in place (None for inference tensors)."
+    if any(w.is_inference() for w in ws): return None  # no version counter to key on
+    return tuple((w.data_ptr(), w._version) for w in ws)
+
+_LOWP = WeakIdKeyDictionary()  # weight -> ((dtype, weights_key), its low-precision copy)
 
 def lowp(w:Tensor|None)->Tensor|None:
     "`w` in the CPU autocast dtype, cast once while `w` is unchanged; `w` itself with autograd on or autocast off."
     if w is None or w.dtype != torch.float32 or w.device.type != 'cpu' or torch.is_grad_enabled(): return w
-    if w.is_inference(): return w  # no version counter to key on
-    dt = _autocast_dtype('cpu')
-    if dt is None: return w
-    key = (dt, w._version, w.data_ptr())
+    dt, wk = _autocast_dtype('cpu'), weights_key([w])
+    if dt is None or wk is None: return w
+    key = (dt, wk)
     hit = _LOWP.get(w)
     if hit is None or hit[0] != key: hit = _LOWP[w] = (key, w.detach().to(dt))
     return hit[1]
@@ -294,26 +299,83 @@ class FastFRA(FRA):
 # %% ../nbs/07a_ops.ipynb #7bbb035d
 class FastDecoderLayer(DecoderLayer):
     "`DecoderLayer` whose cross-attention is folded into the query side unless attention maps are asked for."
-    def cross_attend(self, q, sine, memory, pos, mem_pad, first, need_weights=False): # as `DecoderLayer.cross_attend`
-        if need_weights: return super().cross_attend(q, sine, memory, pos, mem_pad, first, True)
+    def fold_queries(self, q:Tensor, sine:Tensor, # (B, Nq, D) content and sine queries (`cross_queries`)
+                     first:bool,                  # layer 0: the content query also meets the key positions
+                    )->tuple[Tensor, Tensor]:     # (B, H*Nq, D) each: for the clip memory, for the clip positions
+        "Each head's cross-attention queries mapped back through its key projections into the memory space."
         B, Nq, D = q.shape
         H = self.h
         dh = D // H
         qh, sh = q.view(B, Nq, H, dh), sine.view(B, Nq, H, dh)
         a = torch.einsum('bqhe,hed->bhqd', qh, lowp(self.ca_kcontent_proj.weight).view(H, dh, D))  # (B, H, Nq, D)
         c = torch.einsum('bqhe,hed->bhqd', sh + qh if first else sh, lowp(self.ca_kpos_proj.weight).view(H, dh, D))
-        ac = torch.cat([a, c], -1).flatten(1, 2)  # (B, H*Nq, 2D)
-        mp = torch.cat([memory, pos], -1).transpose(1, 2)  # (B, 2D, Lv)
-        s = torch.baddbmm(blocked_bias(mem_pad[:, None], ac.dtype), ac, mp, alpha=(2 * dh) ** -0.5)  # (B, H*Nq, Lv)
-        s = s.view(B, H, Nq, -1)  # (B, H, Nq, Lv), -inf at padded clips
+        return a.flatten(1, 2), c.flatten(1, 2)  # (B, H*Nq, D) each
+
+    def attend_folded(self, a:Tensor, c:Tensor, # (B, H*Nq, D) folded queries (`fold_queries`)
+                      memory:Tensor, pos:Tensor, mem_pad:Tensor, # as `cross_attend`
+                     )->Tensor:                   # (B, Nq, D) cross-attention output
+        "The folded cross-attention: scores from two batched products, softmax, weighted memory, value projection."
+        B, HNq, D = a.shape
+        H = self.h
+        Nq, dh = HNq // H, D // H
+        scale = (2 * dh) ** -0.5
+        s = torch.baddbmm(blocked_bias(mem_pad[:, None], a.dtype), a, memory.transpose(1, 2), alpha=scale)
+        s = torch.baddbmm(s, c, pos.transpose(1, 2), alpha=scale).view(B, H, Nq, -1)  # (B, H, Nq, Lv), -inf at pads
         s = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (B, H, Nq, Lv); float64 stays
         p = self.cross_attn.p if self.training else 0.
         w = dropout(s, p, self.training)  # (B, H, Nq, Lv)
         ctx = torch.bmm(w.flatten(1, 2).to(memory.dtype), memory).view(B, H, Nq, D)  # (B, H, Nq, D)
         o = torch.einsum('bhqd,hed->bqhe', ctx, lowp(self.ca_v_proj.weight).view(H, dh, D))  # (B, Nq, H, dh)
-        if p == 0: return self.cross_attn.out_proj(o.flatten(2) + self.ca_v_proj.bias), None
+        if p == 0: return self.cross_attn.out_proj(o.flatten(2) + self.ca_v_proj.bias)
         kept = w.sum(-1).transpose(1, 2)[..., None]  # (B, Nq, H, 1) dropped weights no longer sum to 1
-        return self.cross_attn.out_proj((o + kept * self.ca_v_proj.bias.view(H, dh)).flatten(2)), None
+        return self.cross_attn.out_proj((o + kept * self.ca_v_proj.bias.view(H, dh)).flatten(2))
+
+    def cross_attend(self, q, sine, memory, pos, mem_pad, first, need_weights=False): # as `DecoderLayer.cross_attend`
+        if need_weights: return super().cross_attend(q, sine, memory, pos, mem_pad, first, True)
+        return self.attend_folded(*self.fold_queries(q, sine, first), memory, pos, mem_pad), None
+
+    def query_side(self, tgt:Tensor, query_pos:Tensor, query_sine:Tensor, is_first:bool, # as `forward`
+                  )->tuple[Tensor, Tensor, Tensor]: # content after self-attention (B, Nq, D), folded queries
+        "The part of the layer that never reads the clip memory: self-attention and the folded queries."
+        tgt, _ = self.self_attend(tgt, query_pos)
+        return (tgt, *self.fold_queries(*self.cross_queries(tgt, query_pos, query_sine, is_first)))
+
+    def memory_side(self, tgt:Tensor, a:Tensor, c:Tensor, # `query_side`'s outputs
+                    memory:Tensor, pos:Tensor, mem_pad:Tensor, # as `forward`
+                   )->Tensor:                             # (B, Nq, D) the layer's output
+        "The rest of the layer: the folded cross-attention over the clip memory, then the FFN."
+        return self.feed_forward(tgt, self.attend_folded(a, c, memory, pos, mem_pad))
+
+# %% ../nbs/07a_ops.ipynb #a7d1f003
+_FIRST = WeakIdKeyDictionary()  # decoder -> {(dtype, autocast dtype): (weights_key, anchors, layer 0's query side)}
+
+class FastAnchorDecoder(AnchorDecoder):
+    "`AnchorDecoder` whose CPU inference computes layer 0's query side once per set of weights and broadcasts it."
+    def first_query_side(self, ref:Tensor, # (1, Nq, 2) the learned anchors, sigmoided
+                        )->tuple[Tensor, Tensor, Tensor]: # layer 0's `query_side` for one video
+        "Layer 0 before the clip memory: zero content and the learned anchors, the same for every video."
+        out = ref.new_zeros(1, ref.shape[1], self.d)  # (1, Nq, D)
+        return self.layers[0].query_side(out, *self.anchor_queries(0, out, ref), True)
+
+    def cached_first_query_side(self, ref:Tensor)->tuple[Tensor, Tensor, Tensor]: # as `first_query_side`
+        "`first_query_side`, computed again only when a weight it reads, the anchors or the autocast dtype change."
+        heads = (self.ref_point_head,) + ((self.ref_anchor_head,) if self.ref_anchor_head is not None else ())
+        key = weights_key([w for m in (self.layers[0], *heads) for w in m.parameters()])
+        cache = _FIRST.setdefault(self, {})
+        mode = (ref.dtype, _autocast_dtype('cpu'))
+        hit = cache.get(mode)
+        if key is None or hit is None or hit[0] != key or not torch.equal(hit[1], ref):
+            with torch.no_grad(): hit = (key, ref.clone(), self.first_query_side(ref))
+            if key is not None: cache[mode] = hit
+        return hit[2]
+
+    def layer_step(self, l, out, ref, memory, mem_pad, pos, attn=None): # as `AnchorDecoder.layer_step`
+        if (l > 0 or attn is not None or self.training or torch.is_grad_enabled() or ref.device.type != 'cpu'
+                or torch.compiler.is_compiling()):
+            return super().layer_step(l, out, ref, memory, mem_pad, pos, attn)
+        B = out.shape[0]  # layer 0 of `forward`: zero content, the learned anchors in every row of `ref`
+        tgt, a, c = (x.expand(B, -1, -1) for x in self.cached_first_query_side(ref[:1]))  # (B, Nq, D), (B, H*Nq, D)
+        return self.layers[0].memory_side(tgt, a, c, memory, pos, mem_pad)
 
 # %% ../nbs/07a_ops.ipynb #c17821fe
 class FastGRUPool(GRUPool):
@@ -452,8 +514,8 @@ class FastVideoLights(VideoLights):
 # %% ../nbs/07a_ops.ipynb #a60b1ec1
 FAST = {nn.Linear: FastLinear, nn.Dropout: FastDropout, nn.PReLU: FastPReLU, Attention: FastAttention,
         ConvProj: FastConvProj, FRA: FastFRA, BiCMFLayer: FastBiCMFLayer, UniCMFLayer: FastUniCMFLayer,
-        EncoderLayer: FastEncoderLayer, DecoderLayer: FastDecoderLayer, GRUPool: FastGRUPool,
-        VideoLights: FastVideoLights}
+        EncoderLayer: FastEncoderLayer, DecoderLayer: FastDecoderLayer, AnchorDecoder: FastAnchorDecoder,
+        GRUPool: FastGRUPool, VideoLights: FastVideoLights}
 PLAIN = {f: p for p, f in FAST.items()}  # fast class -> the plain class it replaces
 
 def _swap(model:nn.Module, table:dict)->nn.Module:
