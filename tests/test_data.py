@@ -448,6 +448,55 @@ def test_make_loader_deterministic(small_set, workers):
     assert sorted(q for batch in a for q in batch[0]) == sorted(r['qid'] for r in recs)
 
 
+def _collected(batch):
+    "A collated batch's tensors and metas in comparable form, and whether its video tensor is in shared memory."
+    mi, tg, metas = batch
+    spans = [s['spans'] for s in tg['span_labels']]
+    return ({k: v for k, v in mi.items()}, {k: v for k, v in tg.items() if k != 'span_labels'}, spans,
+            [m['qid'] for m in metas]), mi['src_vid'].is_shared()
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_batched_fetch_equals_item_by_item(tmp_path, workers):
+    "Videos written straight into the padded batch (indexed store) give the batches of the item-by-item path."
+    val = read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')
+    recs = [val[i] for i in (0, 8, 81, 93, 1, 130, 2)]  # 75, 63, 72, 64, 75, 67, 75 clips
+    feats = write_fake_features(tmp_path / 'features', recs, SMALL_V, SMALL_T, seed=2)
+    convert_features(feats, tmp_path / 'features.h5', progress=False)
+    batches = {}
+    for name, src in (('store', tmp_path / 'features.h5'), ('folder', feats)):
+        ds = _ds(src, recs, seed=3)
+        assert (ds.__getitems__([1, 0]).padded is not None) == (name == 'store')
+        dl = make_loader(ds, batch_size=3, shuffle=True, num_workers=workers, seed=5)
+        batches[name] = [_collected(b) for b in dl]
+    assert len(batches['store']) == 3
+    for (a, shared_a), (b, shared_b) in zip(batches['store'], batches['folder']):
+        assert shared_a == shared_b == (workers > 0)
+        for da, db in zip(a[:2], b[:2]):
+            assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+        assert all(torch.equal(x, y) for x, y in zip(a[2], b[2])) and a[3] == b[3]
+    lengths = sorted(int(n) for batch, _ in batches['store'] for n in batch[0]['src_vid_mask'].sum(1))
+    assert lengths == [63, 64, 67, 72, 75, 75, 75]
+
+
+def test_batched_fetch_names_a_video_of_the_wrong_width(tmp_path):
+    "An indexed store whose index lists a video of another width: the batch fails with the item path's message."
+    import h5py
+    from videolights.data import index_store
+    recs = list(read_qvhighlights(DATA / 'qvhighlights/highlight_val_release.jsonl')[:3])
+    feats = write_fake_features(tmp_path / 'features', recs, SMALL_V, SMALL_T, seed=2)
+    store = tmp_path / 'features.h5'
+    convert_features(feats, store, progress=False)
+    t, vid = next(iter(SMALL_V)), recs[1]['vid']
+    with h5py.File(store, 'a') as f:
+        del f[f'video/{t}/{vid}']
+        f.create_dataset(f'video/{t}/{vid}', data=np.ones((75, SMALL_V[t] + 1), np.float32))
+    index_store(store)
+    ds = _ds(store, recs)
+    with pytest.raises(DataFormatError, match=f"{vid}: feature dim mismatch in '{t}'"):
+        ds.__getitems__([0, 1, 2])
+
+
 def test_make_loader_rejects_shuffle_with_sampler(small_set):
     root, recs = small_set
     with pytest.raises(ValueError, match='sampler'):

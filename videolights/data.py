@@ -22,12 +22,12 @@ from .spans import span_xx_to_cxw, temporal_endpoint_feature
 __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
            'DataFormatError', 'load_jsonl', 'DataReport', 'read_qvhighlights', 'read_charades', 'read_tvsum',
            'guess_dset_name', 'read_records', 'feature_dirs', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource',
-           'DirFeatures', 'write_fake_features', 'stack_sources', 'load_video_feats', 'load_query_feats',
+           'DirFeatures', 'write_fake_features', 'stack_sources', 'kept_rows', 'load_video_feats', 'load_query_feats',
            'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw',
            'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'shared_batch',
-           'pad_sequences', 'collate', 'move_batch', 'make_loader', 'usable_cores', 'loader_workers',
-           'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary', 'inspect_main',
-           'convert_features_main']
+           'valid_mask', 'pad_sequences', 'collate', 'move_batch', 'make_loader', 'Items', 'usable_cores',
+           'loader_workers', 'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary',
+           'inspect_main', 'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(BadInputError):
@@ -261,6 +261,7 @@ class FeatureSource:
     def _read(self, kind, ftype, key, max_len, reuse=False): raise NotImplementedError  # -> (array, where)
     def _ref_dim(self, kind, ftype): return None  # -> (width, where) of a reference file of the type, if known
     def feature_types(self, kind:str)->list[str]: raise NotImplementedError # kind: 'video' | 'text'
+    def shape(self, kind, ftype, key)->tuple[int, int]|None: return None  # stored (L, D), if known without reading
     def _get(self, kind, ftype, key, max_len=None, reuse=False):
         "Rows `[:max_len]` with rank and width checked; `reuse`: may be a view of a buffer reused by the next read."
         x, where = self._read(kind, ftype, key, max_len if max_len and max_len > 0 else None, reuse)
@@ -393,10 +394,13 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
                   normalize:bool=True,  # L2-normalise each row of each source
                   extra:int=0,          # extra zero columns at the end (room for the TEF)
                   wheres:list|None=None, # per-source names for error messages
+                  out:np.ndarray|None=None, # write here (e.g. a video's rows of a padded batch); None: a new array
                  )->np.ndarray:         # (min L_i, sum D_i + extra) float32
     "Normalise each source, cut all to the shortest and concatenate along features (official order)."
-    L = min(len(x) for x in xs)
-    out = np.empty((L, sum(x.shape[1] for x in xs) + extra), np.float32)
+    L, D = min(len(x) for x in xs), sum(x.shape[1] for x in xs) + extra
+    if out is None: out = np.empty((L, D), np.float32)
+    elif out.shape != (L, D) or out.dtype != np.float32:
+        raise ValueError(f"stack_sources: out is {out.dtype} {out.shape}, the sources need float32 {(L, D)}")
     a = 0
     for i, x in enumerate(xs):
         x, b = x[:L], a + x.shape[1]
@@ -414,9 +418,13 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
     out[:, a:] = 0
     return out
 
-def _gather(src:FeatureSource, kind, key, feat_types, max_len, normalize, extra=0):
+def _gather(src:FeatureSource, kind, key, feat_types, max_len, normalize, extra=0, out=None):
     got = [src._get(kind, t, key, max_len, reuse=True) for t in feat_types]
-    return stack_sources([x for x, _ in got], normalize, extra, [w for _, w in got])
+    return stack_sources([x for x, _ in got], normalize, extra, [w for _, w in got], out)
+
+def kept_rows(n:int, max_len:int|None)->int:
+    "Rows `FeatureSource._get` keeps of `n` stored rows: `[:max_len]` (a negative `max_len` drops rows at the end)."
+    return n if not max_len else min(n, max_len) if max_len > 0 else max(n + max_len, 0)
 
 def load_video_feats(src:FeatureSource, vid:str, feat_types:list[str], max_v_l:int|None=75,
                      normalize:bool=True)->np.ndarray: # (Lv, sum Dv)
@@ -619,6 +627,13 @@ def _indexed(self:H5Features, kind, ftype, key)->bool:
     return ok
 
 @patch
+def shape(self:H5Features, kind, ftype, key)->tuple[int, int]|None:
+    "A dataset's stored `(L, D)` from the store's index, without reading it (None when the index does not cover it)."
+    self.h5  # opens the store, and reads its index, in this process
+    if (kind, ftype) not in self._idx or not self._indexed(kind, ftype, str(key)): return None
+    return tuple(self._idx[(kind, ftype)][0][str(key)][1:3])
+
+@patch
 def _pread(self:H5Features, kind, ftype, key, max_len, reuse):
     table, dt = self._idx[(kind, ftype)]
     off, rows, cols, _ = table[str(key)]
@@ -772,23 +787,36 @@ def targets(self:VLDataset, rec:dict, n_clips:int)->dict:
                 saliency_all_labels=torch.from_numpy(sal), saliency_pos_index=torch.from_numpy(pidx))
 
 @patch
-def __getitem__(self:VLDataset, i:int)->dict:
-    rec = self.records[i]
+def _video(self:VLDataset, rec:dict, out:Tensor|None=None)->Tensor: # (Lv, Dv [+ 2]), in `out` if given
+    "A record's video features: the sources normalised and concatenated, the TEF in the last 2 columns."
+    v = torch.from_numpy(_gather(self.features, 'video', rec['vid'], self.v_feat_types, self.max_v_l,
+                                 self.normalize_v, 2 * self.use_tef, None if out is None else out.numpy()))
+    if self.use_tef: v[:, -2:] = temporal_endpoint_feature(len(v))
+    return v
+
+@patch
+def _item(self:VLDataset, rec:dict, v:Tensor)->dict:
+    "One item: the record's query features, its video features `v` and its targets."
     q = torch.from_numpy(load_query_feats(self.features, rec['qid'], self.t_feat_types, self.max_q_l,
                                           self.normalize_t))  # (Lq, Dt)
-    v = _gather(self.features, 'video', rec['vid'], self.v_feat_types, self.max_v_l, self.normalize_v, 2 * self.use_tef)
-    L = len(v)
-    v = torch.from_numpy(v)  # (Lv, Dv [+ 2])
-    if self.use_tef: v[:, -2:] = temporal_endpoint_feature(L)  # TEF in the last 2 columns
     mi = dict(query_feat=q, video_feat=v)
-    if self.load_labels: mi.update(self.targets(rec, L))
-    return dict(meta={**rec, 'n_clips': L}, model_inputs=mi)
+    if self.load_labels: mi.update(self.targets(rec, len(v)))
+    return dict(meta={**rec, 'n_clips': len(v)}, model_inputs=mi)
+
+@patch
+def __getitem__(self:VLDataset, i:int)->dict:
+    rec = self.records[i]
+    return self._item(rec, self._video(rec))
 
 # %% ../nbs/01_data.ipynb #bef2b82d
 def shared_batch(shape:tuple, dtype=torch.float32)->Tensor:
     "An uninitialised tensor in shared memory, the way a DataLoader worker hands batches to the main process."
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+def valid_mask(n:list[int], L:int)->Tensor: # (B, L) 1 = one of the first n[b] positions
+    "The float mask of a padded batch: 1 at the real rows, 0 at the padding."
+    return (torch.arange(L)[None] < torch.tensor(n)[:, None]).float()
 
 def pad_sequences(seqs:list[Tensor], # B tensors (L_b, ...)
                   dtype=torch.float32)->tuple[Tensor,Tensor]: # (B, L, ...) zero-padded, (B, L) mask 1 = valid
@@ -802,13 +830,14 @@ def pad_sequences(seqs:list[Tensor], # B tensors (L_b, ...)
         for b, s in enumerate(seqs):
             out[b, :n[b]].copy_(s)
             if n[b] < L: out[b, n[b]:].zero_()
-    return out, (torch.arange(L)[None] < torch.tensor(n)[:, None]).float()  # (B, L)
+    return out, valid_mask(n, L)  # (B, L)
 
 def collate(items:list[dict])->tuple[dict,dict,list]: # (model_inputs, targets, metas)
     "Batch dataset items into ARCHITECTURE.md's `(model_inputs, targets, metas)`."
     mis = [it['model_inputs'] for it in items]
     src_txt, src_txt_mask = pad_sequences([m['query_feat'] for m in mis])  # (B, Lq, Dt), (B, Lq)
-    src_vid, src_vid_mask = pad_sequences([m['video_feat'] for m in mis])  # (B, Lv, Dv), (B, Lv)
+    padded = getattr(items, 'padded', None)  # `VLDataset.__getitems__` wrote the videos into their batch already
+    src_vid, src_vid_mask = padded or pad_sequences([m['video_feat'] for m in mis])  # (B, Lv, Dv), (B, Lv)
     model_inputs = dict(src_txt=src_txt, src_txt_mask=src_txt_mask, src_vid=src_vid, src_vid_mask=src_vid_mask)
     targets = {}
     if 'span_labels' in mis[0]: targets['span_labels'] = [dict(spans=m['span_labels']['spans']) for m in mis]
@@ -848,6 +877,36 @@ def make_loader(dataset:Dataset, batch_size:int=32, shuffle:bool=False, num_work
                       pin_memory=pin_memory, collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker,
                       generator=torch.Generator().manual_seed(seed),
                       persistent_workers=persistent_workers and num_workers > 0)
+
+# %% ../nbs/01_data.ipynb #d1b2a002
+class Items(list):
+    "The items of one batch, as a DataLoader hands them to `collate_fn`, with their videos already padded."
+    padded:tuple|None = None  # (src_vid (B, Lv, Dv), src_vid_mask (B, Lv)); each item's `video_feat` is a view into it
+
+@patch
+def _video_shape(self:VLDataset, rec:dict)->tuple[int, int]|None:
+    "`(Lv, Dv [+ 2])` of a record's video features, from the store's index without reading them; else None."
+    shapes = [self.features.shape('video', t, rec['vid']) for t in self.v_feat_types]
+    if any(s is None for s in shapes): return None
+    L = min(kept_rows(s[0], self.max_v_l) for s in shapes)
+    return (L, sum(s[1] for s in shapes) + 2 * self.use_tef) if L > 0 else None
+
+@patch
+def __getitems__(self:VLDataset, idxs:list[int])->Items:
+    "The items of one batch (a DataLoader's batched fetch); from an indexed store each video is written once, padded."
+    recs = [self.records[i] for i in idxs]
+    shapes = [self._video_shape(r) for r in recs]
+    if not recs or None in shapes or len({s[1] for s in shapes}) > 1:  # item by item (`_get` names a wrong width)
+        return Items(self._item(r, self._video(r)) for r in recs)
+    n = [s[0] for s in shapes]
+    shape = (len(recs), max(n), shapes[0][1])  # (B, Lv, Dv)
+    vid = shared_batch(shape) if torch.utils.data.get_worker_info() is not None else torch.empty(shape)
+    items = Items()
+    for b, r in enumerate(recs):
+        vid[b, n[b]:] = 0
+        items.append(self._item(r, self._video(r, vid[b, :n[b]])))
+    items.padded = (vid, valid_mask(n, shape[1]))
+    return items
 
 # %% ../nbs/01_data.ipynb #a4331394
 def usable_cores()->int:
