@@ -479,6 +479,21 @@ def test_batched_fetch_equals_item_by_item(tmp_path, workers):
     assert lengths == [63, 64, 67, 72, 75, 75, 75]
 
 
+def test_batched_fetch_keeps_a_subclass_getitem(small_set):
+    "A subclass that makes its items with its own __getitem__ gets every item from it, from an indexed store too."
+    root, recs = small_set
+
+    class Marked(VLDataset):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item['meta']['marked'] = i
+            return item
+    ds = Marked(recs, root / 'features.h5', 'hl', list(SMALL_V), list(SMALL_T))
+    assert ds.__getitems__([2, 0]).padded is None
+    metas = [m for b in make_loader(ds, batch_size=5) for m in b[2]]
+    assert [m['marked'] for m in metas] == list(range(len(recs)))
+
+
 def test_batched_fetch_names_a_video_of_the_wrong_width(tmp_path):
     "An indexed store whose index lists a video of another width: the batch fails with the item path's message."
     import h5py

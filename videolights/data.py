@@ -895,9 +895,10 @@ def _video_shape(self:VLDataset, rec:dict)->tuple[int, int]|None:
 def __getitems__(self:VLDataset, idxs:list[int])->Items:
     "The items of one batch (a DataLoader's batched fetch); from an indexed store each video is written once, padded."
     recs = [self.records[i] for i in idxs]
-    shapes = [self._video_shape(r) for r in recs]
+    own = type(self).__getitem__ is VLDataset.__getitem__  # a subclass's own `__getitem__` makes every item
+    shapes = [self._video_shape(r) for r in recs] if own else [None]
     if not recs or None in shapes or len({s[1] for s in shapes}) > 1:  # item by item (`_get` names a wrong width)
-        return Items(self._item(r, self._video(r)) for r in recs)
+        return Items(self[i] for i in idxs)
     n = [s[0] for s in shapes]
     shape = (len(recs), max(n), shapes[0][1])  # (B, Lv, Dv)
     vid = shared_batch(shape) if torch.utils.data.get_worker_info() is not None else torch.empty(shape)
