@@ -102,7 +102,6 @@ class DecoderLayer(nn.Module):
         if nw: attn.update({f'{name}.self': w_sa, f'{name}.cross': w_ca})
         return self.feed_forward(tgt, t2)
 
-
 # %% ../nbs/06_decoder.ipynb #a41ddf5e
 class AnchorDecoder(nn.Module):
     "K conditional decoder layers with anchor sine queries and iterative (detached) anchor refinement."
