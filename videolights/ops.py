@@ -317,7 +317,7 @@ class FastDecoderLayer(DecoderLayer):
         "The folded cross-attention: scores from two batched products, softmax, weighted memory, value projection."
         B, HNq, D = a.shape
         H = self.h
-        Nq, dh = HNq // H, D // H
+        Nq, dh = HNq // H, self.ca_v_proj.out_features // H  # dh from the layer: a plain int under torch.compile too
         scale = (2 * dh) ** -0.5
         s = torch.baddbmm(blocked_bias(mem_pad[:, None], a.dtype), a, memory.transpose(1, 2), alpha=scale)
         s = torch.baddbmm(s, c, pos.transpose(1, 2), alpha=scale).view(B, H, Nq, -1)  # (B, H, Nq, Lv), -inf at pads
