@@ -21,13 +21,13 @@ from .spans import span_xx_to_cxw, temporal_endpoint_feature
 # %% auto #0
 __all__ = ['TVSUM_DOMAINS', 'READERS', 'DATASET_DEFAULTS', 'QVH_FEATURE_DIMS', 'FEATURE_DIRS', 'L2_EPS', 'KEEP_MEMORY_ENV',
            'DataFormatError', 'load_jsonl', 'DataReport', 'read_qvhighlights', 'read_charades', 'read_tvsum',
-           'guess_dset_name', 'read_records', 'feature_dirs', 'l2_normalize', 'FeatureNotFoundError', 'FeatureSource',
-           'DirFeatures', 'write_fake_features', 'stack_sources', 'kept_rows', 'load_video_feats', 'load_query_feats',
-           'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features', 'span_labels_cxw',
-           'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset', 'shared_batch',
-           'valid_mask', 'pad_sequences', 'collate', 'move_batch', 'make_loader', 'Items', 'usable_cores',
-           'loader_workers', 'keep_freed_memory', 'summarize', 'feature_summary', 'check_features', 'plot_summary',
-           'inspect_main', 'convert_features_main']
+           'guess_dset_name', 'read_records', 'feature_dirs', 'l2_normalize', 'FeatureNotFoundError', 'kept_rows',
+           'FeatureSource', 'DirFeatures', 'write_fake_features', 'stack_sources', 'load_video_feats',
+           'load_query_feats', 'feature_stamp', 'convert_features', 'index_store', 'H5Features', 'open_features',
+           'span_labels_cxw', 'saliency_labels_qvh', 'saliency_labels_binary', 'saliency_labels_tvsum', 'VLDataset',
+           'shared_batch', 'valid_mask', 'pad_sequences', 'collate', 'move_batch', 'make_loader', 'Items',
+           'usable_cores', 'loader_workers', 'keep_freed_memory', 'summarize', 'feature_summary', 'check_features',
+           'plot_summary', 'inspect_main', 'convert_features_main']
 
 # %% ../nbs/01_data.ipynb #d05b944a
 class DataFormatError(BadInputError):
@@ -255,6 +255,10 @@ class FeatureNotFoundError(MissingFileError):
     "A video or query has no features of a requested type; the message names the id and the places tried."
 
 # %% ../nbs/01_data.ipynb #83d6271f
+def kept_rows(n:int, max_len:int|None)->int:
+    "Rows `FeatureSource._get` keeps of `n` stored rows: `[:max_len]` (a negative `max_len` drops rows at the end)."
+    return n if not max_len else min(n, max_len) if max_len > 0 else max(n + max_len, 0)
+
 class FeatureSource:
     "Base class: `video(ftype, vid)` / `text(ftype, qid)` return validated float32 `(L, D)` arrays."
     check_finite = True
@@ -265,7 +269,7 @@ class FeatureSource:
     def _get(self, kind, ftype, key, max_len=None, reuse=False):
         "Rows `[:max_len]` with rank and width checked; `reuse`: may be a view of a buffer reused by the next read."
         x, where = self._read(kind, ftype, key, max_len if max_len and max_len > 0 else None, reuse)
-        if max_len is not None and max_len < 0: x = x[:max_len]   # official `feat[:max_v_l]`: -1 drops the last row
+        if x.ndim: x = x[:kept_rows(len(x), max_len)]  # official `feat[:max_v_l]`: -1 drops the last row
         if x.ndim != 2 or len(x) == 0:
             raise DataFormatError(f"{where}: expected a non-empty 2-D (L, D) array, got shape {x.shape}")
         dims = self.__dict__.setdefault('_dims', {})
@@ -421,10 +425,6 @@ def stack_sources(xs:list[np.ndarray], # per-source (L_i, D_i) arrays
 def _gather(src:FeatureSource, kind, key, feat_types, max_len, normalize, extra=0, out=None):
     got = [src._get(kind, t, key, max_len, reuse=True) for t in feat_types]
     return stack_sources([x for x, _ in got], normalize, extra, [w for _, w in got], out)
-
-def kept_rows(n:int, max_len:int|None)->int:
-    "Rows `FeatureSource._get` keeps of `n` stored rows: `[:max_len]` (a negative `max_len` drops rows at the end)."
-    return n if not max_len else min(n, max_len) if max_len > 0 else max(n + max_len, 0)
 
 def load_video_feats(src:FeatureSource, vid:str, feat_types:list[str], max_v_l:int|None=75,
                      normalize:bool=True)->np.ndarray: # (Lv, sum Dv)
