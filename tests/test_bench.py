@@ -77,6 +77,45 @@ def test_bad_arguments_exit_2():
         assert rc == 2 and 'cuda' in err
 
 
+def test_options_a_benchmark_would_ignore_are_refused(monkeypatch):
+    "A shared option or extra `--key` that the chosen benchmark does not use is an error naming both, not a no-op."
+    monkeypatch.setattr(bench, 'BENCHES', {n: (lambda **kw: {'ok': 1}) for n in bench.BENCHES})  # nothing runs
+    for argv, bad in ((['load', '--compile'], '--compile'), (['eval', '--amp', 'bf16'], '--amp'),
+                      (['epoch', '--also-bf16'], '--also-bf16'), (['profile', '--plain-model'], '--plain-model'),
+                      (['startup', '--no-memory', '--compile'], '--compile, --no-memory')):
+        rc, _, err = run_main(argv)
+        assert rc == 2 and f'{bad}: not used by the `{argv[0]}` benchmark' in err, (argv, err)
+    assert run_main(['epoch', '--compile', '--plain-model', '--amp', 'bf16'])[0] == 0   # the epoch takes these
+    assert run_main(['all', '--compile'])[0] == 0   # `all`: each benchmark takes the options it uses
+    # extra --key value pairs: a parameter of the benchmark, or (train-step, infer, profile) a config field
+    real = {n: f for n, f in zip(('load', 'infer'), (bench.bench_load, bench.bench_infer))}
+    assert bench._unknown_keys([real['load']], {'n_vidoes': 3, 'workers': 2}) == ['--n_vidoes']
+    assert bench._unknown_keys([real['infer']], {'runs': 2, 'lr': 1e-3, 'stpes': 3}) == ['--stpes']
+    assert bench._unknown_keys([bench.profile_step], {'kind': 'infer', 'hidden_dim': 64}) == []
+    assert bench._unknown_keys(list(real.values()), {'lr': 1e-3, 'workers': 2}, config=False) == ['--lr']
+    rc, _, err = run_main(['all', '--n_vidoes', '3'])
+    assert rc == 2 and '--n_vidoes: not a parameter of any benchmark' in err
+
+
+def test_epoch_passes_our_options_to_videolights_train(monkeypatch, tmp_path):
+    "`bench epoch --compile --plain-model` reach our `videolights train`; `--cuda-graphs` adds a graphed process."
+    import argparse
+    seen = []
+    monkeypatch.setitem(bench.BENCHES, 'epoch', lambda **kw: seen.append(kw) or {'ok': 1})
+    assert run_main(['epoch', '--compile', '--plain-model'])[0] == 0
+    assert seen[0]['compile'] is True and seen[0]['accelerate'] is False and seen[0]['cuda_graphs'] is False
+    a = argparse.Namespace(name='epoch', device='cuda', amp=None, compile=False, cuda_graphs=True, plain_model=False,
+                           threads=None, compare_official=None, official_python=None)
+    assert bench._shared_kwargs('epoch', a)['cuda_graphs'] is True
+    def args(side, **kw):
+        cmd, _ = bench._epoch_commands(side, tmp_path, tmp_path/'run', tmp_path/'p.json', get_preset('qvhighlights'),
+                                       0, 'cuda', 'bf16', None, None, **kw)
+        return json.loads(cmd[-1])
+    plain, graphed = args('ours'), args('ours_graphs', compile=True, accelerate=False)
+    assert '--cuda-graphs' not in plain and '--compile' not in plain and '--plain-model' not in plain
+    assert graphed == plain + ['--compile', '--plain-model', '--cuda-graphs'] and plain[-2:] == ['--amp', 'bf16']
+
+
 def test_all_gathers_every_benchmark_and_survives_a_failure(monkeypatch):
     calls = {}
     def fake(name, fail=False):
@@ -525,13 +564,17 @@ def start_training():
 @pytest.mark.slow
 def test_bench_epoch_runs_both_processes(tmp_path):
     "A tiny epoch through `videolights train` (and the official train.py when present), with phases and metrics."
-    r = bench.bench_epoch(n_train=40, n_val=12, official=OFFICIAL, workers=0, workdir=str(tmp_path))
+    r = bench.bench_epoch(n_train=40, n_val=12, official=OFFICIAL, workers=0, workdir=str(tmp_path), cuda_graphs=True)
     assert 'error' not in r, r.get('error')
     assert r['steps'] == 2 and r['ours']['wall_s'] > 0 and r['ours']['brief'] is not None
+    # the options each of our runs recorded: eager, and `--cuda-graphs` (on a CPU its evaluation warns and runs eager)
+    assert r['ours']['options']['cuda_graphs'] is False and r['ours']['options']['accelerate'] is True
+    assert r['ours_graphs']['options']['cuda_graphs'] is True and r['ours_graphs']['brief'] is not None
     assert r['ours']['phases_s']['forward'] > 0 and r['ours']['phases_s']['evaluation'] > 0
     assert r['ours']['phases_s']['writing'] > 0      # checkpoints
     if HAVE_OFFICIAL:
         assert r['official']['phases_s']['evaluation'] > 0 and r['official']['brief'] is not None and r['ratio'] > 0
+        assert r['ratio_graphs'] > 0 and 'options' not in r['official']
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,8 +13,8 @@ import torch
 from .config import get_preset
 
 # %% auto #0
-__all__ = ['EPOCH_PHASES', 'OP_FAMILIES', 'TARGETS', 'BENCHES', 'ALL_DEFAULTS', 'machine_info', 'sync', 'med', 'ms',
-           'peak_rss_mib', 'Timer', 'synth_batch', 'load_official', 'official_flags', 'official_opt',
+__all__ = ['EPOCH_PHASES', 'OP_FAMILIES', 'TARGETS', 'BENCHES', 'ALL_DEFAULTS', 'SHARED_OPTIONS', 'machine_info', 'sync', 'med',
+           'ms', 'peak_rss_mib', 'Timer', 'synth_batch', 'load_official', 'official_flags', 'official_opt',
            'tensor_cuda_is_identity', 'build_official', 'build_ours', 'train_step', 'bench_train_step', 'bench_infer',
            'peak_rss_child', 'bench_epoch', 'bench_load', 'bench_eval', 'bench_startup', 'bench_predict',
            'bench_extract', 'op_family', 'peak_gflops', 'profile_step', 'plot_profile', 'check_targets',
@@ -548,6 +548,13 @@ def _brief(folder:Path)->dict|None:
         except (ValueError, KeyError, TypeError): continue
     return None
 
+def _run_options(folder:Path)->dict|None:
+    "The options our run recorded in its `config.json` that change how it computes (`train.RESULT_OPTIONS`), if any."
+    from videolights.train import RESULT_OPTIONS
+    try: opts = json.loads((folder/'config.json').read_text())['options']
+    except (OSError, ValueError, KeyError): return None  # the official run, or a run that failed before writing it
+    return {k: opts[k] for k in RESULT_OPTIONS if k in opts}
+
 def _official_python(official:str, official_python:str|None=None)->str:
     "The official environment's interpreter: given, `$VIDEOLIGHTS_OFFICIAL_PY`, a `venv` beside the checkout, or ours."
     if official_python: return official_python
@@ -565,12 +572,17 @@ def _timed_process(cmd:list, log:Path, cwd=None, env=None)->float:
                               + ' | '.join(log.read_text().strip().splitlines()[-3:]))
     return wall
 
-def _epoch_commands(side:str, data:Path, run:Path, out_json:Path, cfg, workers:int, device:str, amp:str|None,
-                    official:str|None, official_python:str|None)->tuple[list, str|None]:
+def _epoch_commands(side:str, # 'ours', 'ours_graphs' (ours with `--cuda-graphs`) or 'official'
+                    data:Path, run:Path, out_json:Path, cfg, workers:int, device:str, amp:str|None,
+                    official:str|None, official_python:str|None,
+                    compile:bool=False, accelerate:bool=True, # ours only: `--compile`, `--plain-model`
+                   )->tuple[list, str|None]:
     "The command line of one side's epoch process, and its working directory."
-    if side == 'ours':
+    if side.startswith('ours'):
         args = ['--data', str(data), '--preset', 'qvhighlights', '--out', str(run), '--n_epoch', '1',
                 '--num_workers', str(workers), '--device', device, '--no-progress'] + (['--amp', amp] if amp else [])
+        args += (['--compile'] * compile + ['--plain-model'] * (not accelerate)
+                 + ['--cuda-graphs'] * (side == 'ours_graphs'))
         return [sys.executable, '-c', _OURS_EPOCH, str(out_json), json.dumps(args)], None
     from videolights.runs import feature_dirs
     vd, td = feature_dirs(cfg)
@@ -591,6 +603,8 @@ def bench_epoch(n_train:int=7218, n_val:int=1550, # queries (QVHighlights: 7218 
                 threads:int|None=None, # torch threads of both processes (OMP_NUM_THREADS); default: torch's
                 workers:int|None=None, # DataLoader workers of both; default: the preset's (4, as the paper's recipe)
                 repeats:int=1, device:str='cpu', amp:str|None=None, # amp: ours only
+                compile:bool=False, accelerate:bool=True, # ours only: `videolights train --compile`, `--plain-model`
+                cuda_graphs:bool=False, # also ours with `--cuda-graphs` (CUDA), as a third process: `ours_graphs`
                 workdir:str|None=None, keep:bool=False, seed:int=0, **kw)->dict:
     "One training epoch + val evaluation as whole processes: `videolights train` vs the official `train.py`."
     cfg = get_preset('qvhighlights')
@@ -604,30 +618,32 @@ def bench_epoch(n_train:int=7218, n_val:int=1550, # queries (QVHighlights: 7218 
                      progress=False)
         res = dict(n_train=info['n_train'], n_val=info['n_val'], n_videos=info['n_videos'], batch=cfg.bsz,
                    steps=math.ceil(info['n_train'] / cfg.bsz), workers=workers, threads=threads, device=device, amp=amp,
+                   compile=compile, accelerate=accelerate, cuda_graphs=cuda_graphs,
                    repeats=repeats, generate_s=round(time.perf_counter() - t0, 1),
                    npz_mib=round(sum(p.stat().st_size for p in (tmp/'data'/'features').rglob('*.npz')) / 2**20),
                    h5_mib=round((tmp/'data'/'features.h5').stat().st_size / 2**20))
-        sides = ['ours'] + (['official'] if official else [])
+        sides = ['ours'] + ['ours_graphs'] * cuda_graphs + (['official'] if official else [])
         runs = {k: [] for k in sides}
         for i in range(repeats):
             for k in _order(sides, i):
                 d = tmp/f'{k}_{i}'
                 d.mkdir()
                 cmd, cwd = _epoch_commands(k, tmp/'data', d/'run', d/'phases.json', cfg, workers, device, amp,
-                                           official, official_python)
+                                           official, official_python, compile, accelerate)
                 try: wall = _timed_process(cmd, d/'log.txt', cwd, env)
                 except RuntimeError as e: return res | dict(error=f'{k}: {e}')
                 runs[k].append(dict(wall=wall, **_phase_table(json.loads((d/'phases.json').read_text()), wall),
-                                    brief=_brief(d/'run')))
+                                    brief=_brief(d/'run'), options=_run_options(d/'run')))
         for k, rs in runs.items():
             res[k] = dict(wall_s=round(med(r['wall'] for r in rs), 1), wall_s_all=[round(r['wall'], 1) for r in rs],
                           **{t: {p: round(med(r[t][p] for r in rs if p in r[t]), 2) for p in rs[0][t]}
                              for t in ('phases_s', 'evaluation_s')},
-                          brief=rs[-1]['brief'])
+                          brief=rs[-1]['brief'], **({'options': rs[-1]['options']} if rs[-1]['options'] else {}))
         if official:
             res['ratio'] = round(res['official']['wall_s'] / res['ours']['wall_s'], 2)
             res['ratio_by_phase'] = {p: round(res['official']['phases_s'][p] / v, 2)
                                      for p, v in res['ours']['phases_s'].items() if v > 0.05 and p != 'other'}
+            if cuda_graphs: res['ratio_graphs'] = round(res['official']['wall_s'] / res['ours_graphs']['wall_s'], 2)
         return res
     finally:
         if not keep: shutil.rmtree(tmp, ignore_errors=True)
@@ -1095,23 +1111,43 @@ def _shared_kwargs(name:str, a)->dict:
         if a.also_bf16 or (a.name == 'all' and native and a.amp is None): kw['also_bf16'] = True
     if name in ('train-step', 'infer', 'load', 'eval', 'epoch'): kw['official'] = a.compare_official
     if name in ('eval', 'epoch') and a.official_python: kw['official_python'] = a.official_python
-    if name in ('predict', 'epoch', 'extract'): kw['device'] = a.device
-    if name == 'epoch': kw.update(threads=a.threads, amp=a.amp)
+    if name in ('predict', 'epoch', 'extract', 'profile'): kw['device'] = a.device
+    if name == 'epoch':
+        kw.update(threads=a.threads, amp=a.amp, compile=a.compile, cuda_graphs=a.cuda_graphs,
+                  accelerate=not a.plain_model)
+    if name == 'profile': kw['amp'] = a.amp
     if name == 'load': kw['pin_memory'] = a.device.startswith('cuda')
     return kw
+
+SHARED_OPTIONS = ('compare_official', 'official_python', 'amp', 'also_bf16', 'compile', 'cuda_graphs', 'plain_model',
+                  'no_memory')  # the options `_shared_kwargs` hands to some benchmarks only
+
+def _ignored_options(name:str, a, defaults:dict)->list[str]:
+    "The shared options set in `a` that would change nothing `_shared_kwargs` gives benchmark `name`."
+    return ['--' + k.replace('_', '-') for k in SHARED_OPTIONS if getattr(a, k) != defaults[k]
+            and _shared_kwargs(name, a) == _shared_kwargs(name, argparse.Namespace(**{**vars(a), k: defaults[k]}))]
 
 def _accepted(f, kw:dict)->dict:
     "The items of `kw` that `f` names as parameters."
     ps = inspect.signature(f).parameters
     return {k: v for k, v in kw.items() if k in ps and ps[k].kind is not inspect.Parameter.VAR_KEYWORD}
 
+def _unknown_keys(fs:list, kw:dict, config:bool=True)->list[str]:
+    "The extra `--key`s no function of `fs` takes: by name, or (`config`) as a config field of its `**cfg_overrides`."
+    from dataclasses import fields
+    from videolights.config import VLConfig
+    cfg_fields = {f.name for f in fields(VLConfig)} if config else set()
+    def takes(f, k): return k in _accepted(f, {k: 0}) or ('cfg_overrides' in inspect.signature(f).parameters
+                                                          and k in cfg_fields)
+    return ['--' + k for k in kw if not any(takes(f, k) for f in fs)]
+
 def _ratios(out:dict)->dict:
     "official / ours for every benchmark that has one."
     r = {}
     for n, d in out.items():
         if not isinstance(d, dict): continue
-        for key in ('ratio', 'ratio_bf16'):
-            if key in d: r[n + ('' if key == 'ratio' else ':bf16')] = d[key]
+        for key, tag in (('ratio', ''), ('ratio_bf16', ':bf16'), ('ratio_graphs', ':graphs')):
+            if key in d: r[n + tag] = d[key]
         for k, v in d.items():
             if isinstance(v, dict) and 'ratio' in v: r[f'{n}:{k}'] = v['ratio']
             if isinstance(v, dict) and 'ratio_bf16' in v: r[f'{n}:{k}:bf16'] = v['ratio_bf16']
@@ -1156,7 +1192,8 @@ def main(argv:list[str]|None=None)->int:
     p.add_argument('--cuda-graphs', action='store_true',
                    help='replay our model from CUDA graphs: infer, accel.GraphedInference '
                    '(inputs padded to the preset\'s max lengths); train-step, accel.GraphedTraining (exact shapes; the '
-                   'batches take turns between 2 shapes, captured during warm-up)')
+                   'batches take turns between 2 shapes, captured during warm-up); epoch: `videolights train '
+                   '--cuda-graphs` as a third process beside ours eager and the official one')
     p.add_argument('--plain-model', action='store_true', help='our plain model of 07_model, without the fast layers of '
                    '07a_ops (ops.accelerate)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
@@ -1184,15 +1221,21 @@ def main(argv:list[str]|None=None)->int:
     if a.compare_official and not Path(a.compare_official, 'video_lights', 'model.py').is_file():
         return error(f'--compare-official {a.compare_official}: no video_lights/model.py')
     if len(rest) % 2: return error(f'extra options must be --key value pairs: {rest}')
+    if a.name != 'all' and (bad := _ignored_options(a.name, a, {k: p.get_default(k) for k in SHARED_OPTIONS})):
+        return error(f"{', '.join(bad)}: not used by the `{a.name}` benchmark")
     kw = {}
     for k, v in zip(rest[::2], rest[1::2]):
         try: v = json.loads(v)
         except json.JSONDecodeError: pass
         kw[k.lstrip('-').replace('-', '_')] = v
-    if a.threads: torch.set_num_threads(a.threads)
     names = [] if a.name == 'profile' else list(BENCHES) if a.name == 'all' else [a.name]
+    if bad := _unknown_keys([profile_step] if a.name == 'profile' else [BENCHES[n] for n in names], kw,
+                            config=a.name != 'all'):
+        return error(f"{', '.join(bad)}: not a parameter of "
+                     + ('any benchmark' if a.name == 'all' else f'the `{a.name}` benchmark'))
+    if a.threads: torch.set_num_threads(a.threads)
     out = dict(machine=machine_info(a.device) | dict(keep_freed_memory=kept))
-    if a.name == 'profile': out['profile'] = profile_step(device=a.device, amp=a.amp, **kw)  # not part of `all`
+    if a.name == 'profile': out['profile'] = profile_step(**{**_shared_kwargs('profile', a), **kw})  # not in `all`
     for n in names:
         try:
             extra = {**ALL_DEFAULTS.get(n, {}), **_accepted(BENCHES[n], kw)} if a.name == 'all' else kw
