@@ -155,6 +155,20 @@ def test_check_targets_reads_every_goal():
     assert [k for k, v in rows.items() if not v] == ['inference B=32, float32', 'peak RSS, inference: ours / official']
 
 
+def test_bf16_target_takes_the_worst_batch_size_where_bf16_ran():
+    "The every-batch-size bf16 row: the largest bf16 / float32 time among sizes that ran bf16; float32 fallbacks aside."
+    row = lambda infer: next(r for r in bench.check_targets({'infer': infer}) if r['target'].startswith('inference, every'))
+    sweep = dict(b1=dict(bf16_speedup=0.5, bf16_runs_float32=True), b8=dict(bf16_speedup=1.25),
+                 b16=dict(bf16_speedup=0.95), b32=dict(bf16_speedup=1.3))
+    r = row(sweep)
+    assert (r['value'], r['met'], r['goal']) == (1.05, False, '<= 1.0 (worst of B=1,8,16,32: B=16)')
+    sweep['b16'] = dict(bf16_speedup=1.1)
+    assert (row(sweep)['value'], row(sweep)['met']) == (0.91, True)
+    r = row(dict(b1=dict(bf16_speedup=0.97, bf16_runs_float32=True)))  # one code path: the ratio is noise
+    assert (r['value'], r['met'], r['goal']) == (1.03, True, '<= 1.0 (B=1; bf16 calls ran float32)')
+    assert row(dict(b1=dict(ratio=2.0)))['met'] is None and row({})['value'] is None   # bf16 not timed
+
+
 def test_profile_command(tmp_path):
     "`bench profile`: one profiled step; the top operators sorted by self time, their shares of the whole."
     rc, out, _ = run_main(['profile', '--kind', 'infer', '--preset', 'tiny', '--batch', '2', '--top', '5',
