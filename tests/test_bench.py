@@ -322,6 +322,20 @@ def test_fast_dropout_keep_rate_scale_and_seed(p):
     assert abs(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()) < 0.01
 
 
+@pytest.mark.parametrize('p', [0.001, 0.1, 1 - 200.5 / 256, 0.999])
+def test_fast_dropout_decisions_are_the_32_bit_rule(p):
+    "`ops._keep` draws 8 bits per element and 24 more on ties, and decides exactly u < T on the rebuilt 32-bit u."
+    import numpy as np
+    n, T = 200_003, L._keep_threshold(p)
+    keep = L._keep(np.random.SFC64(np.random.SeedSequence([3, 1])), n, p)
+    g = np.random.SFC64(np.random.SeedSequence([3, 1]))
+    u = g.random_raw((n + 7) // 8).view(np.uint8)[:n].astype(np.uint64) << np.uint64(24)
+    tie = np.flatnonzero((u >> np.uint64(24)) == T >> 24)
+    u[tie] |= (g.random_raw((tie.size + 1) // 2).view(np.uint32)[:tie.size] >> np.uint32(8)).astype(np.uint64)
+    assert keep.dtype == bool and np.array_equal(keep, u < np.uint64(T)) and tie.size > 0
+    assert abs(keep.mean() - T / 2**32) < 5 * (p * (1 - p) / n) ** 0.5
+
+
 def test_native_dropout_switch(monkeypatch):
     monkeypatch.setattr(L, 'FAST_DROPOUT', False)
     x = torch.randn(50, 40)

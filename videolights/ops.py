@@ -5,7 +5,6 @@
 # %% ../nbs/07a_ops.ipynb #867493e3
 from __future__ import annotations
 import math, os
-from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,20 +25,29 @@ __all__ = ['FAST_DROPOUT', 'ROW_BUCKET', 'BF16_MIN_ROWS', 'FAST', 'PLAIN', 'drop
 # %% ../nbs/07a_ops.ipynb #bd46b2fb
 FAST_DROPOUT = os.environ.get('VIDEOLIGHTS_NATIVE_DROPOUT', '0') != '1'  # False: always torch's own dropout
 
-_MASK_CHUNK = 1 << 20  # elements per SFC64 stream: fixed, so a mask never depends on the thread count
-_POOLS = {}  # (pid, threads) -> ThreadPoolExecutor, created on first use (a forked child makes its own)
+_MASK_CHUNK = 1 << 20  # elements per SFC64 stream: fixed, so a mask depends on its seed and shape only
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of the CPU fast paths (bf16 as uint16 bits)
+
+def _keep_threshold(p:float)->int:
+    "T = round((1-p) 2^32): an element is kept when its 32-bit uniform u is below T."
+    return min(round((1 - p) * 2**32), 2**32 - 1)
+
+def _keep(g:np.random.SFC64, n:int, p:float)->np.ndarray: # (n,) keep decisions, bool (uint8 0/1 when p = 1/2)
+    "n decisions u < T from `g`, drawn 8 bits of u at a time; the other 24 only where the top 8 equal T's (1 in 256)."
+    if p == 0.5: return np.unpackbits(g.random_raw((n + 63) // 64).view(np.uint8), count=n, bitorder='little')
+    T = _keep_threshold(p)
+    hi, lo = np.uint8(T >> 24), np.uint32(T & 0xFFFFFF)
+    h = g.random_raw((n + 7) // 8).view(np.uint8)[:n]  # (n,) the top 8 bits of each u
+    keep = h < hi
+    tie = np.flatnonzero(h == hi)  # the top bits do not decide: the low 24 bits do
+    if tie.size: keep[tie] = (g.random_raw((tie.size + 1) // 2).view(np.uint32)[:tie.size] >> np.uint32(8)) < lo
+    return keep
 
 def _fill_mask(out:np.ndarray, # (n,) float32 / float16 / uint16 (bfloat16 bits), filled with {0, scale}
                seed:int, chunk:int, p:float, scale:np.generic):
     "One chunk of a scaled dropout mask, from its own SFC64 stream (seed, chunk)."
-    g = np.random.SFC64(np.random.SeedSequence([seed, chunk]))
-    n = out.size
-    if p == 0.5:  # one fair bit per element
-        keep = np.unpackbits(g.random_raw((n + 63) // 64).view(np.uint8), count=n, bitorder='little')
-    else: keep = g.random_raw((n + 1) // 2).view(np.uint32)[:n] < np.uint32(min(round((1 - p) * 2**32), 2**32 - 1))
-    np.multiply(keep, scale, out=out)
+    np.multiply(_keep(np.random.SFC64(np.random.SeedSequence([seed, chunk])), out.size, p), scale, out=out)
 
 def _mask_scale(p:float, dtype:torch.dtype)->np.generic:
     "1/(1-p) rounded to `dtype` (as `F.dropout`'s own mask holds it), as the numpy scalar a mask array stores."
@@ -50,21 +58,13 @@ def dropout_mask(shape:tuple, # mask shape
                  p:float,     # drop probability, 0 < p < 1
                  dtype:torch.dtype=torch.float32, # float32, bfloat16 or float16
                 )->Tensor:    # {0, 1/(1-p) rounded to dtype}, keep probability 1-p (exact to 2^-32)
-    "A scaled dropout mask from SFC64 bits (32 per element; 1 when p = 1/2), seeded from torch's default generator."
+    "A scaled dropout mask from SFC64 bits (8 per element, 32 on ties; 1 when p = 1/2), seeded from torch's generator."
     if dtype not in _FAST_DTYPES: raise TypeError(f"dropout_mask: dtype {dtype} not in {_FAST_DTYPES}")
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows torch.manual_seed / saved RNG state
     scale = _mask_scale(p, dtype)
     out = np.empty(n, scale.dtype)
-    starts = range(0, n, _MASK_CHUNK)
-    def fill(a): _fill_mask(out[a:a + _MASK_CHUNK], seed, a // _MASK_CHUNK, p, scale)
-    k = min(torch.get_num_threads(), len(starts))
-    if k > 1:  # numpy releases the GIL in these loops
-        key = (os.getpid(), k)
-        if key not in _POOLS: _POOLS[key] = ThreadPoolExecutor(k, thread_name_prefix='videolights-dropout')
-        list(_POOLS[key].map(fill, starts))
-    else:
-        for a in starts: fill(a)
+    for a in range(0, n, _MASK_CHUNK): _fill_mask(out[a:a + _MASK_CHUNK], seed, a // _MASK_CHUNK, p, scale)
     return torch.from_numpy(out).view(dtype).view(shape)
 
 # %% ../nbs/07a_ops.ipynb #1784c487
