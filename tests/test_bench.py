@@ -621,7 +621,7 @@ def _batch(B, lv, seed=1):
 
 def test_cpu_bf16_inference_with_weights_cast_once_equals_autocast(monkeypatch):
     "`ops.lowp` hands out the cast autocast would make: every output is the same bit for bit, also after an update."
-    m, big = _accelerated(), _batch(8, 75)
+    m, big = _accelerated(), _batch(14, 75)
     assert int(big['src_vid_mask'].sum()) >= L.BF16_MIN_ROWS
     def run():
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16): return m(**big)
@@ -662,7 +662,8 @@ def test_cpu_bf16_row_buckets_change_no_value(monkeypatch):
     "bf16 products on rows padded to `ROW_BUCKET`: inference bit for bit as unpadded, training gradients to rounding."
     from videolights.config import VLConfig
     from videolights.model import build_model, random_inputs
-    m, big = _accelerated(), _batch(8, 75)  # 600 real clips: not a multiple of 128
+    m, big = _accelerated(), _batch(14, 75)  # 1050 real clips: not a multiple of 128
+    assert int(big['src_vid_mask'].sum()) >= L.BF16_MIN_ROWS
     pads, real_pad = [], torch.nn.functional.pad
     monkeypatch.setattr(torch.nn.functional, 'pad', lambda x, p, *a, **k: pads.append(p) or real_pad(x, p, *a, **k))
     def run(model, inp):

@@ -468,7 +468,7 @@ def fuse_encode_pair(model:VideoLights, vid, txt, pos_v, pos_t, vpad, tpad, # as
     return (mg[:B], mem[:B]), (mg[B:], mem[B:])
 
 # %% ../nbs/07a_ops.ipynb #9295a9ef
-BF16_MIN_ROWS = 512  # CPU bf16 inference on fewer real clips than this runs in float32 (faster there)
+BF16_MIN_ROWS = 1024  # CPU bf16 inference on fewer real clips than this runs in float32 (not slower there)
 
 def float32_is_faster(src_vid_mask:Tensor, # (B, Lv) 1 = valid
                       static_shapes:bool=False)->bool:
