@@ -5,8 +5,10 @@ The kill matrix sends SIGINT, SIGTERM or SIGKILL at each phase of an epoch throu
 VIDEOLIGHTS_KILL_AT='PHASE:EPOCH:SIGNAL' (`videolights.train._kill_point`): `batch` (an optimiser step), `eval` (an
 evaluation just finished, nothing of it recorded), `best` (inside the write of model_best.ckpt), `ckpt` (inside the
 write of model_latest.ckpt), `early_stop` (after the early-stop record, before the checkpoint). The run on the tiny
-synthetic set with lr 1e-2 improves at epochs 0 and 1, not at 2 and 3, and stops early after epoch 3
-(max_es_cnt 1), so every phase is reached. A few cases run by default; the whole matrix with --runslow.
+synthetic set with lr 1e-2 and training seed 6 improves at epochs 0 and 1, not at 2 and 3, and stops early after
+epoch 3 (max_es_cnt 1), so every phase is reached (the `straight` fixture checks that schedule: a change of the
+random streams, such as the dropout masks', can move it, and then another seed is needed). A few cases run by
+default; the whole matrix with --runslow.
 """
 import json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
@@ -20,7 +22,7 @@ from videolights.train import load_checkpoint
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
 ENV.pop('VIDEOLIGHTS_KILL_AT', None)
 ARGS = ['--preset', 'tiny', '--epochs', '6', '--eval_every', '1', '--bsz', '4', '--num_workers', '0', '--lr', '1e-2',
-        '--max_es_cnt', '1', '--save-every', '2', '--no-progress', '--no-tensorboard']
+        '--max_es_cnt', '1', '--save-every', '2', '--no-progress', '--no-tensorboard', '--seed', '6']
 EXIT = dict(INT=130, TERM=143, KILL=-signal.SIGKILL)
 PHASES = [('batch', 2), ('eval', 1), ('eval', 2), ('best', 1), ('ckpt', 1), ('ckpt', 2), ('early_stop', 3)]
 DEFAULT = {('eval', 1, 'INT'), ('ckpt', 2, 'TERM'), ('best', 1, 'KILL')}
