@@ -104,7 +104,7 @@ def test_demo_shows_learning(tmp_path):
 def test_qvh_proxy_few_epochs(tmp_path):
     "The `qvhighlights` preset on the full-size synthetic proxy (7218/1550 queries, reduced dims), 2 epochs."
     data = tmp_path/'qvh'
-    synth(data, seed=0, size='qvh', dims='small', dtype='float16', progress=False)
+    synth(data, seed=0, size='qvh', dims='small', dtype='float16', blip=True, progress=False)  # the preset's SF+CLIP+BLIP
     r = vl('train', '--preset', 'qvhighlights', '--data', data, '--out', tmp_path/'run', '--epochs', 2, '--eval_every',
            1, '--num_workers', 2, '--no-progress', timeout=7200)
     assert r.returncode == 0, r.stderr
